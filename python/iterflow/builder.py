@@ -1,0 +1,196 @@
+"""The builder: linear flows (with loops) whose shape is known before they run.
+
+Because the shape is static, the engine can check a run's recorded history against the code
+before executing anything (SPEC 2.2) and park a run the code can no longer replay.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Callable, Mapping
+
+from .context import base_of
+from .durations import parse_duration
+from .errors import Code, InvalidArgument
+from .flow import Flow, check_drift, check_name, check_version
+from .schemas import Schema
+from .steps import StepOptions
+
+if TYPE_CHECKING:
+    from .context import Context
+    from .cores.base import StepRecord
+
+
+@dataclass(frozen=True)
+class _Step:
+    name: str
+    fn: Callable[..., Any]
+    options: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _Sleep:
+    duration: Any
+
+
+@dataclass(frozen=True)
+class _Signal:
+    name: str
+    schema: Schema | None
+    timeout: Any
+    merge: Callable[[Any, Any], Any] | None
+
+
+@dataclass(frozen=True)
+class _Loop:
+    until: Callable[[Any], bool]
+    stages: tuple[Any, ...]
+
+
+@dataclass(frozen=True)
+class View:
+    """What ``output`` functions receive: ``.input`` is the channel."""
+
+    input: Any
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Every cursor-key base the flow can produce: its kind, and how often outside loops."""
+
+    kinds: Mapping[str, str]
+    counts: Mapping[str, int]
+    looped: frozenset[str]
+
+    def check(self, history: Mapping[str, StepRecord]) -> tuple[str, str] | None:
+        """(code, message) when the recorded history no longer fits this shape, else None."""
+        for key, rec in history.items():
+            base = base_of(rec.kind, rec.name)
+            occurrence = 0 if key == base else int(key.rsplit(":", 1)[1])
+            kind = self.kinds.get(base)
+            if kind is None:
+                return Code.REPLAY_INCOMPATIBLE_VERSION, f"recorded {rec.kind} {base!r} no longer exists in the flow"
+            if kind != rec.kind:
+                return Code.REPLAY_INCOMPATIBLE_VERSION, f"{base!r} was a {rec.kind}, the flow now has a {kind}"
+            if base not in self.looped and occurrence >= self.counts.get(base, 0):
+                return (
+                    Code.REPLAY_NON_DETERMINISTIC,
+                    f"recorded occurrence {occurrence + 1} of {base!r}; the flow now has {self.counts.get(base, 0)}",
+                )
+        return None
+
+
+def _shape(stages: tuple[Any, ...]) -> Shape:
+    kinds: dict[str, str] = {}
+    counts: dict[str, int] = {}
+    looped: set[str] = set()
+
+    def walk(items: tuple[Any, ...], in_loop: bool) -> None:
+        for st in items:
+            if isinstance(st, _Loop):
+                walk(st.stages, True)
+                continue
+            kind, name = (("step", st.name) if isinstance(st, _Step)
+                          else ("sleep", "sleep") if isinstance(st, _Sleep) else ("signal", st.name))
+            base = base_of(kind, name)
+            if kinds.setdefault(base, kind) != kind:
+                raise InvalidArgument("step", f"{base!r} is used as both a {kinds[base]} and a {kind}")
+            if in_loop:
+                looped.add(base)
+            else:
+                counts[base] = counts.get(base, 0) + 1
+
+    walk(stages, False)
+    return Shape(kinds, counts, frozenset(looped))
+
+
+@dataclass(frozen=True)
+class FlowBuilder:
+    """Immutable: every method returns a new builder."""
+
+    name: str
+    _version: int | None = None
+    _input: Schema | None = None
+    _stages: tuple[Any, ...] = ()
+    _output: Callable[[View], Any] | None = None
+    _signals: Mapping[str, Schema | None] = field(default_factory=dict)
+
+    def version(self, n: int) -> FlowBuilder:
+        check_version(n)
+        if self._version is not None and n < self._version:
+            raise InvalidArgument("version", f"{n} is lower than the version already set ({self._version})")
+        return replace(self, _version=n)
+
+    def input(self, schema: Any) -> FlowBuilder:
+        return replace(self, _input=Schema.of(schema))
+
+    def step(self, name: str, fn: Callable[..., Any], **options: Any) -> FlowBuilder:
+        check_name(name, "step")
+        if not callable(fn):
+            raise InvalidArgument("fn", f"step {name!r} needs a callable")
+        StepOptions.build(**options)  # validate now, not at the first run
+        return replace(self, _stages=(*self._stages, _Step(name, fn, options)))
+
+    def sleep(self, duration: Any) -> FlowBuilder:
+        if not isinstance(duration, datetime):
+            parse_duration(duration, field="sleep")
+        return replace(self, _stages=(*self._stages, _Sleep(duration)))
+
+    def signal(self, name: str, schema: Any = None, timeout: Any = None,
+               merge: Callable[[Any, Any], Any] | None = None) -> FlowBuilder:
+        check_name(name, "signal")
+        if timeout is not None:
+            parse_duration(timeout, field="timeout")
+        sch = Schema.of(schema)
+        signals = dict(self._signals)
+        if name in signals and signals[name] != sch:
+            raise InvalidArgument("signal", f"signal {name!r} is declared twice with different schemas")
+        signals[name] = sch
+        return replace(self, _stages=(*self._stages, _Signal(name, sch, timeout, merge)), _signals=signals)
+
+    def loop(self, *, until: Callable[[Any], bool], body: Callable[[FlowBuilder], FlowBuilder]) -> FlowBuilder:
+        inner = body(FlowBuilder(self.name, _signals=self._signals))
+        if not isinstance(inner, FlowBuilder) or not inner._stages:
+            raise InvalidArgument("loop", "body must return a builder with at least one stage")
+        signals = {**self._signals, **inner._signals}
+        return replace(self, _stages=(*self._stages, _Loop(until, inner._stages)), _signals=signals)
+
+    def output(self, fn: Callable[[View], Any]) -> FlowBuilder:
+        return replace(self, _output=fn)
+
+    def build(self, *, drift: str | None = None) -> Flow:
+        if not self._stages:
+            raise InvalidArgument("flow", f"flow {self.name!r} has no stages")
+        stages, output = self._stages, self._output
+
+        async def body(ctx: Context, channel: Any) -> Any:
+            channel = await _run(ctx, stages, channel)
+            return output(View(channel)) if output is not None else channel
+
+        return Flow(
+            name=self.name, version=self._version or 1, body=body, input_schema=self._input,
+            signal_schemas={k: v for k, v in self._signals.items() if v is not None},
+            shape=_shape(stages), drift=check_drift(drift),
+        )
+
+
+async def _run(ctx: Context, stages: tuple[Any, ...], channel: Any) -> Any:
+    for st in stages:
+        if isinstance(st, _Step):
+            opts = StepOptions.build(**st.options, default_timeout=ctx.default_step_timeout)
+            channel = await ctx.run_step(st.name, st.fn, opts, channel)
+        elif isinstance(st, _Sleep):
+            await ctx.sleep(st.duration)
+        elif isinstance(st, _Signal):
+            payload = await ctx.signal(st.name, schema=st.schema, timeout=st.timeout)
+            channel = st.merge(channel, payload) if st.merge is not None else payload
+        else:
+            while not st.until(channel):
+                channel = await _run(ctx, st.stages, channel)
+    return channel
+
+
+def flow(name: str) -> FlowBuilder:
+    """Start a builder flow named ``name``."""
+    return FlowBuilder(check_name(name, "name"))

@@ -1,0 +1,469 @@
+"""``ctx``: replaying a body against its recorded history.
+
+Every ctx call gets a deterministic cursor key (its base plus ``:n`` for later occurrences)
+and a call index. A call with a final record returns it; the first call without one does the
+work and records it. Calls that must wait register a *suspension* and block; once every other
+branch is blocked or done, the runner unwinds the body by failing the blocked calls with
+``SuspendRun``. Blocking (instead of raising at once) is what lets sibling branches of an
+``asyncio.gather`` start their own steps before the run suspends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, NoReturn, Sequence
+
+from . import codec
+from .cores.base import ClaimedRun, RunSpec, StepRecord
+from .durations import deadline as to_deadline
+from .errors import Code, DriftDetected, FlowRuntimeError, InvalidArgument, LimitExceeded, SuspendRun
+from .schemas import Schema
+from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+TERMINAL = ("done", "failed", "canceled")
+
+
+@dataclass(frozen=True)
+class Suspension:
+    status: str
+    waiting: dict[str, Any]
+    wake_at: datetime | None
+    progress: bool  # forward progress resets the run's attempt counter; retrying does not
+
+
+def base_of(kind: str, name: str) -> str:
+    """The cursor-key base of a call; occurrences add ``:1``, ``:2``..."""
+    if kind in ("step",):
+        return name
+    if kind in ("sleep", "now", "log"):
+        return kind
+    return f"{kind}:{name}"
+
+
+class Context:
+    """The ``ctx`` a body receives. One per execution attempt of a run."""
+
+    def __init__(self, run: ClaimedRun, runtime: Runtime, *, body_flow: bool) -> None:
+        self.run_id = run.run_id
+        self.attempt = run.attempts
+        self.flow_name = run.name
+        self.flow_version = run.version
+        self._run = run
+        self._rt = runtime
+        self.default_step_timeout = runtime.default_step_timeout
+        self._check_kinds = body_flow
+        self._history = run.history
+        self._by_seq = {rec.seq: rec for rec in run.history.values()}
+        self._counters: dict[str, int] = {}
+        self._seq = 0
+        self._clock = (run.db_now, time.monotonic())
+        self._position: datetime = run.created_at
+        self._in_flight = 0
+        self._quiet = asyncio.Event()
+        self._blocked: list[asyncio.Future[None]] = []
+        self.suspensions: list[Suspension] = []
+        self.decided = False
+        self.cancel_reason: str | None = None
+        self.lease_lost = False
+        self._tokens: set[AbortToken] = set()
+        self._spawned = sum(1 for rec in run.history.values() if rec.kind == "invoke")
+
+    # -- cursor keys and drift -------------------------------------------------------------
+    def _next(self, kind: str, name: str) -> tuple[str, int, StepRecord | None]:
+        self._guard()
+        base = base_of(kind, name)
+        n = self._counters.get(base, 0)
+        self._counters[base] = n + 1
+        key = base if n == 0 else f"{base}:{n}"
+        seq = self._seq
+        self._seq += 1
+        rec = self._history.get(key)
+        if self._check_kinds:
+            self._check_drift(kind, key, seq, rec)
+        return key, seq, rec
+
+    def _check_drift(self, kind: str, key: str, seq: int, rec: StepRecord | None) -> None:
+        if rec is not None and rec.kind != kind:
+            raise DriftDetected(
+                Code.REPLAY_INCOMPATIBLE_VERSION,
+                f"call {key!r} is a {kind} now but the history recorded a {rec.kind}",
+            )
+        at_seq = self._by_seq.get(seq)
+        if at_seq is not None and at_seq.key != key:
+            raise DriftDetected(
+                Code.REPLAY_NON_DETERMINISTIC,
+                f"ctx call #{seq} was {at_seq.kind} {at_seq.key!r} in the recorded history, now {kind} {key!r}",
+            )
+
+    def _guard(self) -> None:
+        if in_step.get():
+            raise FlowRuntimeError(
+                Code.STEP_INVALID_AWAIT, "ctx calls are not allowed inside a step function", non_retryable=True
+            )
+        if self.decided:
+            raise SuspendRun()
+        if self.cancel_reason is not None or self.lease_lost:
+            raise SuspendRun()
+
+    # -- the runner's view -----------------------------------------------------------------
+    @contextlib.asynccontextmanager
+    async def _op(self) -> AsyncIterator[None]:
+        self._in_flight += 1
+        self._quiet.clear()
+        try:
+            yield
+        finally:
+            self._in_flight -= 1
+            self._maybe_quiet()
+
+    def _maybe_quiet(self) -> None:
+        if self._in_flight == 0 and self._blocked:
+            self._quiet.set()
+
+    async def wait_quiet(self) -> None:
+        await self._quiet.wait()
+
+    def is_quiet(self) -> bool:
+        return self._in_flight == 0 and bool(self._blocked)
+
+    def decide_suspend(self) -> None:
+        """Unwind every blocked call; from now on any ctx call raises ``SuspendRun``."""
+        self.decided = True
+        for fut in self._blocked:
+            if not fut.done():
+                fut.set_exception(SuspendRun())
+
+    async def _suspend(self, suspension: Suspension) -> NoReturn:
+        self.suspensions.append(suspension)
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._blocked.append(fut)
+        self._maybe_quiet()
+        await fut
+        raise SuspendRun()
+
+    def abort(self, reason: str) -> None:
+        """Cancel requested or lease lost: fire running steps' tokens; stop at the next call."""
+        for token in list(self._tokens):
+            token.fire(reason)
+
+    def clock(self) -> datetime:
+        """Database time estimate: the claim's ``now()`` plus local monotonic elapsed time."""
+        db_now, mono = self._clock
+        return db_now + timedelta(seconds=time.monotonic() - mono)
+
+    def now(self) -> datetime:
+        """The time of the current replay position: when the latest resolved ctx call finished.
+
+        Derived from recorded timestamps, so the first run and every replay see the same value
+        at the same place in the body, without a write.
+        """
+        return self._position
+
+    def _advance(self, at: datetime | None) -> None:
+        if at is not None and at > self._position:
+            self._position = at
+
+    # -- steps -------------------------------------------------------------------------------
+    async def step(self, name: str, fn: Callable[..., Any], **options: Any) -> Any:
+        """Run ``fn`` once (memoized by cursor key); see SPEC 1.2 for the options."""
+        opts = StepOptions.build(**options, default_timeout=self._rt.default_step_timeout)
+        return await self.run_step(name, fn, opts, None)
+
+    async def run_step(self, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any) -> Any:
+        key, seq, rec = self._next("step", name)
+        if rec is not None and rec.status == "done":
+            return self._step_value(rec, opts)
+        attempt = (rec.attempts if rec is not None else 0) + 1
+        async with self._op():
+            outcome = await self._attempt(fn, opts, channel, attempt)
+            value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
+        if isinstance(value, _Retry):
+            await self._suspend(Suspension(
+                "retrying", {"kind": "retry", "step": key, "attempt": attempt + 1, "until": value.at.isoformat()},
+                value.at, progress=False,
+            ))
+        return self._step_value(value, opts)
+
+    async def _attempt(self, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int) -> Any:
+        token = AbortToken()
+        self._tokens.add(token)
+        start = time.monotonic()
+        try:
+            value = await call_step(fn, StepArgs(channel, token, attempt), opts.timeout)
+            encoded = codec.encode(
+                value, field="step result", limit=self._rt.limits.max_step_result_bytes,
+                code=Code.STEP_RESULT_TOO_LARGE,
+            )
+            self._rt.hooks.emit("step_finished", "ok", time.monotonic() - start)
+            return _Ok(encoded)
+        except (SuspendRun, DriftDetected):
+            raise
+        except BaseException as exc:  # noqa: BLE001 - any failure of user code is recorded
+            if isinstance(exc, asyncio.CancelledError) and self.cancel_reason is None:
+                raise
+            self._rt.hooks.emit("step_finished", "error", time.monotonic() - start)
+            return _Err(exc)
+        finally:
+            self._tokens.discard(token)
+
+    async def _record_attempt(
+        self, key: str, seq: int, name: str, attempt: int, opts: StepOptions, outcome: Any
+    ) -> Any:
+        rec = StepRecord(key=key, seq=seq, kind="step", name=name, status="done", attempts=attempt)
+        if isinstance(outcome, _Ok):
+            stored = await self._rt.core.record_step(self.run_id, rec, outcome.encoded, None)
+            return stored
+        exc = outcome.exc
+        terminal = isinstance(exc, LimitExceeded) or opts.is_terminal(exc, attempt)
+        error = error_record(exc)
+        if terminal:
+            stored = await self._rt.core.record_step(self.run_id, rec, None, codec.dumps(error))
+            self._rt.log.warning(
+                "step %s failed: %s", key, error["message"], extra={"run_id": self.run_id, "step": key}
+            )
+            return stored
+        rec.status = "attempt"
+        stored = await self._rt.core.record_step(self.run_id, rec, None, codec.dumps(error))
+        if stored.status == "done":  # a concurrent (stale) worker finished it first
+            return stored
+        return _Retry(self.clock() + opts.delay(attempt))
+
+    def _step_value(self, rec: Any, opts: StepOptions) -> Any:
+        self._advance(rec.finished_at)
+        if rec.error is not None:
+            raise_recorded(rec.error)
+        if opts.result is not None and rec.result is not None:
+            schema = Schema.of(opts.result)
+            assert schema is not None
+            return schema.validate(rec.result, code=Code.STEP_FAILED, what="step result")
+        return rec.result
+
+    # -- waits ------------------------------------------------------------------------------------
+    async def sleep(self, duration: Any) -> None:
+        """Durable sleep; the deadline is pinned on first execution, so replays agree on it."""
+        await self._sleep(lambda now: to_deadline(duration, now, field="duration"))
+
+    async def sleep_until(self, when: datetime) -> None:
+        if not isinstance(when, datetime):
+            raise InvalidArgument("when", f"sleep_until needs a datetime, got {type(when).__name__}")
+        await self._sleep(lambda now: to_deadline(when, now, field="when"))
+
+    async def _sleep(self, compute: Callable[[datetime], datetime]) -> None:
+        key, seq, rec = self._next("sleep", "sleep")
+        if rec is not None and rec.deadline is None:
+            self._advance(rec.finished_at)
+            return
+        now = self.clock()
+        if rec is None:
+            until = compute(now)
+            if until <= now:
+                return
+            async with self._op():
+                await self._rt.core.record_step(
+                    self.run_id, StepRecord(key, seq, "sleep", "sleep", "waiting", deadline=until), None, None
+                )
+        else:
+            until = rec.deadline
+            assert until is not None
+            if until <= now:
+                self._advance(until)
+                return
+        await self._suspend(Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True))
+
+    async def signal(self, name: str, *, schema: Any = None, timeout: Any = None) -> Any:
+        """Wait for the next signal ``name`` (single consumer); SIGNAL_TIMEOUT when it expires."""
+        key, seq, rec = self._next("signal", name)
+        schema_ = Schema.of(schema) if schema is not None else self._rt.signal_schema(self._run, name)
+        if rec is not None and rec.status == "done":
+            self._advance(rec.finished_at)
+            return self._signal_value(rec.result, rec.error, schema_, name)
+        now = self.clock()
+        until = rec.deadline if rec is not None else (
+            to_deadline(timeout, now, field="timeout") if timeout is not None else None
+        )
+        timeout_error = {"code": Code.SIGNAL_TIMEOUT, "message": f"signal {name!r} timed out",
+                         "traceback": None, "cause": None}
+        async with self._op():
+            outcome, payload, at = await self._rt.core.resolve_signal(
+                self.run_id, key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
+            )
+            if outcome == "none" and rec is None and until is not None:
+                await self._rt.core.record_step(
+                    self.run_id, StepRecord(key, seq, "signal", name, "waiting", deadline=until), None, None
+                )
+        if outcome != "none":
+            self._advance(at)
+        if outcome == "signal":
+            return self._signal_value(payload, None, schema_, name)
+        if outcome == "timeout":
+            return self._signal_value(None, timeout_error, schema_, name)
+        waiting = {"kind": "signal", "name": name, "until": until.isoformat() if until else None}
+        await self._suspend(Suspension("awaiting_signal", waiting, until, True))
+
+    def _signal_value(self, payload: Any, error: dict[str, Any] | None, schema: Schema | None, name: str) -> Any:
+        if error is not None:
+            raise_recorded(error)
+        if schema is None:
+            return payload
+        try:
+            return schema.validate(payload, code=Code.SIGNAL_PAYLOAD_INVALID, what=f"signal {name!r} payload")
+        except FlowRuntimeError:
+            raise
+        except Exception as exc:
+            raise FlowRuntimeError(Code.SIGNAL_PAYLOAD_INVALID, str(exc), non_retryable=True) from exc
+
+    # -- children --------------------------------------------------------------------------------
+    async def invoke(self, flow: Any, input: Any = None, *, idempotency_key: str | None = None,
+                     tags: Sequence[str] = ()) -> Any:
+        """Run a child flow and return its output (a failed child raises with its code)."""
+        (out,) = await self._invoke_many([(flow, input, idempotency_key, tuple(tags))])
+        return out
+
+    async def invoke_all(self, items: Sequence[Any]) -> list[Any]:
+        """Fan out children in one write and join them; outputs in the order given."""
+        norm = []
+        for item in items:
+            if isinstance(item, dict):
+                norm.append((item["flow"], item.get("input"), item.get("idempotency_key"), tuple(item.get("tags", ()))))
+            else:
+                flow, inp = item[0], item[1] if len(item) > 1 else None
+                norm.append((flow, inp, None, ()))
+        return await self._invoke_many(norm)
+
+    async def _invoke_many(self, items: Sequence[tuple[Any, Any, str | None, tuple[str, ...]]]) -> list[Any]:
+        calls = []
+        for flow, inp, ikey, tags in items:
+            key, seq, rec = self._next("invoke", f"{flow.name}@{flow.version}")
+            calls.append((flow, inp, ikey, tags, key, seq, rec))
+        to_spawn = [c for c in calls if c[6] is None]
+        async with self._op():
+            if to_spawn:
+                await self._spawn(to_spawn)
+            outputs = [await self._child_outcome(c) for c in calls]
+        pending = [o for o in outputs if isinstance(o, _Pending)]
+        if pending:
+            waiting = {"kind": "child", "child_id": pending[0].child_id, "children": len(pending)}
+            await self._suspend(Suspension("awaiting_child", waiting, None, True))
+        for out in outputs:
+            if isinstance(out, _Err):
+                raise out.exc
+        return [o.value for o in outputs]
+
+    async def _spawn(self, calls: Sequence[Any]) -> None:
+        limits = self._rt.limits
+        for flow, _inp, _ikey, _tags, key, seq, _rec in calls:
+            code, msg = None, ""
+            if self._run.depth + 1 > limits.max_invoke_depth:
+                code, msg = Code.INVOKE_DEPTH_EXCEEDED, f"child depth {self._run.depth + 1} > {limits.max_invoke_depth}"
+            elif self._spawned + len(calls) > limits.max_children_per_run:
+                code, msg = Code.INVOKE_FANOUT_EXCEEDED, f"more than {limits.max_children_per_run} children"
+            if code is not None:
+                err = {"code": code, "message": msg, "traceback": None, "cause": None}
+                rec = StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "done")
+                stored = await self._rt.core.record_step(self.run_id, rec, None, codec.dumps(err))
+                self._history[key] = _as_record(rec, stored)
+        specs, recs = [], []
+        for flow, inp, ikey, tags, key, seq, _rec in calls:
+            if key in self._history:
+                continue
+            encoded = self._rt.encode_input(flow, inp)
+            specs.append(RunSpec(
+                id=self._rt.new_id(), name=flow.name, version=flow.version, input=encoded,
+                idempotency_key=ikey, tags=tags, parent_id=self.run_id, parent_key=key, depth=self._run.depth + 1,
+            ))
+            recs.append(StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "waiting"))
+        if specs:
+            created = await self._rt.core.spawn_children(self.run_id, recs, specs)
+            self._spawned += len(specs)
+            for rec, made in zip(recs, created):
+                rec.child_id, rec.child_status = made.run_id, made.status
+                self._history[rec.key] = rec
+
+    async def _child_outcome(self, call: Any) -> Any:
+        key = call[4]
+        rec = self._history.get(key) if call[6] is None else call[6]
+        assert rec is not None
+        if rec.status == "done":
+            self._advance(rec.finished_at)
+            return _Err(_recorded_exc(rec.error)) if rec.error is not None else _Value(rec.result)
+        if rec.child_status not in TERMINAL:
+            return _Pending(rec.child_id or "")
+        if rec.child_status == "done":
+            result, error = codec.dumps(rec.child_output), None
+        else:
+            child_err = rec.child_error or {}
+            error = codec.dumps({
+                "code": child_err.get("code") or Code.STEP_FAILED,
+                "message": f"child {rec.child_id} {rec.child_status}: {child_err.get('message', '')}",
+                "traceback": None, "cause": None,
+            })
+            result = None
+        done = StepRecord(rec.key, rec.seq, "invoke", rec.name, "done", child_id=rec.child_id)
+        stored = await self._rt.core.record_step(self.run_id, done, result, error)
+        self._advance(stored.finished_at)
+        if stored.error is not None:
+            return _Err(_recorded_exc(stored.error))
+        return _Value(stored.result)
+
+    # -- deterministic helpers ------------------------------------------------------------------
+    def log(self, message: str, **data: Any) -> None:
+        """Log once across replays: the record is written in the background, like a step."""
+        key, seq, rec = self._next("log", "log")
+        if rec is not None:
+            return
+        payload = codec.encode({"message": message, **data}, field="log data", limit=None, code=Code.STEP_FAILED)
+        self._rt.log.info(message, extra={"run_id": self.run_id, "flow": self.flow_name, "data": data})
+        asyncio.get_running_loop().create_task(self._record_log(key, seq, payload))
+        self._in_flight += 1
+        self._quiet.clear()
+
+    async def _record_log(self, key: str, seq: int, payload: str) -> None:
+        try:
+            await self._rt.core.record_step(self.run_id, StepRecord(key, seq, "log", "log", "done"), payload, None)
+        finally:
+            self._in_flight -= 1
+            self._maybe_quiet()
+
+
+@dataclass
+class _Ok:
+    encoded: str
+
+
+@dataclass
+class _Err:
+    exc: BaseException
+
+
+@dataclass
+class _Retry:
+    at: datetime
+
+
+@dataclass
+class _Value:
+    value: Any
+
+
+@dataclass
+class _Pending:
+    child_id: str
+
+
+def _recorded_exc(error: dict[str, Any] | None) -> FlowRuntimeError:
+    error = error or {}
+    return FlowRuntimeError(str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""),
+                            non_retryable=True)
+
+
+def _as_record(rec: StepRecord, stored: Any) -> StepRecord:
+    rec.status, rec.result, rec.error = stored.status, stored.result, stored.error
+    return rec

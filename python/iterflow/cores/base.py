@@ -1,0 +1,182 @@
+"""The core protocol: every database round trip and every wait, behind one interface.
+
+Everything above it (builder, replay, step execution, validation, the public API) is shared;
+``cores/python.py`` implements it on psycopg and ``cores/rust.py`` on the Rust extension.
+Calls are coarse and batched on purpose: one call per claim batch, per record, per transition,
+so the Rust implementation crosses the language boundary once per unit of work.
+
+JSON values cross as already-encoded text (``str``) on the way in, so limits are checked and
+encoding happens once in Python; they come back decoded.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol, Sequence
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """A run to create. ``input`` is encoded JSON text; ``delay_ms`` delays the first claim."""
+
+    id: str
+    name: str
+    version: int
+    input: str
+    idempotency_key: str | None = None
+    tags: Sequence[str] = ()
+    priority: int = 0
+    delay_ms: int = 0
+    parent_id: str | None = None
+    parent_key: str | None = None
+    depth: int = 1
+
+    def row_json(self, ord_: int) -> str:
+        """This spec as one element of the ``insert_runs`` JSON array (input embedded as is)."""
+        head = json.dumps({
+            "ord": ord_, "id": self.id, "name": self.name, "version": self.version,
+            "idempotency_key": self.idempotency_key, "tags": list(self.tags),
+            "priority": self.priority, "parent_id": self.parent_id, "parent_key": self.parent_key,
+            "depth": self.depth, "delay_ms": self.delay_ms,
+        }, separators=(",", ":"), ensure_ascii=False)
+        return f'{head[:-1]},"input":{self.input}}}'
+
+
+def rows_json(specs: Sequence[RunSpec]) -> str:
+    return "[" + ",".join(spec.row_json(i) for i, spec in enumerate(specs)) + "]"
+
+
+@dataclass(frozen=True)
+class Created:
+    run_id: str
+    status: str
+    created: bool
+
+
+@dataclass
+class StepRecord:
+    """One memoized ctx call as stored; ``child_*`` describe the child of a waiting invoke."""
+
+    key: str
+    seq: int
+    kind: str
+    name: str
+    status: str
+    result: Any = None
+    error: dict[str, Any] | None = None
+    attempts: int = 0
+    deadline: datetime | None = None
+    child_id: str | None = None
+    child_status: str | None = None
+    child_output: Any = None
+    child_error: dict[str, Any] | None = None
+    finished_at: datetime | None = None
+
+
+@dataclass
+class ClaimedRun:
+    """A leased run with everything replay needs, fetched in the claim round trip(s)."""
+
+    run_id: str
+    lease_token: int
+    name: str
+    version: int
+    input: Any
+    attempts: int
+    cancel_reason: str | None
+    parent_id: str | None
+    depth: int
+    created_at: datetime
+    parent_status: str | None
+    db_now: datetime
+    history: dict[str, StepRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StoredStep:
+    """What ``record_step`` left in the database: ours if ``written``, else the first writer's."""
+
+    status: str
+    result: Any
+    error: dict[str, Any] | None
+    written: bool
+    finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class LeaseState:
+    run_id: str
+    held: bool
+    cancel_reason: str | None
+
+
+@dataclass(frozen=True)
+class RunFilter:
+    """Bulk-operation and listing filter; all None means "everything" and is refused for bulk."""
+
+    name: str | None = None
+    statuses: Sequence[str] | None = None
+    tag: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+
+    def is_empty(self) -> bool:
+        return all(v is None for v in (self.name, self.statuses, self.tag, self.since, self.until))
+
+
+class Core(Protocol):
+    """What an engine needs from its database layer. See module docstring for conventions."""
+
+    name: str
+
+    async def open(self) -> None: ...
+    async def close(self) -> None: ...
+    async def check_schema(self) -> None: ...
+
+    # -- client side -------------------------------------------------------------------
+    async def insert_runs(self, specs: Sequence[RunSpec], conn: Any = None) -> list[Created]: ...
+    async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str: ...
+    async def cancel(self, run_id: str, reason: str) -> int: ...
+    async def retry(self, run_id: str) -> str: ...
+    async def get_run(self, run_id: str) -> dict[str, Any] | None: ...
+    async def run_detail(self, run_id: str) -> dict[str, Any] | None: ...
+    async def list_runs(
+        self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
+    ) -> list[dict[str, Any]]: ...
+    async def select_runs(self, flt: RunFilter, limit: int) -> list[str]: ...
+    async def purge(self, run_ids: Sequence[str]) -> int: ...
+    async def wait_run_change(self, run_id: str, timeout: float) -> None:
+        """Return when ``run_id`` may have become terminal, or after ``timeout`` seconds."""
+        ...
+
+    # -- worker side -------------------------------------------------------------------
+    async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]: ...
+    async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep: ...
+    async def spawn_children(
+        self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
+    ) -> list[Created]: ...
+    async def resolve_signal(
+        self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
+    ) -> tuple[str, Any, datetime]:
+        """('signal', payload, at) | ('timeout', None, at) | ('none', None, at)."""
+        ...
+    async def suspend(
+        self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
+        attempts_delta: int | None,
+    ) -> bool: ...
+    async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool: ...
+    async def add_event(self, run_id: str, kind: str, data: str | None) -> None: ...
+    async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]: ...
+    async def expire_leases(self, limit: int) -> int: ...
+    async def next_due(self, names: Sequence[str]) -> float | None:
+        """Seconds until the earliest unleased queued run of ``names`` is ready (<= 0: now)."""
+        ...
+    async def requeue_parked(self, names: Sequence[str]) -> int: ...
+    async def wait_for_work(self, names: Sequence[str], timeout: float) -> None:
+        """Return when new work for ``names`` may be ready, or after ``timeout`` seconds."""
+        ...
+    async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
+        """Re-drive stranded runs; None when another process holds the fleet-wide lock."""
+        ...

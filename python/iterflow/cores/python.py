@@ -1,0 +1,447 @@
+"""The pure-Python core: the core protocol on psycopg 3 (async) and a connection pool.
+
+Simple and correct rather than clever: one transaction per write, no group commit. It is the
+reference behaviour and the baseline the Rust core is measured against.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import OrderedDict
+from datetime import datetime
+from typing import Any, AsyncIterator, Sequence
+
+import psycopg
+from psycopg import AsyncConnection, AsyncRawCursor, RawCursor
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool
+
+from .. import sql
+from ..migrate import check_schema
+from .base import (
+    ClaimedRun,
+    Created,
+    LeaseState,
+    RunFilter,
+    RunSpec,
+    StepRecord,
+    StoredStep,
+    rows_json,
+)
+
+log = logging.getLogger("iterflow")
+# start_many is one transaction; statements inside it carry at most this many runs
+INSERT_CHUNK = 1000
+
+
+class _JsonText(Jsonb):
+    """Already-encoded JSON: sent as jsonb without a second encode."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(text, dumps=lambda s: s)
+
+
+def _j(text: str | None) -> _JsonText | None:
+    return None if text is None else _JsonText(text)
+
+
+class Listener:
+    """One LISTEN connection per core: wakes ``result()`` waiters and idle workers.
+
+    Notifications are hints, never the source of truth; callers always re-read the database,
+    and poll on a timeout, so a dropped connection only costs latency. Reconnects with backoff.
+    """
+
+    def __init__(self, dsn: str, channel: str) -> None:
+        self._dsn = dsn
+        self._channel = channel
+        self._runs: dict[str, set[asyncio.Event]] = {}
+        # run ids that finished recently: a waiter that registers just after the notification
+        # went by still returns at once instead of waiting for the poll
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._work = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.connected = asyncio.Event()
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="iterflow-listener")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                async with await AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                    await conn.execute(f'LISTEN "{self._channel}"')
+                    self.connected.set()
+                    delay = 0.1
+                    self._work.set()  # anything may have happened while we were away
+                    self._wake_all_runs()
+                    async for note in conn.notifies():
+                        self._dispatch(note.payload)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - any failure means reconnect
+                self.connected.clear()
+                log.warning("iterflow listener lost its connection (%s); reconnecting", exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def _dispatch(self, payload: str) -> None:
+        kind, _, arg = payload.partition(" ")
+        if kind == "q":
+            self._work.set()
+        elif kind == "d":
+            self._finished[arg] = None
+            if len(self._finished) > 10_000:
+                self._finished.popitem(last=False)
+            for event in self._runs.get(arg, ()):
+                event.set()
+
+    def _wake_all_runs(self) -> None:
+        for events in self._runs.values():
+            for event in events:
+                event.set()
+
+    async def wait_run(self, run_id: str, timeout: float) -> None:
+        if run_id in self._finished:
+            return
+        event = asyncio.Event()
+        self._runs.setdefault(run_id, set()).add(event)
+        try:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+        finally:
+            waiters = self._runs.get(run_id)
+            if waiters is not None:
+                waiters.discard(event)
+                if not waiters:
+                    del self._runs[run_id]
+
+    async def wait_work(self, timeout: float) -> None:
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._work.wait(), timeout)
+        self._work.clear()
+
+
+class PythonCore:
+    """Core protocol on psycopg. ``pool`` may be caller-owned (never closed here)."""
+
+    name = "python"
+
+    def __init__(
+        self, dsn: str | None, *, pool: AsyncConnectionPool | None, schema: str, pool_size: int, notify: bool
+    ) -> None:
+        self.schema = sql.validate_schema_name(schema)
+        self._q = sql.queries(schema)
+        self._dsn = dsn
+        self._own_pool = pool is None
+        self._pool = pool
+        self._pool_size = pool_size
+        self._notify = notify
+        self._listener: Listener | None = None
+        self._poll_event = asyncio.Event()
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is None:
+            if self._dsn is None:
+                raise ValueError("a dsn or a pool is required")
+            self._pool = AsyncConnectionPool(
+                self._dsn, min_size=1, max_size=self._pool_size, open=False,
+                kwargs={"autocommit": True}, name="iterflow",
+            )
+            await self._pool.open()
+        if self._notify and self._listener is None:
+            dsn = self._dsn or self._pool.conninfo
+            self._listener = Listener(dsn, sql.channel(self.schema))
+            self._listener.start()
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.stop()
+            self._listener = None
+        if self._own_pool and self._pool is not None:
+            await self._pool.close()
+            self._pool = None
+
+    @contextlib.asynccontextmanager
+    async def _tx(self) -> AsyncIterator[AsyncRawCursor[Any]]:
+        assert self._pool is not None, "core is not open"
+        async with self._pool.connection() as conn:
+            async with conn.transaction():
+                yield AsyncRawCursor(conn)
+
+    async def _rows(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
+        async with self._tx() as cur:
+            await cur.execute(self._q[name], params)
+            return await cur.fetchall() if cur.description else []
+
+    async def _one(self, name: str, *params: Any) -> tuple[Any, ...] | None:
+        rows = await self._rows(name, *params)
+        return rows[0] if rows else None
+
+    async def check_schema(self) -> None:
+        assert self._pool is not None
+        async with self._pool.connection() as conn:
+            await check_schema(conn, self.schema)
+
+    # -- client side ---------------------------------------------------------------------
+    async def insert_runs(self, specs: Sequence[RunSpec], conn: Any = None) -> list[Created]:
+        if not specs:
+            return []
+        if conn is None:
+            async with self._tx() as cur:
+                created = await self._insert_async(cur, specs)
+            await self._notify_work({s.name for s in specs if s.delay_ms <= 0})
+            return created
+        if isinstance(conn, psycopg.Connection):
+            return await asyncio.to_thread(self._insert_sync, RawCursor(conn), specs)
+        return await self._insert_async(AsyncRawCursor(conn), specs)
+
+    async def _insert_async(self, cur: AsyncRawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
+        if len(specs) > INSERT_CHUNK:
+            out: list[Created] = []
+            for i in range(0, len(specs), INSERT_CHUNK):
+                out += await self._insert_async(cur, specs[i:i + INSERT_CHUNK])
+            return out
+        await cur.execute(self._q["insert_runs"], (_JsonText(rows_json(specs)),))
+        inserted = {row[0]: str(row[1]) for row in await cur.fetchall()}
+        missing = [i for i in range(len(specs)) if i not in inserted]
+        existing: dict[int, tuple[str, str]] = {}
+        if missing:
+            await cur.execute(self._q["find_existing_runs"], (_find_args(specs, missing),))
+            existing = {row[0]: (str(row[1]), row[2]) for row in await cur.fetchall()}
+        return _merge_created(specs, inserted, existing)
+
+    def _insert_sync(self, cur: RawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
+        if len(specs) > INSERT_CHUNK:
+            return [c for i in range(0, len(specs), INSERT_CHUNK)
+                    for c in self._insert_sync(cur, specs[i:i + INSERT_CHUNK])]
+        cur.execute(self._q["insert_runs"], (_JsonText(rows_json(specs)),))
+        inserted = {row[0]: str(row[1]) for row in cur.fetchall()}
+        missing = [i for i in range(len(specs)) if i not in inserted]
+        existing: dict[int, tuple[str, str]] = {}
+        if missing:
+            cur.execute(self._q["find_existing_runs"], (_find_args(specs, missing),))
+            existing = {row[0]: (str(row[1]), row[2]) for row in cur.fetchall()}
+        return _merge_created(specs, inserted, existing)
+
+    async def _notify_work(self, names: set[str]) -> None:
+        if names and self._notify:
+            await self._rows("notify_work", sorted(names))
+
+    async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
+        row = await self._one("deliver_signal", run_id, name, _j(payload), key)
+        assert row is not None
+        return str(row[0])
+
+    async def cancel(self, run_id: str, reason: str) -> int:
+        row = await self._one("cancel_tree", run_id, reason)
+        return int(row[0]) if row else 0
+
+    async def retry(self, run_id: str) -> str:
+        row = await self._one("retry_run", run_id)
+        assert row is not None
+        return str(row[0])
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        async with self._tx() as cur:
+            await cur.execute(self._q["get_run"], (run_id,))
+            return _dict_one(cur, await cur.fetchone())
+
+    async def run_detail(self, run_id: str) -> dict[str, Any] | None:
+        async with self._tx() as cur:
+            await cur.execute(self._q["get_run"], (run_id,))
+            run = _dict_one(cur, await cur.fetchone())
+            if run is None:
+                return None
+            detail: dict[str, Any] = {"run": run}
+            for part in ("steps", "signals", "children", "events", "timer"):
+                await cur.execute(self._q[f"run_{part}"], (run_id,))
+                detail[part] = _dicts(cur, await cur.fetchall())
+            return detail
+
+    async def list_runs(
+        self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
+    ) -> list[dict[str, Any]]:
+        async with self._tx() as cur:
+            await cur.execute(
+                self._q["list_runs"],
+                (*_filter_args(flt), cursor[0] if cursor else None, cursor[1] if cursor else None, limit),
+            )
+            return _dicts(cur, await cur.fetchall())
+
+    async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
+        rows = await self._rows("select_runs_by_filter", *_filter_args(flt), limit)
+        return [str(r[0]) for r in rows]
+
+    async def purge(self, run_ids: Sequence[str]) -> int:
+        async with self._tx() as cur:
+            await cur.execute(self._q["purge_runs"], (list(run_ids),))
+            return cur.rowcount
+
+    async def wait_run_change(self, run_id: str, timeout: float) -> None:
+        if self._listener is not None and self._listener.connected.is_set():
+            await self._listener.wait_run(run_id, timeout)
+        else:
+            await asyncio.sleep(min(timeout, 0.05))
+
+    # -- worker side ---------------------------------------------------------------------
+    async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]:
+        async with self._tx() as cur:
+            await cur.execute(self._q["claim"], (list(names), limit, owner, lease_ms))
+            runs = [_claimed(row) for row in await cur.fetchall()]
+        if not runs:
+            return runs
+        by_id = {r.run_id: r for r in runs}
+        for row in await self._rows("history", list(by_id)):
+            by_id[str(row[0])].history[row[1]] = _step_record(row)
+        return runs
+
+    async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
+        row = await self._one(
+            "record_step", run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, _j(result), _j(error),
+            rec.attempts, rec.deadline, rec.child_id,
+        )
+        assert row is not None
+        return StoredStep(row[0], row[1], row[2], bool(row[3]), row[4])
+
+    async def spawn_children(
+        self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
+    ) -> list[Created]:
+        async with self._tx() as cur:
+            created = await self._insert_async(cur, children)
+            for rec, made in zip(records, created):
+                await cur.execute(
+                    self._q["record_step"],
+                    (run_id, rec.key, rec.seq, rec.kind, rec.name, "waiting", None, None, 0, None, made.run_id),
+                )
+        await self._notify_work({c.name for c in children})
+        return created
+
+    async def resolve_signal(
+        self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
+    ) -> tuple[str, Any, datetime]:
+        row = await self._one("resolve_signal", run_id, key, seq, name, deadline_passed, _j(timeout_error))
+        assert row is not None
+        return str(row[0]), row[1], row[2]
+
+    async def suspend(
+        self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
+        attempts_delta: int | None,
+    ) -> bool:
+        row = await self._one("suspend_run", run_id, token, status, _j(waiting), wake_at, attempts_delta)
+        return bool(row and row[0])
+
+    async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
+        row = await self._one("finish_run", run_id, token, status, _j(output), _j(error))
+        return bool(row and row[0])
+
+    async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
+        await self._rows("add_event", run_id, kind, _j(data))
+
+    async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
+        if not leases:
+            return []
+        rows = await self._rows("heartbeat", [r for r, _ in leases], [t for _, t in leases], lease_ms)
+        return [LeaseState(str(r[0]), bool(r[1]), r[2]) for r in rows]
+
+    async def expire_leases(self, limit: int) -> int:
+        return len(await self._rows("expire_leases", limit))
+
+    async def next_due(self, names: Sequence[str]) -> float | None:
+        row = await self._one("next_due", list(names))
+        if row is None or row[0] is None:
+            return None
+        return float(row[0].total_seconds())
+
+    async def requeue_parked(self, names: Sequence[str]) -> int:
+        async with self._tx() as cur:
+            await cur.execute(self._q["requeue_parked"], (list(names),))
+            return cur.rowcount
+
+    async def wait_for_work(self, names: Sequence[str], timeout: float) -> None:
+        if self._listener is not None and self._listener.connected.is_set():
+            await self._listener.wait_work(timeout)
+        else:
+            await asyncio.sleep(timeout)
+
+    async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
+        async with self._tx() as cur:
+            await cur.execute(self._q["try_lock"], (f"iterflow.reconcile.{self.schema}",))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return None
+            counts = {}
+            for part in ("lost", "parents", "orphans"):
+                args = (stale_ms,) if part != "orphans" else ()
+                await cur.execute(self._q[f"reconcile_{part}"], args)
+                counts[part] = len(await cur.fetchall())
+            return counts
+
+
+def _find_args(specs: Sequence[RunSpec], missing: Sequence[int]) -> _JsonText:
+    return _JsonText(json.dumps([
+        {"ord": i, "name": specs[i].name, "version": specs[i].version,
+         "idempotency_key": specs[i].idempotency_key, "parent_id": specs[i].parent_id,
+         "parent_key": specs[i].parent_key}
+        for i in missing
+    ]))
+
+
+def _merge_created(
+    specs: Sequence[RunSpec], inserted: dict[int, str], existing: dict[int, tuple[str, str]]
+) -> list[Created]:
+    out = []
+    for i in range(len(specs)):
+        if i in inserted:
+            out.append(Created(inserted[i], "pending", True))
+        else:
+            run_id, status = existing[i]
+            out.append(Created(run_id, status, False))
+    return out
+
+
+def _filter_args(flt: RunFilter) -> tuple[Any, ...]:
+    statuses = list(flt.statuses) if flt.statuses is not None else None
+    return (flt.name, statuses, flt.tag, flt.since, flt.until)
+
+
+def _claimed(row: tuple[Any, ...]) -> ClaimedRun:
+    return ClaimedRun(
+        run_id=str(row[0]), lease_token=int(row[1]), name=row[2], version=row[3], input=row[4],
+        attempts=row[5], cancel_reason=row[6], parent_id=str(row[7]) if row[7] else None, depth=row[8],
+        created_at=row[9], parent_status=row[10], db_now=row[11],
+    )
+
+
+def _step_record(row: tuple[Any, ...]) -> StepRecord:
+    return StepRecord(
+        key=row[1], seq=row[2], kind=row[3], name=row[4], status=row[5], result=row[6], error=row[7],
+        attempts=row[8], deadline=row[9], child_id=str(row[10]) if row[10] else None,
+        child_status=row[11], child_output=row[12], child_error=row[13], finished_at=row[14],
+    )
+
+
+def _names(cur: AsyncRawCursor[Any]) -> list[str]:
+    return [d.name for d in cur.description or ()]
+
+
+def _dict_one(cur: AsyncRawCursor[Any], row: tuple[Any, ...] | None) -> dict[str, Any] | None:
+    return None if row is None else dict(zip(_names(cur), row))
+
+
+def _dicts(cur: AsyncRawCursor[Any], rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
+    names = _names(cur)
+    return [dict(zip(names, row)) for row in rows]

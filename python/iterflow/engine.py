@@ -1,0 +1,306 @@
+"""The engine facade: configuration, registration, lifecycle and the client calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Mapping, Sequence
+
+from . import codec
+from .config import Limits, Retention
+from .cores.base import Core, RunFilter
+from .durations import parse_duration
+from .errors import (
+    Code, CoreUnavailable, EngineStateError, InvalidArgument, RunNotFound, ValidationFailed,
+)
+from .flow import Flow, check_drift
+from .handle import FlowHandle
+from .observe import Hooks
+from .runtime import Runtime
+from .schemas import Schema
+from .sql import validate_schema_name
+from .types import (
+    STATUSES, Run, RunDetail, RunPage, RunSummary, RetryResult, SignalResult, decode_cursor, encode_cursor,
+)
+from .worker import Worker
+
+MAX_PAGE = 500
+
+
+@dataclass(frozen=True)
+class Settings:
+    concurrency: int
+    lease: Any
+    poll_interval: float
+    reconcile_interval: float | None
+    shutdown_timeout: float
+
+
+def _positive_int(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidArgument(field, f"must be a positive int, got {value!r}")
+    return value
+
+
+def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, notify: bool,
+               log: logging.Logger) -> Core:
+    if core not in ("auto", "rust", "python"):
+        raise InvalidArgument("core", f"must be 'auto', 'rust' or 'python', got {core!r}")
+    if core in ("auto", "rust"):
+        try:
+            from .cores.rust import RustCore
+        except ImportError as exc:
+            if core == "rust":
+                raise CoreUnavailable(f"core='rust' needs the iterflow._core extension: {exc}") from exc
+        else:
+            if pool is not None and not isinstance(pool, str):
+                if core == "rust":
+                    raise InvalidArgument("pool", "the Rust core opens its own pool: pass a DSN, not a psycopg pool")
+            else:
+                log.info("iterflow: using the Rust core")
+                return RustCore(dsn or pool, schema=schema, pool_size=size, notify=notify)  # type: ignore[return-value]
+    from .cores.python import PythonCore
+
+    log.info("iterflow: using the pure-Python core")
+    if isinstance(pool, str):
+        dsn, pool = pool, None
+    return PythonCore(dsn, pool=pool, schema=schema, pool_size=size, notify=notify)
+
+
+class Engine:
+    """Create with ``create_engine``. A process that never calls ``listen()`` executes nothing."""
+
+    def __init__(self, dsn: str | None = None, *, pool: Any = None, core: str = "auto", schema: str = "workflow",
+                 concurrency: int = 5, max_run_attempts: int = 100, default_step_timeout: Any = None,
+                 lease: Any = "30s", retention: Any = None, limits: Any = None, metrics: Any = None,
+                 logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
+                 drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s") -> None:
+        if dsn is None and pool is None:
+            raise InvalidArgument("dsn", "pass a DSN or pool= (see iterflow.embedded.database_url() for local use)")
+        self.schema = validate_schema_name(schema)
+        self.log = logger or logging.getLogger("iterflow")
+        lease_td = parse_duration(lease, field="lease")
+        if lease_td.total_seconds() < 0.5:
+            raise InvalidArgument("lease", "must be at least 500ms")
+        poll = parse_duration(poll_interval, field="poll_interval").total_seconds() if poll_interval is not None \
+            else (1.0 if notify else 0.25)
+        self.settings = Settings(
+            concurrency=_positive_int(concurrency, "concurrency"), lease=lease_td, poll_interval=poll,
+            reconcile_interval=max(lease_td.total_seconds(), 5.0) if reconciler else None,
+            shutdown_timeout=parse_duration(shutdown_timeout, field="shutdown_timeout").total_seconds(),
+        )
+        self.retention = Retention.coerce(retention)
+        self.core: Core = _pick_core(core, dsn, pool, schema, concurrency + 4, notify, self.log)
+        self.runtime = Runtime(
+            core=self.core, limits=Limits.coerce(limits), hooks=Hooks(metrics, self.log), log=self.log,
+            default_step_timeout=parse_duration(default_step_timeout, field="default_step_timeout")
+            if default_step_timeout is not None else None,
+            max_run_attempts=_positive_int(max_run_attempts, "max_run_attempts"), drift=check_drift(drift) or "park",
+        )
+        self._handles: dict[tuple[str, int], FlowHandle] = {}
+        self._worker: Worker | None = None
+        self._open = False
+        self._open_lock: asyncio.Lock | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def register(self, flow: Flow) -> FlowHandle:
+        if not isinstance(flow, Flow):
+            raise InvalidArgument("flow", f"expected a Flow (from flow(...).build() or @define_flow), got {flow!r}")
+        if self._worker is not None:
+            raise EngineStateError(f"register({flow.ref}) after listen(): register every flow before listening")
+        key = (flow.name, flow.version)
+        if key in self.runtime.flows:
+            raise EngineStateError(f"{flow.ref} is already registered")
+        self.runtime.flows[key] = flow
+        handle = FlowHandle(self, flow.name, flow.version, flow.input_schema, flow)
+        self._handles[key] = handle
+        return handle
+
+    def handle(self, name: str, version: int = 1, input_schema: Any = None) -> FlowHandle:
+        """An enqueue-only handle: start and await a flow whose body lives on other processes."""
+        registered = self._handles.get((name, version))
+        if registered is not None:
+            return registered
+        return FlowHandle(self, name, version, Schema.of(input_schema))
+
+    async def client(self) -> Core:
+        """The core, opened on first use (create_engine is synchronous)."""
+        if not self._open:
+            if self._open_lock is None:
+                self._open_lock = asyncio.Lock()
+            async with self._open_lock:
+                if not self._open:
+                    await self.core.open()
+                    await self.core.check_schema()
+                    self._open = True
+        return self.core
+
+    async def listen(self) -> None:
+        """Start working: claim, renew leases, fire timers, reconcile. Idempotent."""
+        if self._worker is not None:
+            return
+        await self.client()
+        if not self.runtime.flows:
+            self.log.warning("iterflow: listen() with no registered flows; this process will execute nothing")
+        s = self.settings
+        if self.runtime.default_step_timeout is None:
+            self.log.warning("iterflow: no default_step_timeout; a hung step holds its slot until it returns")
+        self._worker = Worker(
+            self.runtime, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
+            reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout,
+        )
+        await self._worker.start()
+
+    async def stop(self) -> None:
+        """Graceful: stop claiming, let in-flight steps finish (or abort them at the deadline)."""
+        if self._worker is not None:
+            await self._worker.stop()
+        if self._open:
+            await self.core.close()
+            self._open = False
+
+    async def __aenter__(self) -> Engine:
+        await self.listen()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        await self.stop()
+
+    def pause(self) -> None:
+        """Stop claiming new runs; in-flight work finishes."""
+        if self._worker is not None:
+            self._worker.paused = True
+
+    def resume(self) -> None:
+        if self._worker is not None:
+            self._worker.paused = False
+            self._worker.wake()
+
+    # -- client calls ------------------------------------------------------------------------------
+    async def signal(self, run_id: str, name: str, payload: Any = None, *,
+                     idempotency_key: str | None = None) -> SignalResult:
+        """Deliver a signal (SPEC 1.5); validated at delivery when the flow declared a schema."""
+        core = await self.client()
+        if not isinstance(name, str) or not name:
+            raise InvalidArgument("name", "signal name must be a non-empty string")
+        schema = await self._declared_signal_schema(core, run_id, name)
+        if schema is not None:
+            try:
+                schema.validate(payload, code=Code.SIGNAL_PAYLOAD_INVALID, what=f"signal {name!r} payload")
+            except ValidationFailed as exc:
+                self.runtime.hooks.emit("signal_delivered", "invalid_payload")
+                return SignalResult("invalid_payload", issues=tuple(exc.issues))
+        encoded = codec.encode(payload, field="payload", limit=self.runtime.limits.max_signal_payload_bytes,
+                               code=Code.SIGNAL_PAYLOAD_TOO_LARGE)
+        kind = await core.deliver_signal(run_id, name, encoded, idempotency_key)
+        if kind == "not_found":
+            raise RunNotFound(run_id)
+        self.runtime.hooks.emit("signal_delivered", kind)
+        return SignalResult(kind)
+
+    async def _declared_signal_schema(self, core: Core, run_id: str, name: str) -> Schema | None:
+        if not any(name in f.signal_schemas for f in self.runtime.flows.values()):
+            return None
+        row = await core.get_run(run_id)
+        if row is None:
+            raise RunNotFound(run_id)
+        flow = self.runtime.flows.get((row["name"], row["version"]))
+        return flow.signal_schemas.get(name) if flow is not None else None
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> None:
+        """Cancel a run and all its live descendants (sticky; a no-op on a terminal run)."""
+        core = await self.client()
+        reason = reason or "canceled"
+        count = await core.cancel(run_id, reason)
+        if count == 0 and await core.get_run(run_id) is None:
+            raise RunNotFound(run_id)
+        if self._worker is not None:
+            self._worker.abort_local(run_id, reason)
+
+    async def retry(self, run_id: str) -> RetryResult:
+        core = await self.client()
+        return RetryResult(await core.retry(run_id))
+
+    async def status(self, run_id: str) -> RunDetail | None:
+        core = await self.client()
+        detail = await core.run_detail(run_id)
+        if detail is None:
+            return None
+        timers = [dict(t, kind="queue") for t in detail["timer"]]
+        timers += [{"kind": s["kind"], "key": s["key"], "deadline": s["deadline"]}
+                   for s in detail["steps"] if s["status"] == "waiting" and s["deadline"] is not None]
+        return RunDetail(run=Run.from_row(detail["run"]), steps=detail["steps"], signals=detail["signals"],
+                         timers=timers, children=detail["children"], events=detail["events"])
+
+    async def list_runs(self, *, name: str | None = None, status: str | Sequence[str] | None = None,
+                        tag: str | None = None, since: datetime | None = None, until: datetime | None = None,
+                        limit: int = 50, cursor: str | None = None) -> RunPage:
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= MAX_PAGE:
+            raise InvalidArgument("limit", f"must be an int from 1 to {MAX_PAGE}, got {limit!r}")
+        flt = _filter(name=name, status=status, tag=tag, since=since, until=until)
+        core = await self.client()
+        rows = await core.list_runs(flt, limit + 1, decode_cursor(cursor) if cursor else None)
+        runs = [RunSummary.from_row(r) for r in rows[:limit]]
+        nxt = encode_cursor(runs[-1].created_at, runs[-1].run_id) if len(rows) > limit else None
+        return RunPage(runs, nxt)
+
+    async def _bulk_ids(self, flt: Mapping[str, Any] | RunFilter, limit: int) -> list[str]:
+        rf = flt if isinstance(flt, RunFilter) else _filter(**dict(flt))
+        if rf.is_empty():
+            raise InvalidArgument("filter", "an empty filter would touch every run; pass name, status, tag or dates")
+        _positive_int(limit, "limit")
+        core = await self.client()
+        return await core.select_runs(rf, limit)
+
+    async def cancel_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000,
+                          reason: str | None = None) -> int:
+        ids = await self._bulk_ids(filter, limit)
+        total = 0
+        for run_id in ids:
+            total += min(await self.core.cancel(run_id, reason or "canceled"), 1)
+        return total
+
+    async def retry_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000) -> int:
+        ids = await self._bulk_ids(filter, limit)
+        return sum([await self.core.retry(run_id) == "queued" for run_id in ids])
+
+    async def purge(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000) -> int:
+        """Delete terminal runs (and their records) matching the filter; live runs are kept."""
+        ids = await self._bulk_ids(filter, limit)
+        return await self.core.purge(ids)
+
+    async def reconcile(self) -> dict[str, int] | None:
+        core = await self.client()
+        return await core.reconcile(int(self.settings.lease.total_seconds() * 2000))
+
+    def health(self) -> dict[str, Any]:
+        worker = self._worker
+        return {
+            "core": self.core.name, "open": self._open, "listening": worker is not None,
+            "paused": bool(worker and worker.paused), "active_runs": len(worker.active) if worker else 0,
+            "flows": sorted(f"{n}@{v}" for n, v in self.runtime.flows),
+        }
+
+
+def _filter(*, name: str | None = None, status: str | Sequence[str] | None = None, tag: str | None = None,
+            since: datetime | None = None, until: datetime | None = None) -> RunFilter:
+    statuses = [status] if isinstance(status, str) else (list(status) if status is not None else None)
+    for st in statuses or ():
+        if st not in STATUSES:
+            raise InvalidArgument("status", f"unknown status {st!r}; one of {', '.join(STATUSES)}")
+    for field, value in (("since", since), ("until", until)):
+        if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
+            raise InvalidArgument(field, "must be a timezone-aware datetime")
+    return RunFilter(name=name, statuses=statuses, tag=tag, since=since, until=until)
+
+
+def create_engine(dsn: str | None = None, **options: Any) -> Engine:
+    """See SPEC 1.3 for every option. Nothing touches the database until first use."""
+    return Engine(dsn, **options)
+
+
+

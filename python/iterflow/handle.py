@@ -1,0 +1,123 @@
+"""``FlowHandle``: start runs of one ``name@version`` and await them."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import TYPE_CHECKING, Any, Sequence
+
+from .cores.base import RunSpec
+from .durations import parse_duration
+from .errors import Code, InvalidArgument, RunCanceled, RunFailed, RunNotFound
+from .flow import check_name, check_version
+from .schemas import Schema
+from .types import TERMINAL, StartResult, StartSpec
+
+if TYPE_CHECKING:
+    from .engine import Engine
+    from .flow import Flow
+
+POLL = 1.0
+
+
+class FlowHandle:
+    """Starts and awaits runs. Enqueue-only handles (``engine.handle``) need no body."""
+
+    def __init__(self, engine: Engine, name: str, version: int, input_schema: Schema | None,
+                 flow: Flow | None = None) -> None:
+        self._engine = engine
+        self.name = check_name(name, "name")
+        self.version = check_version(version)
+        self.input_schema = input_schema
+        self.flow = flow
+
+    def __repr__(self) -> str:
+        return f"FlowHandle({self.name}@{self.version})"
+
+    def _spec(self, item: StartSpec, index: int | None = None) -> RunSpec:
+        where = "" if index is None else f"items[{index}]."
+        rt = self._engine.runtime
+        if item.idempotency_key is not None and (not isinstance(item.idempotency_key, str) or not item.idempotency_key):
+            raise InvalidArgument(f"{where}idempotency_key", "must be a non-empty string")
+        tags = tuple(item.tags)
+        if not all(isinstance(t, str) and t for t in tags):
+            raise InvalidArgument(f"{where}tags", f"must be non-empty strings, got {item.tags!r}")
+        if isinstance(item.priority, bool) or not isinstance(item.priority, int):
+            raise InvalidArgument(f"{where}priority", f"must be an int, got {item.priority!r}")
+        delay = parse_duration(item.delay, field=f"{where}delay") if item.delay is not None else None
+        return RunSpec(
+            id=rt.new_id(), name=self.name, version=self.version, input=rt.encode_input(self, item.input),
+            idempotency_key=item.idempotency_key, tags=tags, priority=item.priority,
+            delay_ms=int(delay.total_seconds() * 1000) if delay else 0,
+        )
+
+    async def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
+                    delay: Any = None, priority: int = 0, conn: Any = None) -> StartResult:
+        """Create a run (or return the existing one for this idempotency key).
+
+        With ``conn`` the run is written inside the caller's open transaction: it commits or
+        rolls back with it, and workers see it only after commit.
+        """
+        spec = self._spec(StartSpec(input, idempotency_key, tuple(tags), delay, priority))
+        core = await self._engine.client()
+        (made,) = await core.insert_runs([spec], conn=conn)
+        return StartResult(made.run_id, made.status, made.created)
+
+    async def start_many(self, items: Sequence[Any], *, conn: Any = None) -> list[StartResult]:
+        """All-or-nothing: every item is validated before anything is written, and the whole
+        batch is one transaction (chunked statements inside it)."""
+        specs = [self._spec(StartSpec.coerce(item, i), i) for i, item in enumerate(items)]
+        core = await self._engine.client()
+        made = await core.insert_runs(specs, conn=conn)
+        return [StartResult(m.run_id, m.status, m.created) for m in made]
+
+    async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``."""
+        core = await self._engine.client()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            row = await core.get_run(run_id)
+            if row is None:
+                raise RunNotFound(run_id)
+            if row["status"] in TERMINAL:
+                return _outcome(run_id, row)
+            remaining = POLL if deadline is None else deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"run {run_id} is still {row['status']} after {timeout}s")
+            await core.wait_run_change(run_id, min(remaining, POLL))
+
+    async def wait(self, run_id: str, *, step: str | None = None, signal: str | None = None,
+                   timeout: float | None = None) -> None:
+        """Return once ``step`` has finished or ``signal`` has arrived for the run."""
+        if (step is None) == (signal is None):
+            raise InvalidArgument("step", "pass exactly one of step= or signal=")
+        core = await self._engine.client()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pause = 0.01
+        while True:
+            detail = await core.run_detail(run_id)
+            if detail is None:
+                raise RunNotFound(run_id)
+            if _reached(detail, step, signal):
+                return
+            if detail["run"]["status"] in TERMINAL:
+                raise RunFailed(run_id, Code.STEP_FAILED, f"run ended {detail['run']['status']} before that point")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"run {run_id} did not reach {step or signal} within {timeout}s")
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.25)
+
+
+def _reached(detail: dict[str, Any], step: str | None, signal: str | None) -> bool:
+    if step is not None:
+        return any(s["name"] == step and s["kind"] == "step" and s["status"] == "done" for s in detail["steps"])
+    return any(s["name"] == signal for s in detail["signals"])
+
+
+def _outcome(run_id: str, row: dict[str, Any]) -> Any:
+    if row["status"] == "done":
+        return row["output"]
+    error = row["error"] or {}
+    if row["status"] == "canceled":
+        raise RunCanceled(run_id, str(error.get("message") or row.get("cancel_reason") or "canceled"))
+    raise RunFailed(run_id, str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""), error)

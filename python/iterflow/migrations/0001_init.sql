@@ -1,0 +1,385 @@
+-- iterflow schema, version 1. `{schema}` is replaced by the quoted schema name.
+-- Idempotent: every statement may run again on a database that already has it.
+
+CREATE SCHEMA IF NOT EXISTS {schema};
+
+CREATE TABLE IF NOT EXISTS {schema}.schema_version (
+    version    int PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per run, forever (until retention prunes terminal runs).
+-- status: pending | running | sleeping | awaiting_signal | awaiting_child | retrying | parked
+--         | done | failed | canceled
+CREATE TABLE IF NOT EXISTS {schema}.runs (
+    id              uuid PRIMARY KEY,
+    name            text        NOT NULL,
+    version         int         NOT NULL,
+    idempotency_key text,
+    status          text        NOT NULL,
+    input           jsonb,
+    output          jsonb,
+    error           jsonb,
+    tags            text[]      NOT NULL DEFAULT '{}',
+    priority        int         NOT NULL DEFAULT 0,
+    attempts        int         NOT NULL DEFAULT 0,
+    parent_id       uuid,
+    parent_key      text,
+    depth           int         NOT NULL DEFAULT 1,
+    -- why a live run is not moving: {"kind": "signal"|"sleep"|"child"|"retry"|"parked", ...}
+    waiting         jsonb,
+    cancel_reason   text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz
+) WITH (fillfactor = 80);
+
+CREATE UNIQUE INDEX IF NOT EXISTS runs_idempotency
+    ON {schema}.runs (name, version, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS runs_parent_key
+    ON {schema}.runs (parent_id, parent_key) WHERE parent_id IS NOT NULL;
+CREATE INDEX IF NOT EXISTS runs_created ON {schema}.runs (created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS runs_status_created ON {schema}.runs (status, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS runs_name_created ON {schema}.runs (name, created_at DESC, id DESC);
+CREATE INDEX IF NOT EXISTS runs_tags ON {schema}.runs USING gin (tags);
+CREATE INDEX IF NOT EXISTS runs_finished ON {schema}.runs (finished_at) WHERE finished_at IS NOT NULL;
+
+-- The work queue: a row exists only while a live run has something to do at `ready_at`
+-- (start, retry backoff, sleep deadline, signal-timeout deadline, a wake-up). Timers are
+-- rows whose ready_at is in the future. A finished or indefinitely waiting run has no row,
+-- so the table stays as small as the live work.
+CREATE TABLE IF NOT EXISTS {schema}.queue (
+    run_id      uuid PRIMARY KEY REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    flow_name   text        NOT NULL,
+    priority    int         NOT NULL DEFAULT 0,
+    ready_at    timestamptz NOT NULL DEFAULT now(),
+    -- set by every wake-up (signal, child finished, cancel); a suspend that finds it set
+    -- re-queues the run at once instead of waiting, so a wake during a lease is never lost.
+    woken       boolean     NOT NULL DEFAULT false,
+    lease_owner text,
+    lease_token bigint,
+    lease_until timestamptz
+) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
+
+CREATE INDEX IF NOT EXISTS queue_ready
+    ON {schema}.queue (priority DESC, ready_at) WHERE lease_until IS NULL;
+CREATE INDEX IF NOT EXISTS queue_leased
+    ON {schema}.queue (lease_until) WHERE lease_until IS NOT NULL;
+
+CREATE SEQUENCE IF NOT EXISTS {schema}.lease_tokens;
+
+-- Memoized ctx calls. `key` is the cursor key; `seq` the call index in the body (drift check).
+-- status: done (result or error stored, final) | attempt (a failed attempt, will retry)
+--         | waiting (a pinned deadline / spawned child, not yet resolved)
+CREATE TABLE IF NOT EXISTS {schema}.steps (
+    run_id      uuid        NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    key         text        NOT NULL,
+    seq         int         NOT NULL,
+    kind        text        NOT NULL,
+    name        text        NOT NULL,
+    status      text        NOT NULL,
+    result      jsonb,
+    error       jsonb,
+    attempts    int         NOT NULL DEFAULT 0,
+    deadline    timestamptz,
+    child_id    uuid,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    PRIMARY KEY (run_id, key)
+);
+
+-- Per-run signal inbox, single consumer. Idempotency keys are kept for the life of the run.
+CREATE TABLE IF NOT EXISTS {schema}.signals (
+    id              bigserial PRIMARY KEY,
+    run_id          uuid        NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    name            text        NOT NULL,
+    payload         jsonb,
+    idempotency_key text,
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    consumed_at     timestamptz,
+    consumed_by     text
+);
+CREATE INDEX IF NOT EXISTS signals_unconsumed
+    ON {schema}.signals (run_id, name, id) WHERE consumed_at IS NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS signals_idempotency
+    ON {schema}.signals (run_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+-- Notable moments of a run (failures, retries, parking, cancel, ctx.log). Not written per
+-- successful step: that is what `steps` is for, and every row here costs WAL.
+CREATE TABLE IF NOT EXISTS {schema}.events (
+    id      bigserial PRIMARY KEY,
+    run_id  uuid        NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    at      timestamptz NOT NULL DEFAULT now(),
+    kind    text        NOT NULL,
+    data    jsonb
+);
+CREATE INDEX IF NOT EXISTS events_run ON {schema}.events (run_id, id);
+CREATE INDEX IF NOT EXISTS events_at ON {schema}.events (at);
+
+CREATE TABLE IF NOT EXISTS {schema}.crons (
+    name          text PRIMARY KEY,
+    schedule      text        NOT NULL,
+    timezone      text        NOT NULL DEFAULT 'UTC',
+    flow_name     text        NOT NULL,
+    flow_version  int         NOT NULL,
+    input         jsonb,
+    overlap       text        NOT NULL DEFAULT 'skip',
+    jitter_ms     bigint,
+    backfill_ms   bigint,
+    next_fire_at  timestamptz NOT NULL,
+    last_fire_at  timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- For autoscalers: how much work is claimable now (ready queue rows + due crons).
+CREATE OR REPLACE FUNCTION {schema}.pending_work(names text[] DEFAULT NULL) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT count(*) FROM {schema}.queue q
+             WHERE q.lease_until IS NULL AND q.ready_at <= now()
+               AND (names IS NULL OR q.flow_name = ANY (names)))
+         + (SELECT count(*) FROM {schema}.crons c
+             WHERE c.next_fire_at <= now() AND (names IS NULL OR c.flow_name = ANY (names)))
+$$;
+
+-- ---------------------------------------------------------------------------------------
+-- State transitions that touch several rows. They live here so both cores run the same
+-- logic in one round trip, and so a transition can never be half applied.
+-- ---------------------------------------------------------------------------------------
+
+-- Wake a live run now: a signal arrived, a child finished, or it was canceled. Works
+-- whether or not the run is queued or leased (a leased run sees `woken` when it suspends).
+CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
+LANGUAGE sql AS $$
+    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at, woken)
+    SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
+     WHERE r.id = p_run AND r.status NOT IN ('done', 'failed', 'canceled')
+    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST({schema}.queue.ready_at, now())
+$$;
+
+-- Make a run terminal. With a lease token the caller must still hold the lease (fencing:
+-- a stale worker's completion is a no-op and returns false). Consequences commit with it:
+-- the parent is woken, live children of a failed/canceled run are canceled, waiters notified.
+CREATE OR REPLACE FUNCTION {schema}.finish_run(
+    p_run uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_parent uuid;
+BEGIN
+    IF p_token IS NOT NULL THEN
+        DELETE FROM {schema}.queue WHERE run_id = p_run AND lease_token = p_token;
+        IF NOT FOUND THEN
+            RETURN false;
+        END IF;
+    ELSE
+        DELETE FROM {schema}.queue WHERE run_id = p_run;
+    END IF;
+    UPDATE {schema}.runs
+       SET status = p_status, output = p_output, error = p_error, waiting = NULL,
+           updated_at = now(), finished_at = now()
+     WHERE id = p_run AND status NOT IN ('done', 'failed', 'canceled')
+    RETURNING parent_id INTO v_parent;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF p_status <> 'done' THEN
+        PERFORM {schema}.cancel_tree(id, coalesce(p_error->>'message', 'parent ' || p_status))
+           FROM {schema}.runs WHERE parent_id = p_run AND status NOT IN ('done', 'failed', 'canceled');
+    END IF;
+    IF v_parent IS NOT NULL THEN
+        PERFORM {schema}.wake_run(v_parent);
+    END IF;
+    PERFORM pg_notify('iterflow.{schema_raw}', 'd ' || p_run::text);
+    RETURN true;
+END $$;
+
+-- Cancel a run and every live descendant. Unleased runs become `canceled` at once; a run
+-- leased by a worker keeps running until that worker sees `cancel_reason` (heartbeat or its
+-- next write) and finishes it, which fires the step's abort token there. Returns how many
+-- runs were canceled or flagged.
+CREATE OR REPLACE FUNCTION {schema}.cancel_tree(p_run uuid, p_reason text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid;
+    v_count integer := 0;
+    v_leased boolean;
+BEGIN
+    FOR v_id IN
+        WITH RECURSIVE tree(id) AS (
+            SELECT id FROM {schema}.runs WHERE id = p_run
+            UNION ALL
+            SELECT c.id FROM {schema}.runs c JOIN tree t ON c.parent_id = t.id
+        )
+        SELECT r.id FROM {schema}.runs r JOIN tree USING (id)
+         WHERE r.status NOT IN ('done', 'failed', 'canceled')
+         ORDER BY r.depth DESC
+         FOR UPDATE OF r
+    LOOP
+        UPDATE {schema}.runs SET cancel_reason = coalesce(cancel_reason, p_reason), updated_at = now()
+         WHERE id = v_id;
+        SELECT lease_until IS NOT NULL AND lease_until > now() INTO v_leased
+          FROM {schema}.queue WHERE run_id = v_id;
+        IF coalesce(v_leased, false) THEN
+            UPDATE {schema}.queue SET woken = true WHERE run_id = v_id;
+        ELSE
+            PERFORM {schema}.finish_run(v_id, NULL, 'canceled', NULL,
+                jsonb_build_object('code', 'RUN_CANCELED', 'message', coalesce(p_reason, 'canceled'),
+                                   'traceback', NULL, 'cause', NULL));
+        END IF;
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- Park a leased run until `p_wake_at` (NULL = until woken) with a reason a human can read.
+-- A wake that arrived during the lease re-queues it at once. p_reset_attempts marks forward
+-- progress (sleep, signal and child waits), which resets the poison-pill counter.
+CREATE OR REPLACE FUNCTION {schema}.suspend_run(
+    p_run uuid, p_token bigint, p_status text, p_waiting jsonb, p_wake_at timestamptz,
+    p_attempts_delta integer
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_woken boolean;
+BEGIN
+    SELECT woken INTO v_woken FROM {schema}.queue
+     WHERE run_id = p_run AND lease_token = p_token FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF v_woken OR p_wake_at IS NOT NULL THEN
+        UPDATE {schema}.queue
+           SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, woken = false,
+               ready_at = CASE WHEN v_woken THEN now() ELSE p_wake_at END
+         WHERE run_id = p_run;
+    ELSE
+        DELETE FROM {schema}.queue WHERE run_id = p_run;
+    END IF;
+    UPDATE {schema}.runs
+       SET status = p_status, waiting = p_waiting, updated_at = now(),
+           attempts = CASE WHEN p_attempts_delta IS NULL THEN 0 ELSE attempts + p_attempts_delta END
+     WHERE id = p_run;
+    IF v_woken OR p_wake_at <= now() THEN
+        PERFORM pg_notify('iterflow.{schema_raw}', 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
+    END IF;
+    RETURN true;
+END $$;
+
+-- Deliver a signal (SPEC 1.5). Locks the run row so delivery and a timeout decision
+-- (resolve_signal) serialize: whichever commits first wins, and nothing is lost.
+CREATE OR REPLACE FUNCTION {schema}.deliver_signal(
+    p_run uuid, p_name text, p_payload jsonb, p_key text
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text;
+    v_waiting jsonb;
+    v_last record;
+BEGIN
+    SELECT status, waiting INTO v_status, v_waiting FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    END IF;
+    IF v_status IN ('done', 'failed', 'canceled') THEN
+        RETURN 'closed';
+    END IF;
+    IF p_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM {schema}.signals WHERE run_id = p_run AND idempotency_key = p_key
+    ) THEN
+        RETURN 'duplicate';
+    END IF;
+    IF NOT (v_status = 'awaiting_signal' AND v_waiting->>'name' = p_name) THEN
+        SELECT status, error INTO v_last FROM {schema}.steps
+         WHERE run_id = p_run AND kind = 'signal' AND name = p_name
+         ORDER BY seq DESC LIMIT 1;
+        IF FOUND AND v_last.status = 'done' AND v_last.error->>'code' = 'SIGNAL_TIMEOUT' THEN
+            RETURN 'expired';
+        END IF;
+    END IF;
+    INSERT INTO {schema}.signals (run_id, name, payload, idempotency_key)
+    VALUES (p_run, p_name, p_payload, p_key);
+    IF v_status = 'awaiting_signal' AND v_waiting->>'name' = p_name THEN
+        PERFORM {schema}.wake_run(p_run);
+        PERFORM pg_notify('iterflow.{schema_raw}', 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
+        RETURN 'delivered';
+    END IF;
+    IF v_status = 'running' THEN
+        -- the run may be about to wait for this very name: make its suspend re-queue it
+        PERFORM {schema}.wake_run(p_run);
+    END IF;
+    RETURN 'buffered';
+END $$;
+
+-- Resolve a signal wait at replay: consume the oldest unconsumed entry of that name, or,
+-- when the pinned deadline has passed and none arrived, record the timeout. Returns
+-- ('signal', payload), ('timeout', NULL) or ('none', NULL). The stored record is final.
+CREATE OR REPLACE FUNCTION {schema}.resolve_signal(
+    p_run uuid, p_key text, p_seq integer, p_name text, p_deadline_passed boolean,
+    p_timeout_error jsonb, OUT outcome text, OUT payload jsonb, OUT at timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_sig record;
+BEGIN
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    at := now();
+    SELECT s.status, s.result, s.error, s.finished_at INTO v_sig FROM {schema}.steps s
+     WHERE s.run_id = p_run AND s.key = p_key AND s.status = 'done';
+    IF FOUND THEN
+        outcome := CASE WHEN v_sig.error IS NULL THEN 'signal' ELSE 'timeout' END;
+        payload := v_sig.result;
+        at := v_sig.finished_at;
+        RETURN;
+    END IF;
+    SELECT id, signals.payload AS body INTO v_sig FROM {schema}.signals
+     WHERE run_id = p_run AND name = p_name AND consumed_at IS NULL
+     ORDER BY id LIMIT 1;
+    IF FOUND THEN
+        UPDATE {schema}.signals SET consumed_at = now(), consumed_by = p_key WHERE id = v_sig.id;
+        INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, result, finished_at)
+        VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', v_sig.body, now())
+        ON CONFLICT (run_id, key) DO UPDATE
+           SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL;
+        outcome := 'signal';
+        payload := v_sig.body;
+    ELSIF p_deadline_passed THEN
+        INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, error, finished_at)
+        VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', p_timeout_error, now())
+        ON CONFLICT (run_id, key) DO UPDATE
+           SET status = 'done', error = excluded.error, finished_at = now();
+        outcome := 'timeout';
+    ELSE
+        outcome := 'none';
+    END IF;
+END $$;
+
+-- Put a failed run back to work (SPEC 2.3): successful records kept, failed ones dropped.
+CREATE OR REPLACE FUNCTION {schema}.retry_run(p_run uuid) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run record;
+BEGIN
+    SELECT id, name, priority, status INTO v_run FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'missing';
+    END IF;
+    IF v_run.status <> 'failed' THEN
+        RETURN 'not_failed';
+    END IF;
+    DELETE FROM {schema}.steps
+     WHERE run_id = p_run AND (status <> 'done' OR (error IS NOT NULL AND kind = 'step'));
+    UPDATE {schema}.runs
+       SET status = 'pending', attempts = 0, error = NULL, output = NULL, finished_at = NULL,
+           waiting = NULL, cancel_reason = NULL, updated_at = now()
+     WHERE id = p_run;
+    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
+    VALUES (p_run, v_run.name, v_run.priority, now())
+    ON CONFLICT (run_id) DO UPDATE SET ready_at = now(), lease_owner = NULL, lease_token = NULL,
+        lease_until = NULL;
+    INSERT INTO {schema}.events (run_id, kind) VALUES (p_run, 'retried');
+    PERFORM pg_notify('iterflow.{schema_raw}', 'q ' || v_run.name);
+    RETURN 'queued';
+END $$;
+
+INSERT INTO {schema}.schema_version (version) VALUES (1) ON CONFLICT DO NOTHING;

@@ -1,0 +1,174 @@
+"""One execution attempt of a claimed run: checks, replay, then exactly one final write.
+
+The final write is a suspension (sleep, signal, child, retry, parked) or a terminal state;
+all of them are fenced by the lease token, so a worker that lost its lease changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from datetime import timedelta
+from typing import Any
+
+from . import codec
+from .context import Context, Suspension
+from .cores.base import ClaimedRun
+from .errors import Code, DriftDetected, IterflowError, SuspendRun
+from .runtime import Runtime
+from .steps import error_record
+
+PARK_RECHECK = timedelta(minutes=1)
+# How many loop turns sibling branches get to reach their next ctx call before a suspension.
+SETTLE_TURNS = 5
+
+
+def _error(code: str, message: str) -> dict[str, Any]:
+    return {"code": code, "message": message, "traceback": None, "cause": None}
+
+
+class Execution:
+    """Drives one claimed run; ``ctx`` is exposed so the worker can abort it (cancel, lease lost)."""
+
+    def __init__(self, run: ClaimedRun, rt: Runtime) -> None:
+        self.run = run
+        self.rt = rt
+        self.ctx: Context | None = None
+        self.cancel_reason: str | None = run.cancel_reason
+        self.lease_lost = False
+
+    def abort(self, reason: str, *, cancel: bool) -> None:
+        if cancel:
+            self.cancel_reason = self.cancel_reason or reason
+        else:
+            self.lease_lost = True
+        if self.ctx is not None:
+            if cancel:
+                self.ctx.cancel_reason = self.cancel_reason
+            else:
+                self.ctx.lease_lost = True
+            self.ctx.abort(reason)
+
+    async def execute(self) -> str:
+        """Returns the status the run was left in ("fenced" when our lease was lost)."""
+        run, rt = self.run, self.rt
+        if self.cancel_reason is not None:
+            return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason))
+        if run.parent_status in ("failed", "canceled"):
+            return await self._finish("canceled", None, _error(Code.RUN_CANCELED, f"parent {run.parent_status}"))
+        if run.attempts > rt.max_run_attempts:
+            return await self._finish("failed", None, _error(
+                Code.RUN_ATTEMPTS_EXHAUSTED,
+                f"run was claimed {run.attempts} times without finishing (max_run_attempts={rt.max_run_attempts})",
+            ))
+        flow = rt.flows.get((run.name, run.version))
+        if flow is None:
+            return await self._park(Code.FLOW_UNKNOWN, f"no body registered for {run.name}@{run.version}")
+        if flow.shape is not None:
+            mismatch = flow.shape.check(run.history)
+            if mismatch is not None:
+                return await self._drift(flow.drift, *mismatch)
+        rt.hooks.emit("run_started")
+        return await self._replay(flow)
+
+    async def _replay(self, flow: Any) -> str:
+        run, rt = self.run, self.rt
+        ctx = self.ctx = Context(run, rt, body_flow=flow.shape is None)
+        ctx.cancel_reason, ctx.lease_lost = self.cancel_reason, self.lease_lost
+        started = time.monotonic()
+        try:
+            value = flow.input_schema.validate(run.input, code=Code.INPUT_INVALID, what="input") \
+                if flow.input_schema is not None else run.input
+            output = await _drive(ctx, flow.body(ctx, value))
+        except SuspendRun:
+            output = _SUSPENDED
+        except DriftDetected as drift:
+            return await self._drift(flow.drift, drift.code, drift.message)
+        except asyncio.CancelledError:
+            if self.cancel_reason is None and not self.lease_lost:
+                raise
+            output = _SUSPENDED
+        except Exception as exc:  # noqa: BLE001 - the body failed: the run fails with its error
+            if self.lease_lost:
+                return "fenced"
+            if self.cancel_reason is not None:
+                return await self._cancel()
+            err = error_record(exc)
+            rt.hooks.emit("run_failed", err["code"])
+            return await self._finish("failed", None, err)
+        if self.lease_lost:
+            return "fenced"
+        if self.cancel_reason is not None:
+            return await self._cancel()
+        if output is _SUSPENDED or ctx.decided:
+            return await self._suspend(ctx.suspensions)
+        try:
+            encoded = codec.encode(output, field="output", limit=None, code=Code.STEP_FAILED)
+        except IterflowError as exc:
+            return await self._finish("failed", None, error_record(exc))
+        rt.hooks.emit("run_completed", time.monotonic() - started)
+        return await self._finish("done", encoded, None)
+
+    async def _cancel(self) -> str:
+        return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason or "canceled"))
+
+    async def _finish(self, status: str, output: str | None, error: dict[str, Any] | None) -> str:
+        ok = await self.rt.core.finish(
+            self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
+        )
+        return status if ok else "fenced"
+
+    async def _suspend(self, suspensions: list[Suspension]) -> str:
+        if not suspensions:  # a suspension was decided but nothing registered one (swallowed)
+            raise RuntimeError("run suspended without a reason")
+        timed = [s for s in suspensions if s.wake_at is not None]
+        chosen = min(timed, key=lambda s: s.wake_at) if timed else suspensions[0]  # type: ignore[arg-type, return-value]
+        progress = any(s.progress for s in suspensions)
+        ok = await self.rt.core.suspend(
+            self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(chosen.waiting),
+            chosen.wake_at, None if progress else 0,
+        )
+        self.rt.hooks.emit("run_suspended", chosen.status)
+        return chosen.status if ok else "fenced"
+
+    async def _park(self, code: str, message: str) -> str:
+        waiting = {"kind": "parked", "code": code, "reason": message}
+        self.rt.log.warning("parking run %s: %s", self.run.run_id, message, extra={"run_id": self.run.run_id})
+        await self.rt.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
+        ok = await self.rt.core.suspend(
+            self.run.run_id, self.run.lease_token, "parked", codec.dumps(waiting),
+            self.run.db_now + PARK_RECHECK, -1,
+        )
+        return "parked" if ok else "fenced"
+
+    async def _drift(self, mode: str | None, code: str, message: str) -> str:
+        if (mode or self.rt.drift) == "fail":
+            return await self._finish("failed", None, _error(code, message))
+        return await self._park(code, message)
+
+
+_SUSPENDED = object()
+
+
+async def _drive(ctx: Context, body: Any) -> Any:
+    """Run the body until it returns, or until every live branch is blocked on a wait."""
+    task = asyncio.ensure_future(body)
+    try:
+        while True:
+            quiet = asyncio.ensure_future(ctx.wait_quiet())
+            try:
+                await asyncio.wait({task, quiet}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                quiet.cancel()
+            if task.done():
+                return task.result()
+            for _ in range(SETTLE_TURNS):
+                await asyncio.sleep(0)
+            if ctx.is_quiet():
+                ctx.decide_suspend()
+                return await task
+    except BaseException:
+        if not task.done():
+            task.cancel()
+        raise
+

@@ -1,0 +1,54 @@
+"""What replay needs from the engine, in one object: the core, limits, hooks and registry."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from . import codec
+from .config import Limits
+from .errors import Code
+from .observe import Hooks
+from .schemas import Schema
+
+if TYPE_CHECKING:
+    from .cores.base import ClaimedRun, Core
+    from .flow import Flow
+
+
+def new_id() -> str:
+    """A time-ordered UUID (v7 layout) so new runs land at the right edge of the primary key."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms & ((1 << 48) - 1)) << 80 | 0x7 << 76 | (rand >> 68 & 0xFFF) << 64 | 0b10 << 62 | rand & ((1 << 62) - 1)
+    return str(uuid.UUID(int=value))
+
+
+@dataclass
+class Runtime:
+    core: Core
+    limits: Limits
+    hooks: Hooks
+    log: logging.Logger
+    default_step_timeout: timedelta | None
+    max_run_attempts: int
+    drift: str
+    flows: dict[tuple[str, int], Flow] = field(default_factory=dict)
+
+    new_id = staticmethod(new_id)
+
+    def signal_schema(self, run: ClaimedRun, name: str) -> Schema | None:
+        flow = self.flows.get((run.name, run.version))
+        return flow.signal_schemas.get(name) if flow is not None else None
+
+    def encode_input(self, flow: Any, value: Any) -> str:
+        """Validate against the flow's input schema, then encode within ``max_input_bytes``."""
+        schema: Schema | None = getattr(flow, "input_schema", None)
+        if schema is not None:
+            value = schema.validate(value, code=Code.INPUT_INVALID, what=f"input of {flow.name}@{flow.version}")
+        return codec.encode(value, field="input", limit=self.limits.max_input_bytes, code=Code.INPUT_TOO_LARGE)

@@ -1,0 +1,67 @@
+"""The SQL both cores send, loaded once from ``sql/queries.sql`` and the migrations.
+
+Keeping the text in ``.sql`` files (not Python strings) lets the Rust core embed the very same
+statements; the schema name is the only thing formatted in, and only after validation.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import lru_cache
+from importlib import resources
+
+from .errors import InvalidArgument
+
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+
+
+def validate_schema_name(schema: str) -> str:
+    """Accept only plain lower-case identifiers so the name is safe in SQL, channels and locks."""
+    if not isinstance(schema, str) or not _IDENT.match(schema):
+        raise InvalidArgument(
+            "schema", f"{schema!r} is not a valid schema name (lower-case letters, digits, _; max 63)"
+        )
+    return schema
+
+
+def _render(text: str, schema: str) -> str:
+    return text.replace("{schema_raw}", schema).replace("{schema}", f'"{schema}"')
+
+
+@lru_cache(maxsize=1)
+def _raw_queries() -> dict[str, str]:
+    text = (resources.files("iterflow") / "sql" / "queries.sql").read_text(encoding="utf-8")
+    parts = _HEADER.split(text)
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+
+
+@lru_cache(maxsize=16)
+def queries(schema: str) -> dict[str, str]:
+    """Every named statement, rendered for ``schema``."""
+    validate_schema_name(schema)
+    return {name: _render(body, schema) for name, body in _raw_queries().items()}
+
+
+def migrations() -> list[tuple[int, str]]:
+    """(version, raw text) of every migration file, in order."""
+    folder = resources.files("iterflow") / "migrations"
+    found = []
+    for entry in folder.iterdir():
+        match = re.match(r"^(\d+)_.*\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), entry.read_text(encoding="utf-8")))
+    return sorted(found)
+
+
+def render_migration(text: str, schema: str) -> str:
+    return _render(text, validate_schema_name(schema))
+
+
+def latest_version() -> int:
+    return migrations()[-1][0]
+
+
+def channel(schema: str) -> str:
+    """The LISTEN/NOTIFY channel of one schema (one per schema, so test schemas never mix)."""
+    return f"iterflow.{schema}"

@@ -1,0 +1,227 @@
+-- Every statement both cores send, by name. `{schema}` is the quoted schema name,
+-- `{schema_raw}` the validated bare name; parameters are native $n placeholders.
+
+-- name: schema_version
+SELECT coalesce(max(version), 0) FROM {schema}.schema_version
+
+-- name: insert_runs
+-- $1: jsonb array of run specs. Returns only the rows this statement created; callers
+-- look up the rest (idempotent repeats) with find_existing_runs.
+WITH x AS (
+    SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
+        ord int, id uuid, name text, version int, idempotency_key text, input jsonb,
+        tags text[], priority int, parent_id uuid, parent_key text, depth int, delay_ms bigint)
+), ins AS (
+    INSERT INTO {schema}.runs (id, name, version, idempotency_key, status, input, tags, priority,
+                               parent_id, parent_key, depth)
+    SELECT id, name, version, idempotency_key, 'pending', input, coalesce(tags, '{}'), priority,
+           parent_id, parent_key, depth
+      FROM x ORDER BY ord
+    ON CONFLICT DO NOTHING
+    RETURNING id
+), q AS (
+    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
+    SELECT x.id, x.name, x.priority, now() + x.delay_ms * interval '1 millisecond'
+      FROM x JOIN ins ON ins.id = x.id
+)
+SELECT x.ord, x.id, x.name FROM x JOIN ins ON ins.id = x.id
+
+-- name: find_existing_runs
+-- $1: jsonb array of {ord, name, version, idempotency_key, parent_id, parent_key}
+SELECT x.ord, r.id, r.status
+  FROM jsonb_to_recordset($1::jsonb) AS x(ord int, name text, version int, idempotency_key text,
+                                          parent_id uuid, parent_key text)
+  JOIN {schema}.runs r
+    ON (x.idempotency_key IS NOT NULL AND r.name = x.name AND r.version = x.version
+        AND r.idempotency_key = x.idempotency_key)
+    OR (x.parent_id IS NOT NULL AND r.parent_id = x.parent_id AND r.parent_key = x.parent_key)
+
+-- name: notify_work
+SELECT pg_notify('iterflow.{schema_raw}', 'q ' || n) FROM unnest($1::text[]) AS n
+
+-- name: claim
+-- Lease up to $2 ready runs of the flows this worker knows ($1), for $4 ms, as owner $3.
+WITH c AS (
+    SELECT run_id FROM {schema}.queue
+     WHERE lease_until IS NULL AND ready_at <= now() AND flow_name = ANY ($1::text[])
+     ORDER BY priority DESC, ready_at
+     LIMIT $2
+     FOR UPDATE SKIP LOCKED
+), q AS (
+    UPDATE {schema}.queue
+       SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
+           lease_until = now() + $4 * interval '1 millisecond', woken = false
+      FROM c WHERE queue.run_id = c.run_id
+    RETURNING queue.run_id, queue.lease_token
+)
+UPDATE {schema}.runs r
+   SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
+       waiting = jsonb_build_object('kind', 'running', 'worker', $3::text,
+                                    'until', now() + $4 * interval '1 millisecond')
+  FROM q WHERE r.id = q.run_id
+RETURNING r.id, q.lease_token, r.name, r.version, r.input, r.attempts, r.cancel_reason,
+          r.parent_id, r.depth, r.created_at,
+          (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status,
+          now() AS db_now
+
+-- name: history
+-- Step records of claimed runs, with the state of the child each waiting invoke points at.
+SELECT s.run_id, s.key, s.seq, s.kind, s.name, s.status, s.result, s.error, s.attempts,
+       s.deadline, s.child_id, c.status AS child_status, c.output AS child_output,
+       c.error AS child_error, s.finished_at
+  FROM {schema}.steps s
+  LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
+ WHERE s.run_id = ANY ($1::uuid[])
+
+-- name: record_step
+-- First writer of a final record wins; a later writer gets the stored row back instead.
+WITH ins AS (
+    INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, result, error, attempts,
+                                deadline, child_id, finished_at)
+    VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11,
+            CASE WHEN $6 = 'done' THEN now() END)
+    ON CONFLICT (run_id, key) DO UPDATE
+       SET status = excluded.status, result = excluded.result, error = excluded.error,
+           attempts = excluded.attempts, deadline = excluded.deadline,
+           child_id = excluded.child_id, finished_at = excluded.finished_at
+     WHERE {schema}.steps.status <> 'done'
+    RETURNING status, result, error, true AS written, finished_at
+)
+SELECT status, result, error, written, finished_at FROM ins
+UNION ALL
+SELECT status, result, error, false, finished_at FROM {schema}.steps
+ WHERE run_id = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM ins)
+
+-- name: finish_run
+SELECT {schema}.finish_run($1, $2, $3, $4, $5)
+
+-- name: suspend_run
+SELECT {schema}.suspend_run($1, $2, $3, $4, $5, $6)
+
+-- name: resolve_signal
+SELECT outcome, payload, at FROM {schema}.resolve_signal($1, $2, $3, $4, $5, $6)
+
+-- name: deliver_signal
+SELECT {schema}.deliver_signal($1, $2, $3, $4)
+
+-- name: cancel_tree
+SELECT {schema}.cancel_tree($1, $2)
+
+-- name: retry_run
+SELECT {schema}.retry_run($1)
+
+-- name: add_event
+INSERT INTO {schema}.events (run_id, kind, data) VALUES ($1, $2, $3)
+
+-- name: heartbeat
+-- Renew this worker's leases; report which are lost and which runs were asked to cancel.
+WITH t AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[]) AS t(run_id, token)
+), renewed AS (
+    UPDATE {schema}.queue q SET lease_until = now() + $3 * interval '1 millisecond'
+      FROM t WHERE q.run_id = t.run_id AND q.lease_token = t.token
+    RETURNING q.run_id
+)
+SELECT t.run_id, renewed.run_id IS NOT NULL AS held, r.cancel_reason
+  FROM t
+  LEFT JOIN renewed ON renewed.run_id = t.run_id
+  LEFT JOIN {schema}.runs r ON r.id = t.run_id
+
+-- name: expire_leases
+-- Leases whose holder stopped renewing become claimable again (bounded per sweep).
+UPDATE {schema}.queue q
+   SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, ready_at = now()
+ WHERE q.run_id IN (SELECT run_id FROM {schema}.queue
+                     WHERE lease_until < now() ORDER BY lease_until LIMIT $1
+                     FOR UPDATE SKIP LOCKED)
+RETURNING q.flow_name
+
+-- name: next_due
+-- When the earliest unleased queue row of these flows becomes ready (for the local timer).
+SELECT min(ready_at) - now() FROM {schema}.queue
+ WHERE lease_until IS NULL AND flow_name = ANY ($1::text[])
+
+-- name: requeue_parked
+UPDATE {schema}.queue q SET ready_at = now()
+  FROM {schema}.runs r
+ WHERE r.id = q.run_id AND r.status = 'parked' AND r.name = ANY ($1::text[])
+   AND q.lease_until IS NULL
+
+-- name: get_run
+SELECT id, name, version, status, tags, attempts, created_at, updated_at, error, waiting,
+       input, output, parent_id, idempotency_key, cancel_reason, finished_at
+  FROM {schema}.runs WHERE id = $1
+
+-- name: run_steps
+SELECT key, seq, kind, name, status, result, error, attempts, deadline, child_id, created_at,
+       finished_at
+  FROM {schema}.steps WHERE run_id = $1 ORDER BY seq, key
+
+-- name: run_signals
+SELECT id, name, payload, idempotency_key, received_at, consumed_at, consumed_by
+  FROM {schema}.signals WHERE run_id = $1 ORDER BY id
+
+-- name: run_children
+SELECT id, name, version, status, parent_key, created_at, finished_at
+  FROM {schema}.runs WHERE parent_id = $1 ORDER BY created_at, id
+
+-- name: run_events
+SELECT id, at, kind, data FROM {schema}.events WHERE run_id = $1 ORDER BY id
+
+-- name: run_timer
+SELECT ready_at, lease_owner, lease_until FROM {schema}.queue WHERE run_id = $1
+
+-- name: list_runs
+-- Newest first, keyset-paginated on (created_at, id). NULL filters match everything.
+SELECT id, name, version, status, tags, attempts, created_at, updated_at, error, waiting
+  FROM {schema}.runs
+ WHERE ($1::text IS NULL OR name = $1)
+   AND ($2::text[] IS NULL OR status = ANY ($2))
+   AND ($3::text IS NULL OR tags @> ARRAY[$3::text])
+   AND ($4::timestamptz IS NULL OR created_at >= $4)
+   AND ($5::timestamptz IS NULL OR created_at < $5)
+   AND ($6::timestamptz IS NULL OR (created_at, id) < ($6, $7::uuid))
+ ORDER BY created_at DESC, id DESC
+ LIMIT $8
+
+-- name: select_runs_by_filter
+-- Bulk operations: ids of runs matching a filter (at least one filter is enforced by callers).
+SELECT id FROM {schema}.runs
+ WHERE ($1::text IS NULL OR name = $1)
+   AND ($2::text[] IS NULL OR status = ANY ($2))
+   AND ($3::text IS NULL OR tags @> ARRAY[$3::text])
+   AND ($4::timestamptz IS NULL OR created_at >= $4)
+   AND ($5::timestamptz IS NULL OR created_at < $5)
+ ORDER BY created_at, id
+ LIMIT $6
+
+-- name: purge_runs
+DELETE FROM {schema}.runs WHERE id = ANY ($1::uuid[]) AND status IN ('done', 'failed', 'canceled')
+
+-- name: reconcile_lost
+-- Live runs that should be queued but have no queue row (e.g. a wake lost with a crash).
+INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
+SELECT r.id, r.name, r.priority, now() FROM {schema}.runs r
+ WHERE r.status IN ('pending', 'running', 'retrying', 'sleeping', 'parked')
+   AND r.updated_at < now() - $1 * interval '1 millisecond'
+   AND NOT EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = r.id)
+ON CONFLICT DO NOTHING
+RETURNING run_id
+
+-- name: reconcile_parents
+-- Parents waiting on children that are all terminal, with no queued work.
+SELECT {schema}.wake_run(p.id) FROM {schema}.runs p
+ WHERE p.status = 'awaiting_child'
+   AND p.updated_at < now() - $1 * interval '1 millisecond'
+   AND NOT EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = p.id)
+   AND NOT EXISTS (SELECT 1 FROM {schema}.runs c WHERE c.parent_id = p.id
+                    AND c.status NOT IN ('done', 'failed', 'canceled'))
+
+-- name: reconcile_orphans
+-- Live children whose parent is already failed or canceled.
+SELECT {schema}.cancel_tree(c.id, 'parent ' || p.status) FROM {schema}.runs c
+  JOIN {schema}.runs p ON p.id = c.parent_id
+ WHERE c.status NOT IN ('done', 'failed', 'canceled') AND p.status IN ('failed', 'canceled')
+
+-- name: try_lock
+SELECT pg_try_advisory_xact_lock(hashtext($1))

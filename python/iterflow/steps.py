@@ -1,0 +1,201 @@
+"""Running one step attempt: the abort token, timeouts, retry policy and error records.
+
+Step bodies run at least once; this module decides, for a failed attempt, whether the step is
+retried (and when) or fails for good, and shapes the durable error record.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import inspect
+import random
+import traceback
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, Awaitable, Callable, Literal
+
+from .durations import parse_duration
+from .errors import Code, FlowRuntimeError, IterflowError, InvalidArgument
+
+# True while a step function runs: ctx calls made from inside a step are refused.
+in_step: contextvars.ContextVar[bool] = contextvars.ContextVar("iterflow_in_step", default=False)
+
+Backoff = Literal["exponential", "linear", "fixed"] | Callable[[int], Any]
+
+
+class AbortToken:
+    """Fired when the step times out, its run is canceled, or the worker shuts down.
+
+    Threads cannot be killed, so a sync step that ignores the token keeps running; honour it.
+    """
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self.reason: str | None = None
+
+    @property
+    def aborted(self) -> bool:
+        return self.reason is not None
+
+    def fire(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            self._loop.call_soon_threadsafe(self._event.set)
+
+    async def wait(self) -> str:
+        await self._event.wait()
+        return self.reason or ""
+
+    def raise_if_aborted(self) -> None:
+        if self.reason is not None:
+            raise FlowRuntimeError(Code.STEP_FAILED, f"step aborted: {self.reason}")
+
+
+@dataclass(frozen=True)
+class StepArgs:
+    """What a step function receives: builder channel (None in bodies), abort token, attempt."""
+
+    input: Any
+    abort: AbortToken
+    attempt: int
+
+
+@dataclass(frozen=True)
+class StepOptions:
+    retries: int = 0
+    backoff: Backoff = "exponential"
+    base_delay: timedelta = timedelta(seconds=1)
+    max_delay: timedelta = timedelta(minutes=5)
+    timeout: timedelta | None = None
+    classify: Callable[[BaseException], str] | None = None
+    result: Any = None
+
+    @classmethod
+    def build(
+        cls,
+        *,
+        retries: int = 0,
+        backoff: Backoff = "exponential",
+        base_delay: Any = "1s",
+        max_delay: Any = "5m",
+        timeout: Any = None,
+        classify: Callable[[BaseException], str] | None = None,
+        result: Any = None,
+        default_timeout: timedelta | None = None,
+    ) -> StepOptions:
+        """Validate options when the step is declared, so mistakes surface before any run."""
+        if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+            raise InvalidArgument("retries", f"must be a non-negative int, got {retries!r}")
+        if not callable(backoff) and backoff not in ("exponential", "linear", "fixed"):
+            raise InvalidArgument("backoff", f"must be exponential, linear, fixed or a callable, got {backoff!r}")
+        if classify is not None and not callable(classify):
+            raise InvalidArgument("classify", "must be a callable exc -> 'permanent' | 'transient'")
+        return cls(
+            retries=retries,
+            backoff=backoff,
+            base_delay=parse_duration(base_delay, field="base_delay"),
+            max_delay=parse_duration(max_delay, field="max_delay"),
+            timeout=parse_duration(timeout, field="timeout") if timeout is not None else default_timeout,
+            classify=classify,
+            result=result,
+        )
+
+    def delay(self, attempt: int) -> timedelta:
+        """Backoff before attempt ``attempt + 1`` (``attempt`` is the one that just failed)."""
+        base = self.base_delay.total_seconds()
+        if callable(self.backoff):
+            seconds = parse_duration(self.backoff(attempt), field="backoff()").total_seconds()
+        elif self.backoff == "fixed":
+            seconds = base
+        elif self.backoff == "linear":
+            seconds = base * attempt
+        else:
+            seconds = base * 2 ** (attempt - 1)
+            seconds *= 1 + random.uniform(-0.1, 0.1)
+        return timedelta(seconds=min(max(seconds, 0.0), self.max_delay.total_seconds()))
+
+    def is_terminal(self, exc: BaseException, attempt: int) -> bool:
+        if isinstance(exc, FlowRuntimeError) and exc.non_retryable:
+            return True
+        if self.classify is not None and _safe_classify(self.classify, exc) == "permanent":
+            return True
+        return attempt > self.retries
+
+
+def _safe_classify(classify: Callable[[BaseException], str], exc: BaseException) -> str:
+    try:
+        return str(classify(exc))
+    except Exception:  # noqa: BLE001 - a broken classifier must not hide the step's error
+        return "transient"
+
+
+class StepTimeout(FlowRuntimeError):
+    def __init__(self, timeout: timedelta) -> None:
+        super().__init__(Code.STEP_TIMEOUT, f"step attempt exceeded its timeout of {timeout.total_seconds():g}s")
+
+
+def _accepts_args(fn: Callable[..., Any]) -> bool:
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(
+        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+    )
+
+
+def _is_async(fn: Callable[..., Any]) -> bool:
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+
+
+async def call_step(fn: Callable[..., Any], args: StepArgs, timeout: timedelta | None) -> Any:
+    """Run one attempt: async functions on the loop, sync ones in a thread; enforce the timeout."""
+    call_args = (args,) if _accepts_args(fn) else ()
+    ctx = contextvars.copy_context()
+    ctx.run(in_step.set, True)
+    if _is_async(fn):
+        task: asyncio.Future[Any] = asyncio.get_running_loop().create_task(
+            _await(fn, call_args), context=ctx
+        )
+    else:
+        task = asyncio.ensure_future(asyncio.to_thread(ctx.run, fn, *call_args))
+    if timeout is None:
+        return await task
+    try:
+        return await asyncio.wait_for(asyncio.shield(task), timeout.total_seconds())
+    except asyncio.TimeoutError:
+        args.abort.fire("timeout")
+        task.cancel()
+        raise StepTimeout(timeout) from None
+
+
+async def _await(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) -> Any:
+    result = fn(*call_args)
+    if inspect.isawaitable(result):
+        return await result
+    return result
+
+
+def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> dict[str, Any]:
+    """The durable ``{code, message, traceback, cause}`` of a failure (SPEC 1.9)."""
+    code = exc.code if isinstance(exc, IterflowError) else default_code
+    message = exc.message if isinstance(exc, IterflowError) else f"{type(exc).__name__}: {exc}"
+    causes = []
+    seen: BaseException | None = exc.__cause__
+    while seen is not None and len(causes) < 20:
+        causes.append({"type": type(seen).__name__, "message": str(seen)})
+        seen = seen.__cause__
+    return {
+        "code": code,
+        "message": message,
+        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+        "cause": causes or None,
+    }
+
+
+def raise_recorded(error: dict[str, Any]) -> None:
+    """Replay a stored failure into the body, as the non-retryable error it was."""
+    raise FlowRuntimeError(str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""),
+                           non_retryable=True)

@@ -1,0 +1,165 @@
+"""The values the public API returns: frozen dataclasses with readable one-line renderings."""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Mapping, Sequence
+
+from .errors import InvalidArgument
+
+STATUSES = (
+    "pending", "running", "sleeping", "awaiting_signal", "awaiting_child", "retrying", "parked",
+    "done", "failed", "canceled",
+)
+TERMINAL = ("done", "failed", "canceled")
+SIGNAL_KINDS = ("delivered", "buffered", "duplicate", "expired", "invalid_payload", "closed")
+
+
+@dataclass(frozen=True)
+class StartResult:
+    run_id: str
+    status: str
+    created: bool
+
+
+@dataclass(frozen=True)
+class SignalResult:
+    kind: str
+    cursor_key: str | None = None
+    issues: tuple[Mapping[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class RetryResult:
+    kind: str  # queued | missing | not_failed
+
+
+@dataclass(frozen=True)
+class StartSpec:
+    input: Any = None
+    idempotency_key: str | None = None
+    tags: Sequence[str] = ()
+    delay: Any = None
+    priority: int = 0
+
+    @classmethod
+    def coerce(cls, item: Any, index: int) -> StartSpec:
+        if isinstance(item, StartSpec):
+            return item
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"input", "idempotency_key", "tags", "delay", "priority"}
+            if unknown:
+                raise InvalidArgument(f"items[{index}]", f"unknown keys {sorted(unknown)}")
+            return cls(**item)
+        raise InvalidArgument(f"items[{index}]", f"expected a StartSpec or a dict, got {type(item).__name__}")
+
+
+@dataclass(frozen=True)
+class Waiting:
+    """Why a live run is not moving, as one readable line."""
+
+    kind: str
+    name: str | None = None
+    until: datetime | None = None
+    child_id: str | None = None
+    worker: str | None = None
+    reason: str | None = None
+    code: str | None = None
+
+    def __str__(self) -> str:
+        until = f" until {self.until.isoformat()}" if self.until else ""
+        if self.kind == "signal":
+            return f"waiting for signal {self.name!r}{until or ' (no timeout)'}"
+        if self.kind == "sleep":
+            return f"sleeping{until}"
+        if self.kind == "child":
+            return f"waiting for child run {self.child_id}"
+        if self.kind == "retry":
+            return f"retrying step {self.name!r}{until.replace(' until', ' at')}"
+        if self.kind == "parked":
+            return f"parked ({self.code}): {self.reason}"
+        if self.kind == "running":
+            return f"running on {self.worker}, lease{until}"
+        return "queued"
+
+    @classmethod
+    def from_row(cls, status: str, data: Mapping[str, Any] | None) -> Waiting | None:
+        if status in TERMINAL:
+            return None
+        if status == "pending" or not data:
+            return cls("queued")
+        until = data.get("until")
+        return cls(
+            kind=str(data.get("kind", "queued")),
+            name=data.get("name") or data.get("step"),
+            until=datetime.fromisoformat(until) if isinstance(until, str) else None,
+            child_id=data.get("child_id"),
+            worker=data.get("worker"),
+            reason=data.get("reason"),
+            code=data.get("code"),
+        )
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    run_id: str
+    name: str
+    version: int
+    status: str
+    tags: tuple[str, ...]
+    attempts: int
+    created_at: datetime
+    updated_at: datetime
+    error: Mapping[str, Any] | None
+    waiting: Waiting | None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> RunSummary:
+        return cls(
+            run_id=str(row["id"]), name=row["name"], version=row["version"], status=row["status"],
+            tags=tuple(row["tags"] or ()), attempts=row["attempts"], created_at=row["created_at"],
+            updated_at=row["updated_at"], error=row["error"], waiting=Waiting.from_row(row["status"], row["waiting"]),
+        )
+
+
+@dataclass(frozen=True)
+class Run(RunSummary):
+    input: Any = None
+    output: Any = None
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> Run:
+        base = RunSummary.from_row(row)
+        return cls(**base.__dict__, input=row.get("input"), output=row.get("output"))
+
+
+@dataclass(frozen=True)
+class RunDetail:
+    run: Run
+    steps: list[Mapping[str, Any]] = field(default_factory=list)
+    signals: list[Mapping[str, Any]] = field(default_factory=list)
+    timers: list[Mapping[str, Any]] = field(default_factory=list)
+    children: list[Mapping[str, Any]] = field(default_factory=list)
+    events: list[Mapping[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class RunPage:
+    runs: list[RunSummary]
+    next: str | None
+
+
+def encode_cursor(created_at: datetime, run_id: str) -> str:
+    raw = f"{created_at.isoformat()}|{run_id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        stamp, run_id = raw.split("|", 1)
+        return datetime.fromisoformat(stamp), run_id
+    except Exception as exc:
+        raise InvalidArgument("cursor", "not a cursor returned by list_runs") from exc

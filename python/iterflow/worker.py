@@ -1,0 +1,191 @@
+"""The worker loop: claim batches sized to free slots, execute, renew leases, maintain.
+
+Wake-ups come from LISTEN (new work), from local timers (a run this process suspended until
+soon), from freed slots, and from a poll as the safety net; the database stays the truth.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+from datetime import timedelta
+from typing import Any
+
+from .runner import Execution
+from .runtime import Runtime
+
+log = logging.getLogger("iterflow")
+
+
+class Worker:
+    def __init__(
+        self, rt: Runtime, *, concurrency: int, lease: timedelta, poll_interval: float,
+        reconcile_interval: float | None, shutdown_timeout: float,
+    ) -> None:
+        self.rt = rt
+        self.concurrency = concurrency
+        self.lease_ms = int(lease.total_seconds() * 1000)
+        self.poll_interval = poll_interval
+        self.reconcile_interval = reconcile_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
+        self.paused = False
+        self._wake = asyncio.Event()
+        self._stopping = False
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def names(self) -> list[str]:
+        return sorted({name for name, _ in self.rt.flows})
+
+    async def start(self) -> None:
+        await self.rt.core.requeue_parked(self.names)
+        loop = asyncio.get_running_loop()
+        self._tasks = [
+            loop.create_task(self._claim_loop(), name="iterflow-claim"),
+            loop.create_task(self._heartbeat_loop(), name="iterflow-heartbeat"),
+            loop.create_task(self._maintenance_loop(), name="iterflow-maintenance"),
+        ]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def wake_at(self, delay: float) -> None:
+        """Local timer: claim again when a run this process suspended becomes due."""
+        asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
+
+    async def stop(self) -> None:
+        """Stop claiming, let in-flight runs finish until the deadline, then abort them."""
+        self._stopping = True
+        self._wake.set()
+        for task in self._tasks[:1]:
+            await _cancel(task)
+        pending = [task for _, task in self.active.values()]
+        if pending:
+            _done, still = await asyncio.wait(pending, timeout=self.shutdown_timeout)
+            for execution, _ in list(self.active.values()):
+                execution.abort("worker shutting down", cancel=False)
+            if still:
+                await asyncio.wait(still, timeout=1.0)
+                for task in still:
+                    task.cancel()
+        for task in self._tasks[1:]:
+            await _cancel(task)
+
+    # -- claiming ------------------------------------------------------------------------------
+    async def _claim_loop(self) -> None:
+        names = self.names
+        while not self._stopping:
+            free = self.concurrency - len(self.active)
+            claimed = 0
+            if free > 0 and not self.paused:
+                try:
+                    runs = await self.rt.core.claim(names, free, self.owner, self.lease_ms)
+                except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the loop
+                    log.warning("iterflow claim failed: %r", exc)
+                    await asyncio.sleep(min(self.poll_interval, 1.0))
+                    continue
+                for run in runs:
+                    self._spawn(run)
+                claimed = len(runs)
+            if claimed and claimed == free:
+                continue
+            await self._idle(names, full=free <= 0 or self.paused)
+
+    async def _idle(self, names: list[str], *, full: bool) -> None:
+        timeout = self.poll_interval
+        if not full:
+            with contextlib.suppress(Exception):
+                due = await self.rt.core.next_due(names)
+                if due is not None:
+                    timeout = min(timeout, max(due, 0.001))
+        waiter = asyncio.ensure_future(self.rt.core.wait_for_work(names, timeout))
+        local = asyncio.ensure_future(self._wake.wait())
+        try:
+            await asyncio.wait({waiter, local}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+            local.cancel()
+            self._wake.clear()
+
+    def _spawn(self, run: Any) -> None:
+        execution = Execution(run, self.rt)
+        task = asyncio.get_running_loop().create_task(self._execute(execution), name=f"iterflow-run-{run.run_id}")
+        self.active[run.run_id] = (execution, task)
+
+    async def _execute(self, execution: Execution) -> None:
+        run_id = execution.run.run_id
+        try:
+            status = await execution.execute()
+            if status in ("sleeping", "retrying", "awaiting_signal"):
+                self._schedule_local_wake(execution)
+        except asyncio.CancelledError:
+            pass
+        except Exception:  # noqa: BLE001 - the lease expires and another attempt follows
+            log.exception("iterflow run %s crashed the worker's execution", run_id, extra={"run_id": run_id})
+        finally:
+            self.active.pop(run_id, None)
+            self._wake.set()
+
+    def _schedule_local_wake(self, execution: Execution) -> None:
+        ctx = execution.ctx
+        if ctx is None:
+            return
+        times = [s.wake_at for s in ctx.suspensions if s.wake_at is not None]
+        if times:
+            delay = (min(times) - ctx.clock()).total_seconds()
+            if delay < self.poll_interval * 4:
+                self.wake_at(delay)
+
+    def abort_local(self, run_id: str, reason: str) -> None:
+        """engine.cancel in this process: fire the run's abort tokens at once."""
+        entry = self.active.get(run_id)
+        if entry is not None:
+            entry[0].abort(reason, cancel=True)
+
+    # -- leases and maintenance -------------------------------------------------------------------
+    async def _heartbeat_loop(self) -> None:
+        interval = self.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            leases = [(rid, ex.run.lease_token) for rid, (ex, _) in self.active.items()]
+            try:
+                states = await self.rt.core.heartbeat(leases, self.lease_ms)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("iterflow lease renewal failed: %r", exc)
+                continue
+            for state in states:
+                entry = self.active.get(state.run_id)
+                if entry is None:
+                    continue
+                if not state.held:
+                    entry[0].abort("lease lost", cancel=False)
+                elif state.cancel_reason is not None:
+                    entry[0].abort(state.cancel_reason, cancel=True)
+
+    async def _maintenance_loop(self) -> None:
+        interval = max(self.lease_ms / 2000, 0.05)
+        since_reconcile = 0.0
+        while True:
+            await asyncio.sleep(interval)
+            since_reconcile += interval
+            try:
+                if await self.rt.core.expire_leases(500):
+                    self._wake.set()
+                if self.reconcile_interval is not None and since_reconcile >= self.reconcile_interval:
+                    since_reconcile = 0.0
+                    counts = await self.rt.core.reconcile(int(self.lease_ms * 2))
+                    if counts is not None:
+                        self.rt.hooks.emit("reconciler_sweep", counts)
+            except Exception as exc:  # noqa: BLE001
+                log.warning("iterflow maintenance failed: %r", exc)
+
+
+async def _cancel(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
