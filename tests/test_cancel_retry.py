@@ -7,8 +7,7 @@ import time
 
 import pytest
 
-from iterflow import Code
-from iterflow import FlowRuntimeError, RunCanceled, RunFailed, RunNotFound, define_flow
+from iterflow import Code, FlowRuntimeError, RunCanceled, RunFailed, RunNotFound, define_flow
 from iterflow.errors import InvalidArgument
 
 

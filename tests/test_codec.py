@@ -29,7 +29,7 @@ class Level(enum.IntEnum):
     LOW = 1
 
 
-class Kind(str, enum.Enum):
+class Kind(str, enum.Enum):  # noqa: UP042 - the mixin form is what users write
     A = "a"
 
 

@@ -7,7 +7,7 @@ import asyncio
 import pytest
 from pydantic import BaseModel
 
-from iterflow import Code, RunFailed, RunNotFound, define_flow, flow
+from iterflow import Code, FlowRuntimeError, RunFailed, RunNotFound, define_flow, flow
 
 
 class Approval(BaseModel):
@@ -32,7 +32,7 @@ async def typed_signal(ctx, _inp):
 async def timed_signal(ctx, _inp):
     try:
         return await ctx.signal("answer", timeout="300ms")
-    except Exception as exc:  # the timeout is catchable
+    except FlowRuntimeError as exc:  # the timeout is catchable
         return {"timed_out": getattr(exc, "code", None)}
 
 
@@ -130,7 +130,7 @@ async def test_expired_while_run_still_live(make_engine):
     async def body(ctx, _inp):
         try:
             await ctx.signal("answer", timeout="200ms")
-        except Exception:
+        except FlowRuntimeError:
             pass
         await ctx.signal("never")
 
@@ -175,7 +175,7 @@ async def test_delivery_at_the_deadline_never_lost_nor_resumed_twice(make_engine
         try:
             got = await ctx.signal("ping", timeout="250ms")
             outcome = {"got": got}
-        except Exception as exc:
+        except FlowRuntimeError as exc:
             outcome = {"timeout": exc.code}
         await ctx.step("after", lambda: 1)
         return outcome

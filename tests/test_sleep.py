@@ -9,7 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from iterflow import define_flow, flow
@@ -20,7 +20,7 @@ async def nap(ctx, inp):
     before = ctx.now()
     await ctx.sleep(inp["for"])
     after = ctx.now()
-    woke = await ctx.step("woke", lambda: datetime.now(timezone.utc).isoformat())
+    woke = await ctx.step("woke", lambda: datetime.now(UTC).isoformat())
     return {"before": before.isoformat(), "after": after.isoformat(), "woke": woke}
 
 
@@ -43,7 +43,7 @@ async def test_sleep_waits_and_ctx_now_is_stable(make_engine):
 async def test_past_deadline_fires_at_once(make_engine):
     @define_flow("past")
     async def past(ctx, _inp):
-        await ctx.sleep_until(datetime(2000, 1, 1, tzinfo=timezone.utc))
+        await ctx.sleep_until(datetime(2000, 1, 1, tzinfo=UTC))
         await ctx.sleep(0)
         return "ok"
 

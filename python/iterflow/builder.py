@@ -6,9 +6,10 @@ before executing anything (SPEC 2.2) and park a run the code can no longer repla
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any
 
 from .context import base_of
 from .durations import parse_duration

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, NoReturn, Sequence
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import codec
 from .cores.base import ClaimedRun, RunSpec, StepRecord
@@ -29,6 +29,8 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 TERMINAL = ("done", "failed", "canceled")
+# Loop turns given to sibling branches to replay their recorded calls before new work starts.
+GATE_TURNS = 3
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,9 @@ class Context:
         self.default_step_timeout = runtime.default_step_timeout
         self._check_kinds = body_flow
         self._history = run.history
-        self._by_seq = {rec.seq: rec for rec in run.history.values()}
+        self._visited: set[str] = set()
+        self._replay_io = 0
+        self._replay_idle = asyncio.Event()
         self._counters: dict[str, int] = {}
         self._seq = 0
         self._clock = (run.db_now, time.monotonic())
@@ -86,21 +90,43 @@ class Context:
         seq = self._seq
         self._seq += 1
         rec = self._history.get(key)
+        self._visited.add(key)
         if self._check_kinds:
-            self._check_drift(kind, key, seq, rec)
+            self._check_kind(kind, key, rec)
         return key, seq, rec
 
-    def _check_drift(self, kind: str, key: str, seq: int, rec: StepRecord | None) -> None:
+    def _check_kind(self, kind: str, key: str, rec: StepRecord | None) -> None:
         if rec is not None and rec.kind != kind:
             raise DriftDetected(
                 Code.REPLAY_INCOMPATIBLE_VERSION,
                 f"call {key!r} is a {kind} now but the history recorded a {rec.kind}",
             )
-        at_seq = self._by_seq.get(seq)
-        if at_seq is not None and at_seq.key != key:
+
+    async def _gate(self, kind: str, key: str) -> None:
+        """Before new work, let sibling branches replay their recorded calls; a record that is
+        still unvisited then belongs to code that no longer runs (e.g. a renamed step).
+
+        Call order alone cannot tell: a wait that resolves on replay lets its branch overtake
+        siblings that were ahead of it on the first pass.
+        """
+        if not self._check_kinds:
+            return
+        while True:
+            for _ in range(GATE_TURNS):
+                await asyncio.sleep(0)
+            if self._replay_io == 0:
+                break
+            await self._replay_idle.wait()
+        unvisited = sorted(
+            (rec for k, rec in self._history.items() if k not in self._visited and rec.kind != "log"),
+            key=lambda rec: rec.seq,
+        )
+        if unvisited:
+            first = unvisited[0]
             raise DriftDetected(
                 Code.REPLAY_NON_DETERMINISTIC,
-                f"ctx call #{seq} was {at_seq.kind} {at_seq.key!r} in the recorded history, now {kind} {key!r}",
+                f"the history has {first.kind} {first.key!r} (call #{first.seq}) but the code reached new "
+                f"{kind} {key!r} without replaying it",
             )
 
     def _guard(self) -> None:
@@ -115,13 +141,21 @@ class Context:
 
     # -- the runner's view -----------------------------------------------------------------
     @contextlib.asynccontextmanager
-    async def _op(self) -> AsyncIterator[None]:
+    async def _op(self, *, replay: bool = False) -> AsyncIterator[None]:
+        """Track a ctx operation in flight; ``replay`` marks I/O that resolves a recorded call."""
         self._in_flight += 1
         self._quiet.clear()
+        if replay:
+            self._replay_io += 1
+            self._replay_idle.clear()
         try:
             yield
         finally:
             self._in_flight -= 1
+            if replay:
+                self._replay_io -= 1
+                if self._replay_io == 0:
+                    self._replay_idle.set()
             self._maybe_quiet()
 
     def _maybe_quiet(self) -> None:
@@ -183,6 +217,7 @@ class Context:
             return self._step_value(rec, opts)
         attempt = (rec.attempts if rec is not None else 0) + 1
         async with self._op():
+            await self._gate("step", key)
             outcome = await self._attempt(fn, opts, channel, attempt)
             value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
         if isinstance(value, _Retry):
@@ -206,7 +241,7 @@ class Context:
             return _Ok(encoded)
         except (SuspendRun, DriftDetected):
             raise
-        except BaseException as exc:  # noqa: BLE001 - any failure of user code is recorded
+        except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and self.cancel_reason is None:
                 raise
             self._rt.hooks.emit("step_finished", "error", time.monotonic() - start)
@@ -267,6 +302,7 @@ class Context:
             if until <= now:
                 return
             async with self._op():
+                await self._gate("sleep", key)
                 await self._rt.core.record_step(
                     self.run_id, StepRecord(key, seq, "sleep", "sleep", "waiting", deadline=until), None, None
                 )
@@ -291,7 +327,9 @@ class Context:
         )
         timeout_error = {"code": Code.SIGNAL_TIMEOUT, "message": f"signal {name!r} timed out",
                          "traceback": None, "cause": None}
-        async with self._op():
+        async with self._op(replay=rec is not None):
+            if rec is None:
+                await self._gate("signal", key)
             outcome, payload, at = await self._rt.core.resolve_signal(
                 self.run_id, key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
             )
@@ -344,8 +382,9 @@ class Context:
             key, seq, rec = self._next("invoke", f"{flow.name}@{flow.version}")
             calls.append((flow, inp, ikey, tags, key, seq, rec))
         to_spawn = [c for c in calls if c[6] is None]
-        async with self._op():
+        async with self._op(replay=not to_spawn):
             if to_spawn:
+                await self._gate("invoke", to_spawn[0][4])
                 await self._spawn(to_spawn)
             outputs = [await self._child_outcome(c) for c in calls]
         pending = [o for o in outputs if isinstance(o, _Pending)]
@@ -383,7 +422,7 @@ class Context:
         if specs:
             created = await self._rt.core.spawn_children(self.run_id, recs, specs)
             self._spawned += len(specs)
-            for rec, made in zip(recs, created):
+            for rec, made in zip(recs, created, strict=True):
                 rec.child_id, rec.child_status = made.run_id, made.status
                 self._history[rec.key] = rec
 

@@ -4,17 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from . import codec
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter
 from .durations import parse_duration
 from .errors import (
-    Code, CoreUnavailable, EngineStateError, InvalidArgument, RunNotFound, ValidationFailed,
+    Code,
+    CoreUnavailable,
+    EngineStateError,
+    InvalidArgument,
+    RunNotFound,
+    ValidationFailed,
 )
 from .flow import Flow, check_drift
 from .handle import FlowHandle
@@ -23,7 +29,15 @@ from .runtime import Runtime
 from .schemas import Schema
 from .sql import validate_schema_name
 from .types import (
-    STATUSES, Run, RunDetail, RunPage, RunSummary, RetryResult, SignalResult, decode_cursor, encode_cursor,
+    STATUSES,
+    RetryResult,
+    Run,
+    RunDetail,
+    RunPage,
+    RunSummary,
+    SignalResult,
+    decode_cursor,
+    encode_cursor,
 )
 from .worker import Worker
 

@@ -7,7 +7,8 @@ errors also carry ``issues`` (``[{"path": ..., "message": ...}]``).
 
 from __future__ import annotations
 
-from typing import Any, Final, Sequence
+from collections.abc import Sequence
+from typing import Any, Final
 
 
 class Code:

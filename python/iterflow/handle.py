@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING, Any, Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 from .cores.base import RunSpec
 from .durations import parse_duration
@@ -42,8 +43,9 @@ class FlowHandle:
         tags = tuple(item.tags)
         if not all(isinstance(t, str) and t for t in tags):
             raise InvalidArgument(f"{where}tags", f"must be non-empty strings, got {item.tags!r}")
-        if isinstance(item.priority, bool) or not isinstance(item.priority, int):
-            raise InvalidArgument(f"{where}priority", f"must be an int, got {item.priority!r}")
+        if isinstance(item.priority, bool) or not isinstance(item.priority, int) \
+                or not -(2**31) <= item.priority < 2**31:
+            raise InvalidArgument(f"{where}priority", f"must be a 32-bit int, got {item.priority!r}")
         delay = parse_duration(item.delay, field=f"{where}delay") if item.delay is not None else None
         return RunSpec(
             id=rt.new_id(), name=self.name, version=self.version, input=rt.encode_input(self, item.input),

@@ -33,7 +33,7 @@ def _render(text: str, schema: str) -> str:
 def _raw_queries() -> dict[str, str]:
     text = (resources.files("iterflow") / "sql" / "queries.sql").read_text(encoding="utf-8")
     parts = _HEADER.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2])}
+    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 @lru_cache(maxsize=16)

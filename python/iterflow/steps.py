@@ -11,12 +11,13 @@ import contextvars
 import inspect
 import random
 import traceback
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any, Awaitable, Callable, Literal
+from typing import Any, Literal
 
 from .durations import parse_duration
-from .errors import Code, FlowRuntimeError, IterflowError, InvalidArgument
+from .errors import Code, FlowRuntimeError, InvalidArgument, IterflowError
 
 # True while a step function runs: ctx calls made from inside a step are refused.
 in_step: contextvars.ContextVar[bool] = contextvars.ContextVar("iterflow_in_step", default=False)
@@ -147,7 +148,7 @@ def _accepts_args(fn: Callable[..., Any]) -> bool:
 
 
 def _is_async(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
+    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(type(fn).__call__)
 
 
 async def call_step(fn: Callable[..., Any], args: StepArgs, timeout: timedelta | None) -> Any:
@@ -165,7 +166,7 @@ async def call_step(fn: Callable[..., Any], args: StepArgs, timeout: timedelta |
         return await task
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout.total_seconds())
-    except asyncio.TimeoutError:
+    except TimeoutError:
         args.abort.fire("timeout")
         task.cancel()
         raise StepTimeout(timeout) from None

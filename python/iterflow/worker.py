@@ -125,7 +125,7 @@ class Worker:
                 self._schedule_local_wake(execution)
         except asyncio.CancelledError:
             pass
-        except Exception:  # noqa: BLE001 - the lease expires and another attempt follows
+        except Exception:
             log.exception("iterflow run %s crashed the worker's execution", run_id, extra={"run_id": run_id})
         finally:
             self.active.pop(run_id, None)

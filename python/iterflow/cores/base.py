@@ -12,9 +12,10 @@ encoding happens once in Python; they come back decoded.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Protocol, Sequence
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -166,7 +167,9 @@ class Core(Protocol):
         self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
         attempts_delta: int | None,
     ) -> bool: ...
-    async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool: ...
+    async def finish(
+        self, run_id: str, token: int | None, status: str, output: str | None, error: str | None
+    ) -> bool: ...
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None: ...
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]: ...
     async def expire_leases(self, limit: int) -> int: ...

@@ -11,8 +11,9 @@ import contextlib
 import json
 import logging
 from collections import OrderedDict
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Any, AsyncIterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, AsyncRawCursor, RawCursor
@@ -322,7 +323,7 @@ class PythonCore:
     ) -> list[Created]:
         async with self._tx() as cur:
             created = await self._insert_async(cur, children)
-            for rec, made in zip(records, created):
+            for rec, made in zip(records, created, strict=True):
                 await cur.execute(
                     self._q["record_step"],
                     (run_id, rec.key, rec.seq, rec.kind, rec.name, "waiting", None, None, 0, None, made.run_id),
@@ -439,9 +440,9 @@ def _names(cur: AsyncRawCursor[Any]) -> list[str]:
 
 
 def _dict_one(cur: AsyncRawCursor[Any], row: tuple[Any, ...] | None) -> dict[str, Any] | None:
-    return None if row is None else dict(zip(_names(cur), row))
+    return None if row is None else dict(zip(_names(cur), row, strict=True))
 
 
 def _dicts(cur: AsyncRawCursor[Any], rows: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
     names = _names(cur)
-    return [dict(zip(names, row)) for row in rows]
+    return [dict(zip(names, row, strict=True)) for row in rows]
