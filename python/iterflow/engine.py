@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,6 +29,7 @@ from .observe import Hooks
 from .runtime import Runtime
 from .schemas import Schema
 from .sql import validate_schema_name
+from .sync import SyncEngine
 from .types import (
     STATUSES,
     RetryResult,
@@ -38,6 +40,7 @@ from .types import (
     SignalResult,
     decode_cursor,
     encode_cursor,
+    is_run_id,
 )
 from .worker import Worker
 
@@ -92,6 +95,12 @@ class Engine:
                  lease: Any = "30s", retention: Any = None, limits: Any = None, metrics: Any = None,
                  logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
                  drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s") -> None:
+        self._options = dict(
+            dsn=dsn, pool=pool, core=core, schema=schema, concurrency=concurrency, max_run_attempts=max_run_attempts,
+            default_step_timeout=default_step_timeout, lease=lease, retention=retention, limits=limits,
+            metrics=metrics, logger=logger, notify=notify, reconciler=reconciler, drift=drift,
+            poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
+        )
         if dsn is None and pool is None:
             raise InvalidArgument("dsn", "pass a DSN or pool= (see iterflow.embedded.database_url() for local use)")
         self.schema = validate_schema_name(schema)
@@ -107,6 +116,7 @@ class Engine:
             shutdown_timeout=parse_duration(shutdown_timeout, field="shutdown_timeout").total_seconds(),
         )
         self.retention = Retention.coerce(retention)
+        self._caller_pool = pool
         self.core: Core = _pick_core(core, dsn, pool, schema, concurrency + 4, notify, self.log)
         self.runtime = Runtime(
             core=self.core, limits=Limits.coerce(limits), hooks=Hooks(metrics, self.log), log=self.log,
@@ -118,6 +128,8 @@ class Engine:
         self._worker: Worker | None = None
         self._open = False
         self._open_lock: asyncio.Lock | None = None
+        self._sync: SyncEngine | None = None
+        self._sync_lock = threading.Lock()
 
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, flow: Flow) -> FlowHandle:
@@ -140,6 +152,29 @@ class Engine:
             return registered
         return FlowHandle(self, name, version, Schema.of(input_schema))
 
+    @property
+    def sync(self) -> SyncEngine:
+        """The blocking client API, for code without an event loop (created on first use)."""
+        with self._sync_lock:
+            if self._sync is None:
+                self._sync = SyncEngine(self)
+            return self._sync
+
+    def clone_client(self) -> Engine:
+        """A client-only engine with this configuration and these flows' schemas (never listens).
+
+        A caller's async pool belongs to the caller's loop, so the clone opens its own from the DSN.
+        """
+        options = dict(self._options)
+        pool = options.pop("pool")
+        if options["dsn"] is None:
+            options["dsn"] = pool if isinstance(pool, str) else getattr(pool, "conninfo", None)
+        clone = Engine(**options)
+        clone.runtime.flows.update(self.runtime.flows)
+        for key, handle in self._handles.items():
+            clone._handles[key] = FlowHandle(clone, handle.name, handle.version, handle.input_schema, handle.flow)
+        return clone
+
     async def client(self) -> Core:
         """The core, opened on first use (create_engine is synchronous)."""
         if not self._open:
@@ -160,13 +195,25 @@ class Engine:
         if not self.runtime.flows:
             self.log.warning("iterflow: listen() with no registered flows; this process will execute nothing")
         s = self.settings
-        if self.runtime.default_step_timeout is None:
-            self.log.warning("iterflow: no default_step_timeout; a hung step holds its slot until it returns")
+        self._startup_warnings()
         self._worker = Worker(
             self.runtime, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
             reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout,
         )
         await self._worker.start()
+
+    def _startup_warnings(self) -> None:
+        """Configurations that work in a demo and hurt in production, said once at listen()."""
+        pool_max = getattr(self._caller_pool, "max_size", None)
+        if isinstance(pool_max, int) and pool_max < self.settings.concurrency:
+            self.log.warning(
+                "iterflow: pool max_size=%d is smaller than concurrency=%d; runs will queue for connections",
+                pool_max, self.settings.concurrency,
+            )
+        if self.runtime.default_step_timeout is None:
+            self.log.warning("iterflow: no default_step_timeout; a hung step holds its slot until it returns")
+        if self.retention.runs_older_than is None and self.retention.events_older_than is None:
+            self.log.warning("iterflow: no retention configured; finished runs are kept forever")
 
     async def stop(self) -> None:
         """Graceful: stop claiming, let in-flight steps finish (or abort them at the deadline)."""
@@ -198,6 +245,8 @@ class Engine:
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      idempotency_key: str | None = None) -> SignalResult:
         """Deliver a signal (SPEC 1.5); validated at delivery when the flow declared a schema."""
+        if not is_run_id(run_id):
+            raise RunNotFound(run_id)
         core = await self.client()
         if not isinstance(name, str) or not name:
             raise InvalidArgument("name", "signal name must be a non-empty string")
@@ -227,6 +276,8 @@ class Engine:
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run and all its live descendants (sticky; a no-op on a terminal run)."""
+        if not is_run_id(run_id):
+            raise RunNotFound(run_id)
         core = await self.client()
         reason = reason or "canceled"
         count = await core.cancel(run_id, reason)
@@ -236,10 +287,14 @@ class Engine:
             self._worker.abort_local(run_id, reason)
 
     async def retry(self, run_id: str) -> RetryResult:
+        if not is_run_id(run_id):
+            return RetryResult("missing")
         core = await self.client()
         return RetryResult(await core.retry(run_id))
 
     async def status(self, run_id: str) -> RunDetail | None:
+        if not is_run_id(run_id):
+            return None
         core = await self.client()
         detail = await core.run_detail(run_id)
         if detail is None:

@@ -12,7 +12,8 @@ from .durations import parse_duration
 from .errors import Code, InvalidArgument, RunCanceled, RunFailed, RunNotFound
 from .flow import check_name, check_version
 from .schemas import Schema
-from .types import TERMINAL, StartResult, StartSpec
+from .sync import SyncHandle
+from .types import TERMINAL, StartResult, StartSpec, is_run_id
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -31,6 +32,11 @@ class FlowHandle:
         self.version = check_version(version)
         self.input_schema = input_schema
         self.flow = flow
+
+    @property
+    def sync(self) -> SyncHandle:
+        """The blocking form of this handle (``start``, ``start_many``, ``result``, ``wait``)."""
+        return self._engine.sync.handle(self.name, self.version, self.input_schema)
 
     def __repr__(self) -> str:
         return f"FlowHandle({self.name}@{self.version})"
@@ -75,6 +81,8 @@ class FlowHandle:
 
     async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``."""
+        if not is_run_id(run_id):
+            raise RunNotFound(run_id)
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -93,6 +101,8 @@ class FlowHandle:
         """Return once ``step`` has finished or ``signal`` has arrived for the run."""
         if (step is None) == (signal is None):
             raise InvalidArgument("step", "pass exactly one of step= or signal=")
+        if not is_run_id(run_id):
+            raise RunNotFound(run_id)
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.01

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -150,6 +151,17 @@ class RunDetail:
 class RunPage:
     runs: list[RunSummary]
     next: str | None
+
+
+def is_run_id(value: object) -> bool:
+    """A malformed id names no run: callers answer it like an unknown one, before any query."""
+    if not isinstance(value, str):
+        return False
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
 
 
 def encode_cursor(created_at: datetime, run_id: str) -> str:

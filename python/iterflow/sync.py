@@ -1,0 +1,100 @@
+"""The blocking API: every client call usable from plain threads (Django, Flask, scripts).
+
+Async pools and listeners belong to the event loop that opened them, so the blocking facade
+owns a private client-only engine (same configuration, never listens) on a private loop in a
+daemon thread, and each call waits for its coroutine there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine, Sequence
+from concurrent.futures import Future
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .cores.base import RunFilter
+    from .engine import Engine
+    from .handle import FlowHandle
+    from .types import RetryResult, RunDetail, RunPage, SignalResult, StartResult
+
+T = TypeVar("T")
+
+
+class _LoopThread:
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="iterflow-sync", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("iterflow: the blocking API cannot be called from its own loop thread")
+        future: Future[T] = asyncio.run_coroutine_threadsafe(coro, self.loop)
+        return future.result()
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=5)
+
+
+class SyncEngine:
+    """``engine.sync``: the client calls of ``Engine``, blocking."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._thread = _LoopThread()
+        self._client = engine.clone_client()
+
+    def _run(self, coro: Coroutine[Any, Any, T]) -> T:
+        return self._thread.run(coro)
+
+    def handle(self, name: str, version: int = 1, input_schema: Any = None) -> SyncHandle:
+        return SyncHandle(self, self._client.handle(name, version, input_schema))
+
+    def signal(self, run_id: str, name: str, payload: Any = None, *,
+               idempotency_key: str | None = None) -> SignalResult:
+        return self._run(self._client.signal(run_id, name, payload, idempotency_key=idempotency_key))
+
+    def cancel(self, run_id: str, reason: str | None = None) -> None:
+        self._run(self._client.cancel(run_id, reason))
+
+    def retry(self, run_id: str) -> RetryResult:
+        return self._run(self._client.retry(run_id))
+
+    def status(self, run_id: str) -> RunDetail | None:
+        return self._run(self._client.status(run_id))
+
+    def list_runs(self, **filters: Any) -> RunPage:
+        return self._run(self._client.list_runs(**filters))
+
+    def cancel_many(self, filter: dict[str, Any] | RunFilter, limit: int = 1000) -> int:
+        return self._run(self._client.cancel_many(filter, limit))
+
+    def retry_many(self, filter: dict[str, Any] | RunFilter, limit: int = 1000) -> int:
+        return self._run(self._client.retry_many(filter, limit))
+
+    def close(self) -> None:
+        """Close the private client and its thread (also done at interpreter exit)."""
+        self._run(self._client.stop())
+        self._thread.close()
+
+
+class SyncHandle:
+    """``handle.sync``: ``start``/``start_many``/``result``/``wait``, blocking."""
+
+    def __init__(self, owner: SyncEngine, handle: FlowHandle) -> None:
+        self._owner = owner
+        self._handle = handle
+
+    def start(self, input: Any = None, **options: Any) -> StartResult:
+        return self._owner._run(self._handle.start(input, **options))
+
+    def start_many(self, items: Sequence[Any], **options: Any) -> list[StartResult]:
+        return self._owner._run(self._handle.start_many(items, **options))
+
+    def result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        return self._owner._run(self._handle.result(run_id, timeout=timeout))
+
+    def wait(self, run_id: str, **options: Any) -> None:
+        self._owner._run(self._handle.wait(run_id, **options))

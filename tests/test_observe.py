@@ -1,0 +1,96 @@
+"""Observability (SPEC 2.10): metrics hooks see the run's life, and can never break it."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from iterflow import FlowRuntimeError, RunFailed, define_flow
+
+
+@define_flow("observed")
+async def observed(ctx, inp):
+    await ctx.step("one", lambda: 1)
+    if inp == "fail":
+        def bad():
+            raise FlowRuntimeError("OBSERVED_FAIL", "told to", non_retryable=True)
+
+        await ctx.step("bad", bad)
+    await ctx.sleep("50ms")
+    return "ok"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return lambda *args: self.calls.append((name, *args))
+
+
+class Exploding:
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+
+        def hook(*_args):
+            raise RuntimeError(f"hook {name} is broken")
+
+        return hook
+
+
+async def test_hooks_see_runs_steps_suspensions_and_failures(make_engine):
+    rec = Recorder()
+    engine = await make_engine(observed, metrics=rec, poll_interval=0.05)
+    handle = engine.handle("observed")
+    ok = await handle.start(None)
+    assert await handle.result(ok.run_id, timeout=5) == "ok"
+    bad = await handle.start("fail")
+    with pytest.raises(RunFailed):
+        await handle.result(bad.run_id, timeout=5)
+    names = [c[0] for c in rec.calls]
+    assert names.count("run_started") >= 3  # two runs, one resumed after its sleep
+    assert ("run_suspended", "sleeping") in rec.calls
+    assert ("run_failed", "OBSERVED_FAIL") in rec.calls
+    completed = [c for c in rec.calls if c[0] == "run_completed"]
+    assert len(completed) == 1 and completed[0][1] >= 0
+    step_statuses = sorted(c[1] for c in rec.calls if c[0] == "step_finished")
+    assert step_statuses == ["error", "ok", "ok"]
+
+
+async def test_raising_hooks_never_break_a_run_and_warn_once(make_engine, caplog):
+    engine = await make_engine(observed, metrics=Exploding(), poll_interval=0.05)
+    handle = engine.handle("observed")
+    with caplog.at_level(logging.WARNING, logger="iterflow"):
+        runs = [await handle.start(None) for _ in range(3)]
+        for run in runs:
+            assert await handle.result(run.run_id, timeout=5) == "ok"
+        assert (await engine.signal(runs[0].run_id, "x", 1)).kind == "closed"
+    warnings = [r.getMessage() for r in caplog.records if "metrics hook run_started" in r.getMessage()]
+    assert len(warnings) == 1
+
+
+async def test_startup_warnings(make_engine, caplog):
+    with caplog.at_level(logging.WARNING, logger="iterflow"):
+        await make_engine(observed)
+    text = caplog.text
+    assert "no default_step_timeout" in text
+    assert "no retention" in text
+
+
+async def test_logs_carry_structured_fields(make_engine, caplog):
+    @define_flow("logs")
+    async def logs(ctx, _inp):
+        ctx.log("checkpoint", order="o-1")
+        return 1
+
+    engine = await make_engine(logs)
+    with caplog.at_level(logging.INFO, logger="iterflow"):
+        run = await engine.handle("logs").start(None)
+        await engine.handle("logs").result(run.run_id, timeout=5)
+    (record,) = [r for r in caplog.records if r.getMessage() == "checkpoint"]
+    assert record.run_id == run.run_id and record.flow == "logs"
+    assert record.data == {"order": "o-1"}
