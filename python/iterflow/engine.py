@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal as signal_module
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
@@ -198,7 +199,7 @@ class Engine:
         self._startup_warnings()
         self._worker = Worker(
             self.runtime, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
-            reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout,
+            reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout, retention=self.retention,
         )
         await self._worker.start()
 
@@ -345,6 +346,40 @@ class Engine:
     async def reconcile(self) -> dict[str, int] | None:
         core = await self.client()
         return await core.reconcile(int(self.settings.lease.total_seconds() * 2000))
+
+    async def prune(self, *, events_older_than: Any = None, runs_older_than: Any = None,
+                    batch: int = 1000) -> dict[str, int] | None:
+        """Delete old events and terminal runs, in batches; None if another process is pruning."""
+        cutoffs = [
+            int(parse_duration(v, field=f).total_seconds() * 1000) if v is not None else None
+            for f, v in (("events_older_than", events_older_than), ("runs_older_than", runs_older_than))
+        ]
+        if cutoffs == [None, None]:
+            raise InvalidArgument("prune", "pass events_older_than and/or runs_older_than")
+        core = await self.client()
+        return await core.prune(cutoffs[0], cutoffs[1], _positive_int(batch, "batch"))
+
+    async def pending_work(self, names: Sequence[str] | None = None) -> int:
+        """Claimable runs and due crons right now (what an autoscaler should look at)."""
+        core = await self.client()
+        return await core.pending_work(names)
+
+    def attach_shutdown_signals(self, signals: Sequence[str] = ("SIGTERM", "SIGINT")) -> Callable[[], None]:
+        """Stop gracefully on these signals; returns a function that detaches the handlers."""
+        loop = asyncio.get_running_loop()
+        numbers = []
+        for name in signals:
+            number = getattr(signal_module, name, None)
+            if not isinstance(number, signal_module.Signals):
+                raise InvalidArgument("signals", f"unknown signal {name!r}")
+            numbers.append(number)
+            loop.add_signal_handler(number, lambda: loop.create_task(self.stop()))
+
+        def detach() -> None:
+            for number in numbers:
+                loop.remove_signal_handler(number)
+
+        return detach
 
     def health(self) -> dict[str, Any]:
         worker = self._worker

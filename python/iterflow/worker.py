@@ -14,6 +14,7 @@ import socket
 from datetime import timedelta
 from typing import Any
 
+from .config import Retention
 from .runner import Execution
 from .runtime import Runtime
 
@@ -23,7 +24,7 @@ log = logging.getLogger("iterflow")
 class Worker:
     def __init__(
         self, rt: Runtime, *, concurrency: int, lease: timedelta, poll_interval: float,
-        reconcile_interval: float | None, shutdown_timeout: float,
+        reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
     ) -> None:
         self.rt = rt
         self.concurrency = concurrency
@@ -31,6 +32,7 @@ class Worker:
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
         self.shutdown_timeout = shutdown_timeout
+        self.retention = retention
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
@@ -170,10 +172,15 @@ class Worker:
     async def _maintenance_loop(self) -> None:
         interval = max(self.lease_ms / 2000, 0.05)
         since_reconcile = 0.0
+        since_prune = self.retention.schedule.total_seconds()  # prune soon after start, then on schedule
         while True:
             await asyncio.sleep(interval)
             since_reconcile += interval
+            since_prune += interval
             try:
+                if since_prune >= self.retention.schedule.total_seconds():
+                    since_prune = 0.0
+                    await self._prune()
                 if await self.rt.core.expire_leases(500):
                     self._wake.set()
                 if self.reconcile_interval is not None and since_reconcile >= self.reconcile_interval:
@@ -183,6 +190,19 @@ class Worker:
                         self.rt.hooks.emit("reconciler_sweep", counts)
             except Exception as exc:  # noqa: BLE001
                 log.warning("iterflow maintenance failed: %r", exc)
+
+
+    async def _prune(self) -> None:
+        r = self.retention
+        if r.events_older_than is None and r.runs_older_than is None:
+            return
+        counts = await self.rt.core.prune(_ms(r.events_older_than), _ms(r.runs_older_than), 1000)
+        if counts:
+            log.info("iterflow retention pruned %s", counts)
+
+
+def _ms(value: timedelta | None) -> int | None:
+    return None if value is None else int(value.total_seconds() * 1000)
 
 
 async def _cancel(task: asyncio.Task[Any]) -> None:

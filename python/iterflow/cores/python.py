@@ -378,6 +378,38 @@ class PythonCore:
         else:
             await asyncio.sleep(timeout)
 
+    async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
+        assert self._pool is not None
+        lock = f"iterflow.retention.{self.schema}"
+        async with self._pool.connection() as conn:
+            cur = AsyncRawCursor(conn)
+            await cur.execute(self._q["try_session_lock"], (lock,))
+            row = await cur.fetchone()
+            if not row or not row[0]:
+                return None
+            try:
+                return await self._prune_batches(conn, events_ms, runs_ms, batch)
+            finally:
+                await cur.execute(self._q["session_unlock"], (lock,))
+
+    async def _prune_batches(
+        self, conn: AsyncConnection[Any], events_ms: int | None, runs_ms: int | None, batch: int
+    ) -> dict[str, int]:
+        counts = {"events": 0, "runs": 0}
+        for part, cutoff in (("events", events_ms), ("runs", runs_ms)):
+            while cutoff is not None:
+                async with conn.transaction():  # short transactions: no long locks on hot tables
+                    cur = AsyncRawCursor(conn)
+                    await cur.execute(self._q[f"prune_{part}"], (cutoff, batch))
+                    counts[part] += cur.rowcount
+                if cur.rowcount < batch:
+                    break
+        return counts
+
+    async def pending_work(self, names: Sequence[str] | None) -> int:
+        row = await self._one("pending_work", list(names) if names is not None else None)
+        return int(row[0]) if row else 0
+
     async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
         async with self._tx() as cur:
             await cur.execute(self._q["try_lock"], (f"iterflow.reconcile.{self.schema}",))

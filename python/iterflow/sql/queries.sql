@@ -225,3 +225,26 @@ SELECT {schema}.cancel_tree(c.id, 'parent ' || p.status) FROM {schema}.runs c
 
 -- name: try_lock
 SELECT pg_try_advisory_xact_lock(hashtext($1))
+
+-- name: prune_events
+-- Retention: one batch of old events; callers loop until a batch comes back short.
+DELETE FROM {schema}.events
+ WHERE id IN (SELECT id FROM {schema}.events WHERE at < now() - $1 * interval '1 millisecond' LIMIT $2)
+
+-- name: prune_runs
+-- Retention: one batch of terminal runs finished before the cutoff (records cascade).
+DELETE FROM {schema}.runs
+ WHERE id IN (SELECT id FROM {schema}.runs
+               WHERE finished_at < now() - $1 * interval '1 millisecond'
+                 AND status IN ('done', 'failed', 'canceled')
+               LIMIT $2)
+
+-- name: pending_work
+SELECT {schema}.pending_work($1::text[])
+
+-- name: try_session_lock
+-- Held across several short transactions on one connection (retention); release explicitly.
+SELECT pg_try_advisory_lock(hashtext($1))
+
+-- name: session_unlock
+SELECT pg_advisory_unlock(hashtext($1))
