@@ -8,11 +8,11 @@ import signal as signal_module
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from types import TracebackType
 from typing import Any
 
-from . import codec
+from . import codec, cron
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter
 from .durations import parse_duration
@@ -126,6 +126,8 @@ class Engine:
             max_run_attempts=_positive_int(max_run_attempts, "max_run_attempts"), drift=check_drift(drift) or "park",
         )
         self._handles: dict[tuple[str, int], FlowHandle] = {}
+        self.crons: dict[str, cron.Cron] = {}
+        self._crons_registered = False
         self._worker: Worker | None = None
         self._open = False
         self._open_lock: asyncio.Lock | None = None
@@ -145,6 +147,35 @@ class Engine:
         handle = FlowHandle(self, flow.name, flow.version, flow.input_schema, flow)
         self._handles[key] = handle
         return handle
+
+    def define_cron(self, name: str, schedule: str, flow: Flow | FlowHandle, input: Any = None, *,
+                    timezone: str = "UTC", overlap: str = "skip", jitter: Any = None, backfill: Any = None) -> None:
+        """Start ``flow`` on a schedule (SPEC 2.8). Define before ``listen()``; workers fire it."""
+        if self._worker is not None:
+            raise EngineStateError(f"define_cron({name!r}) after listen(): define crons before listening")
+        if name in self.crons:
+            raise EngineStateError(f"cron {name!r} is already defined")
+        self.crons[name] = cron.define(self.runtime, name, schedule, flow, input, timezone=timezone,
+                                       overlap=overlap, jitter=jitter, backfill=backfill)
+
+    async def list_crons(self) -> list[dict[str, Any]]:
+        """Every cron in the database; ``defined_here=False`` marks ones no longer in this code."""
+        core = await self.client()
+        rows = await core.cron_query("list_crons")
+        return [dict(row, defined_here=row["name"] in self.crons) for row in rows]
+
+    async def remove_cron(self, name: str) -> bool:
+        """Delete a cron that no longer exists in code (it would otherwise be reported forever)."""
+        core = await self.client()
+        (row,) = await core.cron_query("delete_cron", name)
+        return bool(row["rowcount"])
+
+    async def fire_crons(self, now: datetime | None = None) -> int:
+        """One scheduler tick (workers call this on their own); ``now`` overrides the DB clock."""
+        core = await self.client()
+        if not self._crons_registered:
+            await self._register_crons(core)
+        return await cron.tick(core, self.runtime, self.crons, now)
 
     def handle(self, name: str, version: int = 1, input_schema: Any = None) -> FlowHandle:
         """An enqueue-only handle: start and await a flow whose body lives on other processes."""
@@ -192,16 +223,26 @@ class Engine:
         """Start working: claim, renew leases, fire timers, reconcile. Idempotent."""
         if self._worker is not None:
             return
-        await self.client()
+        core = await self.client()
         if not self.runtime.flows:
             self.log.warning("iterflow: listen() with no registered flows; this process will execute nothing")
         s = self.settings
         self._startup_warnings()
+        await self._register_crons(core)
         self._worker = Worker(
             self.runtime, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
             reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout, retention=self.retention,
+            cron_tick=self.fire_crons if self.crons else None,
         )
         await self._worker.start()
+
+    async def _register_crons(self, core: Core) -> None:
+        await cron.register(core, self.crons, datetime.now(UTC))
+        self._crons_registered = True
+        stale = [r["name"] for r in await core.cron_query("list_crons") if r["name"] not in self.crons]
+        if stale:
+            self.log.warning("iterflow: crons %s exist in the database but not in this code; "
+                             "remove them with engine.remove_cron(name)", stale)
 
     def _startup_warnings(self) -> None:
         """Configurations that work in a demo and hurt in production, said once at listen()."""

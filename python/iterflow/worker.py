@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import socket
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -19,12 +20,15 @@ from .runner import Execution
 from .runtime import Runtime
 
 log = logging.getLogger("iterflow")
+# How often due crons are checked: the lateness bound of a cron fire.
+CRON_TICK = 0.25
 
 
 class Worker:
     def __init__(
         self, rt: Runtime, *, concurrency: int, lease: timedelta, poll_interval: float,
         reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
+        cron_tick: Callable[[], Awaitable[int]] | None = None,
     ) -> None:
         self.rt = rt
         self.concurrency = concurrency
@@ -33,6 +37,7 @@ class Worker:
         self.reconcile_interval = reconcile_interval
         self.shutdown_timeout = shutdown_timeout
         self.retention = retention
+        self.cron_tick = cron_tick
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
@@ -52,6 +57,8 @@ class Worker:
             loop.create_task(self._heartbeat_loop(), name="iterflow-heartbeat"),
             loop.create_task(self._maintenance_loop(), name="iterflow-maintenance"),
         ]
+        if self.cron_tick is not None:
+            self._tasks.append(loop.create_task(self._cron_loop(), name="iterflow-cron"))
 
     def wake(self) -> None:
         self._wake.set()
@@ -191,6 +198,16 @@ class Worker:
             except Exception as exc:  # noqa: BLE001
                 log.warning("iterflow maintenance failed: %r", exc)
 
+
+    async def _cron_loop(self) -> None:
+        assert self.cron_tick is not None
+        while True:
+            try:
+                if await self.cron_tick():
+                    self._wake.set()
+            except Exception as exc:  # noqa: BLE001 - a failed tick is retried at the next one
+                log.warning("iterflow cron tick failed: %r", exc)
+            await asyncio.sleep(CRON_TICK)
 
     async def _prune(self) -> None:
         r = self.retention

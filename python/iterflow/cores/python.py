@@ -23,8 +23,10 @@ from psycopg_pool import AsyncConnectionPool
 from .. import sql
 from ..migrate import check_schema
 from .base import (
+    CRON_QUERIES,
     ClaimedRun,
     Created,
+    JsonArg,
     LeaseState,
     RunFilter,
     RunSpec,
@@ -409,6 +411,16 @@ class PythonCore:
     async def pending_work(self, names: Sequence[str] | None) -> int:
         row = await self._one("pending_work", list(names) if names is not None else None)
         return int(row[0]) if row else 0
+
+    async def cron_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
+        if name not in CRON_QUERIES:
+            raise ValueError(f"not a cron statement: {name}")
+        args = tuple(_JsonText(p.text) if isinstance(p, JsonArg) else p for p in params)
+        async with self._tx() as cur:
+            await cur.execute(self._q[name], args)
+            if cur.description is None:
+                return [{"rowcount": cur.rowcount}]
+            return _dicts(cur, await cur.fetchall())
 
     async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
         async with self._tx() as cur:

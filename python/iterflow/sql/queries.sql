@@ -248,3 +248,44 @@ SELECT pg_try_advisory_lock(hashtext($1))
 
 -- name: session_unlock
 SELECT pg_advisory_unlock(hashtext($1))
+
+-- name: upsert_cron
+-- Register a cron definition. An unchanged definition keeps its schedule position; a
+-- changed schedule, zone or target takes effect from $9 (the next fire time under it).
+INSERT INTO {schema}.crons AS c (name, schedule, timezone, flow_name, flow_version, input, overlap,
+                                 jitter_ms, backfill_ms, next_fire_at, updated_at)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $10, $9, now())
+ON CONFLICT (name) DO UPDATE
+   SET schedule = excluded.schedule, timezone = excluded.timezone, flow_name = excluded.flow_name,
+       flow_version = excluded.flow_version, input = excluded.input, overlap = excluded.overlap,
+       jitter_ms = excluded.jitter_ms, backfill_ms = excluded.backfill_ms,
+       next_fire_at = CASE WHEN (c.schedule, c.timezone) IS DISTINCT FROM (excluded.schedule, excluded.timezone)
+                           THEN excluded.next_fire_at ELSE c.next_fire_at END,
+       updated_at = now()
+ WHERE (c.schedule, c.timezone, c.flow_name, c.flow_version, c.input, c.overlap, c.jitter_ms, c.backfill_ms)
+       IS DISTINCT FROM (excluded.schedule, excluded.timezone, excluded.flow_name, excluded.flow_version,
+                         excluded.input, excluded.overlap, excluded.jitter_ms, excluded.backfill_ms)
+
+-- name: due_crons
+-- Crons of these names whose next fire time has come ($2 is "now": the database clock unless
+-- a test clock is in use). No lock: firing is made exactly-once by run idempotency keys and
+-- the compare-and-set in advance_cron.
+SELECT name, schedule, timezone, flow_name, flow_version, input, overlap, jitter_ms, backfill_ms,
+       next_fire_at, coalesce($2::timestamptz, now()) AS now
+  FROM {schema}.crons
+ WHERE name = ANY ($1::text[]) AND next_fire_at <= coalesce($2::timestamptz, now())
+
+-- name: advance_cron
+UPDATE {schema}.crons SET next_fire_at = $3, last_fire_at = $4, updated_at = now()
+ WHERE name = $1 AND next_fire_at = $2
+
+-- name: cron_live_run
+SELECT EXISTS (SELECT 1 FROM {schema}.runs
+                WHERE tags @> ARRAY[$1::text] AND status NOT IN ('done', 'failed', 'canceled'))
+
+-- name: list_crons
+SELECT name, schedule, timezone, flow_name, flow_version, overlap, next_fire_at, last_fire_at, updated_at
+  FROM {schema}.crons ORDER BY name
+
+-- name: delete_cron
+DELETE FROM {schema}.crons WHERE name = $1
