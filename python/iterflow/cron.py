@@ -90,7 +90,7 @@ def _ms(value: timedelta | None) -> int | None:
 
 async def register(core: Core, crons: dict[str, Cron], now: datetime) -> None:
     for cron in crons.values():
-        await core.cron_query(
+        await core.admin_query(
             "upsert_cron", cron.name, cron.schedule, cron.timezone, cron.flow_name, cron.flow_version,
             JsonArg(cron.input), cron.overlap, _ms(cron.jitter), cron.next_after(now), _ms(cron.backfill),
         )
@@ -116,7 +116,7 @@ async def tick(core: Core, runtime: Runtime, crons: dict[str, Cron], now: dateti
     if not crons:
         return 0
     created = 0
-    for row in await core.cron_query("due_crons", sorted(crons), now):
+    for row in await core.admin_query("due_crons", sorted(crons), now):
         cron = crons.get(row["name"])
         if cron is not None:
             created += await _fire(core, runtime, cron, row["next_fire_at"], row["now"])
@@ -128,7 +128,7 @@ async def _fire(core: Core, runtime: Runtime, cron: Cron, first_due: datetime, n
     fired = occurrences(cron, first_due, now)
     for moment in fired:
         if cron.overlap == "skip":
-            (live,) = await core.cron_query("cron_live_run", cron.tag)
+            (live,) = await core.admin_query("cron_live_run", cron.tag)
             if live["exists"]:
                 continue
         jitter_ms = int(random.uniform(0, cron.jitter.total_seconds()) * 1000) if cron.jitter else 0
@@ -140,5 +140,5 @@ async def _fire(core: Core, runtime: Runtime, cron: Cron, first_due: datetime, n
         (made,) = await core.insert_runs([spec])
         created += made.created
     last = fired[-1] if fired else None
-    await core.cron_query("advance_cron", cron.name, first_due, cron.next_after(now), last)
+    await core.admin_query("advance_cron", cron.name, first_due, cron.next_after(now), last)
     return created

@@ -161,13 +161,13 @@ class Engine:
     async def list_crons(self) -> list[dict[str, Any]]:
         """Every cron in the database; ``defined_here=False`` marks ones no longer in this code."""
         core = await self.client()
-        rows = await core.cron_query("list_crons")
+        rows = await core.admin_query("list_crons")
         return [dict(row, defined_here=row["name"] in self.crons) for row in rows]
 
     async def remove_cron(self, name: str) -> bool:
         """Delete a cron that no longer exists in code (it would otherwise be reported forever)."""
         core = await self.client()
-        (row,) = await core.cron_query("delete_cron", name)
+        (row,) = await core.admin_query("delete_cron", name)
         return bool(row["rowcount"])
 
     async def fire_crons(self, now: datetime | None = None) -> int:
@@ -239,7 +239,7 @@ class Engine:
     async def _register_crons(self, core: Core) -> None:
         await cron.register(core, self.crons, datetime.now(UTC))
         self._crons_registered = True
-        stale = [r["name"] for r in await core.cron_query("list_crons") if r["name"] not in self.crons]
+        stale = [r["name"] for r in await core.admin_query("list_crons") if r["name"] not in self.crons]
         if stale:
             self.log.warning("iterflow: crons %s exist in the database but not in this code; "
                              "remove them with engine.remove_cron(name)", stale)

@@ -51,12 +51,16 @@ def rows_json(specs: Sequence[RunSpec]) -> str:
 
 @dataclass(frozen=True)
 class JsonArg:
-    """An already-encoded JSON parameter (sent as jsonb) in generic statements like cron_query."""
+    """An already-encoded JSON parameter (sent as jsonb) in generic statements like admin_query."""
 
     text: str
 
 
-CRON_QUERIES = frozenset({"upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron"})
+# Statements outside the hot path that both cores run generically through ``admin_query``.
+ADMIN_QUERIES = frozenset({
+    "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
+    "shift_time", "next_wake",
+})
 
 
 @dataclass(frozen=True)
@@ -195,9 +199,9 @@ class Core(Protocol):
         process holds the fleet-wide retention lock."""
         ...
     async def pending_work(self, names: Sequence[str] | None) -> int: ...
-    async def cron_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
-        """Run one of the cron statements of queries.sql (upsert_cron, due_crons, advance_cron,
-        cron_live_run, list_crons, delete_cron); rows as dicts, ``[{"rowcount": n}]`` for writes."""
+    async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
+        """Run one of the ``ADMIN_QUERIES`` statements of queries.sql (crons, test clock);
+        rows as dicts, ``[{"rowcount": n}]`` for statements that return no rows."""
         ...
     async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
         """Re-drive stranded runs; None when another process holds the fleet-wide lock."""

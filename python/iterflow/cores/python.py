@@ -23,7 +23,7 @@ from psycopg_pool import AsyncConnectionPool
 from .. import sql
 from ..migrate import check_schema
 from .base import (
-    CRON_QUERIES,
+    ADMIN_QUERIES,
     ClaimedRun,
     Created,
     JsonArg,
@@ -412,9 +412,9 @@ class PythonCore:
         row = await self._one("pending_work", list(names) if names is not None else None)
         return int(row[0]) if row else 0
 
-    async def cron_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
-        if name not in CRON_QUERIES:
-            raise ValueError(f"not a cron statement: {name}")
+    async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
+        if name not in ADMIN_QUERIES:
+            raise ValueError(f"not an admin statement: {name}")
         args = tuple(_JsonText(p.text) if isinstance(p, JsonArg) else p for p in params)
         async with self._tx() as cur:
             await cur.execute(self._q[name], args)

@@ -289,3 +289,22 @@ SELECT name, schedule, timezone, flow_name, flow_version, overlap, next_fire_at,
 
 -- name: delete_cron
 DELETE FROM {schema}.crons WHERE name = $1
+
+-- name: shift_time
+-- Test clock (iterflow.testing): move every pending deadline $1 ms closer, as if that much
+-- time had passed. Leased rows are left alone; their runs are executing now.
+WITH q AS (
+    UPDATE {schema}.queue SET ready_at = ready_at - $1 * interval '1 millisecond'
+     WHERE lease_until IS NULL AND ready_at > now() RETURNING 1
+), s AS (
+    UPDATE {schema}.steps SET deadline = deadline - $1 * interval '1 millisecond'
+     WHERE status = 'waiting' AND deadline IS NOT NULL RETURNING 1
+), c AS (
+    UPDATE {schema}.crons SET next_fire_at = next_fire_at - $1 * interval '1 millisecond' RETURNING 1
+)
+SELECT (SELECT count(*) FROM q) AS timers, (SELECT count(*) FROM s) AS deadlines, (SELECT count(*) FROM c) AS crons
+
+-- name: next_wake
+-- How long until the earliest timer or cron fire (NULL when nothing is scheduled).
+SELECT least((SELECT min(ready_at) FROM {schema}.queue WHERE lease_until IS NULL),
+             (SELECT min(next_fire_at) FROM {schema}.crons)) - now() AS wait
