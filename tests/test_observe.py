@@ -94,3 +94,28 @@ async def test_logs_carry_structured_fields(make_engine, caplog):
     (record,) = [r for r in caplog.records if r.getMessage() == "checkpoint"]
     assert record.run_id == run.run_id and record.flow == "logs"
     assert record.data == {"order": "o-1"}
+
+
+async def test_otel_spans_per_run_attempt_and_step(make_engine):
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry import trace
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    engine = await make_engine(observed, poll_interval=0.05)
+    run = await engine.handle("observed").start(None)
+    assert await engine.handle("observed").result(run.run_id, timeout=5) == "ok"
+    mine = [s for s in exporter.get_finished_spans() if s.attributes.get("iterflow.run_id") == run.run_id]
+    names = sorted(s.name for s in mine)
+    # two attempts (before and after the sleep), one executed step
+    assert names == ["iterflow.run observed", "iterflow.run observed", "iterflow.step one"]
+    step_span = next(s for s in mine if s.name == "iterflow.step one")
+    run_spans = [s for s in mine if s.name.startswith("iterflow.run")]
+    assert step_span.parent is not None and step_span.parent.span_id in {s.context.span_id for s in run_spans}

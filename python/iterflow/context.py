@@ -218,7 +218,7 @@ class Context:
         attempt = (rec.attempts if rec is not None else 0) + 1
         async with self._op():
             await self._gate("step", key)
-            outcome = await self._attempt(fn, opts, channel, attempt)
+            outcome = await self._attempt(name, fn, opts, channel, attempt)
             value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
         if isinstance(value, _Retry):
             await self._suspend(Suspension(
@@ -227,12 +227,16 @@ class Context:
             ))
         return self._step_value(value, opts)
 
-    async def _attempt(self, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int) -> Any:
+    async def _attempt(self, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int) -> Any:
         token = AbortToken()
         self._tokens.add(token)
         start = time.monotonic()
+        span = self._rt.hooks.span(f"iterflow.step {name}", **{
+            "iterflow.run_id": self.run_id, "iterflow.step": name, "iterflow.attempt": attempt,
+        })
         try:
-            value = await call_step(fn, StepArgs(channel, token, attempt), opts.timeout)
+            with span:
+                value = await call_step(fn, StepArgs(channel, token, attempt), opts.timeout)
             encoded = codec.encode(
                 value, field="step result", limit=self._rt.limits.max_step_result_bytes,
                 code=Code.STEP_RESULT_TOO_LARGE,

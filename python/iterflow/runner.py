@@ -69,7 +69,11 @@ class Execution:
             if mismatch is not None:
                 return await self._drift(flow.drift, *mismatch)
         rt.hooks.emit("run_started")
-        return await self._replay(flow)
+        with rt.hooks.span(f"iterflow.run {run.name}", **{
+            "iterflow.run_id": run.run_id, "iterflow.flow": run.name, "iterflow.version": run.version,
+            "iterflow.attempt": run.attempts,
+        }):
+            return await self._replay(flow)
 
     async def _replay(self, flow: Any) -> str:
         run, rt = self.run, self.rt
