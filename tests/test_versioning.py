@@ -116,3 +116,19 @@ async def test_builder_occurrence_count_drift(make_engine):
     await drifted.signal(run.run_id, "go")
     parked = await _until_status(drifted, run.run_id, "parked")
     assert parked.run.waiting.code == Code.REPLAY_NON_DETERMINISTIC
+
+
+async def test_check_reports_runs_the_new_code_would_strand(make_engine):
+    old = await make_engine(_builder("a"), _body_v1("create"))
+    drifting = await old.handle("shipping").start(None)
+    fine = await old.handle("onboard").start(None)
+    orphan = await old.handle("legacy", 3).start(None)
+    for run in (drifting, fine):
+        await _until_status(old, run.run_id, "awaiting_signal")
+    await old.stop()
+    new = await make_engine(_builder("a-renamed"), _body_v1("create"), listen=False)
+    report = {r["run_id"]: r["code"] for r in await new.check()}
+    assert report == {
+        drifting.run_id: Code.REPLAY_INCOMPATIBLE_VERSION,
+        orphan.run_id: Code.FLOW_UNKNOWN,
+    }

@@ -14,7 +14,7 @@ from typing import Any
 
 from . import codec, cron
 from .config import Limits, Retention
-from .cores.base import Core, RunFilter
+from .cores.base import Core, RunFilter, StepRecord
 from .durations import parse_duration
 from .errors import (
     Code,
@@ -33,6 +33,7 @@ from .sql import validate_schema_name
 from .sync import SyncEngine
 from .types import (
     STATUSES,
+    TERMINAL,
     RetryResult,
     Run,
     RunDetail,
@@ -421,6 +422,38 @@ class Engine:
                 loop.remove_signal_handler(number)
 
         return detach
+
+    async def check(self, *, limit: int = 10_000) -> list[dict[str, Any]]:
+        """Live runs this code would strand (SPEC 2.2), for ``iterflow check`` before a deploy.
+
+        A run strands when no registered body knows its ``name@version`` (it would park with
+        FLOW_UNKNOWN) or when a builder flow's static shape no longer fits its history. Body
+        flows are checked call by call at replay, so they are reported only when unknown.
+        """
+        core = await self.client()
+        live = [s for s in STATUSES if s not in TERMINAL]
+        found: list[dict[str, Any]] = []
+        for run_id in await core.select_runs(RunFilter(statuses=live), _positive_int(limit, "limit")):
+            detail = await core.run_detail(run_id)
+            if detail is None:
+                continue
+            problem = self._strands(detail)
+            if problem is not None:
+                run = detail["run"]
+                found.append({"run_id": run_id, "flow": run["name"], "version": run["version"],
+                              "status": run["status"], "code": problem[0], "message": problem[1]})
+        return found
+
+    def _strands(self, detail: dict[str, Any]) -> tuple[str, str] | None:
+        run = detail["run"]
+        flow = self.runtime.flows.get((run["name"], run["version"]))
+        if flow is None:
+            return Code.FLOW_UNKNOWN, f"no body registered for {run['name']}@{run['version']}"
+        if flow.shape is None:
+            return None
+        history = {s["key"]: StepRecord(key=s["key"], seq=s["seq"], kind=s["kind"], name=s["name"],
+                                        status=s["status"]) for s in detail["steps"]}
+        return flow.shape.check(history)
 
     def health(self) -> dict[str, Any]:
         worker = self._worker
