@@ -185,8 +185,15 @@ class PythonCore:
             async with conn.transaction():
                 yield AsyncRawCursor(conn)
 
+    @contextlib.asynccontextmanager
+    async def _stmt(self) -> AsyncIterator[AsyncRawCursor[Any]]:
+        """One statement, one implicit transaction: no BEGIN/COMMIT round trips around it."""
+        assert self._pool is not None, "core is not open"
+        async with self._pool.connection() as conn:
+            yield AsyncRawCursor(conn)
+
     async def _rows(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(self._q[name], params)
             return await cur.fetchall() if cur.description else []
 
@@ -259,7 +266,7 @@ class PythonCore:
         return str(row[0])
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(self._q["get_run"], (run_id,))
             return _dict_one(cur, await cur.fetchone())
 
@@ -278,7 +285,7 @@ class PythonCore:
     async def list_runs(
         self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
     ) -> list[dict[str, Any]]:
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(
                 self._q["list_runs"],
                 (*_filter_args(flt), cursor[0] if cursor else None, cursor[1] if cursor else None, limit),
@@ -290,7 +297,7 @@ class PythonCore:
         return [str(r[0]) for r in rows]
 
     async def purge(self, run_ids: Sequence[str]) -> int:
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(self._q["purge_runs"], (list(run_ids),))
             return cur.rowcount
 
@@ -302,7 +309,7 @@ class PythonCore:
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]:
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(self._q["claim"], (list(names), limit, owner, lease_ms))
             runs = [_claimed(row) for row in await cur.fetchall()]
         if not runs:
@@ -370,7 +377,7 @@ class PythonCore:
         return float(row[0].total_seconds())
 
     async def requeue_parked(self, names: Sequence[str]) -> int:
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(self._q["requeue_parked"], (list(names),))
             return cur.rowcount
 
@@ -416,7 +423,7 @@ class PythonCore:
         if name not in ADMIN_QUERIES:
             raise ValueError(f"not an admin statement: {name}")
         args = tuple(_JsonText(p.text) if isinstance(p, JsonArg) else p for p in params)
-        async with self._tx() as cur:
+        async with self._stmt() as cur:
             await cur.execute(self._q[name], args)
             if cur.description is None:
                 return [{"rowcount": cur.rowcount}]
