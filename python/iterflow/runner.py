@@ -97,6 +97,8 @@ class Execution:
                 return "fenced"
             if self.cancel_reason is not None:
                 return await self._cancel()
+            if ctx.decided:  # user code turned the suspend into an error: the run still suspends
+                return await self._suspend(ctx.suspensions)
             err = error_record(exc)
             rt.hooks.emit("run_failed", err["code"])
             return await self._finish("failed", None, err)

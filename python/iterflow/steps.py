@@ -22,6 +22,9 @@ from .errors import Code, FlowRuntimeError, InvalidArgument, IterflowError
 # True while a step function runs: ctx calls made from inside a step are refused.
 in_step: contextvars.ContextVar[bool] = contextvars.ContextVar("iterflow_in_step", default=False)
 
+# How long an async step may keep running after its timeout fired the abort token.
+ABORT_GRACE = 1.0
+
 Backoff = Literal["exponential", "linear", "fixed"] | Callable[[int], Any]
 
 
@@ -142,8 +145,12 @@ def _accepts_args(fn: Callable[..., Any]) -> bool:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return True
+    # only a *required* positional parameter (or *args) takes StepArgs: ``lambda i=i: ...`` in a
+    # loop is a zero-argument callable, not a function that wants StepArgs bound to ``i``
     return any(
-        p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.VAR_POSITIONAL) for p in params
+        p.kind == p.VAR_POSITIONAL
+        or (p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty)
+        for p in params
     )
 
 
@@ -167,8 +174,11 @@ async def call_step(fn: Callable[..., Any], args: StepArgs, timeout: timedelta |
     try:
         return await asyncio.wait_for(asyncio.shield(task), timeout.total_seconds())
     except TimeoutError:
+        if task.done():  # the step itself raised TimeoutError before its deadline
+            raise
         args.abort.fire("timeout")
-        task.cancel()
+        # an async step gets a moment to see the token (``await abort.wait()``) before it is cancelled
+        asyncio.get_running_loop().call_later(ABORT_GRACE, task.cancel)
         raise StepTimeout(timeout) from None
 
 
@@ -181,6 +191,10 @@ async def _await(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) 
 
 def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> dict[str, Any]:
     """The durable ``{code, message, traceback, cause}`` of a failure (SPEC 1.9)."""
+    recorded = getattr(exc, "recorded", None)
+    if isinstance(recorded, dict):  # a step's stored failure re-raised by replay: keep the original
+        return {"code": exc.code, "message": str(recorded.get("message") or ""),  # type: ignore[attr-defined]
+                "traceback": recorded.get("traceback"), "cause": recorded.get("cause")}
     code = exc.code if isinstance(exc, IterflowError) else default_code
     message = exc.message if isinstance(exc, IterflowError) else f"{type(exc).__name__}: {exc}"
     causes = []
@@ -198,5 +212,7 @@ def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> di
 
 def raise_recorded(error: dict[str, Any]) -> None:
     """Replay a stored failure into the body, as the non-retryable error it was."""
-    raise FlowRuntimeError(str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""),
+    exc = FlowRuntimeError(str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""),
                            non_retryable=True)
+    exc.recorded = dict(error)  # type: ignore[attr-defined]
+    raise exc

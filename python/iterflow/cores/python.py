@@ -220,32 +220,10 @@ class PythonCore:
         return await self._insert_async(AsyncRawCursor(conn), specs)
 
     async def _insert_async(self, cur: AsyncRawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
-        if len(specs) > INSERT_CHUNK:
-            out: list[Created] = []
-            for i in range(0, len(specs), INSERT_CHUNK):
-                out += await self._insert_async(cur, specs[i:i + INSERT_CHUNK])
-            return out
-        await cur.execute(self._q["insert_runs"], (_JsonText(rows_json(specs)),))
-        inserted = {row[0]: str(row[1]) for row in await cur.fetchall()}
-        missing = [i for i in range(len(specs)) if i not in inserted]
-        existing: dict[int, tuple[str, str]] = {}
-        if missing:
-            await cur.execute(self._q["find_existing_runs"], (_find_args(specs, missing),))
-            existing = {row[0]: (str(row[1]), row[2]) for row in await cur.fetchall()}
-        return _merge_created(specs, inserted, existing)
+        return await insert_async(self._q, cur, specs)
 
     def _insert_sync(self, cur: RawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
-        if len(specs) > INSERT_CHUNK:
-            return [c for i in range(0, len(specs), INSERT_CHUNK)
-                    for c in self._insert_sync(cur, specs[i:i + INSERT_CHUNK])]
-        cur.execute(self._q["insert_runs"], (_JsonText(rows_json(specs)),))
-        inserted = {row[0]: str(row[1]) for row in cur.fetchall()}
-        missing = [i for i in range(len(specs)) if i not in inserted]
-        existing: dict[int, tuple[str, str]] = {}
-        if missing:
-            cur.execute(self._q["find_existing_runs"], (_find_args(specs, missing),))
-            existing = {row[0]: (str(row[1]), row[2]) for row in cur.fetchall()}
-        return _merge_created(specs, inserted, existing)
+        return insert_sync(self._q, cur, specs)
 
     async def _notify_work(self, names: set[str]) -> None:
         if names and self._notify:
@@ -441,6 +419,39 @@ class PythonCore:
                 await cur.execute(self._q[f"reconcile_{part}"], args)
                 counts[part] = len(await cur.fetchall())
             return counts
+
+
+async def insert_async(queries: dict[str, str], cur: AsyncRawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
+    """Create runs on a caller's async cursor (chunked statements, no transaction of its own).
+    Shared with the Rust core, which cannot write on a caller's psycopg connection."""
+    if len(specs) > INSERT_CHUNK:
+        out: list[Created] = []
+        for i in range(0, len(specs), INSERT_CHUNK):
+            out += await insert_async(queries, cur, specs[i:i + INSERT_CHUNK])
+        return out
+    await cur.execute(queries["insert_runs"], (_JsonText(rows_json(specs)),))
+    inserted = {row[0]: str(row[1]) for row in await cur.fetchall()}
+    missing = [i for i in range(len(specs)) if i not in inserted]
+    existing: dict[int, tuple[str, str]] = {}
+    if missing:
+        await cur.execute(queries["find_existing_runs"], (_find_args(specs, missing),))
+        existing = {row[0]: (str(row[1]), row[2]) for row in await cur.fetchall()}
+    return _merge_created(specs, inserted, existing)
+
+
+def insert_sync(queries: dict[str, str], cur: RawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
+    """``insert_async`` on a caller's blocking cursor."""
+    if len(specs) > INSERT_CHUNK:
+        return [c for i in range(0, len(specs), INSERT_CHUNK)
+                for c in insert_sync(queries, cur, specs[i:i + INSERT_CHUNK])]
+    cur.execute(queries["insert_runs"], (_JsonText(rows_json(specs)),))
+    inserted = {row[0]: str(row[1]) for row in cur.fetchall()}
+    missing = [i for i in range(len(specs)) if i not in inserted]
+    existing: dict[int, tuple[str, str]] = {}
+    if missing:
+        cur.execute(queries["find_existing_runs"], (_find_args(specs, missing),))
+        existing = {row[0]: (str(row[1]), row[2]) for row in cur.fetchall()}
+    return _merge_created(specs, inserted, existing)
 
 
 def _find_args(specs: Sequence[RunSpec], missing: Sequence[int]) -> _JsonText:

@@ -166,6 +166,9 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_parent uuid;
 BEGIN
+    -- Lock order is runs row, then queue row (as deliver_signal and cancel_tree take them):
+    -- the reverse deadlocks with a signal delivered while the run finishes.
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
     IF p_token IS NOT NULL THEN
         DELETE FROM {schema}.queue WHERE run_id = p_run AND lease_token = p_token;
         IF NOT FOUND THEN
@@ -243,6 +246,8 @@ LANGUAGE plpgsql AS $$
 DECLARE
     v_woken boolean;
 BEGIN
+    -- runs row first, then queue row: see finish_run
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
     SELECT woken INTO v_woken FROM {schema}.queue
      WHERE run_id = p_run AND lease_token = p_token FOR UPDATE;
     IF NOT FOUND THEN

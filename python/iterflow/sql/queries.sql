@@ -41,12 +41,14 @@ SELECT pg_notify('iterflow.{schema_raw}', 'q ' || n) FROM unnest($1::text[]) AS 
 
 -- name: claim
 -- Lease up to $2 ready runs of the flows this worker knows ($1), for $4 ms, as owner $3.
+-- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
+-- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
 WITH c AS (
-    SELECT run_id FROM {schema}.queue
-     WHERE lease_until IS NULL AND ready_at <= now() AND flow_name = ANY ($1::text[])
-     ORDER BY priority DESC, ready_at
+    SELECT wq.run_id FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+     WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
+     ORDER BY wq.priority DESC, wq.ready_at
      LIMIT $2
-     FOR UPDATE SKIP LOCKED
+     FOR UPDATE OF wq, wr SKIP LOCKED
 ), q AS (
     UPDATE {schema}.queue
        SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
@@ -308,3 +310,49 @@ SELECT (SELECT count(*) FROM q) AS timers, (SELECT count(*) FROM s) AS deadlines
 -- How long until the earliest timer or cron fire (NULL when nothing is scheduled).
 SELECT least((SELECT min(ready_at) FROM {schema}.queue WHERE lease_until IS NULL),
              (SELECT min(next_fire_at) FROM {schema}.crons)) - now() AS wait
+
+-- name: schema_exists
+-- $1: the quoted, schema-qualified name of the schema_version table.
+SELECT to_regclass($1) IS NOT NULL
+
+-- name: claim_with_history
+-- `claim` and `history` in one statement (one round trip, one commit), used by the Rust core:
+-- rows of kind 'run' carry the claimed run, rows of kind 'step' one record of its history.
+-- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
+-- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
+WITH c AS (
+    SELECT wq.run_id FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+     WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
+     ORDER BY wq.priority DESC, wq.ready_at
+     LIMIT $2
+     FOR UPDATE OF wq, wr SKIP LOCKED
+), q AS (
+    UPDATE {schema}.queue
+       SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
+           lease_until = now() + $4 * interval '1 millisecond', woken = false
+      FROM c WHERE queue.run_id = c.run_id
+    RETURNING queue.run_id, queue.lease_token
+), r AS (
+    UPDATE {schema}.runs r
+       SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
+           waiting = jsonb_build_object('kind', 'running', 'worker', $3::text,
+                                        'until', now() + $4 * interval '1 millisecond')
+      FROM q WHERE r.id = q.run_id
+    RETURNING r.id, q.lease_token, r.name, r.version, r.input, r.attempts, r.cancel_reason,
+              r.parent_id, r.depth, r.created_at,
+              (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
+)
+SELECT 'run' AS kind, r.id AS run_id, r.lease_token, r.name, r.version, r.input, r.attempts,
+       r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
+       NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
+       NULL::jsonb AS result, NULL::jsonb AS error, NULL::int AS step_attempts,
+       NULL::timestamptz AS deadline, NULL::uuid AS child_id, NULL::text AS child_status,
+       NULL::jsonb AS child_output, NULL::jsonb AS child_error, NULL::timestamptz AS finished_at
+  FROM r
+UNION ALL
+SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
+       c.status, c.output, c.error, s.finished_at
+  FROM {schema}.steps s
+  JOIN r ON r.id = s.run_id
+  LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
