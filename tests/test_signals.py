@@ -198,3 +198,40 @@ async def test_delivery_at_the_deadline_never_lost_nor_resumed_twice(make_engine
         assert res.kind in ("expired", "closed")
         assert consumed == []
     assert [s["key"] for s in detail.steps if s["kind"] == "step"] == ["after"]
+
+
+async def test_racing_waits_on_two_names_wake_on_either(make_engine):
+    @define_flow("approve-or-reject")
+    async def decide(ctx, _inp):
+        approve = asyncio.ensure_future(ctx.signal("approve"))
+        reject = asyncio.ensure_future(ctx.signal("reject"))
+        done, pending = await asyncio.wait({approve, reject}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return "approved" if approve in done else "rejected"
+
+    engine = await make_engine(decide)
+    handle = engine.handle("approve-or-reject")
+    run = await handle.start(None)
+    await _wait_status(engine, run.run_id, "awaiting_signal")
+    res = await engine.signal(run.run_id, "reject", {"why": "no"})
+    assert res.kind == "delivered" and res.cursor_key == "signal:reject"
+    assert await handle.result(run.run_id, timeout=5) == "rejected"
+
+
+async def test_signal_raced_against_a_sleep_is_delivered(make_engine):
+    @define_flow("signal-or-sleep")
+    async def race(ctx, _inp):
+        sig = asyncio.ensure_future(ctx.signal("go"))
+        nap = asyncio.ensure_future(ctx.sleep("1h"))
+        done, pending = await asyncio.wait({sig, nap}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return "signal" if sig in done else "slept"
+
+    engine = await make_engine(race)
+    handle = engine.handle("signal-or-sleep")
+    run = await handle.start(None)
+    await _wait_status(engine, run.run_id, "sleeping")
+    assert (await engine.signal(run.run_id, "go", 1)).kind == "delivered"
+    assert await handle.result(run.run_id, timeout=5) == "signal"

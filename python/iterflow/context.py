@@ -315,6 +315,10 @@ class Context:
             assert until is not None
             if until <= now:
                 self._advance(until)
+                if rec.status == "waiting":  # close the record so timelines show the sleep as over
+                    async with self._op(replay=True):
+                        done = StepRecord(key, seq, "sleep", "sleep", "done", deadline=until)
+                        await self._rt.core.record_step(self.run_id, done, None, None)
                 return
         await self._suspend(Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True))
 
@@ -347,7 +351,7 @@ class Context:
             return self._signal_value(payload, None, schema_, name)
         if outcome == "timeout":
             return self._signal_value(None, timeout_error, schema_, name)
-        waiting = {"kind": "signal", "name": name, "until": until.isoformat() if until else None}
+        waiting = {"kind": "signal", "name": name, "key": key, "until": until.isoformat() if until else None}
         await self._suspend(Suspension("awaiting_signal", waiting, until, True))
 
     def _signal_value(self, payload: Any, error: dict[str, Any] | None, schema: Schema | None, name: str) -> Any:

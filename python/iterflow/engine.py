@@ -216,7 +216,12 @@ class Engine:
             async with self._open_lock:
                 if not self._open:
                     await self.core.open()
-                    await self.core.check_schema()
+                    try:
+                        await self.core.check_schema()
+                    except BaseException:
+                        # stop() only closes an open engine: do not leak the pool and LISTEN task
+                        await self.core.close()
+                        raise
                     self._open = True
         return self.core
 
@@ -302,11 +307,12 @@ class Engine:
                 return SignalResult("invalid_payload", issues=tuple(exc.issues))
         encoded = codec.encode(payload, field="payload", limit=self.runtime.limits.max_signal_payload_bytes,
                                code=Code.SIGNAL_PAYLOAD_TOO_LARGE)
-        kind = await core.deliver_signal(run_id, name, encoded, idempotency_key)
+        outcome = await core.deliver_signal(run_id, name, encoded, idempotency_key)
+        kind, _, cursor_key = outcome.partition(" ")
         if kind == "not_found":
             raise RunNotFound(run_id)
         self.runtime.hooks.emit("signal_delivered", kind)
-        return SignalResult(kind)
+        return SignalResult(kind, cursor_key or None)
 
     async def _declared_signal_schema(self, core: Core, run_id: str, name: str) -> Schema | None:
         if not any(name in f.signal_schemas for f in self.runtime.flows.values()):
@@ -342,9 +348,11 @@ class Engine:
         detail = await core.run_detail(run_id)
         if detail is None:
             return None
-        timers = [dict(t, kind="queue") for t in detail["timer"]]
-        timers += [{"kind": s["kind"], "key": s["key"], "deadline": s["deadline"]}
-                   for s in detail["steps"] if s["status"] == "waiting" and s["deadline"] is not None]
+        timers: list[dict[str, Any]] = []
+        if detail["run"]["status"] not in TERMINAL:
+            timers = [dict(t, kind="queue") for t in detail["timer"]]
+            timers += [{"kind": s["kind"], "key": s["key"], "deadline": s["deadline"]}
+                       for s in detail["steps"] if s["status"] == "waiting" and s["deadline"] is not None]
         return RunDetail(run=Run.from_row(detail["run"]), steps=detail["steps"], signals=detail["signals"],
                          timers=timers, children=detail["children"], events=detail["events"])
 

@@ -130,8 +130,15 @@ class Execution:
         timed = [s for s in suspensions if s.wake_at is not None]
         chosen = min(timed, key=lambda s: s.wake_at) if timed else suspensions[0]  # type: ignore[arg-type, return-value]
         progress = any(s.progress for s in suspensions)
+        # every signal any branch waits for, whichever wait is shown: delivery of any of them wakes
+        # the run (e.g. asyncio.wait on "approve" and "reject", or a signal raced against a sleep)
+        signals: dict[str, str] = {}
+        for s in suspensions:
+            if s.waiting.get("kind") == "signal":
+                signals.setdefault(s.waiting["name"], s.waiting["key"])
+        waiting = dict(chosen.waiting, signals=signals)
         ok = await self.rt.core.suspend(
-            self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(chosen.waiting),
+            self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
             chosen.wake_at, None if progress else 0,
         )
         self.rt.hooks.emit("run_suspended", chosen.status)

@@ -281,6 +281,7 @@ DECLARE
     v_status text;
     v_waiting jsonb;
     v_last record;
+    v_key text;
 BEGIN
     SELECT status, waiting INTO v_status, v_waiting FROM {schema}.runs WHERE id = p_run FOR UPDATE;
     IF NOT FOUND THEN
@@ -294,7 +295,9 @@ BEGIN
     ) THEN
         RETURN 'duplicate';
     END IF;
-    IF NOT (v_status = 'awaiting_signal' AND v_waiting->>'name' = p_name) THEN
+    -- a suspended run lists every signal any of its branches waits for, with the cursor key
+    v_key := CASE WHEN v_status <> 'running' THEN v_waiting->'signals'->>p_name END;
+    IF v_key IS NULL THEN
         SELECT status, error INTO v_last FROM {schema}.steps
          WHERE run_id = p_run AND kind = 'signal' AND name = p_name
          ORDER BY seq DESC LIMIT 1;
@@ -304,10 +307,10 @@ BEGIN
     END IF;
     INSERT INTO {schema}.signals (run_id, name, payload, idempotency_key)
     VALUES (p_run, p_name, p_payload, p_key);
-    IF v_status = 'awaiting_signal' AND v_waiting->>'name' = p_name THEN
+    IF v_key IS NOT NULL THEN
         PERFORM {schema}.wake_run(p_run);
         PERFORM pg_notify('iterflow.{schema_raw}', 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
-        RETURN 'delivered';
+        RETURN 'delivered ' || v_key;
     END IF;
     IF v_status = 'running' THEN
         -- the run may be about to wait for this very name: make its suspend re-queue it
