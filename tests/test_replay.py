@@ -33,6 +33,10 @@ async def test_parallel_branches_start_when_a_sibling_suspends(make_engine):
     t0 = time.monotonic()
     await handle.wait(run.run_id, step="b", timeout=5)
     detail = await engine.status(run.run_id)
+    deadline = time.monotonic() + 5
+    while len(detail.steps) < 3 and time.monotonic() < deadline:  # branches' records land independently
+        await asyncio.sleep(0.01)
+        detail = await engine.status(run.run_id)
     # b ran although a and c suspended in the same pass; keys follow call order
     assert [s["key"] for s in sorted(detail.steps, key=lambda s: s["seq"])][:3] == ["sleep", "b", "signal:slow-signal"]
     # the run wakes at the earliest deadline (the 300ms sleep), not the 10s signal timeout

@@ -137,7 +137,11 @@ class Worker:
         except Exception:
             log.exception("iterflow run %s crashed the worker's execution", run_id, extra={"run_id": run_id})
         finally:
-            self.active.pop(run_id, None)
+            # a run woken while it suspended may already be claimed again (a new execution
+            # under the same id): only remove our own entry
+            entry = self.active.get(run_id)
+            if entry is not None and entry[0] is execution:
+                del self.active[run_id]
             self._wake.set()
 
     def _schedule_local_wake(self, execution: Execution) -> None:

@@ -1,0 +1,298 @@
+"""Crashes with real worker processes (SPEC 2.1, 2.4, 2.5): ``kill -9`` between steps, a stale
+worker fenced after its lease was handed over, and a poison pill that crashes every worker.
+
+The workers are ``tests/workers/crash_worker.py`` subprocesses; side effects are counted in a
+table, so "ran once" means once in the database, whatever happened to the processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from iterflow import Code, RunFailed
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "workers" / "crash_worker.py"
+
+
+async def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query, args or None)
+        return await cur.fetchall() if cur.description else []
+
+
+class Workers:
+    """Starts worker subprocesses and kills any that are still alive at teardown."""
+
+    def __init__(self, dsn: str, schema: str, core: str, logs: Path) -> None:
+        self.dsn, self.schema, self.core, self.logs = dsn, schema, core, logs
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def start(
+        self, label: str, mode: str, *, lease: str = "1s", max_run_attempts: int = 100
+    ) -> subprocess.Popen[bytes]:
+        env = dict(
+            os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])
+        )
+        out = open(self.logs / f"{label}.log", "wb")  # closed right after Popen
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--dsn",
+                self.dsn,
+                "--schema",
+                self.schema,
+                "--core",
+                self.core,
+                "--mode",
+                mode,
+                "--label",
+                label,
+                "--lease",
+                lease,
+                "--max-run-attempts",
+                str(max_run_attempts),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=ROOT,
+        )
+        out.close()
+        self.procs.append(proc)
+        return proc
+
+    def output(self) -> str:
+        return "\n".join(
+            f"--- {p.name} ---\n{p.read_text(errors='replace')}" for p in sorted(self.logs.glob("*.log"))
+        )
+
+    def cleanup(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGCONT)
+                proc.kill()
+                proc.wait(timeout=10)
+
+
+@pytest.fixture
+def workers(dsn: str, schema_name: str, core: str, tmp_path: Path) -> Iterator[Workers]:
+    w = Workers(dsn, schema_name, core, tmp_path)
+    yield w
+    w.cleanup()
+
+
+@pytest.fixture
+async def client(make_engine: Any, dsn: str, schema_name: str) -> Any:
+    """A client-only engine on a migrated schema, plus the side-effect and flag tables."""
+    engine = await make_engine(listen=False, poll_interval=0.1)
+    await rows(dsn, f'CREATE TABLE "{schema_name}".effects (id serial, run_id text, what text, worker text)')
+    await rows(dsn, f'CREATE TABLE "{schema_name}".flags (name text)')
+    return engine
+
+
+async def effects(dsn: str, schema: str, what: str | None = None) -> list[tuple[str, str]]:
+    found = await rows(dsn, f'SELECT what, worker FROM "{schema}".effects ORDER BY id')
+    return [(w, by) for w, by in found if what is None or w == what]
+
+
+async def wait_for(predicate: Any, workers: Workers, timeout: float = 20.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s\n{workers.output()}")
+        await asyncio.sleep(0.05)
+
+
+async def step_rows(dsn: str, schema: str, run_id: str) -> dict[str, tuple[Any, ...]]:
+    found = await rows(
+        dsn,
+        f'SELECT key, status, result, attempts, finished_at FROM "{schema}".steps WHERE run_id = %s',
+        run_id,
+    )
+    return {r[0]: r[1:] for r in found}
+
+
+async def test_memo_exactly_once_across_kill_9(
+    client: Any, workers: Workers, dsn: str, schema_name: str
+) -> None:
+    started = await client.handle("memo").start()
+    a = workers.start("A", "block")
+    await wait_for(lambda: _has(dsn, schema_name, "two"), workers, what="worker A inside step two")
+    a.send_signal(signal.SIGKILL)
+    assert a.wait(timeout=10) == -signal.SIGKILL
+
+    workers.start("B", "finish")
+    try:
+        out = await client.handle("memo").result(started.run_id, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"run did not finish\n{workers.output()}") from None
+    assert out == {"one": "one by A", "two": {"by": "B"}, "finisher": "B"}
+
+    assert await effects(dsn, schema_name, "one") == [("one", "A")], "a completed step never re-runs"
+    assert await effects(dsn, schema_name, "two") == [("two", "A"), ("two", "B")], (
+        "a crashed step re-runs once"
+    )
+    recorded = await step_rows(dsn, schema_name, started.run_id)
+    assert set(recorded) == {"one", "two"}
+    assert recorded["one"][:3] == ("done", "one by A", 1)
+    assert recorded["two"][:3] == ("done", {"by": "B"}, 1)
+    ((attempts, status),) = await rows(
+        dsn, f'SELECT attempts, status FROM "{schema_name}".runs WHERE id = %s', started.run_id
+    )
+    assert (attempts, status) == (2, "done")
+    assert await rows(dsn, f'SELECT count(*) FROM "{schema_name}".queue') == [(0,)]
+
+
+async def test_lease_expiry_hands_over_and_fences_the_stale_worker(
+    client: Any, workers: Workers, dsn: str, schema_name: str
+) -> None:
+    started = await client.handle("memo").start()
+    a = workers.start("A", "stall")
+    await wait_for(lambda: _has(dsn, schema_name, "two"), workers, what="worker A stalled in step two")
+
+    # A's event loop is blocked: its lease expires and B takes the run over and finishes it
+    workers.start("B", "finish")
+    try:
+        out = await client.handle("memo").result(started.run_id, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"run was not handed over\n{workers.output()}") from None
+    assert out == {"one": "one by A", "two": {"by": "B"}, "finisher": "B"}
+    before = await rows(
+        dsn, f'SELECT status, output, error, updated_at, finished_at FROM "{schema_name}".runs'
+    )
+    steps_before = await step_rows(dsn, schema_name, started.run_id)
+
+    # now let the stale worker finish its step and try to record it and complete the run
+    await release(dsn, schema_name, "A")
+    await wait_for(lambda: _has(dsn, schema_name, "late"), workers, what="worker A's late return")
+    await asyncio.sleep(0.5)
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=15) == 0, workers.output()
+    assert "stopped" in workers.output()
+
+    after = await rows(
+        dsn, f'SELECT status, output, error, updated_at, finished_at FROM "{schema_name}".runs'
+    )
+    assert after == before, "the stale worker's late writes must lose"
+    assert await step_rows(dsn, schema_name, started.run_id) == steps_before
+    assert steps_before["two"][:3] == ("done", {"by": "B"}, 1)
+    assert await effects(dsn, schema_name, "one") == [("one", "A")]
+    assert await effects(dsn, schema_name, "late") == [("late", "A")]
+    assert await rows(dsn, f'SELECT count(*) FROM "{schema_name}".queue') == [(0,)]
+
+
+async def test_stale_worker_loses_to_the_lease_holder_mid_run(
+    client: Any, workers: Workers, dsn: str, schema_name: str
+) -> None:
+    """The stale worker comes back while the new holder is still inside the same step: its step
+    record is the first writer (and so wins), but its completion of the run is fenced; the new
+    holder then gets the stored record, not its own result, and finishes the run."""
+    started = await client.handle("memo").start()
+    a = workers.start("A", "stall")
+    await wait_for(lambda: _has(dsn, schema_name, "two"), workers, what="worker A stalled in step two")
+    workers.start("B", "gate")
+
+    async def b_inside_step_two() -> bool:
+        return ("two", "B") in await effects(dsn, schema_name, "two")
+
+    await wait_for(b_inside_step_two, workers, what="worker B inside step two")
+    await release(dsn, schema_name, "A")
+    await wait_for(lambda: _has(dsn, schema_name, "late"), workers, what="worker A's late return")
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=15) == 0, workers.output()
+
+    ((status, output, waiting),) = await rows(
+        dsn, f'SELECT status, output, waiting FROM "{schema_name}".runs WHERE id = %s', started.run_id
+    )
+    assert (status, output) == ("running", None), "the stale worker must not complete or release the run"
+    b_pid = workers.procs[1].pid
+    assert f":{b_pid}:" in waiting["worker"], waiting
+    ((holder,),) = await rows(
+        dsn, f'SELECT lease_owner FROM "{schema_name}".queue WHERE run_id = %s', started.run_id
+    )
+    assert f":{b_pid}:" in holder, "B still holds the lease"
+    recorded = await step_rows(dsn, schema_name, started.run_id)
+    assert recorded["two"][:2] == ("done", {"by": "A"}), "first writer of the step record wins"
+
+    await release(dsn, schema_name, "B")
+    out = await client.handle("memo").result(started.run_id, timeout=30)
+    assert out == {"one": "one by A", "two": {"by": "A"}, "finisher": "B"}
+    assert await step_rows(dsn, schema_name, started.run_id) == recorded, "the record is written once"
+    assert [w for _, w in await effects(dsn, schema_name, "late")] == ["A", "B"]
+
+
+async def test_stale_lease_token_is_fenced_at_the_core(make_engine: Any, dsn: str, schema_name: str) -> None:
+    """The fencing the worker relies on, without timing luck: a holder whose lease expired and
+    was re-claimed can neither complete, suspend, nor renew the run."""
+    engine = await make_engine(listen=False)
+    core = await engine.client()
+    run_id = (await engine.handle("memo").start()).run_id
+    (old,) = await core.claim(["memo"], 1, "old-worker", 500)
+    await asyncio.sleep(0.7)
+    assert await core.expire_leases(10) == 1
+    (new,) = await core.claim(["memo"], 1, "new-worker", 30_000)
+    assert new.run_id == run_id and new.lease_token != old.lease_token and new.attempts == 2
+
+    assert not await core.finish(run_id, old.lease_token, "done", '"stale"', None)
+    assert not await core.suspend(run_id, old.lease_token, "sleeping", '{"kind": "sleep"}', None, None)
+    (state,) = await core.heartbeat([(run_id, old.lease_token)], 30_000)
+    assert not state.held
+    ((status, output),) = await rows(
+        dsn, f'SELECT status, output FROM "{schema_name}".runs WHERE id = %s', run_id
+    )
+    assert (status, output) == ("running", None)
+    ((owner,),) = await rows(dsn, f'SELECT lease_owner FROM "{schema_name}".queue WHERE run_id = %s', run_id)
+    assert owner == "new-worker"
+
+    (state,) = await core.heartbeat([(run_id, new.lease_token)], 30_000)
+    assert state.held
+    assert await core.finish(run_id, new.lease_token, "done", '"fresh"', None)
+    assert not await core.finish(run_id, new.lease_token, "failed", None, None), "terminal never changes"
+    assert await rows(dsn, f'SELECT status, output FROM "{schema_name}".runs') == [("done", "fresh")]
+
+
+async def test_poison_pill_fails_without_executing(
+    client: Any, workers: Workers, dsn: str, schema_name: str
+) -> None:
+    started = await client.handle("poison").start()
+    for label in ("W1", "W2"):
+        proc = workers.start(label, "die", max_run_attempts=2)
+        try:
+            code = proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{label} did not crash\n{workers.output()}") from None
+        assert code == 3, workers.output()
+    assert [w for _, w in await effects(dsn, schema_name, "poison")] == ["W1", "W2"]
+
+    last = workers.start("W3", "die", max_run_attempts=2)
+    with pytest.raises(RunFailed) as info:
+        await client.handle("poison").result(started.run_id, timeout=30)
+    assert info.value.code == Code.RUN_ATTEMPTS_EXHAUSTED
+    assert last.poll() is None, "the last worker must not have executed the step"
+    assert [w for _, w in await effects(dsn, schema_name, "poison")] == ["W1", "W2"]
+    assert await step_rows(dsn, schema_name, started.run_id) == {}
+    ((attempts, status),) = await rows(
+        dsn, f'SELECT attempts, status FROM "{schema_name}".runs WHERE id = %s', started.run_id
+    )
+    assert (attempts, status) == (3, "failed")
+
+
+async def release(dsn: str, schema: str, label: str) -> None:
+    await rows(dsn, f'INSERT INTO "{schema}".flags VALUES (%s)', f"release-{label}")
+
+
+async def _has(dsn: str, schema: str, what: str) -> bool:
+    return bool(await effects(dsn, schema, what))
