@@ -11,9 +11,11 @@ import contextvars
 import inspect
 import random
 import traceback
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
+from functools import lru_cache
 from typing import Any, Literal
 
 from .durations import parse_duration
@@ -99,9 +101,9 @@ class StepOptions:
         return cls(
             retries=retries,
             backoff=backoff,
-            base_delay=parse_duration(base_delay, field="base_delay"),
-            max_delay=parse_duration(max_delay, field="max_delay"),
-            timeout=parse_duration(timeout, field="timeout") if timeout is not None else default_timeout,
+            base_delay=_duration(base_delay, "base_delay"),
+            max_delay=_duration(max_delay, "max_delay"),
+            timeout=_duration(timeout, "timeout") if timeout is not None else default_timeout,
             classify=classify,
             result=result,
         )
@@ -128,6 +130,19 @@ class StepOptions:
         return attempt > self.retries
 
 
+def _duration(value: Any, field: str) -> timedelta:
+    """Step options are re-read on every replay of every step: parse each spelling once."""
+    try:
+        return _parsed(value, field)
+    except TypeError:  # unhashable garbage: let the parser give its typed error
+        return parse_duration(value, field=field)
+
+
+@lru_cache(maxsize=256)
+def _parsed(value: Any, field: str) -> timedelta:
+    return parse_duration(value, field=field)
+
+
 def _safe_classify(classify: Callable[[BaseException], str], exc: BaseException) -> str:
     try:
         return str(classify(exc))
@@ -141,12 +156,19 @@ class StepTimeout(FlowRuntimeError):
 
 
 def _accepts_args(fn: Callable[..., Any]) -> bool:
+    # only a *required* positional parameter (or *args) takes StepArgs: ``lambda i=i: ...`` in a
+    # loop is a zero-argument callable, not a function that wants StepArgs bound to ``i``.
+    # Plain functions (the common case, a fresh lambda on every replay) are read off their code
+    # object: inspect.signature costs more than a memoized step.
+    if isinstance(fn, types.FunctionType):
+        code = fn.__code__
+        if code.co_flags & inspect.CO_VARARGS:
+            return True
+        return code.co_argcount > len(fn.__defaults__ or ())
     try:
         params = inspect.signature(fn).parameters.values()
     except (TypeError, ValueError):
         return True
-    # only a *required* positional parameter (or *args) takes StepArgs: ``lambda i=i: ...`` in a
-    # loop is a zero-argument callable, not a function that wants StepArgs bound to ``i``
     return any(
         p.kind == p.VAR_POSITIONAL
         or (p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty)

@@ -1,0 +1,344 @@
+"""The benchmark runner: every workload on every requested core, one table, one JSON file.
+
+    python -m benches [--quick] [--cores python,rust] [--reps N] [--json PATH] [--only w1,w3]
+                      [--dsn DSN] [--concurrency N | python=N,rust=M] [--timeout SECONDS]
+
+Repetitions are interleaved (rep 1: w1 python, w1 rust, w2 python, ...) so the two cores of a
+ratio are measured side by side. The table shows the median of the repetitions; the JSON holds
+every repetition's raw result, the medians and the machine. Exit status: 0 when every
+requested run on an available core succeeded, 1 when any failed (wrong result, hang, error),
+2 on bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import math
+import os
+import sys
+import time
+import traceback
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql as pgsql
+
+import iterflow
+
+from .stats import MONITOR_APP, machine_info, median, redact, with_app_name
+from .workloads import FULL, QUICK, WORKLOADS, Env, Sizes, Workload, WorkloadError
+
+CORES = ("python", "rust")
+log = logging.getLogger("benches")
+
+
+class _DropNoise(logging.Filter):
+    """Drop the engine's configuration advice that is deliberate here: no default_step_timeout
+    (a timeout wraps every step in wait_for + shield, overhead this benchmark does not want)
+    and no retention (each schema is dropped after its run)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return "no default_step_timeout" not in message and "no retention configured" not in message
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benches", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="scaled-down sizes: runs in seconds (the CI smoke run)")
+    p.add_argument("--cores", default="python,rust", help="comma list of cores (default: python,rust)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default: 3)")
+    p.add_argument("--json", dest="json_path", default=None, help="write the full report here")
+    p.add_argument("--only", default=None, help="comma list of workloads, e.g. w1,w3 (default: all)")
+    p.add_argument("--dsn", default=None, help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded server)")
+    p.add_argument("--concurrency", default=None,
+                   help="the worker engine's concurrency: N for every core, or per core as python=N,rust=M "
+                        "(default: 32; 8 with --quick)")
+    p.add_argument("--timeout", type=float, default=None,
+                   help="seconds one workload run may take (default: 900, or 60 with --quick)")
+    args = p.parse_args(argv)
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    args.cores = [c.strip() for c in args.cores.split(",") if c.strip()]
+    unknown = [c for c in args.cores if c not in CORES]
+    if unknown or not args.cores:
+        p.error(f"--cores: unknown {unknown}; choose from {', '.join(CORES)}")
+    args.concurrency = _parse_concurrency(p, args.concurrency)
+    ids = [w.id for w in WORKLOADS]
+    args.only = [w.strip() for w in args.only.split(",") if w.strip()] if args.only else ids
+    bad = [w for w in args.only if w not in ids]
+    if bad or not args.only:
+        p.error(f"--only: unknown {bad}; choose from {', '.join(ids)}")
+    return args
+
+
+def _parse_concurrency(p: argparse.ArgumentParser, text: str | None) -> dict[str, int]:
+    """``"64"`` -> every core; ``"python=32,rust=128"`` -> per core (others keep the default)."""
+    if not text:
+        return {}
+    try:
+        if "=" not in text:
+            return dict.fromkeys(CORES, int(text))
+        out = {}
+        for part in text.split(","):
+            core, _, n = part.partition("=")
+            if core.strip() not in CORES:
+                raise ValueError(core)
+            out[core.strip()] = int(n)
+    except ValueError:
+        p.error(f"--concurrency: expected N or python=N,rust=M, got {text!r}")
+    if any(n < 1 for n in out.values()):
+        p.error("--concurrency must be positive")
+    return out
+
+
+def core_status(core: str) -> tuple[bool, str | None]:
+    if core == "python":
+        return True, None
+    try:
+        import iterflow.cores.rust  # noqa: F401
+    except ImportError as exc:
+        return False, f"iterflow.cores.rust is not importable ({exc})"
+    return True, None
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, tuples become lists, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    return value
+
+
+async def _drop_schema(dsn: str, schema: str) -> None:
+    async with await psycopg.AsyncConnection.connect(with_app_name(dsn, MONITOR_APP), autocommit=True) as conn:
+        await conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(schema)))
+
+
+async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, timeout: float,
+                  concurrency: dict[str, int]) -> dict[str, Any]:
+    assert w.run is not None
+    schema = f"bench_{w.id}_{core[:2]}_{os.getpid():x}_{rep}"
+    env = Env(dsn=dsn, core=core, schema=schema, sizes=sizes, seed=1000 + rep,
+              concurrency=concurrency.get(core, sizes.concurrency))
+    t0 = time.perf_counter()
+    phases: dict[str, float] = {}
+    try:
+        await _drop_schema(dsn, schema)
+        await iterflow.migrate(dsn, schema)
+        phases["setup_s"] = time.perf_counter() - t0
+        async with env.stack:
+            result = await asyncio.wait_for(w.run(env), timeout)
+            phases["workload_s"] = time.perf_counter() - t0 - phases["setup_s"]
+        phases["engines_stopped_s"] = time.perf_counter() - t0 - sum(phases.values())
+    except WorkloadError as exc:
+        result = {"error": f"WorkloadError: {exc}"}
+    except TimeoutError:
+        result = {"error": f"timed out after {timeout:g}s"}
+    except Exception as exc:  # noqa: BLE001 - one failing run must not lose the others
+        tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+        result = {"error": f"{type(exc).__name__}: {exc}", "traceback": "".join(tb)[-4000:]}
+    finally:
+        try:
+            await _drop_schema(dsn, schema)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not drop schema %s: %r", schema, exc)
+    result["wall_s"] = time.perf_counter() - t0
+    result["phases_s"] = phases
+    result["concurrency"] = env.concurrency
+    result["schema"] = schema
+    result.setdefault("foreign_active_backends_max", env.foreign_activity())
+    result["loadavg_1m_after"] = os.getloadavg()[0]
+    return result
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "n/a"
+    if isinstance(v, str):
+        return v
+    a = abs(v)
+    if float(v).is_integer() and a < 1e9:
+        return f"{v:,.0f}"
+    if a >= 100:
+        return f"{v:,.0f}"
+    if a >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def _progress(w: Workload, core: str, rep: int, reps: int, result: dict[str, Any]) -> str:
+    head = f"[rep {rep + 1}/{reps}] {w.id} {core:6}"
+    if "error" in result:
+        return f"{head}: ERROR {result['error']}"
+    parts = []
+    for wl in WORKLOADS:
+        if wl is w or wl.source == w.id:
+            parts += [f"{m.key}={_fmt(result.get(m.key))}" for m in wl.metrics]
+    return f"{head}: {' '.join(parts)} ({result['wall_s']:.1f}s)"
+
+
+async def run_all(args: argparse.Namespace, dsn: str, sizes: Sizes, timeout: float) -> dict[str, Any]:
+    cores = {c: core_status(c) for c in args.cores}
+    available = [c for c, (ok, _) in cores.items() if ok]
+    selected = [w for w in WORKLOADS if w.id in args.only]
+    sources = {w.source for w in selected if w.source}
+    to_run = [w for w in WORKLOADS if w.run is not None and (w.id in args.only or w.id in sources)]
+    machine = await machine_info(dsn)
+    head_at_start = _git_describe()
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {w.id: {c: [] for c in available} for w in to_run}
+    started = datetime.now(UTC)
+    t0 = time.perf_counter()
+    for rep in range(args.reps):
+        for w in to_run:
+            for core in available:
+                result = await run_one(w, core, rep, dsn, sizes, timeout, args.concurrency)
+                runs[w.id][core].append(result)
+                print(_progress(w, core, rep, args.reps, result), file=sys.stderr, flush=True)
+
+    workloads: dict[str, Any] = {}
+    for w in selected:
+        src = w.source or w.id
+        entry: dict[str, Any] = {
+            "title": w.title(sizes), "source": w.source,
+            "metrics": [{"key": m.key, "label": m.label, "better": m.better, "optional": m.optional}
+                        for m in w.metrics],
+            "reps": {}, "medians": {}, "errors": {},
+        }
+        for core in args.cores:
+            reps = runs[src].get(core) if core in available else None
+            if reps is None:
+                entry["medians"][core] = {m.key: None for m in w.metrics}
+                entry["reps"][core] = []
+                continue
+            entry["reps"][core] = reps if w.source is None else [
+                {m.key: r.get(m.key) for m in w.metrics} | ({"error": r["error"]} if "error" in r else {})
+                for r in reps
+            ]
+            ok = [r for r in reps if "error" not in r]
+            entry["errors"][core] = [r["error"] for r in reps if "error" in r]
+            entry["medians"][core] = {m.key: median([r[m.key] for r in ok if m.key in r]) if ok else None
+                                      for m in w.metrics}
+        workloads[w.id] = entry
+    return {
+        "started_at": started.isoformat(), "duration_s": time.perf_counter() - t0,
+        "machine": machine,
+        "config": {"quick": args.quick, "reps": args.reps, "cores": args.cores, "only": args.only,
+                   "dsn": redact(dsn), "timeout_s": timeout, "sizes": sizes.__dict__, "iterflow": head_at_start,
+                   "iterflow_at_end": _git_describe(),
+                   "concurrency": {c: args.concurrency.get(c, sizes.concurrency) for c in args.cores}},
+        "cores": {c: {"available": ok, "reason": why} for c, (ok, why) in cores.items()},
+        "workloads": workloads,
+    }
+
+
+def _git_describe() -> str | None:
+    head = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".git", "HEAD")
+    try:
+        with open(head, encoding="utf-8") as fh:
+            ref = fh.read().strip()
+        if ref.startswith("ref: "):
+            with open(os.path.join(os.path.dirname(head), ref[5:]), encoding="utf-8") as fh:
+                return fh.read().strip()[:12] + " (+ uncommitted changes, if any)"
+        return ref[:12]
+    except OSError:
+        return None
+
+
+def table(report: dict[str, Any]) -> str:
+    cores = [c for c in CORES]
+    rows = [("workload", "metric", *cores, "rust/python")]
+    for wid, entry in report["workloads"].items():
+        first = True
+        for m in entry["metrics"]:
+            cells = []
+            values = {}
+            for core in cores:
+                med = entry["medians"].get(core, {}).get(m["key"]) if core in entry["medians"] else None
+                errs = entry["errors"].get(core) or []
+                if med is None and errs:
+                    cells.append("err")
+                else:
+                    cells.append(_fmt(med))
+                values[core] = med
+            py, rs = values.get("python"), values.get("rust")
+            ratio = f"{rs / py:.2f}x" if isinstance(py, (int, float)) and isinstance(rs, (int, float)) and py \
+                and math.isfinite(py) and math.isfinite(rs) else "n/a"
+            arrow = "(higher is better)" if m["better"] == "higher" else "(lower is better)"
+            rows.append((f"{wid} {entry['title']}" if first else "", f"{m['label']} {arrow}", *cells, ratio))
+            first = False
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    out = []
+    for i, r in enumerate(rows):
+        line = " | ".join(c.ljust(widths[j]) if j < 2 else c.rjust(widths[j]) for j, c in enumerate(r))
+        out.append(line.rstrip())
+        if i == 0:
+            out.append("-+-".join("-" * w for w in widths))
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    iterflow_log = logging.getLogger("iterflow")
+    if not any(isinstance(f, _DropNoise) for f in iterflow_log.filters):
+        iterflow_log.addFilter(_DropNoise())
+    if args.dsn:
+        dsn = args.dsn
+    else:
+        from iterflow.embedded import database_url
+
+        dsn = database_url()
+    sizes = QUICK if args.quick else FULL
+    timeout = args.timeout or (60.0 if args.quick else 900.0)
+    report = asyncio.run(run_all(args, dsn, sizes, timeout))
+
+    text = table(report)
+    print(text)
+    m = report["machine"]
+    conc = report["config"]["concurrency"]
+    print(f"\nmedians of {args.reps} rep(s){' (--quick sizes)' if args.quick else ''}; worker concurrency "
+          + ", ".join(f"{c}={n}" for c, n in conc.items()) + "; "
+          f"{m['nproc']} CPUs, Python {m['python']}, {(m['postgres'] or '').split(' on ')[0]}, "
+          f"synchronous_commit={m['postgres_settings'].get('synchronous_commit', '?')}")
+    for core, st in report["cores"].items():
+        if not st["available"]:
+            print(f"{core} core: n/a ({st['reason']})")
+    foreign = {wid: max((r.get("foreign_active_backends_max") or 0) for reps in e["reps"].values() for r in reps)
+               for wid, e in report["workloads"].items() if e["source"] is None and any(e["reps"].values())}
+    busy = {wid: n for wid, n in foreign.items() if n}
+    if busy:
+        print("note: other clients were active on the server during "
+              + ", ".join(f"{wid} (up to {n} backends)" for wid, n in busy.items())
+              + ": their work shares the CPUs and is counted in the xact/WAL totals; absolute numbers are unreliable")
+    if report["config"]["iterflow"] != report["config"]["iterflow_at_end"]:
+        print(f"note: the checkout moved from {report['config']['iterflow']} to {report['config']['iterflow_at_end']} "
+              "during the run: this process kept the code it imported, subprocesses and migrations did not")
+    failed = []
+    for wid, entry in report["workloads"].items():
+        for core, errs in entry["errors"].items():
+            failed += [f"{wid} {core}: {e}" for e in errs if entry["source"] is None]
+    for line in failed:
+        print(f"FAILED {line}")
+    if args.json_path:
+        report["table_text"] = text
+        with open(args.json_path, "w", encoding="utf-8") as fh:
+            json.dump(_clean(report), fh, indent=2, default=str)
+            fh.write("\n")
+        print(f"wrote {args.json_path}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""The benchmark runner at --quick sizes on the pure-Python core: every workload runs and
+reports numbers (no thresholds), so ``python -m benches`` never rots."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_quick_bench_reports_every_workload(dsn: str, tmp_path: Path) -> None:
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benches.__main__ import main
+    from benches.workloads import WORKLOADS
+
+    out = tmp_path / "bench.json"
+    started = time.monotonic()
+    code = main(["--quick", "--cores", "python", "--reps", "1", "--json", str(out), "--dsn", dsn])
+    elapsed = time.monotonic() - started
+
+    report = json.loads(out.read_text())
+    errors = {wid: e["errors"] for wid, e in report["workloads"].items() if any(e["errors"].values())}
+    assert code == 0, f"benchmark runs failed: {errors}"
+    assert set(report["workloads"]) == {w.id for w in WORKLOADS}
+    for wid, entry in report["workloads"].items():
+        assert entry["metrics"], wid
+        for metric in entry["metrics"]:
+            value = entry["medians"]["python"][metric["key"]]
+            if value is None and metric["optional"]:
+                continue
+            assert isinstance(value, (int, float)) and math.isfinite(value), (wid, metric["key"], value)
+        assert len(entry["reps"]["python"]) == 1, wid
+    assert report["machine"]["nproc"] and report["machine"]["postgres"] and report["machine"]["python"]
+    assert report["cores"]["python"]["available"] is True
+    assert elapsed < 60, f"the quick benchmark took {elapsed:.0f}s; keep it under a minute"
