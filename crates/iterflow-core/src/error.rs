@@ -10,6 +10,12 @@ pub enum CoreError {
     /// A caller passed a malformed value (bad DSN, bad schema name, ...).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// The database schema is missing or older than this engine needs.
+    #[error("{0}")]
+    SchemaMismatch(String),
+    /// The core was closed (or never opened) when the call was made.
+    #[error("the core is closed")]
+    Closed,
 }
 
 impl CoreError {
@@ -18,6 +24,16 @@ impl CoreError {
         match self {
             CoreError::Database(_) => "DATABASE_ERROR",
             CoreError::InvalidArgument(_) => "INVALID_ARGUMENT",
+            CoreError::SchemaMismatch(_) => "SCHEMA_MISMATCH",
+            CoreError::Closed => "CORE_CLOSED",
+        }
+    }
+
+    /// The SQLSTATE of a database error, if the server sent one.
+    pub fn sqlstate(&self) -> Option<&str> {
+        match self {
+            CoreError::Database(e) => e.code().map(|c| c.code()),
+            _ => None,
         }
     }
 }

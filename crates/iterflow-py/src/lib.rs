@@ -2,13 +2,29 @@
 //!
 //! Every awaitable returned here is a Rust future driven by ONE process-wide tokio runtime
 //! (see [`runtime`]); Python awaits it through pyo3-async-runtimes without holding the GIL
-//! while it waits.
+//! while it waits. Each call crosses the boundary once: arguments in, one Python value out
+//! (JSON columns decoded with `json.loads`, timestamps as aware `datetime`, uuids as
+//! `uuid.UUID` in dict rows and as `str` where the protocol wants ids).
 
-use std::sync::{Once, OnceLock};
+// The methods mirror the Python protocol's signatures (plus the pump ticket).
+#![allow(clippy::too_many_arguments)]
 
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use iterflow_core::core::{Filter, InsertChunk, StepWrite};
+use iterflow_core::value::{Param, Rows, Val};
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::{PyDateTime, PyDict, PyList, PyString, PyTuple};
+use pyo3::IntoPyObjectExt;
 
 create_exception!(
     iterflow._core,
@@ -75,7 +91,11 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
 /// Turn a core error into `iterflow._core.CoreError` with `code` and `message` attributes.
 fn to_py_err(err: iterflow_core::CoreError) -> PyErr {
     let code = err.code();
-    let message = err.to_string();
+    let message = match &err {
+        iterflow_core::CoreError::SchemaMismatch(m) => m.clone(),
+        other => other.to_string(),
+    };
+    let sqlstate = err.sqlstate().map(str::to_string);
     Python::attach(|py| {
         let py_err = CoreError::new_err(format!("{code}: {message}"));
         let value = py_err.value(py);
@@ -83,25 +103,1049 @@ fn to_py_err(err: iterflow_core::CoreError) -> PyErr {
         // does, the exception still carries the code in its text.
         let _ = value.setattr("code", code);
         let _ = value.setattr("message", message);
+        let _ = value.setattr("sqlstate", sqlstate);
         py_err
     })
+}
+
+/// Await `fut` on the runtime as a Python awaitable (pyo3-async-runtimes); convert its value
+/// with `conv` (holding the GIL) when done. Used only off the hot path: every completion takes
+/// the GIL from a runtime thread, which costs ~100us of hand-over when the loop is busy.
+fn awaitable<'py, F, T, C>(py: Python<'py>, fut: F, conv: C) -> PyResult<Bound<'py, PyAny>>
+where
+    F: Future<Output = Result<T, iterflow_core::CoreError>> + Send + 'static,
+    T: Send + 'static,
+    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
+{
+    runtime()?;
+    pyo3_async_runtimes::tokio::future_into_py(py, async move {
+        let value = fut.await.map_err(to_py_err)?;
+        Python::attach(|py| conv(py, value).map(Bound::unbind))
+    })
+}
+
+/// A finished call waiting for the loop thread: its value is converted there, holding the GIL.
+type Done = Box<dyn for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>> + Send>;
+
+struct PumpInner {
+    done: Mutex<Vec<(u64, Done)>>,
+    /// Write end of the pipe the event loop watches (`loop.add_reader`); owned from here on.
+    fd: i32,
+    aborts: Mutex<HashMap<u64, tokio::task::AbortHandle>>,
+}
+
+impl Drop for PumpInner {
+    fn drop(&mut self) {
+        // the write end was handed over by Python; nothing can write to it any more
+        drop(unsafe { std::fs::File::from_raw_fd(self.fd) });
+    }
+}
+
+impl PumpInner {
+    fn push(&self, ticket: u64, done: Done) {
+        let was_empty = {
+            let mut q = self.done.lock().expect("pump lock");
+            q.push((ticket, done));
+            q.len() == 1
+        };
+        if was_empty {
+            // one byte per batch of completions; a full (non-blocking) pipe already has one
+            // pending, so a failed write loses nothing
+            let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(self.fd) });
+            let _ = (&*file).write(&[1u8]);
+        }
+    }
+}
+
+/// Completion pump of one event loop: calls take a ticket and return at once; results queue
+/// here and the loop thread drains them in batches after one pipe wake-up. Runtime threads
+/// never take the GIL, and the loop pays one wake-up per batch, not per call.
+#[pyclass(frozen, module = "iterflow._core")]
+struct Pump {
+    inner: Arc<PumpInner>,
+}
+
+#[pymethods]
+impl Pump {
+    #[new]
+    fn new(fd: i32) -> Self {
+        Pump {
+            inner: Arc::new(PumpInner {
+                done: Mutex::new(Vec::new()),
+                fd,
+                aborts: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    /// Every finished call since the last drain: `[(ticket, ok, value_or_exception)]`.
+    fn drain<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let done = std::mem::take(&mut *self.inner.done.lock().expect("pump lock"));
+        let out = PyList::empty(py);
+        for (ticket, finish) in done {
+            match finish(py) {
+                Ok(value) => out.append((ticket, true, value))?,
+                Err(err) => out.append((ticket, false, err.into_value(py)))?,
+            }
+        }
+        Ok(out)
+    }
+
+    /// Abort a cancellable call (the waits) whose awaiting task was cancelled.
+    fn cancel(&self, ticket: u64) {
+        if let Some(handle) = self.inner.aborts.lock().expect("pump lock").remove(&ticket) {
+            handle.abort();
+        }
+    }
+}
+
+/// Run `fut` on the runtime; its result (converted by `conv` on the loop thread) is delivered
+/// through `pump` under `ticket`.
+fn spawn<F, T, C>(pump: &Pump, ticket: u64, fut: F, conv: C) -> PyResult<()>
+where
+    F: Future<Output = Result<T, iterflow_core::CoreError>> + Send + 'static,
+    T: Send + 'static,
+    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
+{
+    let rt = runtime()?;
+    let inner = pump.inner.clone();
+    rt.spawn(async move {
+        let result = fut.await;
+        let done: Done = Box::new(move |py| match result {
+            Ok(value) => conv(py, value),
+            Err(err) => Err(to_py_err(err)),
+        });
+        inner.push(ticket, done);
+    });
+    Ok(())
+}
+
+/// `spawn` for calls Python may cancel (waits): the task is aborted on `Pump.cancel`.
+fn spawn_cancellable<F, C>(pump: &Pump, ticket: u64, fut: F, conv: C) -> PyResult<()>
+where
+    F: Future<Output = Result<(), iterflow_core::CoreError>> + Send + 'static,
+    C: for<'a> FnOnce(Python<'a>, ()) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
+{
+    let rt = runtime()?;
+    let inner = pump.inner.clone();
+    let task = rt.spawn(async move {
+        let result = fut.await;
+        inner.aborts.lock().expect("pump lock").remove(&ticket);
+        let done: Done = Box::new(move |py| match result {
+            Ok(value) => conv(py, value),
+            Err(err) => Err(to_py_err(err)),
+        });
+        inner.push(ticket, done);
+    });
+    if !task.is_finished() {
+        pump.inner
+            .aborts
+            .lock()
+            .expect("pump lock")
+            .insert(ticket, task.abort_handle());
+    }
+    Ok(())
+}
+
+fn none(py: Python<'_>) -> Bound<'_, PyAny> {
+    py.None().into_bound(py)
+}
+
+static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
+
+fn json_loads<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
+    let loads = JSON_LOADS.get_or_try_init(py, || {
+        Ok::<_, PyErr>(py.import("json")?.getattr("loads")?.unbind())
+    })?;
+    loads.bind(py).call1((text,))
+}
+
+fn opt_json<'py>(py: Python<'py>, text: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
+    match text {
+        Some(t) => json_loads(py, t),
+        None => Ok(none(py)),
+    }
+}
+
+fn opt_ts<'py>(py: Python<'py>, t: Option<DateTime<Utc>>) -> PyResult<Bound<'py, PyAny>> {
+    match t {
+        Some(t) => t.into_bound_py_any(py),
+        None => Ok(none(py)),
+    }
+}
+
+/// One column value as Python; `ids_as_str` turns uuids into `str`.
+fn val<'py>(py: Python<'py>, v: &Val, ids_as_str: bool) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match v {
+        Val::Null => none(py),
+        Val::Bool(b) => b.into_bound_py_any(py)?,
+        Val::Int(i) => i.into_bound_py_any(py)?,
+        Val::Float(f) => f.into_bound_py_any(py)?,
+        Val::Text(s) => PyString::new(py, s).into_any(),
+        Val::Json(s) => json_loads(py, s)?,
+        Val::Ts(t) => t.into_bound_py_any(py)?,
+        Val::Uuid(u) if ids_as_str => PyString::new(py, &u.to_string()).into_any(),
+        Val::Uuid(u) => u.into_bound_py_any(py)?,
+        Val::Interval(secs) => {
+            chrono::Duration::microseconds((secs * 1e6) as i64).into_bound_py_any(py)?
+        }
+        Val::TextArray(items) => PyList::new(py, items)?.into_any(),
+    })
+}
+
+/// Rows as a list of dicts keyed by column name (like the psycopg core's rows).
+fn dicts<'py>(py: Python<'py>, rows: &Rows) -> PyResult<Bound<'py, PyList>> {
+    let keys: Vec<Bound<'py, PyString>> =
+        rows.columns.iter().map(|c| PyString::new(py, c)).collect();
+    let out = PyList::empty(py);
+    for row in &rows.rows {
+        let d = PyDict::new(py);
+        for (k, v) in keys.iter().zip(row) {
+            d.set_item(k, val(py, v, false)?)?;
+        }
+        out.append(d)?;
+    }
+    Ok(out)
+}
+
+fn utc(ob: &Bound<'_, PyAny>) -> PyResult<DateTime<Utc>> {
+    ob.extract::<DateTime<Utc>>()
+        .map_err(|_| PyTypeError::new_err("expected a datetime in UTC (datetime.timezone.utc)"))
+}
+
+fn opt_utc(ob: Option<&Bound<'_, PyAny>>) -> PyResult<Option<DateTime<Utc>>> {
+    match ob {
+        Some(o) if !o.is_none() => utc(o).map(Some),
+        _ => Ok(None),
+    }
+}
+
+/// Already-encoded JSON, for the generic `query` (sent as jsonb).
+#[pyclass(frozen, module = "iterflow._core")]
+struct Json {
+    text: String,
+}
+
+#[pymethods]
+impl Json {
+    #[new]
+    fn new(text: String) -> Self {
+        Json { text }
+    }
+}
+
+fn param(ob: &Bound<'_, PyAny>) -> PyResult<Param> {
+    if ob.is_none() {
+        return Ok(Param::Null);
+    }
+    if let Ok(j) = ob.cast::<Json>() {
+        return Ok(Param::Json(j.get().text.clone()));
+    }
+    if let Ok(b) = ob.cast::<pyo3::types::PyBool>() {
+        return Ok(Param::Bool(b.is_true()));
+    }
+    if let Ok(i) = ob.extract::<i64>() {
+        if ob.cast::<pyo3::types::PyInt>().is_ok() {
+            return Ok(Param::Int(i));
+        }
+    }
+    if let Ok(f) = ob.cast::<pyo3::types::PyFloat>() {
+        return Ok(Param::Float(f.value()));
+    }
+    if let Ok(s) = ob.cast::<PyString>() {
+        return Ok(Param::Text(s.to_str()?.to_string()));
+    }
+    if ob.cast::<PyDateTime>().is_ok() {
+        return Ok(Param::Ts(utc(ob)?));
+    }
+    if let Ok(items) = ob.extract::<Vec<String>>() {
+        return Ok(Param::TextArray(items));
+    }
+    if let Ok(items) = ob.extract::<Vec<i64>>() {
+        return Ok(Param::IntArray(items));
+    }
+    Err(PyTypeError::new_err(format!(
+        "cannot send {} as a query parameter",
+        ob.get_type().name()?
+    )))
+}
+
+fn chunks(items: Vec<(String, String, usize)>) -> Vec<InsertChunk> {
+    items
+        .into_iter()
+        .map(|(rows_json, find_json, len)| InsertChunk {
+            rows_json,
+            find_json,
+            len,
+        })
+        .collect()
+}
+
+fn created_list(
+    py: Python<'_>,
+    made: Vec<iterflow_core::core::Created>,
+) -> PyResult<Bound<'_, PyAny>> {
+    let out = PyList::empty(py);
+    for c in made {
+        out.append((c.run_id, c.status, c.created))?;
+    }
+    Ok(out.into_any())
+}
+
+fn filter(
+    name: Option<String>,
+    statuses: Option<Vec<String>>,
+    tag: Option<String>,
+    since: Option<&Bound<'_, PyAny>>,
+    until: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Filter> {
+    Ok(Filter {
+        name,
+        statuses,
+        tag,
+        since: opt_utc(since)?,
+        until: opt_utc(until)?,
+    })
+}
+
+fn secs(timeout: f64) -> Duration {
+    Duration::from_secs_f64(timeout.clamp(0.0, 1e9))
+}
+
+/// The Rust core of one engine: a pool, a group-commit writer, a listener and a timer wheel.
+#[pyclass(frozen, module = "iterflow._core")]
+struct Core {
+    core: iterflow_core::Core,
+}
+
+#[pymethods]
+impl Core {
+    #[new]
+    #[pyo3(signature = (dsn, schema, pool_size=10, notify=true, application_name="iterflow".to_string(), writer_shards=2, max_batch=256))]
+    fn new(
+        dsn: String,
+        schema: String,
+        pool_size: usize,
+        notify: bool,
+        application_name: String,
+        writer_shards: usize,
+        max_batch: usize,
+    ) -> PyResult<Self> {
+        let rt = runtime()?;
+        let _entered = rt.enter();
+        let mut opts = iterflow_core::CoreOptions::new(dsn, schema);
+        opts.pool_size = pool_size;
+        opts.notify = notify;
+        opts.application_name = application_name;
+        opts.writer_shards = writer_shards;
+        opts.max_batch = max_batch;
+        let core = iterflow_core::Core::open(opts).map_err(to_py_err)?;
+        Ok(Core { core })
+    }
+
+    /// Counters: writer batching, listener state, pool and timers (for tests and benches).
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let w = self.core.writer_stats();
+        let d = PyDict::new(py);
+        d.set_item("writes", w.ops)?;
+        d.set_item("write_transactions", w.transactions)?;
+        d.set_item("write_batches", w.batches)?;
+        d.set_item("write_splits", w.split)?;
+        d.set_item("max_batch", w.max_batch)?;
+        d.set_item("listening", self.core.listening())?;
+        d.set_item("pool_size", self.core.pool().size())?;
+        d.set_item("pool_idle", self.core.pool().idle_count())?;
+        d.set_item("timers", self.core.timers_pending())?;
+        d.set_item(
+            "notifications",
+            self.core
+                .hub()
+                .received
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )?;
+        Ok(d)
+    }
+
+    fn close(&self, pump: &Pump, ticket: u64) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move {
+                core.close().await;
+                Ok(())
+            },
+            |py, ()| Ok(none(py)),
+        )
+    }
+
+    fn check_schema<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        need: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.check_schema(need).await },
+            |py, ()| Ok(none(py)),
+        )
+    }
+
+    /// `chunks`: [(rows_json, find_json, n)], `wake`: flow names of runs ready now.
+    fn insert_runs<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        chunks_: Vec<(String, String, usize)>,
+        wake: Vec<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let chunks = chunks(chunks_);
+        spawn(
+            pump,
+            ticket,
+            async move { core.insert_runs(&chunks, wake).await },
+            created_list,
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, run_id, name, payload, key))]
+    fn deliver_signal<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        name: String,
+        payload: Option<String>,
+        key: Option<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.deliver_signal(&run_id, &name, payload, key).await },
+            |py, kind| kind.into_bound_py_any(py),
+        )
+    }
+
+    fn cancel<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        reason: String,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.cancel(&run_id, &reason).await },
+            |py, n| n.into_bound_py_any(py),
+        )
+    }
+
+    fn retry<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.retry(&run_id).await },
+            |py, k| k.into_bound_py_any(py),
+        )
+    }
+
+    fn get_run<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.get_run(&run_id).await },
+            |py, rows| match rows {
+                Some(rows) => Ok(dicts(py, &rows)?.get_item(0)?),
+                None => Ok(none(py)),
+            },
+        )
+    }
+
+    fn run_detail<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.run_detail(&run_id).await },
+            |py, parts| {
+                let Some(parts) = parts else {
+                    return Ok(none(py));
+                };
+                let d = PyDict::new(py);
+                d.set_item("run", dicts(py, &parts[0])?.get_item(0)?)?;
+                for (key, rows) in ["steps", "signals", "children", "events", "timer"]
+                    .iter()
+                    .zip(&parts[1..])
+                {
+                    d.set_item(*key, dicts(py, rows)?)?;
+                }
+                Ok(d.into_any())
+            },
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, name, statuses, tag, since, until, cursor_at, cursor_id, limit))]
+    fn list_runs<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        name: Option<String>,
+        statuses: Option<Vec<String>>,
+        tag: Option<String>,
+        since: Option<&Bound<'py, PyAny>>,
+        until: Option<&Bound<'py, PyAny>>,
+        cursor_at: Option<&Bound<'py, PyAny>>,
+        cursor_id: Option<String>,
+        limit: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let flt = filter(name, statuses, tag, since, until)?;
+        let cursor = match (opt_utc(cursor_at)?, cursor_id) {
+            (Some(at), Some(id)) => Some((at, id)),
+            _ => None,
+        };
+        spawn(
+            pump,
+            ticket,
+            async move { core.list_runs(&flt, limit, cursor).await },
+            |py, rows| Ok(dicts(py, &rows)?.into_any()),
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, name, statuses, tag, since, until, limit))]
+    fn select_runs<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        name: Option<String>,
+        statuses: Option<Vec<String>>,
+        tag: Option<String>,
+        since: Option<&Bound<'py, PyAny>>,
+        until: Option<&Bound<'py, PyAny>>,
+        limit: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let flt = filter(name, statuses, tag, since, until)?;
+        spawn(
+            pump,
+            ticket,
+            async move { core.select_runs(&flt, limit).await },
+            |py, ids| ids.into_bound_py_any(py),
+        )
+    }
+
+    fn purge<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_ids: Vec<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.purge(&run_ids).await },
+            |py, n| n.into_bound_py_any(py),
+        )
+    }
+
+    fn wait_run_change<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        timeout: f64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn_cancellable(
+            pump,
+            ticket,
+            async move {
+                core.wait_run_change(&run_id, secs(timeout)).await;
+                Ok(())
+            },
+            |py, ()| Ok(none(py)),
+        )
+    }
+
+    /// -> [((run_id, token, name, version, input, attempts, cancel_reason, parent_id, depth,
+    /// created_at, parent_status, db_now), [(key, seq, kind, name, status, result, error,
+    /// attempts, deadline, child_id, child_status, child_output, child_error, finished_at)])]
+    fn claim<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        names: Vec<String>,
+        limit: i64,
+        owner: String,
+        lease_ms: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            core.claim(&names, limit, &owner, lease_ms),
+            |py, runs| {
+                let out = PyList::empty(py);
+                for r in runs {
+                    let head = PyTuple::new(
+                        py,
+                        [
+                            PyString::new(py, &r.run_id).into_any(),
+                            r.lease_token.into_bound_py_any(py)?,
+                            PyString::new(py, &r.name).into_any(),
+                            r.version.into_bound_py_any(py)?,
+                            opt_json(py, r.input.as_deref())?,
+                            r.attempts.into_bound_py_any(py)?,
+                            r.cancel_reason.into_bound_py_any(py)?,
+                            r.parent_id.into_bound_py_any(py)?,
+                            r.depth.into_bound_py_any(py)?,
+                            r.created_at.into_bound_py_any(py)?,
+                            r.parent_status.into_bound_py_any(py)?,
+                            r.db_now.into_bound_py_any(py)?,
+                        ],
+                    )?;
+                    let hist = PyList::empty(py);
+                    for s in r.history {
+                        hist.append(PyTuple::new(
+                            py,
+                            [
+                                PyString::new(py, &s.key).into_any(),
+                                s.seq.into_bound_py_any(py)?,
+                                PyString::new(py, &s.kind).into_any(),
+                                PyString::new(py, &s.name).into_any(),
+                                PyString::new(py, &s.status).into_any(),
+                                opt_json(py, s.result.as_deref())?,
+                                opt_json(py, s.error.as_deref())?,
+                                s.attempts.into_bound_py_any(py)?,
+                                opt_ts(py, s.deadline)?,
+                                s.child_id.into_bound_py_any(py)?,
+                                s.child_status.into_bound_py_any(py)?,
+                                opt_json(py, s.child_output.as_deref())?,
+                                opt_json(py, s.child_error.as_deref())?,
+                                opt_ts(py, s.finished_at)?,
+                            ],
+                        )?)?;
+                    }
+                    out.append((head, hist))?;
+                }
+                Ok(out.into_any())
+            },
+        )
+    }
+
+    /// -> (status, result, error, written, finished_at)
+    #[pyo3(signature = (pump, ticket, run_id, key, seq, kind, name, status, result, error, attempts, deadline, child_id))]
+    fn record_step<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        key: String,
+        seq: i64,
+        kind: String,
+        name: String,
+        status: String,
+        result: Option<String>,
+        error: Option<String>,
+        attempts: i64,
+        deadline: Option<&Bound<'py, PyAny>>,
+        child_id: Option<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let rec = StepWrite {
+            key,
+            seq,
+            kind,
+            name,
+            status,
+            result,
+            error,
+            attempts,
+            deadline: opt_utc(deadline)?,
+            child_id,
+        };
+        spawn(pump, ticket, core.record_step(&run_id, &rec), |py, s| {
+            Ok(PyTuple::new(
+                py,
+                [
+                    PyString::new(py, &s.status).into_any(),
+                    opt_json(py, s.result.as_deref())?,
+                    opt_json(py, s.error.as_deref())?,
+                    s.written.into_bound_py_any(py)?,
+                    opt_ts(py, s.finished_at)?,
+                ],
+            )?
+            .into_any())
+        })
+    }
+
+    /// `records`: [(key, seq, kind, name)] waiting records, one per child, in order.
+    fn spawn_children<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        records: Vec<(String, i64, String, String)>,
+        chunks_: Vec<(String, String, usize)>,
+        wake: Vec<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let recs: Vec<StepWrite> = records
+            .into_iter()
+            .map(|(key, seq, kind, name)| StepWrite {
+                key,
+                seq,
+                kind,
+                name,
+                status: "waiting".into(),
+                ..Default::default()
+            })
+            .collect();
+        let chunks = chunks(chunks_);
+        spawn(
+            pump,
+            ticket,
+            async move { core.spawn_children(&run_id, &recs, &chunks, wake).await },
+            created_list,
+        )
+    }
+
+    /// -> (outcome, payload, at)
+    fn resolve_signal<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        key: String,
+        seq: i64,
+        name: String,
+        deadline_passed: bool,
+        timeout_error: String,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            core.resolve_signal(&run_id, &key, seq, &name, deadline_passed, &timeout_error),
+            |py, r| {
+                Ok(PyTuple::new(
+                    py,
+                    [
+                        PyString::new(py, &r.outcome).into_any(),
+                        opt_json(py, r.payload.as_deref())?,
+                        opt_ts(py, r.at)?,
+                    ],
+                )?
+                .into_any())
+            },
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, run_id, token, status, waiting, wake_at, attempts_delta))]
+    fn suspend<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        token: i64,
+        status: String,
+        waiting: String,
+        wake_at: Option<&Bound<'py, PyAny>>,
+        attempts_delta: Option<i64>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let wake_at = opt_utc(wake_at)?;
+        spawn(
+            pump,
+            ticket,
+            core.suspend(&run_id, token, &status, &waiting, wake_at, attempts_delta),
+            |py, ok| ok.into_bound_py_any(py),
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, run_id, token, status, output, error))]
+    fn finish<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        token: Option<i64>,
+        status: String,
+        output: Option<String>,
+        error: Option<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            core.finish(&run_id, token, &status, output, error),
+            |py, ok| ok.into_bound_py_any(py),
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, run_id, kind, data))]
+    fn add_event<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        kind: String,
+        data: Option<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            core.add_event(&run_id, &kind, data),
+            |py, ()| Ok(none(py)),
+        )
+    }
+
+    /// -> [(run_id, held, cancel_reason)]
+    fn heartbeat<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        leases: Vec<(String, i64)>,
+        lease_ms: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.heartbeat(&leases, lease_ms).await },
+            |py, states| {
+                let out = PyList::empty(py);
+                for s in states {
+                    out.append((s.run_id, s.held, s.cancel_reason))?;
+                }
+                Ok(out.into_any())
+            },
+        )
+    }
+
+    fn expire_leases<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        limit: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.expire_leases(limit).await },
+            |py, n| n.into_bound_py_any(py),
+        )
+    }
+
+    fn next_due<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        names: Vec<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.next_due(&names).await },
+            |py, s| s.into_bound_py_any(py),
+        )
+    }
+
+    fn requeue_parked<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        names: Vec<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.requeue_parked(&names).await },
+            |py, n| n.into_bound_py_any(py),
+        )
+    }
+
+    fn wait_for_work<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        timeout: f64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn_cancellable(
+            pump,
+            ticket,
+            async move {
+                core.wait_for_work(secs(timeout)).await;
+                Ok(())
+            },
+            |py, ()| Ok(none(py)),
+        )
+    }
+
+    /// -> {"lost", "parents", "orphans"} or None when another process holds the lock.
+    fn reconcile<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        stale_ms: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.reconcile(stale_ms).await },
+            |py, r| {
+                let Some(r) = r else { return Ok(none(py)) };
+                let d = PyDict::new(py);
+                d.set_item("lost", r.lost)?;
+                d.set_item("parents", r.parents)?;
+                d.set_item("orphans", r.orphans)?;
+                Ok(d.into_any())
+            },
+        )
+    }
+
+    /// -> {"events", "runs"} or None when another process holds the retention lock.
+    #[pyo3(signature = (pump, ticket, events_ms, runs_ms, batch))]
+    fn prune<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        events_ms: Option<i64>,
+        runs_ms: Option<i64>,
+        batch: i64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.prune(events_ms, runs_ms, batch).await },
+            |py, r| {
+                let Some((events, runs)) = r else {
+                    return Ok(none(py));
+                };
+                let d = PyDict::new(py);
+                d.set_item("events", events)?;
+                d.set_item("runs", runs)?;
+                Ok(d.into_any())
+            },
+        )
+    }
+
+    #[pyo3(signature = (pump, ticket, names))]
+    fn pending_work<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        names: Option<Vec<String>>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.pending_work(names.as_deref()).await },
+            |py, n| n.into_bound_py_any(py),
+        )
+    }
+
+    /// Any named statement -> (rows as dicts, rowcount, has_columns).
+    fn query<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        name: String,
+        params: Vec<Bound<'py, PyAny>>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        let params = params.iter().map(param).collect::<PyResult<Vec<_>>>()?;
+        spawn(
+            pump,
+            ticket,
+            async move { core.query(&name, &params).await },
+            |py, rows| {
+                let has_columns = !rows.columns.is_empty();
+                Ok((dicts(py, &rows)?, rows.affected, has_columns)
+                    .into_pyobject(py)?
+                    .into_any())
+            },
+        )
+    }
 }
 
 /// `await check_connection(dsn) -> str`: connect, run `SHOW server_version`, return it.
 #[pyfunction]
 fn check_connection(py: Python<'_>, dsn: String) -> PyResult<Bound<'_, PyAny>> {
-    runtime()?;
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        iterflow_core::pool::check_connection(&dsn)
-            .await
-            .map_err(to_py_err)
-    })
+    awaitable(
+        py,
+        async move { iterflow_core::pool::check_connection(&dsn).await },
+        |py, v| v.into_bound_py_any(py),
+    )
 }
 
 #[pymodule]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("CoreError", m.py().get_type::<CoreError>())?;
+    m.add_class::<Core>()?;
+    m.add_class::<Json>()?;
+    m.add_class::<Pump>()?;
     m.add_function(wrap_pyfunction!(check_connection, m)?)?;
     Ok(())
 }

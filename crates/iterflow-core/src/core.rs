@@ -1,0 +1,1141 @@
+//! The core protocol (python/iterflow/cores/base.py `Core`) on tokio-postgres: every
+//! database round trip and every wait of an engine.
+
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use futures_util::stream::{FuturesOrdered, StreamExt};
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::listener::{Hub, Listener};
+use crate::pool::{parse_dsn, run, Pool};
+use crate::queries::Queries;
+use crate::value::{Param, Rows, Val};
+use crate::wheel::TimerWheel;
+use crate::writer::{Writer, WriterCounts};
+use crate::CoreError;
+
+/// How a core is opened.
+#[derive(Debug, Clone)]
+pub struct CoreOptions {
+    pub dsn: String,
+    pub schema: String,
+    /// Connections in the pool (the LISTEN connection is extra).
+    pub pool_size: usize,
+    /// LISTEN for wake-ups and NOTIFY new work; off behind PgBouncer in transaction mode.
+    pub notify: bool,
+    /// Connections are named `<application_name>:<schema>`, the listener
+    /// `<application_name>-listen:<schema>` (visible in `pg_stat_activity`).
+    pub application_name: String,
+    /// Group-commit writer tasks (ops of one run always go to the same one).
+    pub writer_shards: usize,
+    /// Most ops in one group-commit transaction.
+    pub max_batch: usize,
+    /// Suspensions due within this horizon are fired by the in-memory timer wheel.
+    pub wheel_horizon: Duration,
+}
+
+impl CoreOptions {
+    pub fn new(dsn: impl Into<String>, schema: impl Into<String>) -> Self {
+        CoreOptions {
+            dsn: dsn.into(),
+            schema: schema.into(),
+            pool_size: 10,
+            notify: true,
+            application_name: "iterflow".into(),
+            writer_shards: 2,
+            max_batch: 256,
+            wheel_horizon: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A run to create, already encoded by the caller in chunks: `rows_json` is the
+/// `insert_runs` array (ords 0..len within the chunk), `find_json` the `find_existing_runs`
+/// array for the same specs.
+#[derive(Debug, Clone)]
+pub struct InsertChunk {
+    pub rows_json: String,
+    pub find_json: String,
+    pub len: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Created {
+    pub run_id: String,
+    pub status: String,
+    pub created: bool,
+}
+
+/// A step record to write (`record_step`).
+#[derive(Debug, Clone, Default)]
+pub struct StepWrite {
+    pub key: String,
+    pub seq: i64,
+    pub kind: String,
+    pub name: String,
+    pub status: String,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub attempts: i64,
+    pub deadline: Option<DateTime<Utc>>,
+    pub child_id: Option<String>,
+}
+
+/// What `record_step` left in the database (JSON as text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stored {
+    pub status: String,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub written: bool,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A step record of a claimed run's history (JSON as text).
+#[derive(Debug, Clone, PartialEq)]
+pub struct StepRow {
+    pub key: String,
+    pub seq: i64,
+    pub kind: String,
+    pub name: String,
+    pub status: String,
+    pub result: Option<String>,
+    pub error: Option<String>,
+    pub attempts: i64,
+    pub deadline: Option<DateTime<Utc>>,
+    pub child_id: Option<String>,
+    pub child_status: Option<String>,
+    pub child_output: Option<String>,
+    pub child_error: Option<String>,
+    pub finished_at: Option<DateTime<Utc>>,
+}
+
+/// A leased run with its history.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claimed {
+    pub run_id: String,
+    pub lease_token: i64,
+    pub name: String,
+    pub version: i64,
+    pub input: Option<String>,
+    pub attempts: i64,
+    pub cancel_reason: Option<String>,
+    pub parent_id: Option<String>,
+    pub depth: i64,
+    pub created_at: DateTime<Utc>,
+    pub parent_status: Option<String>,
+    pub db_now: DateTime<Utc>,
+    pub history: Vec<StepRow>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LeaseState {
+    pub run_id: String,
+    pub held: bool,
+    pub cancel_reason: Option<String>,
+}
+
+/// Listing / bulk filter (all None = everything).
+#[derive(Debug, Clone, Default)]
+pub struct Filter {
+    pub name: Option<String>,
+    pub statuses: Option<Vec<String>>,
+    pub tag: Option<String>,
+    pub since: Option<DateTime<Utc>>,
+    pub until: Option<DateTime<Utc>>,
+}
+
+impl Filter {
+    fn params(&self) -> Vec<Param> {
+        vec![
+            Param::opt_text(self.name.clone()),
+            self.statuses
+                .as_ref()
+                .map_or(Param::Null, |s| Param::TextArray(s.clone())),
+            Param::opt_text(self.tag.clone()),
+            Param::opt_ts(self.since),
+            Param::opt_ts(self.until),
+        ]
+    }
+}
+
+/// The outcome of `resolve_signal`: ("signal" | "timeout" | "none", payload JSON, at).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub outcome: String,
+    pub payload: Option<String>,
+    pub at: Option<DateTime<Utc>>,
+}
+
+/// Counts of one reconcile sweep.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Reconciled {
+    pub lost: u64,
+    pub parents: u64,
+    pub orphans: u64,
+}
+
+/// Coalesced NOTIFY of new work: names gathered while the previous NOTIFY was in flight go
+/// out in one statement, outside any caller's transaction.
+struct Outbox {
+    names: Mutex<BTreeSet<String>>,
+    kick: Notify,
+}
+
+struct Inner {
+    queries: Arc<Queries>,
+    pool: Pool,
+    writer: Writer,
+    hub: Arc<Hub>,
+    listener: Option<Listener>,
+    wheel: TimerWheel<()>,
+    outbox: Arc<Outbox>,
+    outbox_task: Option<JoinHandle<()>>,
+    notify: bool,
+    /// Estimated database clock minus local clock, in microseconds (from claims' `now()`).
+    clock_offset_us: AtomicI64,
+    horizon: Duration,
+}
+
+impl Inner {
+    /// Local instant at which database time `at` arrives (None when beyond the horizon).
+    fn local_deadline(&self, at: DateTime<Utc>) -> Option<tokio::time::Instant> {
+        let offset = chrono::Duration::microseconds(self.clock_offset_us.load(Ordering::Relaxed));
+        let db_now = Utc::now() + offset;
+        let delay = (at - db_now).to_std().unwrap_or(Duration::ZERO);
+        if delay > self.horizon {
+            return None;
+        }
+        // a millisecond late rather than early: an early claim finds nothing due
+        Some(tokio::time::Instant::now() + delay + Duration::from_millis(1))
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = &self.outbox_task {
+            task.abort();
+        }
+        self.pool.close();
+    }
+}
+
+/// The Rust core. Cheap to clone (an `Arc`); every method is `&self` and may run concurrently.
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+fn text(v: &Val) -> Option<String> {
+    match v {
+        Val::Null => None,
+        Val::Uuid(u) => Some(u.to_string()),
+        Val::Text(s) | Val::Json(s) => Some(s.clone()),
+        other => Some(format!("{other:?}")),
+    }
+}
+
+fn json(v: &Val) -> Option<String> {
+    match v {
+        Val::Json(s) => Some(s.clone()),
+        _ => None,
+    }
+}
+
+fn int(v: &Val) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+fn check_uuid(what: &str, s: &str) -> Result<(), CoreError> {
+    uuid::Uuid::parse_str(s)
+        .map(|_| ())
+        .map_err(|_| CoreError::InvalidArgument(format!("{what}: {s:?} is not a UUID")))
+}
+
+type BoxFut<'a> = Pin<Box<dyn Future<Output = Result<Rows, CoreError>> + Send + 'a>>;
+
+/// Run several prepared statements on one connection, pipelined (one round trip); results in
+/// order.
+async fn pipeline<'a>(
+    client: &'a tokio_postgres::Client,
+    work: &'a [(tokio_postgres::Statement, Vec<Param>)],
+) -> Vec<Result<Rows, CoreError>> {
+    let mut futs: FuturesOrdered<BoxFut<'a>> = FuturesOrdered::new();
+    for (stmt, params) in work {
+        futs.push_back(Box::pin(run(client, stmt, params)));
+    }
+    let mut out = Vec::with_capacity(work.len());
+    while let Some(r) = futs.next().await {
+        out.push(r);
+    }
+    out
+}
+
+impl Core {
+    /// Open a core: nothing connects until first use, except the LISTEN task (when `notify`).
+    /// Must be called inside a tokio runtime.
+    pub fn open(opts: CoreOptions) -> Result<Core, CoreError> {
+        let queries = Arc::new(Queries::new(&opts.schema)?);
+        let mut config = parse_dsn(&opts.dsn)?;
+        // one name per schema (and so per test schema): pg_stat_activity tells engines apart;
+        // an application_name given in the DSN is the caller's choice and kept as is
+        let named_by_dsn = config.get_application_name().is_some();
+        if !named_by_dsn {
+            config.application_name(format!("{}:{}", opts.application_name, opts.schema));
+        }
+        let pool = Pool::new(config.clone(), queries.clone(), opts.pool_size);
+        let writer = Writer::spawn(pool.clone(), opts.writer_shards, opts.max_batch);
+        let hub = Hub::new();
+        let listener = if opts.notify {
+            let mut lconfig = config.clone();
+            if !named_by_dsn {
+                lconfig
+                    .application_name(format!("{}-listen:{}", opts.application_name, opts.schema));
+            }
+            Some(Listener::spawn(lconfig, queries.channel(), hub.clone()))
+        } else {
+            None
+        };
+        let wheel_hub = hub.clone();
+        let wheel = TimerWheel::spawn(opts.wheel_horizon, move |()| wheel_hub.wake_work());
+        let outbox = Arc::new(Outbox {
+            names: Mutex::new(BTreeSet::new()),
+            kick: Notify::new(),
+        });
+        let outbox_task = opts
+            .notify
+            .then(|| tokio::spawn(relay(pool.clone(), outbox.clone())));
+        Ok(Core {
+            inner: Arc::new(Inner {
+                queries,
+                pool,
+                writer,
+                hub,
+                listener,
+                wheel,
+                outbox,
+                outbox_task,
+                notify: opts.notify,
+                clock_offset_us: AtomicI64::new(0),
+                horizon: opts.wheel_horizon,
+            }),
+        })
+    }
+
+    /// Stop the listener and relay, let queued writes finish, close pooled connections.
+    pub async fn close(&self) {
+        if let Some(listener) = &self.inner.listener {
+            listener.stop();
+        }
+        self.inner.writer.close();
+        self.inner.writer.join().await;
+        // flush pending NOTIFYs so other processes still hear about work started just now
+        if self.inner.notify {
+            let names: Vec<String> =
+                std::mem::take(&mut *self.inner.outbox.names.lock().expect("outbox"))
+                    .into_iter()
+                    .collect();
+            if !names.is_empty() {
+                let _ = self
+                    .inner
+                    .pool
+                    .query("notify_work", &[Param::TextArray(names)])
+                    .await;
+            }
+        }
+        if let Some(task) = &self.inner.outbox_task {
+            task.abort();
+        }
+        self.inner.pool.close();
+    }
+
+    pub fn queries(&self) -> &Queries {
+        &self.inner.queries
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.inner.pool
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.inner.hub
+    }
+
+    pub fn writer_stats(&self) -> WriterCounts {
+        self.inner.writer.stats()
+    }
+
+    /// Timers waiting in the wheel.
+    pub fn timers_pending(&self) -> usize {
+        self.inner.wheel.len()
+    }
+
+    /// Whether the LISTEN connection is up.
+    pub fn listening(&self) -> bool {
+        self.inner.listener.is_some() && self.inner.hub.connected()
+    }
+
+    /// Run any named statement of queries.sql (for the generic cron statements and tests).
+    pub async fn query(&self, name: &str, params: &[Param]) -> Result<Rows, CoreError> {
+        self.inner.pool.query(name, params).await
+    }
+
+    fn wake_local_and_notify(&self, names: impl IntoIterator<Item = String>) {
+        let mut any = false;
+        if self.inner.notify {
+            let mut pending = self.inner.outbox.names.lock().expect("outbox");
+            for n in names {
+                pending.insert(n);
+                any = true;
+            }
+        } else {
+            any = names.into_iter().next().is_some();
+        }
+        if any {
+            self.inner.hub.wake_work();
+            if self.inner.notify {
+                self.inner.outbox.kick.notify_one();
+            }
+        }
+    }
+
+    // -- schema ---------------------------------------------------------------------------
+
+    /// The schema version in the database (0 when the schema does not exist).
+    pub async fn schema_version(&self) -> Result<i64, CoreError> {
+        let mut conn = self.inner.pool.get().await?;
+        let table = format!("\"{}\".schema_version", self.inner.queries.schema());
+        let exists = conn
+            .query("schema_exists", &[Param::Text(table)])
+            .await?
+            .scalar();
+        if exists.as_bool() != Some(true) {
+            return Ok(0);
+        }
+        Ok(int(&conn.query("schema_version", &[]).await?.scalar()))
+    }
+
+    /// SCHEMA_MISMATCH (with the command that fixes it) when the database is behind `need`.
+    pub async fn check_schema(&self, need: i64) -> Result<(), CoreError> {
+        let found = self.schema_version().await?;
+        if found < need {
+            let schema = self.inner.queries.schema();
+            let state = if found == 0 {
+                "does not exist".to_string()
+            } else {
+                format!("is at version {found}")
+            };
+            return Err(CoreError::SchemaMismatch(format!(
+                "iterflow schema '{schema}' {state}; this engine needs version {need}. \
+                 Run `iterflow migrate --schema {schema}` (or `await iterflow.migrate(dsn, schema='{schema}')`)."
+            )));
+        }
+        Ok(())
+    }
+
+    // -- client side ----------------------------------------------------------------------
+
+    async fn insert_chunks(
+        conn: &mut crate::pool::Conn,
+        chunks: &[InsertChunk],
+    ) -> Result<Vec<Created>, CoreError> {
+        let mut out = Vec::new();
+        for chunk in chunks {
+            let rows = conn
+                .query("insert_runs", &[Param::Json(chunk.rows_json.clone())])
+                .await?;
+            let mut made: HashMap<i64, Created> = HashMap::new();
+            for r in &rows.rows {
+                made.insert(
+                    int(&r[0]),
+                    Created {
+                        run_id: text(&r[1]).unwrap_or_default(),
+                        status: "pending".into(),
+                        created: true,
+                    },
+                );
+            }
+            if made.len() < chunk.len {
+                let found = conn
+                    .query(
+                        "find_existing_runs",
+                        &[Param::Json(chunk.find_json.clone())],
+                    )
+                    .await?;
+                for r in &found.rows {
+                    made.entry(int(&r[0])).or_insert_with(|| Created {
+                        run_id: text(&r[1]).unwrap_or_default(),
+                        status: text(&r[2]).unwrap_or_default(),
+                        created: false,
+                    });
+                }
+            }
+            for i in 0..chunk.len {
+                match made.remove(&(i as i64)) {
+                    Some(c) => out.push(c),
+                    None => {
+                        return Err(CoreError::InvalidArgument(format!(
+                            "run #{i} of the batch was neither created nor found"
+                        )))
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Create runs (one transaction for all chunks); `wake` names the flows of runs that are
+    /// ready now (local workers are woken, other processes notified after the commit).
+    pub async fn insert_runs(
+        &self,
+        chunks: &[InsertChunk],
+        wake: Vec<String>,
+    ) -> Result<Vec<Created>, CoreError> {
+        if chunks.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.inner.pool.get().await?;
+        let created = if chunks.len() == 1 {
+            // one chunk: the insert and the lookup of existing runs need no shared snapshot
+            Self::insert_chunks(&mut conn, chunks).await?
+        } else {
+            conn.begin().await?;
+            let r = Self::insert_chunks(&mut conn, chunks).await;
+            conn.end(r).await?
+        };
+        drop(conn);
+        self.wake_local_and_notify(wake);
+        Ok(created)
+    }
+
+    pub async fn deliver_signal(
+        &self,
+        run_id: &str,
+        name: &str,
+        payload: Option<String>,
+        key: Option<String>,
+    ) -> Result<String, CoreError> {
+        check_uuid("run_id", run_id)?;
+        let rows = self
+            .inner
+            .pool
+            .query(
+                "deliver_signal",
+                &[
+                    Param::text(run_id),
+                    Param::text(name),
+                    Param::opt_json(payload),
+                    Param::opt_text(key),
+                ],
+            )
+            .await?;
+        Ok(text(&rows.scalar()).unwrap_or_default())
+    }
+
+    pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<i64, CoreError> {
+        check_uuid("run_id", run_id)?;
+        let rows = self
+            .inner
+            .pool
+            .query("cancel_tree", &[Param::text(run_id), Param::text(reason)])
+            .await?;
+        Ok(int(&rows.scalar()))
+    }
+
+    pub async fn retry(&self, run_id: &str) -> Result<String, CoreError> {
+        check_uuid("run_id", run_id)?;
+        let rows = self
+            .inner
+            .pool
+            .query("retry_run", &[Param::text(run_id)])
+            .await?;
+        let kind = text(&rows.scalar()).unwrap_or_default();
+        if kind == "queued" {
+            self.inner.hub.forget_finished(run_id);
+        }
+        Ok(kind)
+    }
+
+    /// The `get_run` row (columns as in queries.sql), or None.
+    pub async fn get_run(&self, run_id: &str) -> Result<Option<Rows>, CoreError> {
+        check_uuid("run_id", run_id)?;
+        let rows = self
+            .inner
+            .pool
+            .query("get_run", &[Param::text(run_id)])
+            .await?;
+        Ok((!rows.rows.is_empty()).then_some(rows))
+    }
+
+    /// `[run, steps, signals, children, events, timer]`, pipelined in one round trip; None
+    /// when the run does not exist.
+    pub async fn run_detail(&self, run_id: &str) -> Result<Option<Vec<Rows>>, CoreError> {
+        check_uuid("run_id", run_id)?;
+        let names = [
+            "get_run",
+            "run_steps",
+            "run_signals",
+            "run_children",
+            "run_events",
+            "run_timer",
+        ];
+        let mut conn = self.inner.pool.get().await?;
+        conn.prepare_all(&names).await?;
+        let mut work = Vec::new();
+        for n in names {
+            work.push((conn.stmt(n).await?, vec![Param::text(run_id)]));
+        }
+        let results = pipeline(&conn.client, &work).await;
+        let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
+        if parts[0].rows.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(parts))
+    }
+
+    pub async fn list_runs(
+        &self,
+        flt: &Filter,
+        limit: i64,
+        cursor: Option<(DateTime<Utc>, String)>,
+    ) -> Result<Rows, CoreError> {
+        let mut params = flt.params();
+        match cursor {
+            Some((at, id)) => {
+                check_uuid("cursor", &id)?;
+                params.push(Param::Ts(at));
+                params.push(Param::Text(id));
+            }
+            None => {
+                params.push(Param::Null);
+                params.push(Param::Null);
+            }
+        }
+        params.push(Param::Int(limit));
+        self.inner.pool.query("list_runs", &params).await
+    }
+
+    pub async fn select_runs(&self, flt: &Filter, limit: i64) -> Result<Vec<String>, CoreError> {
+        let mut params = flt.params();
+        params.push(Param::Int(limit));
+        let rows = self
+            .inner
+            .pool
+            .query("select_runs_by_filter", &params)
+            .await?;
+        Ok(rows.rows.iter().filter_map(|r| text(&r[0])).collect())
+    }
+
+    pub async fn purge(&self, run_ids: &[String]) -> Result<u64, CoreError> {
+        for id in run_ids {
+            check_uuid("run_ids", id)?;
+        }
+        let rows = self
+            .inner
+            .pool
+            .query("purge_runs", &[Param::texts(run_ids)])
+            .await?;
+        Ok(rows.affected)
+    }
+
+    /// Return when `run_id` may have become terminal, or after `timeout`.
+    pub async fn wait_run_change(&self, run_id: &str, timeout: Duration) {
+        if self.listening() {
+            self.inner.hub.wait_run(run_id, timeout).await;
+        } else {
+            // no LISTEN: poll, but still return at once for runs finished by this process
+            self.inner
+                .hub
+                .wait_run(run_id, timeout.min(Duration::from_millis(50)))
+                .await;
+        }
+    }
+
+    // -- worker side ----------------------------------------------------------------------
+
+    /// Queue a write on the group-commit writer now; the future resolves once committed.
+    fn write(
+        &self,
+        key: &str,
+        query: &'static str,
+        params: Result<Vec<Param>, CoreError>,
+    ) -> impl Future<Output = Result<Rows, CoreError>> + Send + 'static {
+        let pending = params.map(|p| self.inner.writer.enqueue(key, query, p));
+        async move { pending?.await }
+    }
+
+    /// Lease up to `limit` ready runs of `names` with their history, in one statement.
+    ///
+    /// Through the group-commit writer: under load the claim shares a transaction (and its
+    /// WAL flush) with the step records of running runs. Its order key "" sorts before every
+    /// run id, so a suspension in the same batch can never be re-claimed by it.
+    pub fn claim(
+        &self,
+        names: &[String],
+        limit: i64,
+        owner: &str,
+        lease_ms: i64,
+    ) -> impl Future<Output = Result<Vec<Claimed>, CoreError>> + Send + 'static {
+        let local_before = Utc::now();
+        let pending = self.write(
+            "",
+            "claim_with_history",
+            Ok(vec![
+                Param::texts(names),
+                Param::Int(limit),
+                Param::text(owner),
+                Param::Int(lease_ms),
+            ]),
+        );
+        let inner = self.inner.clone();
+        async move {
+            let rows = pending.await?;
+            let local_after = Utc::now();
+            let mut runs: Vec<Claimed> = Vec::new();
+            let mut steps: Vec<(String, StepRow)> = Vec::new();
+            for r in &rows.rows {
+                let run_id = text(&r[1]).unwrap_or_default();
+                if r[0].as_str() == Some("run") {
+                    runs.push(Claimed {
+                        run_id,
+                        lease_token: int(&r[2]),
+                        name: text(&r[3]).unwrap_or_default(),
+                        version: int(&r[4]),
+                        input: json(&r[5]),
+                        attempts: int(&r[6]),
+                        cancel_reason: text(&r[7]),
+                        parent_id: text(&r[8]),
+                        depth: int(&r[9]),
+                        created_at: r[10].as_ts().unwrap_or_default(),
+                        parent_status: text(&r[11]),
+                        db_now: r[12].as_ts().unwrap_or_default(),
+                        history: Vec::new(),
+                    });
+                } else {
+                    steps.push((
+                        run_id,
+                        StepRow {
+                            key: text(&r[13]).unwrap_or_default(),
+                            seq: int(&r[14]),
+                            kind: text(&r[15]).unwrap_or_default(),
+                            name: text(&r[3]).unwrap_or_default(),
+                            status: text(&r[16]).unwrap_or_default(),
+                            result: json(&r[17]),
+                            error: json(&r[18]),
+                            attempts: int(&r[19]),
+                            deadline: r[20].as_ts(),
+                            child_id: text(&r[21]),
+                            child_status: text(&r[22]),
+                            child_output: json(&r[23]),
+                            child_error: json(&r[24]),
+                            finished_at: r[25].as_ts(),
+                        },
+                    ));
+                }
+            }
+            if let Some(first) = runs.first() {
+                let mid = local_before + (local_after - local_before) / 2;
+                let offset = (first.db_now - mid).num_microseconds().unwrap_or(0);
+                inner.clock_offset_us.store(offset, Ordering::Relaxed);
+            }
+            let index: HashMap<String, usize> = runs
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (r.run_id.clone(), i))
+                .collect();
+            for (run_id, step) in steps {
+                if let Some(&i) = index.get(&run_id) {
+                    runs[i].history.push(step);
+                }
+            }
+            Ok(runs)
+        }
+    }
+
+    fn step_params(run_id: &str, rec: &StepWrite) -> Vec<Param> {
+        vec![
+            Param::text(run_id),
+            Param::text(rec.key.clone()),
+            Param::Int(rec.seq),
+            Param::text(rec.kind.clone()),
+            Param::text(rec.name.clone()),
+            Param::text(rec.status.clone()),
+            Param::opt_json(rec.result.clone()),
+            Param::opt_json(rec.error.clone()),
+            Param::Int(rec.attempts),
+            Param::opt_ts(rec.deadline),
+            Param::opt_text(rec.child_id.clone()),
+        ]
+    }
+
+    /// Write a step record through the group-commit writer (first final writer wins).
+    pub fn record_step(
+        &self,
+        run_id: &str,
+        rec: &StepWrite,
+    ) -> impl Future<Output = Result<Stored, CoreError>> + Send + 'static {
+        let params = check_uuid("run_id", run_id).map(|()| Self::step_params(run_id, rec));
+        let pending = self.write(run_id, "record_step", params);
+        async move {
+            let rows = pending.await?;
+            let r = rows
+                .first()
+                .ok_or_else(|| CoreError::InvalidArgument("record_step returned no row".into()))?;
+            Ok(Stored {
+                status: text(&r[0]).unwrap_or_default(),
+                result: json(&r[1]),
+                error: json(&r[2]),
+                written: r[3].as_bool().unwrap_or(false),
+                finished_at: r[4].as_ts(),
+            })
+        }
+    }
+
+    /// Insert children and the parent's waiting records in one transaction.
+    pub async fn spawn_children(
+        &self,
+        run_id: &str,
+        records: &[StepWrite],
+        chunks: &[InsertChunk],
+        wake: Vec<String>,
+    ) -> Result<Vec<Created>, CoreError> {
+        check_uuid("run_id", run_id)?;
+        let mut conn = self.inner.pool.get().await?;
+        conn.begin().await?;
+        let result = async {
+            let created = Self::insert_chunks(&mut conn, chunks).await?;
+            if created.len() != records.len() {
+                return Err(CoreError::InvalidArgument(
+                    "one waiting record per child is needed".into(),
+                ));
+            }
+            let stmt = conn.stmt("record_step").await?;
+            let work: Vec<_> = records
+                .iter()
+                .zip(&created)
+                .map(|(rec, made)| {
+                    let mut rec = rec.clone();
+                    rec.status = "waiting".into();
+                    rec.result = None;
+                    rec.error = None;
+                    rec.attempts = 0;
+                    rec.deadline = None;
+                    rec.child_id = Some(made.run_id.clone());
+                    (stmt.clone(), Self::step_params(run_id, &rec))
+                })
+                .collect();
+            for r in pipeline(&conn.client, &work).await {
+                r?;
+            }
+            Ok(created)
+        }
+        .await;
+        let created = conn.end(result).await?;
+        drop(conn);
+        self.wake_local_and_notify(wake);
+        Ok(created)
+    }
+
+    /// Consume a signal or record its timeout (group-committed).
+    pub fn resolve_signal(
+        &self,
+        run_id: &str,
+        key: &str,
+        seq: i64,
+        name: &str,
+        deadline_passed: bool,
+        timeout_error: &str,
+    ) -> impl Future<Output = Result<Resolved, CoreError>> + Send + 'static {
+        let params = check_uuid("run_id", run_id).map(|()| {
+            vec![
+                Param::text(run_id),
+                Param::text(key),
+                Param::Int(seq),
+                Param::text(name),
+                Param::Bool(deadline_passed),
+                Param::Json(timeout_error.to_string()),
+            ]
+        });
+        let pending = self.write(run_id, "resolve_signal", params);
+        async move {
+            let rows = pending.await?;
+            let r = rows.first().ok_or_else(|| {
+                CoreError::InvalidArgument("resolve_signal returned no row".into())
+            })?;
+            Ok(Resolved {
+                outcome: text(&r[0]).unwrap_or_default(),
+                payload: json(&r[1]),
+                at: r[2].as_ts(),
+            })
+        }
+    }
+
+    /// Park a leased run (fenced by its token); near wake-ups go on the local timer wheel.
+    pub fn suspend(
+        &self,
+        run_id: &str,
+        token: i64,
+        status: &str,
+        waiting: &str,
+        wake_at: Option<DateTime<Utc>>,
+        attempts_delta: Option<i64>,
+    ) -> impl Future<Output = Result<bool, CoreError>> + Send + 'static {
+        let params = check_uuid("run_id", run_id).map(|()| {
+            vec![
+                Param::text(run_id),
+                Param::Int(token),
+                Param::text(status),
+                Param::Json(waiting.to_string()),
+                Param::opt_ts(wake_at),
+                Param::opt_int(attempts_delta),
+            ]
+        });
+        let pending = self.write(run_id, "suspend_run", params);
+        let inner = self.inner.clone();
+        async move {
+            let ok = pending.await?.scalar().as_bool().unwrap_or(false);
+            if ok {
+                if let Some(at) = wake_at.and_then(|w| inner.local_deadline(w)) {
+                    inner.wheel.schedule(at, ());
+                }
+            }
+            Ok(ok)
+        }
+    }
+
+    /// Make a run terminal (fenced by `token` when given).
+    pub fn finish(
+        &self,
+        run_id: &str,
+        token: Option<i64>,
+        status: &str,
+        output: Option<String>,
+        error: Option<String>,
+    ) -> impl Future<Output = Result<bool, CoreError>> + Send + 'static {
+        let params = check_uuid("run_id", run_id).map(|()| {
+            vec![
+                Param::text(run_id),
+                Param::opt_int(token),
+                Param::text(status),
+                Param::opt_json(output),
+                Param::opt_json(error),
+            ]
+        });
+        let pending = self.write(run_id, "finish_run", params);
+        let hub = self.inner.hub.clone();
+        let run_id = run_id.to_string();
+        async move {
+            let ok = pending.await?.scalar().as_bool().unwrap_or(false);
+            if ok {
+                hub.run_finished(&run_id);
+            }
+            Ok(ok)
+        }
+    }
+
+    pub fn add_event(
+        &self,
+        run_id: &str,
+        kind: &str,
+        data: Option<String>,
+    ) -> impl Future<Output = Result<(), CoreError>> + Send + 'static {
+        let params = check_uuid("run_id", run_id).map(|()| {
+            vec![
+                Param::text(run_id),
+                Param::text(kind),
+                Param::opt_json(data),
+            ]
+        });
+        let pending = self.write(run_id, "add_event", params);
+        async move {
+            pending.await?;
+            Ok(())
+        }
+    }
+
+    pub async fn heartbeat(
+        &self,
+        leases: &[(String, i64)],
+        lease_ms: i64,
+    ) -> Result<Vec<LeaseState>, CoreError> {
+        if leases.is_empty() {
+            return Ok(Vec::new());
+        }
+        for (id, _) in leases {
+            check_uuid("run_id", id)?;
+        }
+        let rows = self
+            .inner
+            .pool
+            .query(
+                "heartbeat",
+                &[
+                    Param::TextArray(leases.iter().map(|(r, _)| r.clone()).collect()),
+                    Param::IntArray(leases.iter().map(|(_, t)| *t).collect()),
+                    Param::Int(lease_ms),
+                ],
+            )
+            .await?;
+        Ok(rows
+            .rows
+            .iter()
+            .map(|r| LeaseState {
+                run_id: text(&r[0]).unwrap_or_default(),
+                held: r[1].as_bool().unwrap_or(false),
+                cancel_reason: text(&r[2]),
+            })
+            .collect())
+    }
+
+    pub async fn expire_leases(&self, limit: i64) -> Result<u64, CoreError> {
+        let rows = self
+            .inner
+            .pool
+            .query("expire_leases", &[Param::Int(limit)])
+            .await?;
+        if !rows.rows.is_empty() {
+            self.inner.hub.wake_work();
+        }
+        Ok(rows.rows.len() as u64)
+    }
+
+    /// Seconds until the earliest unleased queued run of `names` is ready (<= 0: now).
+    pub async fn next_due(&self, names: &[String]) -> Result<Option<f64>, CoreError> {
+        let rows = self
+            .inner
+            .pool
+            .query("next_due", &[Param::texts(names)])
+            .await?;
+        Ok(match rows.scalar() {
+            Val::Interval(secs) => Some(secs),
+            _ => None,
+        })
+    }
+
+    pub async fn requeue_parked(&self, names: &[String]) -> Result<u64, CoreError> {
+        let rows = self
+            .inner
+            .pool
+            .query("requeue_parked", &[Param::texts(names)])
+            .await?;
+        Ok(rows.affected)
+    }
+
+    /// Return when new work may be ready (NOTIFY, local start, timer), or after `timeout`.
+    pub async fn wait_for_work(&self, timeout: Duration) {
+        self.inner.hub.wait_work(timeout).await;
+    }
+
+    /// Re-drive stranded runs in one transaction; None when another process holds the lock.
+    pub async fn reconcile(&self, stale_ms: i64) -> Result<Option<Reconciled>, CoreError> {
+        let lock = format!("iterflow.reconcile.{}", self.inner.queries.schema());
+        let mut conn = self.inner.pool.get().await?;
+        conn.begin().await?;
+        let result = async {
+            let got = conn.query("try_lock", &[Param::Text(lock)]).await?.scalar();
+            if got.as_bool() != Some(true) {
+                return Ok(None);
+            }
+            let lost = conn
+                .query("reconcile_lost", &[Param::Int(stale_ms)])
+                .await?
+                .rows
+                .len() as u64;
+            let parents = conn
+                .query("reconcile_parents", &[Param::Int(stale_ms)])
+                .await?
+                .rows
+                .len() as u64;
+            let orphans = conn.query("reconcile_orphans", &[]).await?.rows.len() as u64;
+            Ok(Some(Reconciled {
+                lost,
+                parents,
+                orphans,
+            }))
+        }
+        .await;
+        let out = conn.end(result).await?;
+        if out.is_some_and(|r| r.lost + r.parents > 0) {
+            self.inner.hub.wake_work();
+        }
+        Ok(out)
+    }
+
+    /// Retention: delete events / terminal runs older than the cutoffs in batches of short
+    /// transactions under a session advisory lock; None when another process holds it.
+    pub async fn prune(
+        &self,
+        events_ms: Option<i64>,
+        runs_ms: Option<i64>,
+        batch: i64,
+    ) -> Result<Option<(u64, u64)>, CoreError> {
+        let lock = format!("iterflow.retention.{}", self.inner.queries.schema());
+        let mut conn = self.inner.pool.get().await?;
+        let got = conn
+            .query("try_session_lock", &[Param::Text(lock.clone())])
+            .await?
+            .scalar();
+        if got.as_bool() != Some(true) {
+            return Ok(None);
+        }
+        let result: Result<(u64, u64), CoreError> = async {
+            let mut counts = (0u64, 0u64);
+            for (part, cutoff) in [("prune_events", events_ms), ("prune_runs", runs_ms)] {
+                let Some(cutoff) = cutoff else { continue };
+                loop {
+                    let n = conn
+                        .query(part, &[Param::Int(cutoff), Param::Int(batch)])
+                        .await?
+                        .affected;
+                    if part == "prune_events" {
+                        counts.0 += n;
+                    } else {
+                        counts.1 += n;
+                    }
+                    if (n as i64) < batch {
+                        break;
+                    }
+                }
+            }
+            Ok(counts)
+        }
+        .await;
+        let unlocked = conn.query("session_unlock", &[Param::Text(lock)]).await;
+        let counts = result?;
+        unlocked?;
+        Ok(Some(counts))
+    }
+
+    /// Claimable work now (ready queue rows + due crons) for `names` (None = all flows).
+    pub async fn pending_work(&self, names: Option<&[String]>) -> Result<i64, CoreError> {
+        let rows = self
+            .inner
+            .pool
+            .query("pending_work", &[names.map_or(Param::Null, Param::texts)])
+            .await?;
+        Ok(int(&rows.scalar()))
+    }
+}
+
+/// The NOTIFY relay: sends coalesced `q <name>` notifications outside callers' transactions.
+async fn relay(pool: Pool, outbox: Arc<Outbox>) {
+    loop {
+        outbox.kick.notified().await;
+        let names: Vec<String> = {
+            let mut pending = outbox.names.lock().expect("outbox");
+            std::mem::take(&mut *pending).into_iter().collect()
+        };
+        if names.is_empty() {
+            continue;
+        }
+        // hints only: a failed NOTIFY costs other processes latency (they poll), nothing more
+        let _ = pool.query("notify_work", &[Param::TextArray(names)]).await;
+    }
+}

@@ -1,0 +1,147 @@
+//! The named statements both cores send, embedded from `python/iterflow/sql/queries.sql`
+//! (the one place the SQL lives) and rendered for one schema exactly like
+//! `python/iterflow/sql.py` does.
+
+use std::collections::HashMap;
+
+use crate::CoreError;
+
+/// The raw text of `queries.sql`, compiled in.
+pub const QUERIES_SQL: &str = include_str!("../../../python/iterflow/sql/queries.sql");
+
+/// The first migration, compiled in (tests apply it to scratch schemas).
+pub const MIGRATION_0001: &str = include_str!("../../../python/iterflow/migrations/0001_init.sql");
+
+/// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.
+pub fn validate_schema_name(schema: &str) -> Result<&str, CoreError> {
+    let bytes = schema.as_bytes();
+    let ok = !bytes.is_empty()
+        && bytes.len() <= 63
+        && (bytes[0].is_ascii_lowercase() || bytes[0] == b'_')
+        && bytes
+            .iter()
+            .all(|&b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+    if ok {
+        Ok(schema)
+    } else {
+        Err(CoreError::InvalidArgument(format!(
+            "schema: {schema:?} is not a valid schema name (lower-case letters, digits, _; max 63)"
+        )))
+    }
+}
+
+/// Replace `{schema_raw}` by the bare name and `{schema}` by the quoted name.
+pub fn render(text: &str, schema: &str) -> String {
+    text.replace("{schema_raw}", schema)
+        .replace("{schema}", &format!("\"{schema}\""))
+}
+
+/// Split `queries.sql` on its `-- name: x` header lines (a header is a whole line).
+pub fn parse(text: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut current: Option<(String, String)> = None;
+    for line in text.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let header = bare.strip_prefix("-- name: ").and_then(|rest| {
+            let name = rest.trim_end();
+            let valid = !name.is_empty() && name.chars().all(|c| c.is_alphanumeric() || c == '_');
+            valid.then(|| name.to_string())
+        });
+        match header {
+            Some(name) => {
+                if let Some((n, body)) = current.take() {
+                    out.push((n, body.trim().to_string()));
+                }
+                current = Some((name, String::new()));
+            }
+            None => {
+                if let Some((_, body)) = current.as_mut() {
+                    body.push_str(line);
+                }
+            }
+        }
+    }
+    if let Some((n, body)) = current.take() {
+        out.push((n, body.trim().to_string()));
+    }
+    out
+}
+
+/// Every named statement, rendered for one schema.
+#[derive(Debug, Clone)]
+pub struct Queries {
+    schema: String,
+    by_name: HashMap<String, String>,
+}
+
+impl Queries {
+    /// Parse the embedded `queries.sql` and render it for `schema` (validated).
+    pub fn new(schema: &str) -> Result<Self, CoreError> {
+        validate_schema_name(schema)?;
+        let by_name = parse(QUERIES_SQL)
+            .into_iter()
+            .map(|(name, body)| (name, render(&body, schema)))
+            .collect();
+        Ok(Queries {
+            schema: schema.to_string(),
+            by_name,
+        })
+    }
+
+    /// The schema these statements are rendered for.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The rendered text of statement `name`.
+    pub fn get(&self, name: &str) -> Result<&str, CoreError> {
+        self.by_name
+            .get(name)
+            .map(String::as_str)
+            .ok_or_else(|| CoreError::InvalidArgument(format!("no statement named {name:?}")))
+    }
+
+    /// Whether `queries.sql` has a statement `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name.contains_key(name)
+    }
+
+    /// The LISTEN/NOTIFY channel of this schema.
+    pub fn channel(&self) -> String {
+        format!("iterflow.{}", self.schema)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schema_names_follow_the_python_rule() {
+        for ok in ["workflow", "_x", "t_0123abcd", &"a".repeat(63)] {
+            assert!(validate_schema_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "Work", "1abc", "a-b", "a b", "a\"b", &"a".repeat(64)] {
+            assert!(validate_schema_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn parses_every_statement_and_renders_the_schema() {
+        let q = Queries::new("wf").unwrap();
+        for name in [
+            "claim",
+            "record_step",
+            "finish_run",
+            "notify_work",
+            "history",
+        ] {
+            assert!(q.contains(name), "{name}");
+        }
+        let notify = q.get("notify_work").unwrap();
+        assert!(notify.contains("'iterflow.wf'"), "{notify}");
+        assert!(!q.get("claim").unwrap().contains("{schema}"));
+        assert!(q.get("claim").unwrap().contains("\"wf\".queue"));
+        assert!(!q.get("claim").unwrap().contains("-- name:"));
+    }
+}

@@ -1,0 +1,824 @@
+//! The core against a real PostgreSQL ($DATABASE_URL; skipped when unset), each test on its
+//! own scratch schema migrated with python/iterflow/migrations/0001_init.sql.
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use iterflow_core::core::{Filter, InsertChunk, StepWrite};
+use iterflow_core::queries::{render, MIGRATION_0001};
+use iterflow_core::value::{Param, Val};
+use iterflow_core::wheel::TimerWheel;
+use iterflow_core::{Core, CoreError, CoreOptions};
+use serde_json::json;
+use tokio_postgres::NoTls;
+
+fn database_url() -> Option<String> {
+    match std::env::var("DATABASE_URL") {
+        Ok(url) if !url.is_empty() => Some(url),
+        _ => {
+            println!("DATABASE_URL is not set: skipping the database test");
+            None
+        }
+    }
+}
+
+async fn admin(url: &str) -> tokio_postgres::Client {
+    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
+    tokio::spawn(conn);
+    client
+}
+
+/// A migrated scratch schema, dropped by `drop_schema`.
+async fn scratch(url: &str) -> String {
+    let schema = format!("rt_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    admin(url)
+        .await
+        .batch_execute(&render(MIGRATION_0001, &schema))
+        .await
+        .expect("migrate");
+    schema
+}
+
+async fn drop_schema(url: &str, schema: &str) {
+    let _ = admin(url)
+        .await
+        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
+        .await;
+}
+
+fn open(url: &str, schema: &str, notify: bool) -> Core {
+    let mut opts = CoreOptions::new(url, schema);
+    opts.notify = notify;
+    opts.pool_size = 6;
+    opts.application_name = "iterflow-test".into();
+    Core::open(opts).expect("open core")
+}
+
+fn new_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+struct Spec {
+    id: String,
+    name: String,
+    key: Option<String>,
+    delay_ms: i64,
+}
+
+fn spec(name: &str) -> Spec {
+    Spec {
+        id: new_id(),
+        name: name.into(),
+        key: None,
+        delay_ms: 0,
+    }
+}
+
+fn chunk(specs: &[Spec]) -> InsertChunk {
+    let rows: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({"ord": i, "id": s.id, "name": s.name, "version": 1, "idempotency_key": s.key,
+                   "tags": ["t"], "priority": 0, "parent_id": null, "parent_key": null, "depth": 1,
+                   "delay_ms": s.delay_ms, "input": {"n": i}})
+        })
+        .collect();
+    let find: Vec<_> = specs
+        .iter()
+        .enumerate()
+        .map(|(i, s)| {
+            json!({"ord": i, "name": s.name, "version": 1, "idempotency_key": s.key,
+                   "parent_id": null, "parent_key": null})
+        })
+        .collect();
+    InsertChunk {
+        rows_json: serde_json::to_string(&rows).unwrap(),
+        find_json: serde_json::to_string(&find).unwrap(),
+        len: specs.len(),
+    }
+}
+
+fn names(n: &str) -> Vec<String> {
+    vec![n.to_string()]
+}
+
+fn done_step(key: &str, result: &str) -> StepWrite {
+    StepWrite {
+        key: key.into(),
+        seq: 0,
+        kind: "step".into(),
+        name: key.into(),
+        status: "done".into(),
+        result: Some(result.into()),
+        attempts: 1,
+        ..Default::default()
+    }
+}
+
+// -- the timer wheel (no database) --------------------------------------------------------
+
+#[tokio::test]
+async fn the_wheel_fires_in_deadline_order_on_time() {
+    let fired: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let sink = fired.clone();
+    let wheel = TimerWheel::spawn(Duration::from_secs(60), move |i: u32| {
+        sink.lock().unwrap().push((i, Instant::now()))
+    });
+    let start = Instant::now();
+    let base = tokio::time::Instant::now();
+    // scheduled out of order; 3 and 4 share a deadline (insertion order breaks the tie)
+    for (i, ms) in [(5u32, 250u64), (1, 20), (3, 120), (4, 120), (2, 60), (0, 0)] {
+        assert!(wheel.schedule(base + Duration::from_millis(ms), i));
+    }
+    assert!(
+        !wheel.schedule_in(Duration::from_secs(120), 99),
+        "beyond the horizon"
+    );
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let fired = fired.lock().unwrap().clone();
+    let order: Vec<u32> = fired.iter().map(|(i, _)| *i).collect();
+    assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
+    for (i, at) in &fired {
+        let want = [0u64, 20, 60, 120, 120, 250][*i as usize];
+        let got = at.duration_since(start).as_millis() as u64;
+        assert!(got >= want, "timer {i} fired early: {got}ms < {want}ms");
+        assert!(
+            got <= want + 25,
+            "timer {i} fired late: {got}ms vs {want}ms"
+        );
+    }
+    assert!(wheel.is_empty());
+}
+
+#[tokio::test]
+async fn an_earlier_timer_rearms_the_wheel() {
+    let fired: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
+    let sink = fired.clone();
+    let wheel = TimerWheel::spawn(Duration::from_secs(60), move |i: u32| {
+        sink.lock().unwrap().push((i, Instant::now()))
+    });
+    let start = Instant::now();
+    wheel.schedule_in(Duration::from_secs(30), 1);
+    tokio::time::sleep(Duration::from_millis(10)).await;
+    wheel.schedule_in(Duration::from_millis(30), 2);
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let fired = fired.lock().unwrap().clone();
+    assert_eq!(fired.len(), 1);
+    assert_eq!(fired[0].0, 2);
+    let ms = fired[0].1.duration_since(start).as_millis();
+    assert!((40..=70).contains(&ms), "fired at {ms}ms");
+    assert_eq!(wheel.len(), 1);
+}
+
+// -- the SQL of each operation -------------------------------------------------------------
+
+#[tokio::test]
+async fn client_operations() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let core = open(&url, &schema, false);
+    core.check_schema(1).await.expect("schema is current");
+    let err = core.check_schema(2).await.unwrap_err();
+    assert_eq!(err.code(), "SCHEMA_MISMATCH");
+    assert!(err.to_string().contains("is at version 1"), "{err}");
+    let missing = open(&url, "rt_does_not_exist", false);
+    let err = missing.check_schema(1).await.unwrap_err();
+    assert!(err.to_string().contains("does not exist"), "{err}");
+    assert!(err
+        .to_string()
+        .contains("iterflow migrate --schema rt_does_not_exist"));
+
+    // insert, with an idempotent repeat
+    let mut a = spec("flow");
+    a.key = Some("k1".into());
+    let b = spec("flow");
+    let made = core
+        .insert_runs(&[chunk(&[a, b])], names("flow"))
+        .await
+        .unwrap();
+    assert!(made.iter().all(|c| c.created && c.status == "pending"));
+    let mut again = spec("flow");
+    again.key = Some("k1".into());
+    let repeat = core
+        .insert_runs(&[chunk(&[again, spec("flow")])], vec![])
+        .await
+        .unwrap();
+    assert_eq!(repeat[0].run_id, made[0].run_id);
+    assert!(!repeat[0].created);
+    assert!(repeat[1].created);
+
+    // reads
+    let run = core.get_run(&made[0].run_id).await.unwrap().unwrap();
+    let status = run.col("status").unwrap();
+    assert_eq!(run.rows[0][status], Val::Text("pending".into()));
+    assert_eq!(
+        run.rows[0][run.col("input").unwrap()],
+        Val::Json("{\"n\": 0}".into())
+    );
+    assert!(matches!(run.rows[0][0], Val::Uuid(_)));
+    assert!(core.get_run(&new_id()).await.unwrap().is_none());
+    assert!(core.get_run("nope").await.is_err());
+    let detail = core.run_detail(&made[1].run_id).await.unwrap().unwrap();
+    assert_eq!(detail.len(), 6);
+    assert_eq!(detail[5].rows.len(), 1, "one queue row");
+    assert!(core.run_detail(&new_id()).await.unwrap().is_none());
+    let page = core.list_runs(&Filter::default(), 2, None).await.unwrap();
+    assert_eq!(page.rows.len(), 2);
+    let last = &page.rows[1];
+    let cursor = (last[6].as_ts().unwrap(), last[0].id_string().unwrap());
+    let rest = core
+        .list_runs(&Filter::default(), 10, Some(cursor))
+        .await
+        .unwrap();
+    assert_eq!(rest.rows.len(), 1);
+    let flt = Filter {
+        statuses: Some(vec!["pending".into()]),
+        tag: Some("t".into()),
+        ..Default::default()
+    };
+    assert_eq!(core.select_runs(&flt, 10).await.unwrap().len(), 3);
+    assert_eq!(core.pending_work(None).await.unwrap(), 3);
+    assert_eq!(core.pending_work(Some(&names("other"))).await.unwrap(), 0);
+
+    // signals, cancel, retry, purge
+    let id = made[1].run_id.clone();
+    assert_eq!(
+        core.deliver_signal(&id, "s", Some("{\"x\":1}".into()), Some("sk".into()))
+            .await
+            .unwrap(),
+        "buffered"
+    );
+    assert_eq!(
+        core.deliver_signal(&id, "s", None, Some("sk".into()))
+            .await
+            .unwrap(),
+        "duplicate"
+    );
+    assert_eq!(
+        core.deliver_signal(&new_id(), "s", None, None)
+            .await
+            .unwrap(),
+        "not_found"
+    );
+    assert_eq!(core.cancel(&id, "stop").await.unwrap(), 1);
+    assert_eq!(core.retry(&id).await.unwrap(), "not_failed");
+    assert_eq!(core.retry(&new_id()).await.unwrap(), "missing");
+    assert_eq!(
+        core.purge(&[id.clone(), made[0].run_id.clone()])
+            .await
+            .unwrap(),
+        1
+    );
+    assert!(core.get_run(&id).await.unwrap().is_none());
+
+    // generic statements (crons)
+    let rows = core.query("list_crons", &[]).await.unwrap();
+    assert!(rows.rows.is_empty());
+    assert!(rows.columns.contains(&"next_fire_at".to_string()));
+    let deleted = core
+        .query("delete_cron", &[Param::text("none")])
+        .await
+        .unwrap();
+    assert_eq!(deleted.affected, 0);
+
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn worker_operations() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let core = open(&url, &schema, false);
+    let made = core
+        .insert_runs(&[chunk(&[spec("w"), spec("w")])], names("w"))
+        .await
+        .unwrap();
+    assert_eq!(
+        core.next_due(&names("w")).await.unwrap().map(|s| s <= 0.0),
+        Some(true)
+    );
+    assert_eq!(core.next_due(&names("none")).await.unwrap(), None);
+
+    let claimed = core.claim(&names("w"), 10, "me", 30_000).await.unwrap();
+    assert_eq!(claimed.len(), 2);
+    let run = claimed.iter().find(|r| r.run_id == made[0].run_id).unwrap();
+    assert_eq!(run.attempts, 1);
+    assert!(run.history.is_empty());
+    assert_eq!(run.input.as_deref(), Some("{\"n\": 0}"));
+    assert!(core
+        .claim(&names("w"), 10, "me", 30_000)
+        .await
+        .unwrap()
+        .is_empty());
+
+    // records: first final writer wins
+    let s1 = core
+        .record_step(&run.run_id, &done_step("a", "1"))
+        .await
+        .unwrap();
+    assert!(s1.written);
+    assert_eq!(s1.result.as_deref(), Some("1"));
+    assert!(s1.finished_at.is_some());
+    let s2 = core
+        .record_step(&run.run_id, &done_step("a", "2"))
+        .await
+        .unwrap();
+    assert!(!s2.written);
+    assert_eq!(s2.result.as_deref(), Some("1"));
+    core.add_event(&run.run_id, "note", Some("{\"m\":1}".into()))
+        .await
+        .unwrap();
+
+    // leases
+    let states = core
+        .heartbeat(
+            &[
+                (run.run_id.clone(), run.lease_token),
+                (made[1].run_id.clone(), 0),
+            ],
+            30_000,
+        )
+        .await
+        .unwrap();
+    assert!(states.iter().any(|s| s.run_id == run.run_id && s.held));
+    assert!(states.iter().any(|s| s.run_id == made[1].run_id && !s.held));
+
+    // signal wait: none, then delivered and consumed
+    let timeout_err =
+        "{\"code\":\"SIGNAL_TIMEOUT\",\"message\":\"t\",\"traceback\":null,\"cause\":null}";
+    let r = core
+        .resolve_signal(&run.run_id, "signal:go", 1, "go", false, timeout_err)
+        .await
+        .unwrap();
+    assert_eq!(r.outcome, "none");
+    assert_eq!(
+        core.deliver_signal(&run.run_id, "go", Some("7".into()), None)
+            .await
+            .unwrap(),
+        "buffered"
+    );
+    let r = core
+        .resolve_signal(&run.run_id, "signal:go", 1, "go", false, timeout_err)
+        .await
+        .unwrap();
+    assert_eq!(
+        (r.outcome.as_str(), r.payload.as_deref()),
+        ("signal", Some("7"))
+    );
+
+    // suspend until soon (woken by the signal delivered while leased: requeued at once)
+    let wake = Utc::now() + chrono::Duration::milliseconds(200);
+    assert!(core
+        .suspend(
+            &run.run_id,
+            run.lease_token,
+            "sleeping",
+            "{\"kind\":\"sleep\"}",
+            Some(wake),
+            None
+        )
+        .await
+        .unwrap());
+    assert!(
+        !core
+            .suspend(
+                &run.run_id,
+                run.lease_token,
+                "sleeping",
+                "{}",
+                Some(wake),
+                None
+            )
+            .await
+            .unwrap(),
+        "the lease is gone: fenced"
+    );
+    let again = core.claim(&names("w"), 10, "me", 30_000).await.unwrap();
+    assert_eq!(again.len(), 1, "woken run is ready at once");
+    let run = &again[0];
+    assert_eq!(run.history.len(), 2);
+    let a = run.history.iter().find(|s| s.key == "a").unwrap();
+    assert_eq!(
+        (a.status.as_str(), a.result.as_deref()),
+        ("done", Some("1"))
+    );
+
+    // a sleep: the wheel wakes wait_for_work on time
+    let wake = Utc::now() + chrono::Duration::milliseconds(150);
+    let t0 = Instant::now();
+    assert!(core
+        .suspend(
+            &run.run_id,
+            run.lease_token,
+            "sleeping",
+            "{\"kind\":\"sleep\"}",
+            Some(wake),
+            Some(0)
+        )
+        .await
+        .unwrap());
+    assert!(core.timers_pending() >= 1);
+    core.wait_for_work(Duration::from_secs(5)).await; // consumes any earlier wake
+    if t0.elapsed() < Duration::from_millis(100) {
+        core.wait_for_work(Duration::from_secs(5)).await;
+    }
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(140),
+        "woke early: {waited:?}"
+    );
+    assert!(waited < Duration::from_millis(400), "woke late: {waited:?}");
+    let due = core.claim(&names("w"), 10, "me", 30_000).await.unwrap();
+    assert_eq!(due.len(), 1, "the sleeping run is due when the wheel fires");
+    let run = &due[0];
+
+    // finish (fenced), retry of a failed run
+    assert!(!core
+        .finish(
+            &run.run_id,
+            Some(run.lease_token + 1000),
+            "done",
+            Some("1".into()),
+            None
+        )
+        .await
+        .unwrap());
+    assert!(core
+        .finish(
+            &run.run_id,
+            Some(run.lease_token),
+            "failed",
+            None,
+            Some("{\"code\":\"X\"}".into())
+        )
+        .await
+        .unwrap());
+    assert_eq!(core.retry(&run.run_id).await.unwrap(), "queued");
+    assert_eq!(core.requeue_parked(&names("w")).await.unwrap(), 0);
+
+    // leases expire, the reconciler and retention run
+    let other = core.claim(&names("w"), 10, "me", 1).await.unwrap();
+    assert_eq!(
+        other.len(),
+        1,
+        "the retried run (the other one is still leased)"
+    );
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(core.expire_leases(100).await.unwrap(), 1);
+    let rec = core.reconcile(0).await.unwrap().expect("lock is free");
+    assert_eq!(rec.lost, 0);
+    let pruned = core
+        .prune(Some(0), Some(0), 1)
+        .await
+        .unwrap()
+        .expect("lock is free");
+    assert!(pruned.0 >= 1, "events pruned: {pruned:?}");
+
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn spawn_children_writes_children_and_waiting_records_together() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let core = open(&url, &schema, false);
+    let made = core
+        .insert_runs(&[chunk(&[spec("parent")])], vec![])
+        .await
+        .unwrap();
+    let parent = &made[0].run_id;
+    let rows: Vec<_> = (0..3)
+        .map(|i| {
+            json!({"ord": i, "id": new_id(), "name": "child", "version": 1, "idempotency_key": null,
+                   "tags": [], "priority": 0, "parent_id": parent, "parent_key": format!("invoke:child@1:{i}"),
+                   "depth": 2, "delay_ms": 0, "input": null})
+        })
+        .collect();
+    let find: Vec<_> = (0..3)
+        .map(|i| {
+            json!({"ord": i, "name": "child", "version": 1, "idempotency_key": null,
+                   "parent_id": parent, "parent_key": format!("invoke:child@1:{i}")})
+        })
+        .collect();
+    let chunk = InsertChunk {
+        rows_json: serde_json::to_string(&rows).unwrap(),
+        find_json: serde_json::to_string(&find).unwrap(),
+        len: 3,
+    };
+    let recs: Vec<StepWrite> = (0..3)
+        .map(|i| StepWrite {
+            key: format!("invoke:child@1:{i}"),
+            seq: i,
+            kind: "invoke".into(),
+            name: "child@1".into(),
+            ..Default::default()
+        })
+        .collect();
+    let kids = core
+        .spawn_children(parent, &recs, std::slice::from_ref(&chunk), names("child"))
+        .await
+        .unwrap();
+    assert_eq!(kids.len(), 3);
+    // a replay spawning the same keys gets the same children back
+    let again = core
+        .spawn_children(parent, &recs, &[chunk], vec![])
+        .await
+        .unwrap();
+    let ids =
+        |v: &[iterflow_core::core::Created]| v.iter().map(|c| c.run_id.clone()).collect::<Vec<_>>();
+    assert_eq!(ids(&kids), ids(&again));
+    assert!(kids.iter().all(|c| c.created) && again.iter().all(|c| !c.created));
+    let detail = core.run_detail(parent).await.unwrap().unwrap();
+    assert_eq!(detail[1].rows.len(), 3, "waiting records");
+    assert_eq!(detail[3].rows.len(), 3, "children");
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+// -- group commit ----------------------------------------------------------------------------
+
+#[tokio::test]
+async fn group_commit_batches_concurrent_writes_durably() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let core = open(&url, &schema, false);
+    let n = 300;
+    let specs: Vec<Spec> = (0..n).map(|_| spec("g")).collect();
+    let made = core.insert_runs(&[chunk(&specs)], vec![]).await.unwrap();
+    let before = core.writer_stats();
+    let mut tasks = Vec::new();
+    for (i, c) in made.iter().enumerate() {
+        let core = core.clone();
+        let id = c.run_id.clone();
+        tasks.push(tokio::spawn(async move {
+            core.record_step(&id, &done_step("s", &i.to_string())).await
+        }));
+    }
+    for t in tasks {
+        assert!(t.await.unwrap().unwrap().written);
+    }
+    let after = core.writer_stats();
+    let txs = after.transactions - before.transactions;
+    assert_eq!(after.ops - before.ops, n as u64);
+    assert!(txs < n as u64 / 4, "{txs} transactions for {n} writes");
+    assert!(after.max_batch > 1);
+    // durable: a fresh connection sees every record
+    let count: i64 = admin(&url)
+        .await
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".steps"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(count, n as i64);
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn group_commit_keeps_per_run_order_and_first_writer_wins() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let core = open(&url, &schema, false);
+    let made = core
+        .insert_runs(&[chunk(&[spec("o"), spec("o")])], vec![])
+        .await
+        .unwrap();
+    // many writers of the same key, submitted in order without awaiting: the first wins
+    let id = made[0].run_id.clone();
+    let futs: Vec<_> = (0..50)
+        .map(|i| {
+            let core = core.clone();
+            let id = id.clone();
+            async move { core.record_step(&id, &done_step("k", &i.to_string())).await }
+        })
+        .collect();
+    let results = futures_util::future::join_all(futs).await;
+    let stored: Vec<_> = results.into_iter().map(|r| r.unwrap()).collect();
+    assert!(stored[0].written);
+    assert!(stored[1..].iter().all(|s| !s.written));
+    assert!(stored.iter().all(|s| s.result.as_deref() == Some("0")));
+    // one bad op (an unknown run: foreign key violation) fails alone
+    let good = made[1].run_id.clone();
+    let bad = new_id();
+    let split_before = core.writer_stats().split;
+    let (x, y) = (done_step("x", "1"), done_step("y", "2"));
+    let (a, b, c) = tokio::join!(
+        core.record_step(&good, &x),
+        core.record_step(&bad, &x),
+        core.record_step(&good, &y),
+    );
+    assert!(a.unwrap().written);
+    assert!(matches!(b.unwrap_err(), CoreError::Database(_)));
+    assert!(c.unwrap().written);
+    assert!(core.writer_stats().split >= split_before);
+    // a client-side bad parameter is refused without touching the batch
+    let err = core
+        .record_step(
+            &good,
+            &StepWrite {
+                status: "done".into(),
+                result: Some("1".into()),
+                seq: i64::MAX,
+                ..done_step("z", "1")
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), "INVALID_ARGUMENT");
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+// -- claims ----------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn two_claimers_never_claim_the_same_run() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let one = open(&url, &schema, false);
+    let two = open(&url, &schema, false);
+    let n = 600;
+    let specs: Vec<Spec> = (0..n).map(|_| spec("c")).collect();
+    one.insert_runs(&[chunk(&specs)], vec![]).await.unwrap();
+    let claim_all = |core: Core, owner: &'static str| async move {
+        let mut got = Vec::new();
+        loop {
+            let batch = core.claim(&names("c"), 7, owner, 60_000).await.unwrap();
+            if batch.is_empty() {
+                break;
+            }
+            got.extend(batch.into_iter().map(|r| r.run_id));
+        }
+        got
+    };
+    let (a, b) = tokio::join!(
+        tokio::spawn(claim_all(one.clone(), "one")),
+        tokio::spawn(claim_all(two.clone(), "two"))
+    );
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let all: HashSet<_> = a.iter().chain(&b).cloned().collect();
+    assert_eq!(a.len() + b.len(), n, "claimed {} + {}", a.len(), b.len());
+    assert_eq!(all.len(), n, "a run was claimed twice");
+    assert!(!a.is_empty() && !b.is_empty(), "both claimers got work");
+    one.close().await;
+    two.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+// -- LISTEN fan-out --------------------------------------------------------------------------
+
+#[tokio::test]
+async fn listen_wakes_waiters_across_cores() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let worker = open(&url, &schema, true);
+    let client = open(&url, &schema, true);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !(worker.listening() && client.listening()) {
+        assert!(Instant::now() < deadline, "LISTEN did not come up");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    worker.wait_for_work(Duration::from_millis(1)).await; // consume the connect wake-up
+                                                          // work started by another process wakes the worker
+    let waiter = {
+        let worker = worker.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            worker.wait_for_work(Duration::from_secs(5)).await;
+            t.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let made = client
+        .insert_runs(&[chunk(&[spec("l")])], names("l"))
+        .await
+        .unwrap();
+    let waited = waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+    // a run finished by another process wakes its result() waiter
+    let run = worker
+        .claim(&names("l"), 1, "w", 30_000)
+        .await
+        .unwrap()
+        .remove(0);
+    let id = made[0].run_id.clone();
+    let result_waiter = {
+        let client = client.clone();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let t = Instant::now();
+            client.wait_run_change(&id, Duration::from_secs(5)).await;
+            t.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(worker
+        .finish(
+            &run.run_id,
+            Some(run.lease_token),
+            "done",
+            Some("1".into()),
+            None
+        )
+        .await
+        .unwrap());
+    let waited = result_waiter.await.unwrap();
+    assert!(waited < Duration::from_secs(1), "waited {waited:?}");
+    // a waiter registering after the notification returns at once
+    let t = Instant::now();
+    client.wait_run_change(&id, Duration::from_secs(5)).await;
+    assert!(t.elapsed() < Duration::from_millis(100));
+    assert_eq!(client.hub().waiter_count(), 0);
+    worker.close().await;
+    client.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+/// Not a test: `cargo test --release -p iterflow-core --test core -- --ignored --nocapture`
+/// prints the group-commit writer's throughput and latency with N concurrent writers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn writer_throughput_probe() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let core = open(&url, &schema, false);
+    let n = 2000;
+    let specs: Vec<Spec> = (0..n).map(|_| spec("p")).collect();
+    let made = core.insert_runs(&[chunk(&specs)], vec![]).await.unwrap();
+    for writers in [1usize, 8, 32] {
+        let before = core.writer_stats();
+        let t0 = Instant::now();
+        let per = n / writers;
+        let mut tasks = Vec::new();
+        for w in 0..writers {
+            let core = core.clone();
+            let ids: Vec<String> = made[w * per..(w + 1) * per]
+                .iter()
+                .map(|c| c.run_id.clone())
+                .collect();
+            tasks.push(tokio::spawn(async move {
+                let mut lat = Vec::new();
+                for id in ids {
+                    let t = Instant::now();
+                    core.record_step(&id, &done_step(&format!("k{writers}"), "1"))
+                        .await
+                        .unwrap();
+                    lat.push(t.elapsed());
+                }
+                lat
+            }));
+        }
+        let mut lat = Vec::new();
+        for t in tasks {
+            lat.extend(t.await.unwrap());
+        }
+        lat.sort();
+        let dt = t0.elapsed();
+        let after = core.writer_stats();
+        println!(
+            "writers={writers}: {:.0} writes/s, p50 {:?} p99 {:?}, {} transactions for {} writes, {}us per transaction",
+            (per * writers) as f64 / dt.as_secs_f64(),
+            lat[lat.len() / 2],
+            lat[lat.len() * 99 / 100],
+            after.transactions - before.transactions,
+            after.ops - before.ops,
+            (after.busy_us - before.busy_us) / (after.transactions - before.transactions).max(1)
+        );
+    }
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+/// Not a test: does pipelining work on this machine (50 prepared SELECTs at once vs one by one)?
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn pipelining_probe() {
+    let Some(url) = database_url() else { return };
+    let client = admin(&url).await;
+    let stmt = client.prepare("SELECT $1::int").await.unwrap();
+    for _ in 0..3 {
+        let t = Instant::now();
+        for i in 0..50i32 {
+            client.query(&stmt, &[&i]).await.unwrap();
+        }
+        let seq = t.elapsed();
+        let t = Instant::now();
+        let futs: Vec<_> = (0..50i32)
+            .map(|i| {
+                let client = &client;
+                let stmt = &stmt;
+                async move { client.query(stmt, &[&i]).await.unwrap() }
+            })
+            .collect();
+        futures_util::future::join_all(futs).await;
+        println!(
+            "50 queries: one by one {seq:?}, pipelined {:?}",
+            t.elapsed()
+        );
+    }
+}

@@ -1,0 +1,355 @@
+"""The Rust core: the core protocol on ``iterflow._core`` (tokio, tokio-postgres).
+
+Same behaviour and return types as ``cores/python.py``; the hot path differs: step records,
+suspensions, completions, events and signal resolutions are group-committed by a writer task,
+claims fetch the history in the same statement, one LISTEN connection serves every waiter of
+the process, and near-term timers fire from an in-memory wheel. Importing this module raises
+ImportError when the extension is missing (``create_engine(core="auto")`` relies on that).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from .. import sql
+from .._core import Core as _RustCore  # ImportError when the extension is not built
+from .._core import CoreError
+from .._core import Json as _Json
+from .._core import Pump as _RustPump
+from ..errors import SchemaMismatch
+from .base import (
+    ADMIN_QUERIES,
+    ClaimedRun,
+    Created,
+    JsonArg,
+    LeaseState,
+    RunFilter,
+    RunSpec,
+    StepRecord,
+    StoredStep,
+    rows_json,
+)
+
+# start_many is one transaction; statements inside it carry at most this many runs
+INSERT_CHUNK = 1000
+_UTC = UTC
+
+__all__ = ["CoreError", "RustCore"]
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    if value is None or value.tzinfo is _UTC:
+        return value
+    return value.astimezone(_UTC)
+
+
+def _find_json(specs: Sequence[RunSpec]) -> str:
+    return json.dumps([
+        {"ord": i, "name": s.name, "version": s.version, "idempotency_key": s.idempotency_key,
+         "parent_id": s.parent_id, "parent_key": s.parent_key}
+        for i, s in enumerate(specs)
+    ])
+
+
+def _chunks(specs: Sequence[RunSpec]) -> list[tuple[str, str, int]]:
+    out = []
+    for i in range(0, len(specs), INSERT_CHUNK):
+        part = specs[i:i + INSERT_CHUNK]
+        out.append((rows_json(part), _find_json(part), len(part)))
+    return out
+
+
+def _reraise(exc: CoreError) -> BaseException:
+    """The typed iterflow error the Python core would raise for this core error."""
+    if getattr(exc, "code", None) == "SCHEMA_MISMATCH":
+        return SchemaMismatch(getattr(exc, "message", str(exc)))
+    return exc
+
+
+class _Pump:
+    """Delivers the Rust core's results to one event loop.
+
+    A call takes a ticket and returns at once; the runtime queues each finished call in the
+    Rust ``Pump`` and writes one byte to a pipe when the queue becomes non-empty. The loop
+    watches the pipe and drains every finished call in one go, converting the values on this
+    thread: runtime threads never take the GIL, and a burst of completions costs one wake-up.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self.rust = _RustPump(self._w)  # takes ownership of the write end
+        self._waiting: dict[int, asyncio.Future[Any]] = {}
+        self._next = 0
+        loop.add_reader(self._r, self._ready)
+        self.closed = False
+
+    def call(self, method: Any, *args: Any) -> tuple[int, asyncio.Future[Any]]:
+        self._next += 1
+        ticket = self._next
+        fut = self.loop.create_future()
+        self._waiting[ticket] = fut
+        try:
+            method(self.rust, ticket, *args)
+        except BaseException:
+            del self._waiting[ticket]
+            raise
+        return ticket, fut
+
+    def _ready(self) -> None:
+        try:
+            os.read(self._r, 4096)
+        except (BlockingIOError, InterruptedError):
+            pass
+        for ticket, ok, value in self.rust.drain():
+            fut = self._waiting.pop(ticket, None)
+            if fut is None or fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    def close(self) -> None:
+        """Stop watching; the write end belongs to the Rust pump (closed when it is dropped,
+        after the last call that could write to it has finished)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.loop.is_closed():
+            self.loop.remove_reader(self._r)
+        os.close(self._r)
+
+
+class RustCore:
+    """Core protocol on the Rust extension. It opens its own pool (a DSN, not a psycopg pool)."""
+
+    name = "rust"
+
+    def __init__(self, dsn: str | None, *, schema: str, pool_size: int, notify: bool,
+                 application_name: str = "iterflow") -> None:
+        if not isinstance(dsn, str) or not dsn:
+            raise ValueError("the Rust core needs a DSN")
+        self.schema = sql.validate_schema_name(schema)
+        self._q = sql.queries(schema)
+        self._dsn = dsn
+        self._pool_size = pool_size
+        self._notify = notify
+        self._application_name = application_name
+        self._core: Any = None
+        self._pump: _Pump | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    async def open(self) -> None:
+        if self._core is None:
+            tuning = {k: int(v) for k, v in (
+                ("writer_shards", os.environ.get("ITERFLOW_RUST_WRITER_SHARDS")),
+                ("max_batch", os.environ.get("ITERFLOW_RUST_MAX_BATCH")),
+            ) if v}
+            self._core = _RustCore(
+                self._dsn, self.schema, pool_size=self._pool_size, notify=self._notify,
+                application_name=self._application_name, **tuning,
+            )
+
+    async def close(self) -> None:
+        core = self._core
+        if core is not None:
+            await self._run(core.close)
+            self._core = None
+        if self._pump is not None and self._pump.loop is asyncio.get_running_loop():
+            self._pump.close()
+            self._pump = None
+
+    def _pump_here(self) -> _Pump:
+        loop = asyncio.get_running_loop()
+        pump = self._pump
+        if pump is None or pump.loop is not loop:
+            if pump is not None and pump.loop.is_closed():
+                pump.close()
+            pump = self._pump = _Pump(loop)
+        return pump
+
+    def _run(self, method: Any, *args: Any) -> asyncio.Future[Any]:
+        """Start ``method`` on the runtime now; the future resolves on this loop."""
+        return self._pump_here().call(method, *args)[1]
+
+    async def _wait(self, method: Any, *args: Any) -> None:
+        """A cancellable call: cancelling the awaiting task aborts it on the runtime."""
+        pump = self._pump_here()
+        ticket, fut = pump.call(method, *args)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            pump.rust.cancel(ticket)
+            raise
+
+    @property
+    def _c(self) -> Any:
+        if self._core is None:
+            raise RuntimeError("core is not open")
+        return self._core
+
+    def stats(self) -> dict[str, Any]:
+        """Writer batching, listener state, pool and timers (tests and benchmarks)."""
+        return dict(self._c.stats())
+
+    async def check_schema(self) -> None:
+        try:
+            await self._run(self._c.check_schema, sql.latest_version())
+        except CoreError as exc:
+            raise _reraise(exc) from None
+
+    # -- client side ---------------------------------------------------------------------
+    async def insert_runs(self, specs: Sequence[RunSpec], conn: Any = None) -> list[Created]:
+        if not specs:
+            return []
+        if conn is not None:
+            # the caller's transaction lives on a psycopg connection: write through it
+            import psycopg
+            from psycopg import AsyncRawCursor, RawCursor
+
+            from .python import insert_async, insert_sync
+
+            if isinstance(conn, psycopg.Connection):
+                return await asyncio.to_thread(insert_sync, self._q, RawCursor(conn), specs)
+            return await insert_async(self._q, AsyncRawCursor(conn), specs)
+        wake = sorted({s.name for s in specs if s.delay_ms <= 0})
+        made = await self._run(self._c.insert_runs, _chunks(specs), wake)
+        return [Created(run_id, status, created) for run_id, status, created in made]
+
+    async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
+        return str(await self._run(self._c.deliver_signal, run_id, name, payload, key))
+
+    async def cancel(self, run_id: str, reason: str) -> int:
+        return int(await self._run(self._c.cancel, run_id, reason))
+
+    async def retry(self, run_id: str) -> str:
+        return str(await self._run(self._c.retry, run_id))
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        return await self._run(self._c.get_run, run_id)  # type: ignore[no-any-return]
+
+    async def run_detail(self, run_id: str) -> dict[str, Any] | None:
+        return await self._run(self._c.run_detail, run_id)  # type: ignore[no-any-return]
+
+    async def list_runs(
+        self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
+    ) -> list[dict[str, Any]]:
+        return await self._run(  # type: ignore[no-any-return]
+            self._c.list_runs,
+            *_filter_args(flt), _utc(cursor[0]) if cursor else None, cursor[1] if cursor else None, limit,
+        )
+
+    async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
+        return await self._run(self._c.select_runs, *_filter_args(flt), limit)  # type: ignore[no-any-return]
+
+    async def purge(self, run_ids: Sequence[str]) -> int:
+        return int(await self._run(self._c.purge, list(run_ids)))
+
+    async def wait_run_change(self, run_id: str, timeout: float) -> None:
+        await self._wait(self._c.wait_run_change, run_id, float(timeout))
+
+    # -- worker side ---------------------------------------------------------------------
+    async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]:
+        rows = await self._run(self._c.claim, list(names), limit, owner, lease_ms)
+        runs = []
+        for head, history in rows:
+            run = ClaimedRun(*head)
+            for rec in history:
+                run.history[rec[0]] = StepRecord(*rec)
+            runs.append(run)
+        return runs
+
+    async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
+        row = await self._run(
+            self._c.record_step, run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, result, error, rec.attempts,
+            _utc(rec.deadline), rec.child_id,
+        )
+        return StoredStep(*row)
+
+    async def spawn_children(
+        self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
+    ) -> list[Created]:
+        recs = [(r.key, r.seq, r.kind, r.name) for r in records]
+        made = await self._run(
+            self._c.spawn_children, run_id, recs, _chunks(children), sorted({c.name for c in children})
+        )
+        return [Created(rid, status, created) for rid, status, created in made]
+
+    async def resolve_signal(
+        self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
+    ) -> tuple[str, Any, datetime]:
+        outcome, payload, at = await self._run(
+            self._c.resolve_signal, run_id, key, seq, name, deadline_passed, timeout_error
+        )
+        return outcome, payload, at
+
+    async def suspend(
+        self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
+        attempts_delta: int | None,
+    ) -> bool:
+        return bool(await self._run(self._c.suspend, run_id, token, status, waiting, _utc(wake_at), attempts_delta))
+
+    async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
+        return bool(await self._run(self._c.finish, run_id, token, status, output, error))
+
+    async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
+        await self._run(self._c.add_event, run_id, kind, data)
+
+    async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
+        if not leases:
+            return []
+        rows = await self._run(self._c.heartbeat, [(r, int(t)) for r, t in leases], lease_ms)
+        return [LeaseState(run_id, held, reason) for run_id, held, reason in rows]
+
+    async def expire_leases(self, limit: int) -> int:
+        return int(await self._run(self._c.expire_leases, limit))
+
+    async def next_due(self, names: Sequence[str]) -> float | None:
+        return await self._run(self._c.next_due, list(names))  # type: ignore[no-any-return]
+
+    async def requeue_parked(self, names: Sequence[str]) -> int:
+        return int(await self._run(self._c.requeue_parked, list(names)))
+
+    async def wait_for_work(self, names: Sequence[str], timeout: float) -> None:
+        await self._wait(self._c.wait_for_work, float(timeout))
+
+    async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
+        return await self._run(self._c.prune, events_ms, runs_ms, batch)  # type: ignore[no-any-return]
+
+    async def pending_work(self, names: Sequence[str] | None) -> int:
+        return int(await self._run(self._c.pending_work, list(names) if names is not None else None))
+
+    async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
+        if name not in ADMIN_QUERIES:
+            raise ValueError(f"not an admin statement: {name}")
+        args = [_param(p) for p in params]
+        rows, rowcount, has_columns = await self._run(self._c.query, name, args)
+        if not has_columns:
+            return [{"rowcount": rowcount}]
+        return rows  # type: ignore[no-any-return]
+
+    async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
+        return await self._run(self._c.reconcile, stale_ms)  # type: ignore[no-any-return]
+
+
+def _param(value: Any) -> Any:
+    if isinstance(value, JsonArg):
+        return _Json(value.text)
+    if isinstance(value, datetime):
+        return _utc(value)
+    if isinstance(value, (tuple, set, frozenset)):
+        return list(value)
+    return value
+
+
+def _filter_args(flt: RunFilter) -> tuple[Any, ...]:
+    statuses = list(flt.statuses) if flt.statuses is not None else None
+    return (flt.name, statuses, flt.tag, _utc(flt.since), _utc(flt.until))
