@@ -130,18 +130,17 @@ mod tests {
     fn parses_every_statement_and_renders_the_schema() {
         let q = Queries::new("wf").unwrap();
         for name in [
-            "claim",
+            "claim_with_history",
             "record_step",
             "finish_run",
             "notify_work",
-            "history",
         ] {
             assert!(q.contains(name), "{name}");
         }
         let notify = q.get("notify_work").unwrap();
         assert!(notify.contains("'iterflow.wf'"), "{notify}");
-        assert!(!q.get("claim").unwrap().contains("{schema}"));
-        assert!(q.get("claim").unwrap().contains("\"wf\".queue"));
-        assert!(!q.get("claim").unwrap().contains("-- name:"));
+        assert!(!q.get("claim_with_history").unwrap().contains("{schema}"));
+        assert!(q.get("claim_with_history").unwrap().contains("\"wf\".queue"));
+        assert!(!q.get("claim_with_history").unwrap().contains("-- name:"));
     }
 }

@@ -287,15 +287,12 @@ class PythonCore:
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]:
-        async with self._stmt() as cur:
-            await cur.execute(self._q["claim"], (list(names), limit, owner, lease_ms))
-            runs = [_claimed(row) for row in await cur.fetchall()]
-        if not runs:
-            return runs
-        by_id = {r.run_id: r for r in runs}
-        for row in await self._rows("history", list(by_id)):
-            by_id[str(row[0])].history[row[1]] = _step_record(row)
-        return runs
+        rows = await self._rows("claim_with_history", list(names), limit, owner, lease_ms)
+        by_id = {str(row[1]): _claimed(row) for row in rows if row[0] == "run"}
+        for row in rows:
+            if row[0] == "step":
+                by_id[str(row[1])].history[row[13]] = _step_record(row)
+        return list(by_id.values())
 
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
         row = await self._one(
@@ -482,18 +479,20 @@ def _filter_args(flt: RunFilter) -> tuple[Any, ...]:
 
 
 def _claimed(row: tuple[Any, ...]) -> ClaimedRun:
+    """A 'run' row of claim_with_history."""
     return ClaimedRun(
-        run_id=str(row[0]), lease_token=int(row[1]), name=row[2], version=row[3], input=row[4],
-        attempts=row[5], cancel_reason=row[6], parent_id=str(row[7]) if row[7] else None, depth=row[8],
-        created_at=row[9], parent_status=row[10], db_now=row[11],
+        run_id=str(row[1]), lease_token=int(row[2]), name=row[3], version=row[4], input=row[5],
+        attempts=row[6], cancel_reason=row[7], parent_id=str(row[8]) if row[8] else None, depth=row[9],
+        created_at=row[10], parent_status=row[11], db_now=row[12],
     )
 
 
 def _step_record(row: tuple[Any, ...]) -> StepRecord:
+    """A 'step' row of claim_with_history."""
     return StepRecord(
-        key=row[1], seq=row[2], kind=row[3], name=row[4], status=row[5], result=row[6], error=row[7],
-        attempts=row[8], deadline=row[9], child_id=str(row[10]) if row[10] else None,
-        child_status=row[11], child_output=row[12], child_error=row[13], finished_at=row[14],
+        key=row[13], seq=row[14], kind=row[15], name=row[3], status=row[16], result=row[17], error=row[18],
+        attempts=row[19], deadline=row[20], child_id=str(row[21]) if row[21] else None,
+        child_status=row[22], child_output=row[23], child_error=row[24], finished_at=row[25],
     )
 
 

@@ -39,42 +39,6 @@ SELECT x.ord, r.id, r.status
 -- name: notify_work
 SELECT pg_notify('iterflow.{schema_raw}', 'q ' || n) FROM unnest($1::text[]) AS n
 
--- name: claim
--- Lease up to $2 ready runs of the flows this worker knows ($1), for $4 ms, as owner $3.
--- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
--- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
-WITH c AS (
-    SELECT wq.run_id FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
-     WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
-     ORDER BY wq.priority DESC, wq.ready_at
-     LIMIT $2
-     FOR UPDATE OF wq, wr SKIP LOCKED
-), q AS (
-    UPDATE {schema}.queue
-       SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
-           lease_until = now() + $4 * interval '1 millisecond', woken = false
-      FROM c WHERE queue.run_id = c.run_id
-    RETURNING queue.run_id, queue.lease_token
-)
-UPDATE {schema}.runs r
-   SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
-       waiting = jsonb_build_object('kind', 'running', 'worker', $3::text,
-                                    'until', now() + $4 * interval '1 millisecond')
-  FROM q WHERE r.id = q.run_id
-RETURNING r.id, q.lease_token, r.name, r.version, r.input, r.attempts, r.cancel_reason,
-          r.parent_id, r.depth, r.created_at,
-          (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status,
-          now() AS db_now
-
--- name: history
--- Step records of claimed runs, with the state of the child each waiting invoke points at.
-SELECT s.run_id, s.key, s.seq, s.kind, s.name, s.status, s.result, s.error, s.attempts,
-       s.deadline, s.child_id, c.status AS child_status, c.output AS child_output,
-       c.error AS child_error, s.finished_at
-  FROM {schema}.steps s
-  LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
- WHERE s.run_id = ANY ($1::uuid[])
-
 -- name: record_step
 -- First writer of a final record wins; a later writer gets the stored row back instead.
 WITH ins AS (
@@ -316,8 +280,11 @@ SELECT least((SELECT min(ready_at) FROM {schema}.queue WHERE lease_until IS NULL
 SELECT to_regclass($1) IS NOT NULL
 
 -- name: claim_with_history
--- `claim` and `history` in one statement (one round trip, one commit), used by the Rust core:
+-- Lease up to $2 ready runs of the flows this worker knows ($1), for $4 ms, as owner $3, and
+-- return their history in the same statement (one round trip, one commit):
 -- rows of kind 'run' carry the claimed run, rows of kind 'step' one record of its history.
+-- The `= ANY (ARRAY(SELECT ...))` conditions keep index scans in the cached generic plan,
+-- whose row estimate for the claimed set knows nothing of the LIMIT.
 -- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
 -- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
 WITH c AS (
@@ -330,14 +297,14 @@ WITH c AS (
     UPDATE {schema}.queue
        SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
            lease_until = now() + $4 * interval '1 millisecond', woken = false
-      FROM c WHERE queue.run_id = c.run_id
+      FROM c WHERE queue.run_id = c.run_id AND queue.run_id = ANY (ARRAY(SELECT run_id FROM c))
     RETURNING queue.run_id, queue.lease_token
 ), r AS (
     UPDATE {schema}.runs r
        SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
            waiting = jsonb_build_object('kind', 'running', 'worker', $3::text,
                                         'until', now() + $4 * interval '1 millisecond')
-      FROM q WHERE r.id = q.run_id
+      FROM q WHERE r.id = q.run_id AND r.id = ANY (ARRAY(SELECT run_id FROM q))
     RETURNING r.id, q.lease_token, r.name, r.version, r.input, r.attempts, r.cancel_reason,
               r.parent_id, r.depth, r.created_at,
               (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
@@ -354,5 +321,5 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
        c.status, c.output, c.error, s.finished_at
   FROM {schema}.steps s
-  JOIN r ON r.id = s.run_id
   LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
+ WHERE s.run_id = ANY (ARRAY(SELECT id FROM r))
