@@ -292,8 +292,15 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     iterflow_log = logging.getLogger("iterflow")
-    if not any(isinstance(f, _DropNoise) for f in iterflow_log.filters):
-        iterflow_log.addFilter(_DropNoise())
+    noise = _DropNoise()
+    iterflow_log.addFilter(noise)
+    try:
+        return _run(args)
+    finally:  # the runner is also called in-process (tests, `iterflow bench`): leave logging as found
+        iterflow_log.removeFilter(noise)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.dsn:
         dsn = args.dsn
     else:
