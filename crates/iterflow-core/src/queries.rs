@@ -140,7 +140,10 @@ mod tests {
         let notify = q.get("notify_work").unwrap();
         assert!(notify.contains("'iterflow.wf'"), "{notify}");
         assert!(!q.get("claim_with_history").unwrap().contains("{schema}"));
-        assert!(q.get("claim_with_history").unwrap().contains("\"wf\".queue"));
+        assert!(q
+            .get("claim_with_history")
+            .unwrap()
+            .contains("\"wf\".queue"));
         assert!(!q.get("claim_with_history").unwrap().contains("-- name:"));
     }
 }

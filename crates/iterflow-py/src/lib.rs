@@ -228,6 +228,8 @@ where
 {
     let rt = runtime()?;
     let inner = pump.inner.clone();
+    // hold the map while spawning: the task removes its entry when done, never before it exists
+    let mut aborts = pump.inner.aborts.lock().expect("pump lock");
     let task = rt.spawn(async move {
         let result = fut.await;
         inner.aborts.lock().expect("pump lock").remove(&ticket);
@@ -237,13 +239,7 @@ where
         });
         inner.push(ticket, done);
     });
-    if !task.is_finished() {
-        pump.inner
-            .aborts
-            .lock()
-            .expect("pump lock")
-            .insert(ticket, task.abort_handle());
-    }
+    aborts.insert(ticket, task.abort_handle());
     Ok(())
 }
 
