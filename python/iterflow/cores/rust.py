@@ -5,6 +5,10 @@ suspensions, completions, events and signal resolutions are group-committed by a
 claims fetch the history in the same statement, one LISTEN connection serves every waiter of
 the process, and near-term timers fire from an in-memory wheel. Importing this module raises
 ImportError when the extension is missing (``create_engine(core="auto")`` relies on that).
+
+Tuning knobs for benchmarks (environment): ``ITERFLOW_RUST_WRITER_SHARDS`` (concurrent
+group-commit transactions, default 2; 1 halves the transactions per step at some cost in
+throughput under a large backlog) and ``ITERFLOW_RUST_MAX_BATCH`` (ops per transaction, 256).
 """
 
 from __future__ import annotations
