@@ -59,7 +59,8 @@ CREATE TABLE IF NOT EXISTS {schema}.queue (
     lease_owner text,
     lease_token bigint,
     lease_until timestamptz
-) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0);
+) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0,
+        autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 200);
 
 CREATE INDEX IF NOT EXISTS queue_ready
     ON {schema}.queue (priority DESC, ready_at) WHERE lease_until IS NULL;

@@ -256,6 +256,11 @@ SELECT name, schedule, timezone, flow_name, flow_version, overlap, next_fire_at,
 -- name: delete_cron
 DELETE FROM {schema}.crons WHERE name = $1
 
+-- name: analyze_hot
+-- After a bulk start: fresh statistics keep the claim on its ordered index scan. With the
+-- planner believing the queue is near-empty, every claim would join and sort all ready rows.
+ANALYZE {schema}.queue, {schema}.runs
+
 -- name: shift_time
 -- Test clock (iterflow.testing): move every pending deadline $1 ms closer, as if that much
 -- time had passed. Leased rows are left alone; their runs are executing now.
