@@ -45,12 +45,18 @@ class Hooks:
                 self._warned.add(name)
                 self._log.warning("iterflow metrics hook %s raised %r; ignoring it from now on", name, exc)
 
-    @contextlib.contextmanager
-    def span(self, name: str, **attributes: Any) -> Iterator[None]:
+    def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[None]:
         """An OpenTelemetry span when ``opentelemetry-api`` is installed; otherwise nothing.
 
-        Failures of the tracing SDK are swallowed like hook failures: a span can never fail a run.
+        Called for every step: without a tracer it costs one attribute check, not a generator.
         """
+        if self._tracer is None:
+            return contextlib.nullcontext()
+        return self._traced(name, attributes)
+
+    @contextlib.contextmanager
+    def _traced(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:
+        """Failures of the tracing SDK are swallowed like hook failures: a span can never fail a run."""
         span_cm = None
         if self._tracer is not None:
             try:
