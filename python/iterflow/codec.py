@@ -74,6 +74,8 @@ def encode(value: object, *, field: str, limit: int | None, code: str) -> str:
     ``limits`` caps promise. Strings PostgreSQL's jsonb cannot hold (NUL, lone surrogates)
     are refused here so the failure names the field instead of aborting a batch commit.
     """
+    if value is None:  # most steps return nothing
+        return "null"
     text = _serialize(value, field)
     size = len(text) if text.isascii() else _utf8_size(text, field)
     if "\\u0000" in text and _ESCAPED_NUL.search(text):

@@ -11,9 +11,8 @@ branch is blocked or done, the runner unwinds the body by failing the blocked ca
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -64,6 +63,9 @@ class Context:
         self._check_kinds = body_flow
         self._history = run.history
         self._visited: set[str] = set()
+        # recorded calls (logs aside) not yet reached by this replay: the drift gate has
+        # nothing to check, and need not yield, once it is zero
+        self._unvisited = sum(1 for rec in run.history.values() if rec.kind != "log")
         self._replay_io = 0
         self._replay_idle = asyncio.Event()
         self._counters: dict[str, int] = {}
@@ -90,6 +92,8 @@ class Context:
         seq = self._seq
         self._seq += 1
         rec = self._history.get(key)
+        if rec is not None and rec.kind != "log" and key not in self._visited:
+            self._unvisited -= 1
         self._visited.add(key)
         if self._check_kinds:
             self._check_kind(kind, key, rec)
@@ -109,7 +113,7 @@ class Context:
         Call order alone cannot tell: a wait that resolves on replay lets its branch overtake
         siblings that were ahead of it on the first pass.
         """
-        if not self._check_kinds:
+        if not self._check_kinds or self._unvisited == 0:
             return
         while True:
             for _ in range(GATE_TURNS):
@@ -140,29 +144,34 @@ class Context:
             raise SuspendRun()
 
     # -- the runner's view -----------------------------------------------------------------
-    @contextlib.asynccontextmanager
-    async def _op(self, *, replay: bool = False) -> AsyncIterator[None]:
-        """Track a ctx operation in flight; ``replay`` marks I/O that resolves a recorded call."""
+    # Every ctx operation that does I/O is bracketed by _begin/_end (try/finally at the call
+    # site: an async context manager per step costs more than the rest of a memoized step).
+    def _begin(self, replay: bool = False) -> None:
+        """An operation is in flight; ``replay`` marks I/O that resolves a recorded call."""
         self._in_flight += 1
         self._quiet.clear()
         if replay:
             self._replay_io += 1
             self._replay_idle.clear()
-        try:
-            yield
-        finally:
-            self._in_flight -= 1
-            if replay:
-                self._replay_io -= 1
-                if self._replay_io == 0:
-                    self._replay_idle.set()
-            self._maybe_quiet()
+
+    def _end(self, replay: bool = False) -> None:
+        self._in_flight -= 1
+        if replay:
+            self._replay_io -= 1
+            if self._replay_io == 0:
+                self._replay_idle.set()
+        self._maybe_quiet()
 
     def _maybe_quiet(self) -> None:
         if self._in_flight == 0 and self._blocked:
             self._quiet.set()
 
+    def body_done(self, _task: Any) -> None:
+        """The body returned or raised: wake the runner (see ``wait_quiet``)."""
+        self._quiet.set()
+
     async def wait_quiet(self) -> None:
+        """Returns once every live branch is blocked on a wait, or the body has finished."""
         await self._quiet.wait()
 
     def is_quiet(self) -> bool:
@@ -208,7 +217,7 @@ class Context:
     # -- steps -------------------------------------------------------------------------------
     async def step(self, name: str, fn: Callable[..., Any], **options: Any) -> Any:
         """Run ``fn`` once (memoized by cursor key); see SPEC 1.2 for the options."""
-        opts = StepOptions.build(**options, default_timeout=self._rt.default_step_timeout)
+        opts = StepOptions.cached(options, self._rt.default_step_timeout)
         return await self.run_step(name, fn, opts, None)
 
     async def run_step(self, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any) -> Any:
@@ -216,10 +225,13 @@ class Context:
         if rec is not None and rec.status == "done":
             return self._step_value(rec, opts)
         attempt = (rec.attempts if rec is not None else 0) + 1
-        async with self._op():
+        self._begin()
+        try:
             await self._gate("step", key)
             outcome = await self._attempt(name, fn, opts, channel, attempt)
             value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
+        finally:
+            self._end()
         if isinstance(value, _Retry):
             await self._suspend(Suspension(
                 "retrying", {"kind": "retry", "step": key, "attempt": attempt + 1, "until": value.at.isoformat()},
@@ -231,7 +243,7 @@ class Context:
         token = AbortToken()
         self._tokens.add(token)
         start = time.monotonic()
-        span = self._rt.hooks.span(f"iterflow.step {name}", **{
+        span = self._rt.hooks.span(f"iterflow.step {name}", lambda: {
             "iterflow.run_id": self.run_id, "iterflow.step": name, "iterflow.attempt": attempt,
         })
         try:
@@ -305,20 +317,26 @@ class Context:
             until = compute(now)
             if until <= now:
                 return
-            async with self._op():
+            self._begin()
+            try:
                 await self._gate("sleep", key)
                 await self._rt.core.record_step(
                     self.run_id, StepRecord(key, seq, "sleep", "sleep", "waiting", deadline=until), None, None
                 )
+            finally:
+                self._end()
         else:
             until = rec.deadline
             assert until is not None
             if until <= now:
                 self._advance(until)
                 if rec.status == "waiting":  # close the record so timelines show the sleep as over
-                    async with self._op(replay=True):
+                    self._begin(replay=True)
+                    try:
                         done = StepRecord(key, seq, "sleep", "sleep", "done", deadline=until)
                         await self._rt.core.record_step(self.run_id, done, None, None)
+                    finally:
+                        self._end(replay=True)
                 return
         await self._suspend(Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True))
 
@@ -335,7 +353,9 @@ class Context:
         )
         timeout_error = {"code": Code.SIGNAL_TIMEOUT, "message": f"signal {name!r} timed out",
                          "traceback": None, "cause": None}
-        async with self._op(replay=rec is not None):
+        replay = rec is not None
+        self._begin(replay)
+        try:
             if rec is None:
                 await self._gate("signal", key)
             outcome, payload, at = await self._rt.core.resolve_signal(
@@ -345,6 +365,8 @@ class Context:
                 await self._rt.core.record_step(
                     self.run_id, StepRecord(key, seq, "signal", name, "waiting", deadline=until), None, None
                 )
+        finally:
+            self._end(replay)
         if outcome != "none":
             self._advance(at)
         if outcome == "signal":
@@ -390,11 +412,15 @@ class Context:
             key, seq, rec = self._next("invoke", f"{flow.name}@{flow.version}")
             calls.append((flow, inp, ikey, tags, key, seq, rec))
         to_spawn = [c for c in calls if c[6] is None]
-        async with self._op(replay=not to_spawn):
+        replay = not to_spawn
+        self._begin(replay)
+        try:
             if to_spawn:
                 await self._gate("invoke", to_spawn[0][4])
                 await self._spawn(to_spawn)
             outputs = [await self._child_outcome(c) for c in calls]
+        finally:
+            self._end(replay)
         pending = [o for o in outputs if isinstance(o, _Pending)]
         if pending:
             waiting = {"kind": "child", "child_id": pending[0].child_id, "children": len(pending)}

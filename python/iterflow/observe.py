@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from typing import Any
 
 HOOKS = (
@@ -17,12 +18,16 @@ HOOKS = (
 )
 
 
-def _tracer() -> Any:
+_NO_SPAN = contextlib.nullcontext()
+_UNKNOWN = object()
+
+
+def _otel() -> Any:
     try:
         from opentelemetry import trace
     except ImportError:
         return None
-    return trace.get_tracer("iterflow")
+    return trace
 
 
 class Hooks:
@@ -30,7 +35,9 @@ class Hooks:
         self._metrics = metrics
         self._log = log
         self._warned: set[str] = set()
-        self._tracer = _tracer()
+        self._otel = _otel()
+        self._tracer = self._otel.get_tracer("iterflow") if self._otel is not None else None
+        self._provider_from_env = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ
 
     def emit(self, name: str, *args: Any) -> None:
         if self._metrics is None:
@@ -45,14 +52,32 @@ class Hooks:
                 self._warned.add(name)
                 self._log.warning("iterflow metrics hook %s raised %r; ignoring it from now on", name, exc)
 
-    def span(self, name: str, **attributes: Any) -> contextlib.AbstractContextManager[None]:
-        """An OpenTelemetry span when ``opentelemetry-api`` is installed; otherwise nothing.
+    def span(self, name: str, attributes: Callable[[], dict[str, Any]]) -> contextlib.AbstractContextManager[None]:
+        """An OpenTelemetry span once a tracer provider is configured; otherwise nothing.
 
-        Called for every step: without a tracer it costs one attribute check, not a generator.
+        Called for every step. Having ``opentelemetry-api`` installed is not enough: until the
+        application sets a provider every span is a no-op, and building one (attributes
+        included, hence the callable) costs more than a memoized step.
         """
-        if self._tracer is None:
-            return contextlib.nullcontext()
-        return self._traced(name, attributes)
+        if self._tracer is None or not self._tracing():
+            return _NO_SPAN
+        return self._traced(name, attributes())
+
+    def _tracing(self) -> bool:
+        """Whether spans go anywhere; checked per call because a provider can be set at any time.
+
+        ``get_tracer_provider()`` reads the environment on every call while none is set, which
+        costs more than a step: the API module's global is read first, where it exists.
+        """
+        otel = self._otel
+        try:
+            if getattr(otel, "_TRACER_PROVIDER", _UNKNOWN) is None and not self._provider_from_env:
+                return False
+            provider = otel.get_tracer_provider()
+            return not isinstance(provider, (otel.ProxyTracerProvider, otel.NoOpTracerProvider))
+        except Exception as exc:  # noqa: BLE001
+            self._warn_once("span", exc)
+            return False
 
     @contextlib.contextmanager
     def _traced(self, name: str, attributes: dict[str, Any]) -> Iterator[None]:

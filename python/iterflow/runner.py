@@ -69,7 +69,7 @@ class Execution:
             if mismatch is not None:
                 return await self._drift(flow.drift, *mismatch)
         rt.hooks.emit("run_started")
-        with rt.hooks.span(f"iterflow.run {run.name}", **{
+        with rt.hooks.span(f"iterflow.run {run.name}", lambda: {
             "iterflow.run_id": run.run_id, "iterflow.flow": run.name, "iterflow.version": run.version,
             "iterflow.attempt": run.attempts,
         }):
@@ -166,17 +166,16 @@ _SUSPENDED = object()
 async def _drive(ctx: Context, body: Any) -> Any:
     """Run the body until it returns, or until every live branch is blocked on a wait."""
     task = asyncio.ensure_future(body)
+    task.add_done_callback(ctx.body_done)
     try:
         while True:
-            quiet = asyncio.ensure_future(ctx.wait_quiet())
-            try:
-                await asyncio.wait({task, quiet}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                quiet.cancel()
+            await ctx.wait_quiet()
             if task.done():
                 return task.result()
             for _ in range(SETTLE_TURNS):
                 await asyncio.sleep(0)
+            if task.done():  # e.g. asyncio.wait() on two waits: one resolved, the other was cancelled
+                return task.result()
             if ctx.is_quiet():
                 ctx.decide_suspend()
                 return await task

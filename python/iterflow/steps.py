@@ -37,7 +37,7 @@ class AbortToken:
     """
 
     def __init__(self) -> None:
-        self._event = asyncio.Event()
+        self._event: asyncio.Event | None = None  # made on the first wait(): most steps never wait
         self._loop = asyncio.get_running_loop()
         self.reason: str | None = None
 
@@ -48,10 +48,17 @@ class AbortToken:
     def fire(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-            self._loop.call_soon_threadsafe(self._event.set)
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
+        if self._event is not None:
+            self._event.set()
 
     async def wait(self) -> str:
-        await self._event.wait()
+        if self.reason is None:
+            if self._event is None:
+                self._event = asyncio.Event()
+            await self._event.wait()
         return self.reason or ""
 
     def raise_if_aborted(self) -> None:
@@ -108,6 +115,15 @@ class StepOptions:
             result=result,
         )
 
+    @staticmethod
+    def cached(options: dict[str, Any], default_timeout: timedelta | None) -> StepOptions:
+        """``build`` for a ``ctx.step`` call: the same options on every replay of every run,
+        so each distinct spelling is validated once."""
+        try:
+            return _cached_options(tuple(options.items()), default_timeout)
+        except TypeError:  # an unhashable option value: validate it the long way
+            return StepOptions.build(**options, default_timeout=default_timeout)
+
     def delay(self, attempt: int) -> timedelta:
         """Backoff before attempt ``attempt + 1`` (``attempt`` is the one that just failed)."""
         base = self.base_delay.total_seconds()
@@ -128,6 +144,11 @@ class StepOptions:
         if self.classify is not None and _safe_classify(self.classify, exc) == "permanent":
             return True
         return attempt > self.retries
+
+
+@lru_cache(maxsize=1024)
+def _cached_options(items: tuple[tuple[str, Any], ...], default_timeout: timedelta | None) -> StepOptions:
+    return StepOptions.build(**dict(items), default_timeout=default_timeout)
 
 
 def _duration(value: Any, field: str) -> timedelta:
@@ -183,6 +204,8 @@ def _is_async(fn: Callable[..., Any]) -> bool:
 async def call_step(fn: Callable[..., Any], args: StepArgs, timeout: timedelta | None) -> Any:
     """Run one attempt: async functions on the loop, sync ones in a thread; enforce the timeout."""
     call_args = (args,) if _accepts_args(fn) else ()
+    if timeout is None and _is_async(fn):
+        return await _call_inline(fn, call_args)
     ctx = contextvars.copy_context()
     ctx.run(in_step.set, True)
     if _is_async(fn):
@@ -202,6 +225,20 @@ async def call_step(fn: Callable[..., Any], args: StepArgs, timeout: timedelta |
         # an async step gets a moment to see the token (``await abort.wait()``) before it is cancelled
         asyncio.get_running_loop().call_later(ABORT_GRACE, task.cancel)
         raise StepTimeout(timeout) from None
+
+
+async def _call_inline(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) -> Any:
+    """An async step without a timeout runs in the body's own task: nothing needs a separate
+    task to cancel, and a task plus a context copy per step dominates a no-op step's cost.
+    ``in_step`` is set around the call only; tasks the step spawns inherit it."""
+    token = in_step.set(True)
+    try:
+        result = fn(*call_args)
+        if inspect.isawaitable(result):
+            return await result
+        return result
+    finally:
+        in_step.reset(token)
 
 
 async def _await(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) -> Any:

@@ -78,10 +78,12 @@ def _reraise(exc: CoreError) -> BaseException:
 class _Pump:
     """Delivers the Rust core's results to one event loop.
 
-    A call takes a ticket and returns at once; the runtime queues each finished call in the
-    Rust ``Pump`` and writes one byte to a pipe when the queue becomes non-empty. The loop
-    watches the pipe and drains every finished call in one go, converting the values on this
-    thread: runtime threads never take the GIL, and a burst of completions costs one wake-up.
+    A call takes a ticket and returns at once; the calls made during one loop turn are handed
+    to the runtime together (one ``flush`` at the end of the turn, one thread wake-up). The
+    runtime queues each finished call in the Rust ``Pump`` and writes one byte to a pipe when
+    the queue becomes non-empty. The loop watches the pipe and drains every finished call in
+    one go, converting the values on this thread: runtime threads never take the GIL, and a
+    burst of completions costs one wake-up.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -92,6 +94,7 @@ class _Pump:
         self.rust = _RustPump(self._w)  # takes ownership of the write end
         self._waiting: dict[int, asyncio.Future[Any]] = {}
         self._next = 0
+        self._flush_pending = False
         loop.add_reader(self._r, self._ready)
         self.closed = False
 
@@ -105,7 +108,14 @@ class _Pump:
         except BaseException:
             del self._waiting[ticket]
             raise
+        if not self._flush_pending:
+            self._flush_pending = True
+            self.loop.call_soon(self._flush)
         return ticket, fut
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        self.rust.flush()
 
     def _ready(self) -> None:
         try:
@@ -127,6 +137,7 @@ class _Pump:
         if self.closed:
             return
         self.closed = True
+        self.rust.flush()  # calls of this turn still run (their results are no longer awaited)
         if not self.loop.is_closed():
             self.loop.remove_reader(self._r)
         os.close(self._r)
