@@ -67,13 +67,13 @@ class Context:
         # nothing to check, and need not yield, once it is zero
         self._unvisited = sum(1 for rec in run.history.values() if rec.kind != "log")
         self._replay_io = 0
-        self._replay_idle = asyncio.Event()
+        self._replay_idle = _Flag()
         self._counters: dict[str, int] = {}
         self._seq = 0
         self._clock = (run.db_now, time.monotonic())
         self._position: datetime = run.created_at
         self._in_flight = 0
-        self._quiet = asyncio.Event()
+        self._quiet = _Flag()
         self._blocked: list[asyncio.Future[None]] = []
         self.suspensions: list[Suspension] = []
         self.decided = False
@@ -504,6 +504,36 @@ class Context:
         finally:
             self._in_flight -= 1
             self._maybe_quiet()
+
+
+class _Flag:
+    """``asyncio.Event`` for the runner's bookkeeping, minus its per-instance setup cost
+    (two of these per execution attempt, on the hot path)."""
+
+    __slots__ = ("_set", "_waiters")
+
+    def __init__(self) -> None:
+        self._set = False
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def set(self) -> None:
+        if self._set:
+            return
+        self._set = True
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def clear(self) -> None:
+        self._set = False
+
+    async def wait(self) -> None:
+        if self._set:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        await waiter
 
 
 @dataclass
