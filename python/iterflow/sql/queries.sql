@@ -288,8 +288,9 @@ SELECT to_regclass($1) IS NOT NULL
 -- Lease up to $2 ready runs of the flows this worker knows ($1), for $4 ms, as owner $3, and
 -- return their history in the same statement (one round trip, one commit):
 -- rows of kind 'run' carry the claimed run, rows of kind 'step' one record of its history.
--- The `= ANY (ARRAY(SELECT ...))` conditions keep index scans in the cached generic plan,
--- whose row estimate for the claimed set knows nothing of the LIMIT.
+-- Each step reaches the claimed rows by `= ANY (ARRAY(SELECT ...))`: one index probe per
+-- claimed run, also in a cached generic plan, whose row estimates know nothing of the LIMIT
+-- (a join of two of these sets could become a nested loop re-probing the index per row).
 -- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
 -- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
 WITH c AS (
@@ -302,25 +303,25 @@ WITH c AS (
     UPDATE {schema}.queue
        SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
            lease_until = now() + $4 * interval '1 millisecond', woken = false
-      FROM c WHERE queue.run_id = c.run_id AND queue.run_id = ANY (ARRAY(SELECT run_id FROM c))
-    RETURNING queue.run_id, queue.lease_token
+     WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
+    RETURNING run_id, lease_token
 ), r AS (
     UPDATE {schema}.runs r
        SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
            waiting = jsonb_build_object('kind', 'running', 'worker', $3::text,
                                         'until', now() + $4 * interval '1 millisecond')
-      FROM q WHERE r.id = q.run_id AND r.id = ANY (ARRAY(SELECT run_id FROM q))
-    RETURNING r.id, q.lease_token, r.name, r.version, r.input, r.attempts, r.cancel_reason,
-              r.parent_id, r.depth, r.created_at,
+     WHERE r.id = ANY (ARRAY(SELECT run_id FROM q))
+    RETURNING r.id, r.name, r.version, r.input, r.attempts, r.cancel_reason, r.parent_id, r.depth,
+              r.created_at,
               (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
 )
-SELECT 'run' AS kind, r.id AS run_id, r.lease_token, r.name, r.version, r.input, r.attempts,
+SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
        NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
        NULL::jsonb AS result, NULL::jsonb AS error, NULL::int AS step_attempts,
        NULL::timestamptz AS deadline, NULL::uuid AS child_id, NULL::text AS child_status,
        NULL::jsonb AS child_output, NULL::jsonb AS child_error, NULL::timestamptz AS finished_at
-  FROM r
+  FROM r JOIN q ON q.run_id = r.id
 UNION ALL
 SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
