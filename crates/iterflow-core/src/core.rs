@@ -18,7 +18,7 @@ use crate::pool::{parse_dsn, run, Pool};
 use crate::queries::Queries;
 use crate::value::{Param, Rows, Val};
 use crate::wheel::TimerWheel;
-use crate::writer::{Writer, WriterCounts};
+use crate::writer::{Coalesce, Writer, WriterCounts};
 use crate::CoreError;
 
 /// How a core is opened.
@@ -259,6 +259,29 @@ fn check_uuid(what: &str, s: &str) -> Result<(), CoreError> {
         .map_err(|_| CoreError::InvalidArgument(format!("{what}: {s:?} is not a UUID")))
 }
 
+/// The writes the group-commit writer sends many at a time (see queries.sql).
+const COALESCE: &[Coalesce] = &[
+    Coalesce {
+        single: "record_step",
+        many: "record_step_many",
+        accepts: any_params,
+    },
+    Coalesce {
+        single: "finish_run",
+        many: "finish_run_many",
+        accepts: leased_done,
+    },
+];
+
+fn any_params(_: &[Param]) -> bool {
+    true
+}
+
+/// A `finish_run` by the lease holder ending in `done`: no children to cancel.
+fn leased_done(params: &[Param]) -> bool {
+    matches!(params, [_, Param::Int(_), Param::Text(status), ..] if status == "done")
+}
+
 type BoxFut<'a> = Pin<Box<dyn Future<Output = Result<Rows, CoreError>> + Send + 'a>>;
 
 /// Run several prepared statements on one connection, pipelined (one round trip); results in
@@ -291,7 +314,7 @@ impl Core {
             config.application_name(format!("{}:{}", opts.application_name, opts.schema));
         }
         let pool = Pool::new(config.clone(), queries.clone(), opts.pool_size);
-        let writer = Writer::spawn(pool.clone(), opts.writer_shards, opts.max_batch);
+        let writer = Writer::spawn(pool.clone(), opts.writer_shards, opts.max_batch, COALESCE);
         let hub = Hub::new();
         let listener = if opts.notify {
             let mut lconfig = config.clone();
@@ -522,20 +545,17 @@ impl Core {
         payload: Option<String>,
         key: Option<String>,
     ) -> Result<String, CoreError> {
-        check_uuid("run_id", run_id)?;
-        let rows = self
-            .inner
-            .pool
-            .query(
-                "deliver_signal",
-                &[
-                    Param::text(run_id),
-                    Param::text(name),
-                    Param::opt_json(payload),
-                    Param::opt_text(key),
-                ],
-            )
-            .await?;
+        // Group-committed like the worker's writes: each delivery that wakes a run sends a
+        // NOTIFY, and notifying commits serialize on one lock; a batch of deliveries is one.
+        let params = check_uuid("run_id", run_id).map(|()| {
+            vec![
+                Param::text(run_id),
+                Param::text(name),
+                Param::opt_json(payload),
+                Param::opt_text(key),
+            ]
+        });
+        let rows = self.write(run_id, "deliver_signal", params).await?;
         Ok(text(&rows.scalar()).unwrap_or_default())
     }
 

@@ -6,7 +6,7 @@ use std::error::Error;
 
 use bytes::{BufMut, BytesMut};
 use chrono::{DateTime, Utc};
-use tokio_postgres::types::{FromSql, IsNull, ToSql, Type};
+use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type};
 use uuid::Uuid;
 
 type BoxError = Box<dyn Error + Sync + Send>;
@@ -26,6 +26,9 @@ pub enum Param {
     /// A text array; also accepted for `uuid[]` placeholders.
     TextArray(Vec<String>),
     IntArray(Vec<i64>),
+    /// An array of any element type, each element encoded like a parameter of that type
+    /// (`Null` elements allowed): the columns of the multi-row statements.
+    List(Vec<Param>),
 }
 
 impl Param {
@@ -136,6 +139,10 @@ impl ToSql for Param {
                     .collect::<Result<Vec<_>, _>>()?
                     .to_sql(ty, out),
                 _ => Err(mismatch("a list of ints", ty)),
+            },
+            Param::List(items) => match ty.kind() {
+                Kind::Array(_) => items.to_sql(ty, out),
+                _ => Err(mismatch("a list", ty)),
             },
         }
     }

@@ -7,10 +7,14 @@
 //! each caller's future resolves only once that `COMMIT` succeeded, so a resolved write is
 //! durable. Ops of one run always land in the same shard and keep their submission order
 //! (the batch is stably sorted by run id, which also gives concurrent batches a consistent
-//! lock order). If a batch fails, its ops are retried one by one in their own transactions,
-//! so one bad op cannot fail the others.
+//! lock order). Ops of different runs that use a statement with a multi-row form
+//! ([`Coalesce`]) share one statement: per-statement costs on the server (executor start,
+//! a flush of results, trigger and plan-cache bookkeeping) are paid once per batch, not once
+//! per op. If a batch fails, its ops are retried one by one in their own transactions, so one
+//! bad op cannot fail the others.
 
 use std::collections::hash_map::DefaultHasher;
+use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -28,8 +32,29 @@ use tokio_postgres::types::ToSql;
 use tokio_postgres::Statement;
 
 use crate::pool::{run, Pool, PooledConn};
-use crate::value::{Param, Rows};
+use crate::value::{Param, Rows, Val};
 use crate::CoreError;
+
+/// Opens every writer transaction. Its statements find rows by key, so they run on cached
+/// generic plans that must never scan a table: a plan is cached when a connection first runs
+/// its statement (perhaps while the tables were nearly empty) and kept until the next ANALYZE,
+/// while the tables grow. Under the default plan cache mode the claim (whose LIMIT a generic
+/// plan cannot see) and the multi-row statements (whose array lengths it cannot see) would be
+/// planned again on every execution, which costs more than running them.
+const BEGIN: &str =
+    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+
+/// The multi-row form of a statement. The ops of a batch that use `single` and pass
+/// `accepts` are sent as one `many` statement instead, at most one op per run (so a run's ops
+/// keep their order, and no row is touched twice by one statement). Parameter `i` of `many` is
+/// the array of parameter `i` of its ops; each row it returns starts with `ord`, the 1-based
+/// position of its op, followed by what `single` returns for that op.
+#[derive(Debug, Clone, Copy)]
+pub struct Coalesce {
+    pub single: &'static str,
+    pub many: &'static str,
+    pub accepts: fn(&[Param]) -> bool,
+}
 
 /// One queued write.
 struct WriteOp {
@@ -44,7 +69,9 @@ struct WriteOp {
 pub struct WriterStats {
     /// Ops submitted.
     pub ops: AtomicU64,
-    /// Transactions the writer committed (batches, single ops, and one-by-one retries).
+    /// Statements the writer sent for them (fewer than ops when ops share multi-row ones).
+    pub statements: AtomicU64,
+    /// Transactions the writer ran (batches, single ops, one-by-one retries; failed ones too).
     pub transactions: AtomicU64,
     /// Batches of more than one op committed together.
     pub batches: AtomicU64,
@@ -60,6 +87,7 @@ pub struct WriterStats {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriterCounts {
     pub ops: u64,
+    pub statements: u64,
     pub transactions: u64,
     pub batches: u64,
     pub split: u64,
@@ -71,6 +99,7 @@ impl WriterStats {
     pub fn snapshot(&self) -> WriterCounts {
         WriterCounts {
             ops: self.ops.load(Ordering::Relaxed),
+            statements: self.statements.load(Ordering::Relaxed),
             transactions: self.transactions.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             split: self.split.load(Ordering::Relaxed),
@@ -89,8 +118,13 @@ pub struct Writer {
 
 impl Writer {
     /// Start `shards` writer tasks (at least one) drawing connections from `pool`; a batch
-    /// holds at most `max_batch` ops.
-    pub fn spawn(pool: Pool, shards: usize, max_batch: usize) -> Writer {
+    /// holds at most `max_batch` ops; ops of the statements in `coalesce` share statements.
+    pub fn spawn(
+        pool: Pool,
+        shards: usize,
+        max_batch: usize,
+        coalesce: &'static [Coalesce],
+    ) -> Writer {
         let stats = Arc::new(WriterStats::default());
         let mut senders = Vec::new();
         let mut tasks = Vec::new();
@@ -102,6 +136,7 @@ impl Writer {
                 rx,
                 stats.clone(),
                 max_batch.max(1),
+                coalesce,
             )));
         }
         Writer {
@@ -193,6 +228,7 @@ async fn shard_loop(
     mut rx: mpsc::UnboundedReceiver<WriteOp>,
     stats: Arc<WriterStats>,
     max_batch: usize,
+    coalesce: &'static [Coalesce],
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -208,48 +244,40 @@ async fn shard_loop(
             .max_batch
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        run_batch(&pool, batch, &stats).await;
+        run_batch(&pool, batch, &stats, coalesce).await;
         stats
             .busy_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 }
 
-async fn run_batch(pool: &Pool, mut batch: Vec<WriteOp>, stats: &WriterStats) {
-    {
-        if batch.len() == 1 {
-            let op = batch.pop().expect("one op");
-            let result = single(pool, &op).await;
-            stats.transactions.fetch_add(1, Ordering::Relaxed);
-            let _ = op.reply.send(result);
-            return;
-        }
-        match together(pool, &batch).await {
-            Ok(results) => {
-                stats.transactions.fetch_add(1, Ordering::Relaxed);
+async fn run_batch(pool: &Pool, batch: Vec<WriteOp>, stats: &WriterStats, coalesce: &[Coalesce]) {
+    let result = together(pool, &batch, coalesce, stats).await;
+    stats.transactions.fetch_add(1, Ordering::Relaxed);
+    match result {
+        Ok(results) => {
+            if batch.len() > 1 {
                 stats.batches.fetch_add(1, Ordering::Relaxed);
-                for (op, result) in batch.into_iter().zip(results) {
-                    let _ = op.reply.send(result);
-                }
             }
-            Err(_) => {
-                stats.split.fetch_add(1, Ordering::Relaxed);
-                for op in batch {
-                    let result = single(pool, &op).await;
-                    stats.transactions.fetch_add(1, Ordering::Relaxed);
-                    let _ = op.reply.send(result);
-                }
+            for (op, result) in batch.into_iter().zip(results) {
+                let _ = op.reply.send(result);
+            }
+        }
+        Err(err) if batch.len() == 1 => {
+            let op = batch.into_iter().next().expect("one op");
+            let _ = op.reply.send(Err(err));
+        }
+        Err(_) => {
+            stats.split.fetch_add(1, Ordering::Relaxed);
+            for op in batch {
+                let result = together(pool, std::slice::from_ref(&op), coalesce, stats)
+                    .await
+                    .and_then(|mut r| r.pop().expect("one result per op"));
+                stats.transactions.fetch_add(1, Ordering::Relaxed);
+                let _ = op.reply.send(result);
             }
         }
     }
-}
-
-/// One op in its own (implicit) transaction.
-async fn single(pool: &Pool, op: &WriteOp) -> Result<Rows, CoreError> {
-    let mut conn = pool.get().await?;
-    let stmt = conn.stmt(op.query).await?;
-    encodes(&stmt, &op.params)?;
-    run(&conn.client, &stmt, &op.params).await
 }
 
 /// Check that `params` encode for `stmt` (so a batch never holds an op that fails on the
@@ -273,47 +301,145 @@ fn encodes(stmt: &Statement, params: &[Param]) -> Result<(), CoreError> {
 
 type OpFuture<'a> = Pin<Box<dyn Future<Output = Result<Rows, CoreError>> + Send + 'a>>;
 
-/// Every op of `batch` in one transaction, pipelined in one round trip: `BEGIN`, the ops in
-/// order, `COMMIT`. Returns one result per op: Err(batch error) means nothing was committed
-/// (retry the ops); per-op Errs inside Ok are client-side encoding errors of ops that were
-/// left out of the transaction.
+/// One statement of a batch transaction: `query` carrying the ops at `ops` (positions in the
+/// batch), as its multi-row form when `many`.
+struct Unit {
+    query: &'static str,
+    ops: Vec<usize>,
+    many: bool,
+}
+
+/// Group the ops of `batch` whose `ok` is set into statements, listed in execution order. An
+/// op with a multi-row form joins the first statement of its kind after its run's previous
+/// op (so each run's ops stay in submission order, one per statement); any other op gets a
+/// statement of its own at the end.
+fn plan(batch: &[WriteOp], ok: &[bool], coalesce: &[Coalesce]) -> Vec<Unit> {
+    let mut units: Vec<(Option<usize>, Unit)> = Vec::new();
+    // run id -> the first statement its next op may join
+    let mut after: HashMap<&str, usize> = HashMap::new();
+    for (i, op) in batch.iter().enumerate().filter(|(i, _)| ok[*i]) {
+        let from = after.get(op.run_id.as_str()).copied().unwrap_or(0);
+        let kind = coalesce
+            .iter()
+            .position(|c| c.single == op.query && (c.accepts)(&op.params));
+        let joined = kind.and_then(|k| (from..units.len()).find(|&u| units[u].0 == Some(k)));
+        let u = joined.unwrap_or_else(|| {
+            units.push((
+                kind,
+                Unit {
+                    query: op.query,
+                    ops: Vec::new(),
+                    many: false,
+                },
+            ));
+            units.len() - 1
+        });
+        units[u].1.ops.push(i);
+        after.insert(&op.run_id, u + 1);
+    }
+    units
+        .into_iter()
+        .map(|(kind, mut unit)| {
+            if let Some(k) = kind.filter(|_| unit.ops.len() > 1) {
+                unit.query = coalesce[k].many;
+                unit.many = true;
+            }
+            unit
+        })
+        .collect()
+}
+
+/// The parameters of a multi-row statement: parameter `i` is the array of the ops' `i`-th.
+fn columns(batch: &[WriteOp], ops: &[usize]) -> Vec<Param> {
+    let width = batch[ops[0]].params.len();
+    (0..width)
+        .map(|c| Param::List(ops.iter().map(|&i| batch[i].params[c].clone()).collect()))
+        .collect()
+}
+
+/// The rows of each of `n` ops from a multi-row statement's rows (`ord` first, see
+/// [`Coalesce`]).
+fn split(rows: Rows, n: usize) -> Vec<Rows> {
+    let mut out = vec![
+        Rows {
+            columns: rows.columns.iter().skip(1).cloned().collect(),
+            ..Rows::default()
+        };
+        n
+    ];
+    for mut row in rows.rows {
+        let ord = row.first().and_then(Val::as_i64).unwrap_or(0);
+        let slot = usize::try_from(ord - 1).ok().and_then(|o| out.get_mut(o));
+        if let Some(slot) = slot {
+            row.remove(0);
+            slot.rows.push(row);
+            slot.affected += 1;
+        }
+    }
+    out
+}
+
+/// Every op of `batch` in one transaction, pipelined in one round trip: `BEGIN`, the
+/// statements of [`plan`] in order, `COMMIT`. Returns one result per op: Err(batch error)
+/// means nothing was committed (retry the ops); per-op Errs inside Ok are client-side encoding
+/// errors of ops that were left out of the transaction.
 async fn together(
     pool: &Pool,
     batch: &[WriteOp],
+    coalesce: &[Coalesce],
+    stats: &WriterStats,
 ) -> Result<Vec<Result<Rows, CoreError>>, CoreError> {
     let mut conn: PooledConn = pool.get().await?;
-    let names: Vec<&str> = batch.iter().map(|op| op.query).collect();
-    conn.prepare_all(&names).await?;
+    let singles: Vec<&str> = batch.iter().map(|op| op.query).collect();
+    conn.prepare_all(&singles).await?;
     let mut out: Vec<Option<Result<Rows, CoreError>>> = Vec::with_capacity(batch.len());
-    let mut stmts = Vec::with_capacity(batch.len());
     for op in batch {
         let stmt = conn.stmt(op.query).await?;
-        match encodes(&stmt, &op.params) {
-            Ok(()) => out.push(None),
-            Err(e) => out.push(Some(Err(e))),
-        }
-        stmts.push(stmt);
+        out.push(encodes(&stmt, &op.params).err().map(Err));
     }
+    let ok: Vec<bool> = out.iter().map(Option::is_none).collect();
+    let units = plan(batch, &ok, coalesce);
+    if units.is_empty() {
+        return Ok(out.into_iter().flatten().collect());
+    }
+    let names: Vec<&str> = units.iter().map(|u| u.query).collect();
+    conn.prepare_all(&names).await?;
+    let mut work: Vec<(Statement, Option<Vec<Param>>)> = Vec::with_capacity(units.len());
+    for unit in &units {
+        let stmt = conn.stmt(unit.query).await?;
+        let params = unit.many.then(|| columns(batch, &unit.ops));
+        if let Some(params) = &params {
+            // a multi-row statement that does not encode fails the batch: its ops are
+            // retried one by one, with the single statement
+            encodes(&stmt, params)?;
+        }
+        work.push((stmt, params));
+    }
+    stats
+        .statements
+        .fetch_add(units.len() as u64, Ordering::Relaxed);
     conn.begin_dirty();
     let (begun, early, committed) = {
         let client = &conn.client;
         let mut begin: OpFuture<'_> = Box::pin(async move {
-            client.batch_execute("BEGIN").await?;
+            client.batch_execute(BEGIN).await?;
             Ok(Rows::default())
         });
-        let mut ops: Vec<(usize, OpFuture<'_>)> = batch
+        let mut ops: Vec<(usize, OpFuture<'_>)> = units
             .iter()
-            .zip(&stmts)
+            .zip(&work)
             .enumerate()
-            .filter(|(i, _)| out[*i].is_none())
-            .map(|(i, (op, stmt))| (i, Box::pin(run(client, stmt, &op.params)) as OpFuture<'_>))
+            .map(|(u, (unit, (stmt, params)))| {
+                let params = params.as_deref().unwrap_or(&batch[unit.ops[0]].params);
+                (u, Box::pin(run(client, stmt, params)) as OpFuture<'_>)
+            })
             .collect();
         let mut commit: OpFuture<'_> = Box::pin(async move {
             client.batch_execute("COMMIT").await?;
             Ok(Rows::default())
         });
         // Prime every future once, in order: each sends its request on first poll, so the
-        // server receives BEGIN, the ops in submission order, then COMMIT.
+        // server receives BEGIN, the statements in order, then COMMIT.
         let mut begun = None;
         let mut committed = None;
         let mut early: Vec<(usize, Result<Rows, CoreError>)> = Vec::new();
@@ -321,9 +447,9 @@ async fn together(
             if let Poll::Ready(r) = begin.as_mut().poll(cx) {
                 begun = Some(r);
             }
-            ops.retain_mut(|(i, fut)| match fut.as_mut().poll(cx) {
+            ops.retain_mut(|(u, fut)| match fut.as_mut().poll(cx) {
                 Poll::Ready(r) => {
-                    early.push((*i, r));
+                    early.push((*u, r));
                     false
                 }
                 Poll::Pending => true,
@@ -340,10 +466,10 @@ async fn together(
         };
         let mut rest: FuturesUnordered<_> = ops
             .into_iter()
-            .map(|(i, fut)| async move { (i, fut.await) })
+            .map(|(u, fut)| async move { (u, fut.await) })
             .collect();
-        while let Some((i, r)) = rest.next().await {
-            early.push((i, r));
+        while let Some((u, r)) = rest.next().await {
+            early.push((u, r));
         }
         let committed = match committed {
             Some(r) => r,
@@ -353,9 +479,18 @@ async fn together(
     };
     begun?;
     let mut failed = None;
-    for (i, r) in early {
+    for (u, r) in early {
         match r {
-            Ok(rows) => out[i] = Some(Ok(rows)),
+            Ok(rows) => {
+                let unit = &units[u];
+                if unit.many {
+                    for (&i, rows) in unit.ops.iter().zip(split(rows, unit.ops.len())) {
+                        out[i] = Some(Ok(rows));
+                    }
+                } else {
+                    out[unit.ops[0]] = Some(Ok(rows));
+                }
+            }
             Err(e) => {
                 failed.get_or_insert(e);
             }

@@ -65,6 +65,7 @@ struct Spec {
     name: String,
     key: Option<String>,
     delay_ms: i64,
+    parent: Option<String>,
 }
 
 fn spec(name: &str) -> Spec {
@@ -73,6 +74,7 @@ fn spec(name: &str) -> Spec {
         name: name.into(),
         key: None,
         delay_ms: 0,
+        parent: None,
     }
 }
 
@@ -82,7 +84,9 @@ fn chunk(specs: &[Spec]) -> InsertChunk {
         .enumerate()
         .map(|(i, s)| {
             json!({"ord": i, "id": s.id, "name": s.name, "version": 1, "idempotency_key": s.key,
-                   "tags": ["t"], "priority": 0, "parent_id": null, "parent_key": null, "depth": 1,
+                   "tags": ["t"], "priority": 0, "parent_id": s.parent,
+                   "parent_key": s.parent.as_ref().map(|_| format!("c{i}")),
+                   "depth": if s.parent.is_some() { 2 } else { 1 },
                    "delay_ms": s.delay_ms, "input": {"n": i}})
         })
         .collect();
@@ -91,7 +95,7 @@ fn chunk(specs: &[Spec]) -> InsertChunk {
         .enumerate()
         .map(|(i, s)| {
             json!({"ord": i, "name": s.name, "version": 1, "idempotency_key": s.key,
-                   "parent_id": null, "parent_key": null})
+                   "parent_id": s.parent, "parent_key": s.parent.as_ref().map(|_| format!("c{i}"))})
         })
         .collect();
     InsertChunk {
@@ -630,6 +634,185 @@ async fn group_commit_keeps_per_run_order_and_first_writer_wins() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), "INVALID_ARGUMENT");
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+/// Claim every ready run of flow `name`; lease tokens by run id.
+async fn claim_all(core: &Core, name: &str) -> std::collections::HashMap<String, i64> {
+    core.claim(&names(name), 100, "me", 60_000)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| (r.run_id, r.lease_token))
+        .collect()
+}
+
+#[tokio::test]
+async fn group_commit_shares_statements_and_keeps_per_op_results() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let mut opts = CoreOptions::new(&url, &schema);
+    opts.notify = false;
+    opts.writer_shards = 1; // every op below lands in one batch
+    let core = Core::open(opts).expect("open core");
+    let made = core
+        .insert_runs(
+            &[chunk(&[spec("m"), spec("m"), spec("m"), spec("m")])],
+            vec![],
+        )
+        .await
+        .unwrap();
+    let ids: Vec<String> = made.iter().map(|c| c.run_id.clone()).collect();
+    let tokens = claim_all(&core, "m").await;
+    let (a, b, c, d) = (&ids[0], &ids[1], &ids[2], &ids[3]);
+    assert!(
+        core.record_step(a, &done_step("old", "0"))
+            .await
+            .unwrap()
+            .written
+    );
+    let attempt = StepWrite {
+        status: "attempt".into(),
+        result: None,
+        error: Some("{\"code\":\"E\"}".into()),
+        ..done_step("x", "")
+    };
+    let failed = "{\"code\":\"E\",\"message\":\"no\",\"traceback\":null,\"cause\":null}";
+    let before = core.writer_stats();
+    // queued in this order before the writer runs (a current-thread runtime): one batch
+    let steps = vec![
+        core.record_step(a, &done_step("old", "9")), // stale writer: the stored row back
+        core.record_step(a, &done_step("x", "1")),
+        core.record_step(a, &done_step("x", "2")), // same key again: the first one won
+        core.record_step(b, &done_step("x", "3")),
+        core.record_step(c, &attempt), // not final: the next write replaces it
+        core.record_step(c, &done_step("x", "4")),
+    ];
+    let finishes = vec![
+        core.finish(a, Some(tokens[a]), "done", Some("\"A\"".into()), None),
+        core.finish(
+            b,
+            Some(tokens[b] + 1000),
+            "done",
+            Some("\"B\"".into()),
+            None,
+        ), // fenced
+        core.finish(c, Some(tokens[c]), "done", Some("\"C\"".into()), None),
+        core.finish(d, Some(tokens[d]), "failed", None, Some(failed.into())),
+    ];
+    let (steps, finishes) = tokio::join!(
+        futures_util::future::join_all(steps),
+        futures_util::future::join_all(finishes)
+    );
+    let got: Vec<(bool, String, Option<String>)> = steps
+        .into_iter()
+        .map(|s| s.unwrap())
+        .map(|s| (s.written, s.status, s.result))
+        .collect();
+    let want =
+        |w: bool, status: &str, r: Option<&str>| (w, status.to_string(), r.map(String::from));
+    assert_eq!(
+        got,
+        vec![
+            want(false, "done", Some("0")),
+            want(true, "done", Some("1")),
+            want(false, "done", Some("1")),
+            want(true, "done", Some("3")),
+            want(true, "attempt", None),
+            want(true, "done", Some("4")),
+        ]
+    );
+    let finished: Vec<bool> = finishes.into_iter().map(|f| f.unwrap()).collect();
+    assert_eq!(finished, vec![true, false, true, true]);
+    let after = core.writer_stats();
+    assert_eq!(after.ops - before.ops, 10);
+    assert_eq!(after.transactions - before.transactions, 1, "one batch");
+    assert!(
+        after.statements - before.statements <= 6,
+        "{} statements for 10 ops",
+        after.statements - before.statements
+    );
+    // what the database holds
+    let db = admin(&url).await;
+    for (id, status, output) in [
+        (a, "done", Some("\"A\"")),
+        (b, "running", None),
+        (c, "done", Some("\"C\"")),
+        (d, "failed", None),
+    ] {
+        let row = db
+            .query_one(
+                &format!(
+                    "SELECT status, output::text FROM \"{schema}\".runs WHERE id = $1::text::uuid"
+                ),
+                &[id],
+            )
+            .await
+            .unwrap();
+        assert_eq!(row.get::<_, String>(0), status, "{id}");
+        assert_eq!(row.get::<_, Option<String>>(1).as_deref(), output, "{id}");
+    }
+    let queued: i64 = db
+        .query_one(&format!("SELECT count(*) FROM \"{schema}\".queue"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 1, "only the fenced-out run keeps its queue row");
+    core.close().await;
+    drop_schema(&url, &schema).await;
+}
+
+#[tokio::test]
+async fn children_finishing_together_wake_their_parent_once() {
+    let Some(url) = database_url() else { return };
+    let schema = scratch(&url).await;
+    let mut opts = CoreOptions::new(&url, &schema);
+    opts.notify = false;
+    opts.writer_shards = 1;
+    let core = Core::open(opts).expect("open core");
+    let parent = core
+        .insert_runs(&[chunk(&[spec("p")])], vec![])
+        .await
+        .unwrap()
+        .remove(0)
+        .run_id;
+    let token = claim_all(&core, "p").await[&parent];
+    let kids: Vec<Spec> = (0..3)
+        .map(|_| Spec {
+            parent: Some(parent.clone()),
+            ..spec("k")
+        })
+        .collect();
+    core.insert_runs(&[chunk(&kids)], vec![]).await.unwrap();
+    assert!(core
+        .suspend(
+            &parent,
+            token,
+            "awaiting_child",
+            "{\"kind\":\"child\"}",
+            None,
+            Some(0)
+        )
+        .await
+        .unwrap());
+    let leases = claim_all(&core, "k").await;
+    let before = core.writer_stats();
+    let done: Vec<_> = leases
+        .iter()
+        .map(|(id, t)| core.finish(id, Some(*t), "done", Some("1".into()), None))
+        .collect();
+    let done = futures_util::future::join_all(done).await;
+    assert!(done.into_iter().all(|r| r.unwrap()));
+    let after = core.writer_stats();
+    assert_eq!(
+        after.statements - before.statements,
+        1,
+        "one statement for 3 finishes"
+    );
+    let again = core.claim(&names("p"), 10, "me", 60_000).await.unwrap();
+    assert_eq!(again.len(), 1, "the parent is queued (once) and ready");
+    assert_eq!(again[0].parent_status, None);
     core.close().await;
     drop_schema(&url, &schema).await;
 }

@@ -58,8 +58,74 @@ UNION ALL
 SELECT status, result, error, false, finished_at FROM {schema}.steps
  WHERE run_id = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM ins)
 
+-- name: record_step_many
+-- record_step for many records at once (the Rust core's group commit): each parameter is the
+-- array of that record_step parameter. No (run_id, key) may appear twice: ON CONFLICT cannot
+-- touch one row twice in a statement. Returns, per record, `ord` (its 1-based position) and
+-- the row record_step would return.
+WITH x AS (
+    SELECT * FROM unnest($1::uuid[], $2::text[], $3::int[], $4::text[], $5::text[], $6::text[],
+                         $7::jsonb[], $8::jsonb[], $9::int[], $10::timestamptz[], $11::uuid[])
+             WITH ORDINALITY AS x(run_id, key, seq, kind, name, status, result, error, attempts,
+                                  deadline, child_id, ord)
+), ins AS (
+    INSERT INTO {schema}.steps AS s (run_id, key, seq, kind, name, status, result, error,
+                                     attempts, deadline, child_id, finished_at)
+    SELECT run_id, key, seq, kind, name, status, result, error, attempts, deadline, child_id,
+           CASE WHEN status = 'done' THEN now() END
+      FROM x
+    ON CONFLICT (run_id, key) DO UPDATE
+       SET status = excluded.status, result = excluded.result, error = excluded.error,
+           attempts = excluded.attempts, deadline = excluded.deadline,
+           child_id = excluded.child_id, finished_at = excluded.finished_at
+     WHERE s.status <> 'done'
+    RETURNING s.run_id, s.key, s.status, s.result, s.error, s.finished_at
+)
+SELECT x.ord, ins.status, ins.result, ins.error, true AS written, ins.finished_at
+  FROM ins JOIN x ON x.run_id = ins.run_id AND x.key = ins.key
+UNION ALL
+-- a record left alone was final already: its stored row, as the snapshot shows it
+SELECT x.ord, s.status, s.result, s.error, false, s.finished_at
+  FROM x JOIN {schema}.steps s ON s.run_id = x.run_id AND s.key = x.key
+ WHERE s.status = 'done'
+
 -- name: finish_run
 SELECT {schema}.finish_run($1, $2, $3, $4, $5)
+
+-- name: finish_run_many
+-- finish_run for many leased runs finishing 'done' at once (the Rust core's group commit;
+-- other outcomes cancel children, which stays in the function): each parameter is the array
+-- of that finish_run parameter, no run twice. Returns `ord` (1-based position) and whether
+-- that run was finished, as finish_run does; the same locks in the same order (runs rows,
+-- then queue rows), the same consequences (parents woken, waiters notified).
+WITH x AS (
+    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[])
+             WITH ORDINALITY AS x(run_id, token, status, output, error, ord)
+), locked AS (
+    SELECT id FROM {schema}.runs WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE
+), fenced AS (
+    -- lease tokens are unique, so a token in the set identifies its run's lease
+    DELETE FROM {schema}.queue
+     WHERE run_id = ANY (ARRAY(SELECT id FROM locked)) AND lease_token = ANY ($2::bigint[])
+    RETURNING run_id
+), finished AS (
+    UPDATE {schema}.runs r
+       SET status = x.status, output = x.output, error = x.error, waiting = NULL,
+           updated_at = now(), finished_at = now()
+      FROM x
+     WHERE r.id = x.run_id AND x.run_id = ANY (ARRAY(SELECT run_id FROM fenced))
+       AND r.status NOT IN ('done', 'failed', 'canceled')
+    RETURNING r.id, r.parent_id, x.ord, pg_notify('iterflow.{schema_raw}', 'd ' || r.id::text)
+), woken AS (
+    -- wake_run of each parent, once per parent; one finishing here has nothing to wake
+    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
+    SELECT p.id, p.name, p.priority, now(), true FROM {schema}.runs p
+     WHERE p.id = ANY (ARRAY(SELECT DISTINCT parent_id FROM finished WHERE parent_id IS NOT NULL))
+       AND p.id <> ALL (ARRAY(SELECT id FROM finished))
+       AND p.status NOT IN ('done', 'failed', 'canceled')
+    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now())
+)
+SELECT x.ord, f.ord IS NOT NULL AS finish_run FROM x LEFT JOIN finished f ON f.ord = x.ord
 
 -- name: suspend_run
 SELECT {schema}.suspend_run($1, $2, $3, $4, $5, $6)
