@@ -33,7 +33,9 @@ pub struct CoreOptions {
     /// Connections are named `<application_name>:<schema>`, the listener
     /// `<application_name>-listen:<schema>` (visible in `pg_stat_activity`).
     pub application_name: String,
-    /// Group-commit writer tasks (ops of one run always go to the same one).
+    /// Group-commit writer tasks (ops of one run always go to the same one). One by default:
+    /// each shard commits on its own, so more shards mean smaller batches, and the database
+    /// pays per transaction (a WAL flush, BEGIN/COMMIT, one execution per statement).
     pub writer_shards: usize,
     /// Most ops in one group-commit transaction.
     pub max_batch: usize,
@@ -49,7 +51,7 @@ impl CoreOptions {
             pool_size: 10,
             notify: true,
             application_name: "iterflow".into(),
-            writer_shards: 2,
+            writer_shards: 1,
             max_batch: 256,
             wheel_horizon: Duration::from_secs(60),
         }

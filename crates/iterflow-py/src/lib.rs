@@ -443,7 +443,7 @@ struct Core {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (dsn, schema, pool_size=10, notify=true, application_name="iterflow".to_string(), writer_shards=2, max_batch=256))]
+    #[pyo3(signature = (dsn, schema, pool_size=10, notify=true, application_name="iterflow".to_string(), writer_shards=1, max_batch=256))]
     fn new(
         dsn: String,
         schema: String,

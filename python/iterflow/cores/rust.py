@@ -7,8 +7,9 @@ the process, and near-term timers fire from an in-memory wheel. Importing this m
 ImportError when the extension is missing (``create_engine(core="auto")`` relies on that).
 
 Tuning knobs for benchmarks (environment): ``ITERFLOW_RUST_WRITER_SHARDS`` (concurrent
-group-commit transactions, default 2; 1 halves the transactions per step at some cost in
-throughput under a large backlog) and ``ITERFLOW_RUST_MAX_BATCH`` (ops per transaction, 256).
+group-commit transactions, default 1; 2 doubles the transactions per step, which costs more
+database CPU than it saves in commit waits on a small machine) and ``ITERFLOW_RUST_MAX_BATCH``
+(ops per transaction, 256).
 """
 
 from __future__ import annotations
