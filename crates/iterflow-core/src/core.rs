@@ -1,19 +1,19 @@
 //! The core protocol (python/iterflow/cores/base.py `Core`) on tokio-postgres: every
 //! database round trip and every wait of an engine.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesOrdered, StreamExt};
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 
 use crate::listener::{Hub, Listener};
+use crate::outbox::{relay, Outbox};
 use crate::pool::{parse_dsn, run, Pool};
 use crate::queries::Queries;
 use crate::value::{Param, Rows, Val};
@@ -184,13 +184,6 @@ pub struct Reconciled {
     pub orphans: u64,
 }
 
-/// Coalesced NOTIFY of new work: names gathered while the previous NOTIFY was in flight go
-/// out in one statement, outside any caller's transaction.
-struct Outbox {
-    names: Mutex<BTreeSet<String>>,
-    kick: Notify,
-}
-
 struct Inner {
     queries: Arc<Queries>,
     pool: Pool,
@@ -316,7 +309,14 @@ impl Core {
             config.application_name(format!("{}:{}", opts.application_name, opts.schema));
         }
         let pool = Pool::new(config.clone(), queries.clone(), opts.pool_size);
-        let writer = Writer::spawn(pool.clone(), opts.writer_shards, opts.max_batch, COALESCE);
+        let outbox = Outbox::new();
+        let writer = Writer::spawn(
+            pool.clone(),
+            opts.writer_shards,
+            opts.max_batch,
+            COALESCE,
+            opts.notify.then(|| outbox.clone()),
+        );
         let hub = Hub::new();
         let listener = if opts.notify {
             let mut lconfig = config.clone();
@@ -330,10 +330,6 @@ impl Core {
         };
         let wheel_hub = hub.clone();
         let wheel = TimerWheel::spawn(opts.wheel_horizon, move |()| wheel_hub.wake_work());
-        let outbox = Arc::new(Outbox {
-            names: Mutex::new(BTreeSet::new()),
-            kick: Notify::new(),
-        });
         let outbox_task = opts
             .notify
             .then(|| tokio::spawn(relay(pool.clone(), outbox.clone())));
@@ -363,17 +359,7 @@ impl Core {
         self.inner.writer.join().await;
         // flush pending NOTIFYs so other processes still hear about work started just now
         if self.inner.notify {
-            let names: Vec<String> =
-                std::mem::take(&mut *self.inner.outbox.names.lock().expect("outbox"))
-                    .into_iter()
-                    .collect();
-            if !names.is_empty() {
-                let _ = self
-                    .inner
-                    .pool
-                    .query("notify_work", &[Param::TextArray(names)])
-                    .await;
-            }
+            self.inner.outbox.flush(&self.inner.pool).await;
         }
         if let Some(task) = &self.inner.outbox_task {
             task.abort();
@@ -413,21 +399,14 @@ impl Core {
     }
 
     fn wake_local_and_notify(&self, names: impl IntoIterator<Item = String>) {
-        let mut any = false;
-        if self.inner.notify {
-            let mut pending = self.inner.outbox.names.lock().expect("outbox");
-            for n in names {
-                pending.insert(n);
-                any = true;
-            }
+        let mut names = names.into_iter().map(|n| format!("q {n}")).peekable();
+        let any = if self.inner.notify {
+            self.inner.outbox.push(names)
         } else {
-            any = names.into_iter().next().is_some();
-        }
+            names.peek().is_some()
+        };
         if any {
             self.inner.hub.wake_work();
-            if self.inner.notify {
-                self.inner.outbox.kick.notify_one();
-            }
         }
     }
 
@@ -1146,18 +1125,3 @@ impl Core {
     }
 }
 
-/// The NOTIFY relay: sends coalesced `q <name>` notifications outside callers' transactions.
-async fn relay(pool: Pool, outbox: Arc<Outbox>) {
-    loop {
-        outbox.kick.notified().await;
-        let names: Vec<String> = {
-            let mut pending = outbox.names.lock().expect("outbox");
-            std::mem::take(&mut *pending).into_iter().collect()
-        };
-        if names.is_empty() {
-            continue;
-        }
-        // hints only: a failed NOTIFY costs other processes latency (they poll), nothing more
-        let _ = pool.query("notify_work", &[Param::TextArray(names)]).await;
-    }
-}

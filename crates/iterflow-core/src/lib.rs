@@ -8,11 +8,13 @@
 //! - [`writer`]: group commit of step records, suspensions, completions and events;
 //! - [`listener`]: one LISTEN connection fanned out to every waiter in the process;
 //! - [`wheel`]: in-memory timers for near-term wake-ups;
+//! - [`outbox`]: wake-up notifications sent after the commits they announce;
 //! - [`core`]: the core protocol (`python/iterflow/cores/base.py`) on top of them.
 
 pub mod core;
 pub mod error;
 pub mod listener;
+pub mod outbox;
 pub mod pool;
 pub mod queries;
 pub mod value;

@@ -29,8 +29,9 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::Statement;
+use tokio_postgres::{SimpleQueryMessage, Statement};
 
+use crate::outbox::Outbox;
 use crate::pool::{run, Pool, PooledConn};
 use crate::value::{Param, Rows, Val};
 use crate::CoreError;
@@ -43,6 +44,12 @@ use crate::CoreError;
 /// planned again on every execution, which costs more than running them.
 const BEGIN: &str =
     "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+/// [`BEGIN`] for a writer with an [`Outbox`]: the transition functions collect their wake-ups
+/// in `iterflow.notify` instead of sending them, and the relay sends them after the commit.
+const BEGIN_DEFERRING: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
+     SET LOCAL enable_seqscan = off; SET LOCAL iterflow.defer_notify = on";
+/// Read just before `COMMIT`: the wake-ups collected by this transaction.
+const COLLECTED: &str = "SELECT current_setting('iterflow.notify', true)";
 
 /// The multi-row form of a statement. The ops of a batch that use `single` and pass
 /// `accepts` are sent as one `many` statement instead, at most one op per run (so a run's ops
@@ -124,6 +131,7 @@ impl Writer {
         shards: usize,
         max_batch: usize,
         coalesce: &'static [Coalesce],
+        outbox: Option<Arc<Outbox>>,
     ) -> Writer {
         let stats = Arc::new(WriterStats::default());
         let mut senders = Vec::new();
@@ -137,6 +145,7 @@ impl Writer {
                 stats.clone(),
                 max_batch.max(1),
                 coalesce,
+                outbox.clone(),
             )));
         }
         Writer {
@@ -229,6 +238,7 @@ async fn shard_loop(
     stats: Arc<WriterStats>,
     max_batch: usize,
     coalesce: &'static [Coalesce],
+    outbox: Option<Arc<Outbox>>,
 ) {
     while let Some(first) = rx.recv().await {
         let mut batch = vec![first];
@@ -244,15 +254,21 @@ async fn shard_loop(
             .max_batch
             .fetch_max(batch.len() as u64, Ordering::Relaxed);
         let started = std::time::Instant::now();
-        run_batch(&pool, batch, &stats, coalesce).await;
+        run_batch(&pool, batch, &stats, coalesce, outbox.as_deref()).await;
         stats
             .busy_us
             .fetch_add(started.elapsed().as_micros() as u64, Ordering::Relaxed);
     }
 }
 
-async fn run_batch(pool: &Pool, batch: Vec<WriteOp>, stats: &WriterStats, coalesce: &[Coalesce]) {
-    let result = together(pool, &batch, coalesce, stats).await;
+async fn run_batch(
+    pool: &Pool,
+    batch: Vec<WriteOp>,
+    stats: &WriterStats,
+    coalesce: &[Coalesce],
+    outbox: Option<&Outbox>,
+) {
+    let result = together(pool, &batch, coalesce, stats, outbox).await;
     stats.transactions.fetch_add(1, Ordering::Relaxed);
     match result {
         Ok(results) => {
@@ -270,7 +286,7 @@ async fn run_batch(pool: &Pool, batch: Vec<WriteOp>, stats: &WriterStats, coales
         Err(_) => {
             stats.split.fetch_add(1, Ordering::Relaxed);
             for op in batch {
-                let result = together(pool, std::slice::from_ref(&op), coalesce, stats)
+                let result = together(pool, std::slice::from_ref(&op), coalesce, stats, outbox)
                     .await
                     .and_then(|mut r| r.pop().expect("one result per op"));
                 stats.transactions.fetch_add(1, Ordering::Relaxed);
@@ -379,6 +395,16 @@ fn split(rows: Rows, n: usize) -> Vec<Rows> {
     out
 }
 
+/// The wake-ups this transaction collected; None when there are none or the read failed (the
+/// batch failed then too, or, if it did not, the workers' poll makes up for the lost hints).
+async fn collected_wakeups(client: &tokio_postgres::Client) -> Option<String> {
+    let messages = client.simple_query(COLLECTED).await.ok()?;
+    messages.into_iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => row.get(0).filter(|t| !t.is_empty()).map(str::to_string),
+        _ => None,
+    })
+}
+
 /// Every op of `batch` in one transaction, pipelined in one round trip: `BEGIN`, the
 /// statements of [`plan`] in order, `COMMIT`. Returns one result per op: Err(batch error)
 /// means nothing was committed (retry the ops); per-op Errs inside Ok are client-side encoding
@@ -388,6 +414,7 @@ async fn together(
     batch: &[WriteOp],
     coalesce: &[Coalesce],
     stats: &WriterStats,
+    outbox: Option<&Outbox>,
 ) -> Result<Vec<Result<Rows, CoreError>>, CoreError> {
     let mut conn: PooledConn = pool.get().await?;
     let singles: Vec<&str> = batch.iter().map(|op| op.query).collect();
@@ -419,10 +446,12 @@ async fn together(
         .statements
         .fetch_add(units.len() as u64, Ordering::Relaxed);
     conn.begin_dirty();
-    let (begun, early, committed) = {
+    let (begun, early, collected, committed) = {
         let client = &conn.client;
         let mut begin: OpFuture<'_> = Box::pin(async move {
-            client.batch_execute(BEGIN).await?;
+            client
+                .batch_execute(if outbox.is_some() { BEGIN_DEFERRING } else { BEGIN })
+                .await?;
             Ok(Rows::default())
         });
         let mut ops: Vec<(usize, OpFuture<'_>)> = units
@@ -434,6 +463,12 @@ async fn together(
                 (u, Box::pin(run(client, stmt, params)) as OpFuture<'_>)
             })
             .collect();
+        let mut collect = Box::pin(async move {
+            match outbox {
+                Some(_) => collected_wakeups(client).await,
+                None => None,
+            }
+        });
         let mut commit: OpFuture<'_> = Box::pin(async move {
             client.batch_execute("COMMIT").await?;
             Ok(Rows::default())
@@ -441,6 +476,7 @@ async fn together(
         // Prime every future once, in order: each sends its request on first poll, so the
         // server receives BEGIN, the statements in order, then COMMIT.
         let mut begun = None;
+        let mut collected = None;
         let mut committed = None;
         let mut early: Vec<(usize, Result<Rows, CoreError>)> = Vec::new();
         poll_fn(|cx| {
@@ -454,6 +490,9 @@ async fn together(
                 }
                 Poll::Pending => true,
             });
+            if let Poll::Ready(r) = collect.as_mut().poll(cx) {
+                collected = Some(r);
+            }
             if let Poll::Ready(r) = commit.as_mut().poll(cx) {
                 committed = Some(r);
             }
@@ -471,11 +510,15 @@ async fn together(
         while let Some((u, r)) = rest.next().await {
             early.push((u, r));
         }
+        let collected = match collected {
+            Some(r) => r,
+            None => collect.await,
+        };
         let committed = match committed {
             Some(r) => r,
             None => commit.await,
         };
-        (begun, early, committed)
+        (begun, early, collected, committed)
     };
     begun?;
     let mut failed = None;
@@ -504,6 +547,9 @@ async fn together(
     }
     committed?;
     conn.clean();
+    if let (Some(outbox), Some(collected)) = (outbox, collected) {
+        outbox.push_collected(&collected);
+    }
     Ok(out
         .into_iter()
         .map(|r| r.expect("every op has a result"))

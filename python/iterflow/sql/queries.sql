@@ -39,6 +39,13 @@ SELECT x.ord, r.id, r.status
 -- name: notify_work
 SELECT pg_notify('iterflow.{schema_raw}', 'q ' || n) FROM unnest($1::text[]) AS n
 
+-- name: relay_notify
+-- Wake-ups sent after the commit of the work they announce (the Rust core's outbox relay).
+-- This transaction changes no data, so it commits without waiting for a WAL flush: that wait
+-- would hold the lock every notifying commit of the database takes in turn.
+SELECT set_config('synchronous_commit', 'off', true), pg_notify('iterflow.{schema_raw}', p)
+  FROM unnest($1::text[]) AS p
+
 -- name: record_step
 -- First writer of a final record wins; a later writer gets the stored row back instead.
 WITH ins AS (
