@@ -173,3 +173,42 @@ async def test_worker_claims_only_flows_it_registered(make_engine: Any) -> None:
 
     await make_engine(theirs, poll_interval=0.05)
     assert await worker.handle("theirs").result(other.run_id, timeout=10) == "theirs"
+
+
+async def test_deferred_wakeups_are_collected_for_the_caller_to_send(
+    make_engine: Any, dsn: str, schema_name: str
+) -> None:
+    """Schema v2: inside a transaction that sets ``iterflow.defer_notify`` (the Rust core's
+    group-commit writer), the transitions' wake-ups are collected, not sent; elsewhere they are
+    sent as before."""
+    await (await make_engine()).client()  # a migrated schema
+    heard: list[str] = []
+    listening = asyncio.Event()
+
+    async def listen() -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute(f'LISTEN "iterflow.{schema_name}"')
+            listening.set()
+            async for note in conn.notifies():
+                heard.append(note.payload)
+
+    task = asyncio.ensure_future(listen())
+    try:
+        await asyncio.wait_for(listening.wait(), 5)
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            await conn.execute("SET LOCAL iterflow.defer_notify = on")
+            for payload in ("q deferred", "q deferred", "d 1"):
+                await conn.execute(f'SELECT "{schema_name}".wakeup(%s)', (payload,))
+            cur = await conn.execute("SELECT current_setting('iterflow.notify', true)")
+            collected = (await cur.fetchone())[0]  # type: ignore[index]
+            await conn.commit()
+        assert collected.split("\x1e") == ["q deferred", "q deferred", "d 1", ""]
+        await rows(dsn, f'SELECT "{schema_name}".wakeup(%s)', "q inline")
+        deadline = time.monotonic() + 5
+        while "q inline" not in heard and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        assert heard == ["q inline"], "collected wake-ups must not be sent by the transaction itself"
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -41,4 +41,6 @@ async def test_sql_script_is_the_migrations(dsn, schema_name):
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(script.encode())
     with psycopg.connect(dsn) as conn:
-        assert conn.execute(f'SELECT max(version) FROM "{schema_name}".schema_version').fetchone() == (1,)
+        assert conn.execute(f'SELECT max(version) FROM "{schema_name}".schema_version').fetchone() == (
+            iterflow.sql.latest_version(),
+        )
