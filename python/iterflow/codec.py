@@ -56,7 +56,7 @@ def to_json(value: object, *, field: str) -> JSONValue:
         raise InvalidArgument(field, "value is nested too deeply or contains a cycle") from None
 
 
-def dumps(value: JSONValue) -> str:
+def dumps(value: object) -> str:
     """Compact text; NaN/Infinity are refused because jsonb (and strict JSON) cannot hold them."""
     return _ENCODER.encode(value)
 

@@ -326,8 +326,9 @@ class Context:
             finally:
                 self._end()
         else:
-            until = rec.deadline
-            assert until is not None
+            pinned = rec.deadline
+            assert pinned is not None
+            until = pinned
             if until <= now:
                 self._advance(until)
                 if rec.status == "waiting":  # close the record so timelines show the sleep as over

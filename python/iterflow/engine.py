@@ -348,7 +348,7 @@ class Engine:
         detail = await core.run_detail(run_id)
         if detail is None:
             return None
-        timers: list[dict[str, Any]] = []
+        timers: list[Mapping[str, Any]] = []
         if detail["run"]["status"] not in TERMINAL:
             timers = [dict(t, kind="queue") for t in detail["timer"]]
             timers += [{"kind": s["kind"], "key": s["key"], "deadline": s["deadline"]}

@@ -118,9 +118,14 @@ class FlowRuntimeError(IterflowError):
     Also what a body sees for a timed-out signal wait, a failed child, or a failed step.
     """
 
-    def __init__(self, code: str, message: str, *, non_retryable: bool = False) -> None:
+    def __init__(
+        self, code: str, message: str, *, non_retryable: bool = False, recorded: dict[str, Any] | None = None
+    ) -> None:
         super().__init__(code, message)
         self.non_retryable = non_retryable
+        # the stored error record this exception replays (a step's original failure, with its
+        # traceback): a run that fails with it keeps that record instead of describing replay
+        self.recorded = recorded
 
 
 class SuspendRun(BaseException):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
 
 from . import sql
@@ -31,7 +33,7 @@ def schema_mismatch_message(schema: str, found: int) -> str:
     )
 
 
-async def check_schema(conn: psycopg.AsyncConnection[object], schema: str) -> None:
+async def check_schema(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
     """Raise SCHEMA_MISMATCH, with the command that fixes it, if the schema is missing or old."""
     exists = await (
         await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".schema_version',))

@@ -250,13 +250,14 @@ async def _await(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) 
 
 def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> dict[str, Any]:
     """The durable ``{code, message, traceback, cause}`` of a failure (SPEC 1.9)."""
-    recorded = getattr(exc, "recorded", None)
-    if isinstance(recorded, dict):  # a step's stored failure re-raised by replay: keep the original
-        return {"code": exc.code, "message": str(recorded.get("message") or ""),  # type: ignore[attr-defined]
+    if isinstance(exc, FlowRuntimeError) and exc.recorded is not None:
+        # a step's stored failure re-raised by replay: keep the original
+        recorded = exc.recorded
+        return {"code": exc.code, "message": str(recorded.get("message") or ""),
                 "traceback": recorded.get("traceback"), "cause": recorded.get("cause")}
     code = exc.code if isinstance(exc, IterflowError) else default_code
     message = exc.message if isinstance(exc, IterflowError) else f"{type(exc).__name__}: {exc}"
-    causes = []
+    causes: list[dict[str, str]] = []
     seen: BaseException | None = exc.__cause__
     while seen is not None and len(causes) < 20:
         causes.append({"type": type(seen).__name__, "message": str(seen)})
@@ -271,7 +272,5 @@ def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> di
 
 def raise_recorded(error: dict[str, Any]) -> None:
     """Replay a stored failure into the body, as the non-retryable error it was."""
-    exc = FlowRuntimeError(str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""),
-                           non_retryable=True)
-    exc.recorded = dict(error)  # type: ignore[attr-defined]
-    raise exc
+    raise FlowRuntimeError(str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""),
+                           non_retryable=True, recorded=dict(error))

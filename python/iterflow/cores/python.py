@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import json
 import logging
 from collections import OrderedDict
@@ -156,6 +157,19 @@ class PythonCore:
         self._poll_event = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
+    async def _listen_dsn(self) -> str:
+        """The listener's own connection goes where the pool's do (a pool's conninfo may be a
+        callable, sync or async, that returns it)."""
+        if self._dsn is not None:
+            return self._dsn
+        assert self._pool is not None
+        conninfo: Any = self._pool.conninfo
+        if callable(conninfo):
+            conninfo = conninfo()
+            if inspect.isawaitable(conninfo):
+                conninfo = await conninfo
+        return str(conninfo)
+
     async def open(self) -> None:
         if self._pool is None:
             if self._dsn is None:
@@ -166,8 +180,7 @@ class PythonCore:
             )
             await self._pool.open()
         if self._notify and self._listener is None:
-            dsn = self._dsn or self._pool.conninfo
-            self._listener = Listener(dsn, sql.channel(self.schema))
+            self._listener = Listener(await self._listen_dsn(), sql.channel(self.schema))
             self._listener.start()
 
     async def close(self) -> None:
