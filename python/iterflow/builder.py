@@ -179,7 +179,7 @@ class FlowBuilder:
 async def _run(ctx: Context, stages: tuple[Any, ...], channel: Any) -> Any:
     for st in stages:
         if isinstance(st, _Step):
-            opts = StepOptions.build(**st.options, default_timeout=ctx.default_step_timeout)
+            opts = StepOptions.cached(st.options, ctx.default_step_timeout)
             channel = await ctx.run_step(st.name, st.fn, opts, channel)
         elif isinstance(st, _Sleep):
             await ctx.sleep(st.duration)
