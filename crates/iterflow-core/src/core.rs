@@ -1124,4 +1124,3 @@ impl Core {
         Ok(int(&rows.scalar()))
     }
 }
-

@@ -9,8 +9,11 @@ use crate::CoreError;
 /// The raw text of `queries.sql`, compiled in.
 pub const QUERIES_SQL: &str = include_str!("../../../python/iterflow/sql/queries.sql");
 
-/// The first migration, compiled in (tests apply it to scratch schemas).
-pub const MIGRATION_0001: &str = include_str!("../../../python/iterflow/migrations/0001_init.sql");
+/// Every migration in order, compiled in (tests apply them to scratch schemas).
+pub const MIGRATIONS: &[&str] = &[
+    include_str!("../../../python/iterflow/migrations/0001_init.sql"),
+    include_str!("../../../python/iterflow/migrations/0002_deferred_notify.sql"),
+];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.
 pub fn validate_schema_name(schema: &str) -> Result<&str, CoreError> {

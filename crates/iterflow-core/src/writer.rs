@@ -450,7 +450,11 @@ async fn together(
         let client = &conn.client;
         let mut begin: OpFuture<'_> = Box::pin(async move {
             client
-                .batch_execute(if outbox.is_some() { BEGIN_DEFERRING } else { BEGIN })
+                .batch_execute(if outbox.is_some() {
+                    BEGIN_DEFERRING
+                } else {
+                    BEGIN
+                })
                 .await?;
             Ok(Rows::default())
         });

@@ -1,5 +1,5 @@
 //! The core against a real PostgreSQL ($DATABASE_URL; skipped when unset), each test on its
-//! own scratch schema migrated with python/iterflow/migrations/0001_init.sql.
+//! own scratch schema migrated with python/iterflow/migrations/.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use iterflow_core::core::{Filter, InsertChunk, StepWrite};
-use iterflow_core::queries::{render, MIGRATION_0001};
+use iterflow_core::queries::{render, MIGRATIONS};
 use iterflow_core::value::{Param, Val};
 use iterflow_core::wheel::TimerWheel;
 use iterflow_core::{Core, CoreError, CoreOptions};
@@ -33,11 +33,13 @@ async fn admin(url: &str) -> tokio_postgres::Client {
 /// A migrated scratch schema, dropped by `drop_schema`.
 async fn scratch(url: &str) -> String {
     let schema = format!("rt_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    admin(url)
-        .await
-        .batch_execute(&render(MIGRATION_0001, &schema))
-        .await
-        .expect("migrate");
+    let client = admin(url).await;
+    for migration in MIGRATIONS {
+        client
+            .batch_execute(&render(migration, &schema))
+            .await
+            .expect("migrate");
+    }
     schema
 }
 
@@ -184,10 +186,10 @@ async fn client_operations() {
     let Some(url) = database_url() else { return };
     let schema = scratch(&url).await;
     let core = open(&url, &schema, false);
-    core.check_schema(1).await.expect("schema is current");
-    let err = core.check_schema(2).await.unwrap_err();
+    core.check_schema(2).await.expect("schema is current");
+    let err = core.check_schema(3).await.unwrap_err();
     assert_eq!(err.code(), "SCHEMA_MISMATCH");
-    assert!(err.to_string().contains("is at version 1"), "{err}");
+    assert!(err.to_string().contains("is at version 2"), "{err}");
     let missing = open(&url, "rt_does_not_exist", false);
     let err = missing.check_schema(1).await.unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");

@@ -470,6 +470,7 @@ impl Core {
         let w = self.core.writer_stats();
         let d = PyDict::new(py);
         d.set_item("writes", w.ops)?;
+        d.set_item("write_statements", w.statements)?;
         d.set_item("write_transactions", w.transactions)?;
         d.set_item("write_batches", w.batches)?;
         d.set_item("write_splits", w.split)?;

@@ -122,7 +122,7 @@ WITH x AS (
       FROM x
      WHERE r.id = x.run_id AND x.run_id = ANY (ARRAY(SELECT run_id FROM fenced))
        AND r.status NOT IN ('done', 'failed', 'canceled')
-    RETURNING r.id, r.parent_id, x.ord, pg_notify('iterflow.{schema_raw}', 'd ' || r.id::text)
+    RETURNING r.id, r.parent_id, x.ord, {schema}.wakeup('d ' || r.id::text)
 ), woken AS (
     -- wake_run of each parent, once per parent; one finishing here has nothing to wake
     INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
