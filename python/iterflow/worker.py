@@ -22,6 +22,10 @@ from .runtime import Runtime
 log = logging.getLogger("iterflow")
 # How often due crons are checked: the lateness bound of a cron fire.
 CRON_TICK = 0.25
+# Seconds an idle worker trusts its last look at the earliest timer of its flows (other
+# processes' timers: its own are woken locally). Without it every idle turn under load, one
+# per finished run or wake-up, would cost a query.
+DUE_RECHECK = 0.05
 
 
 class Worker:
@@ -42,6 +46,8 @@ class Worker:
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
         self._wake = asyncio.Event()
+        self._due_checked = -DUE_RECHECK
+        self._due_at: float | None = None  # loop time of the earliest timer seen at that check
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
 
@@ -108,10 +114,9 @@ class Worker:
     async def _idle(self, names: list[str], *, full: bool) -> None:
         timeout = self.poll_interval
         if not full:
-            with contextlib.suppress(Exception):
-                due = await self.rt.core.next_due(names)
-                if due is not None:
-                    timeout = min(timeout, max(due, 0.001))
+            due_at = await self._next_due(names)
+            if due_at is not None:
+                timeout = min(timeout, max(due_at - asyncio.get_running_loop().time(), 0.001))
         waiter = asyncio.ensure_future(self.rt.core.wait_for_work(names, timeout))
         local = asyncio.ensure_future(self._wake.wait())
         try:
@@ -120,6 +125,18 @@ class Worker:
             waiter.cancel()
             local.cancel()
             self._wake.clear()
+
+    async def _next_due(self, names: list[str]) -> float | None:
+        """Loop time of the earliest timer of these flows, re-read when the last look is older
+        than ``DUE_RECHECK`` or its timer has come (and was just claimed, most likely)."""
+        now = asyncio.get_running_loop().time()
+        stale = now - self._due_checked >= DUE_RECHECK
+        if stale or (self._due_at is not None and self._due_at <= now):
+            with contextlib.suppress(Exception):
+                due = await self.rt.core.next_due(names)
+                self._due_checked = now
+                self._due_at = None if due is None else now + due
+        return self._due_at
 
     def _spawn(self, run: Any) -> None:
         execution = Execution(run, self.rt)
