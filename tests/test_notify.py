@@ -212,3 +212,27 @@ async def test_deferred_wakeups_are_collected_for_the_caller_to_send(
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def test_caller_owned_pool_with_a_conninfo_callable_still_listens(dsn: str, schema_name: str) -> None:
+    """The pure-Python core's LISTEN connection goes where a caller-owned pool's connections go,
+    also when the pool's conninfo is an (async) callable rather than a string."""
+    from psycopg_pool import AsyncConnectionPool
+
+    async def conninfo() -> str:
+        return dsn
+
+    await iterflow.migrate(dsn, schema_name)
+    marks: list[float] = []
+    pool = AsyncConnectionPool(conninfo, min_size=1, max_size=8, open=False, kwargs={"autocommit": True})
+    await pool.open()
+    engine = iterflow.create_engine(pool=pool, schema=schema_name, core="python", notify=True, **SLOW_POLL)
+    engine.register(timed_flow(marks, work=0.0))
+    try:
+        await engine.listen()
+        await asyncio.sleep(0.3)  # LISTEN connection up
+        async with FinishClock(dsn, schema_name) as clock:
+            await _assert_prompt_results(engine.handle("timed"), clock)
+    finally:
+        await engine.stop()
+        await pool.close()

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -119,3 +123,34 @@ async def test_otel_spans_per_run_attempt_and_step(make_engine):
     step_span = next(s for s in mine if s.name == "iterflow.step one")
     run_spans = [s for s in mine if s.name.startswith("iterflow.run")]
     assert step_span.parent is not None and step_span.parent.span_id in {s.context.span_id for s in run_spans}
+
+
+def test_spans_are_built_only_once_a_tracer_provider_is_set():
+    """Having opentelemetry-api installed is not enough to pay for spans: until the application
+    sets a provider, ``span()`` neither builds the attributes nor enters a tracer (fresh process:
+    a provider, once set, cannot be unset)."""
+    pytest.importorskip("opentelemetry.sdk")
+    script = textwrap.dedent("""
+        import logging
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from iterflow.observe import Hooks
+
+        built = []
+        def attributes():
+            built.append(1)
+            return {"k": "v"}
+
+        hooks = Hooks(None, logging.getLogger("t"))
+        with hooks.span("before", attributes):
+            pass
+        assert built == [], built
+        trace.set_tracer_provider(TracerProvider())
+        with hooks.span("after", attributes):
+            assert trace.get_current_span().is_recording()
+        assert built == [1], built
+        print("ok")
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "OTEL_PYTHON_TRACER_PROVIDER"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
