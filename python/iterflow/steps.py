@@ -233,10 +233,7 @@ async def _call_inline(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, 
     ``in_step`` is set around the call only; tasks the step spawns inherit it."""
     token = in_step.set(True)
     try:
-        result = fn(*call_args)
-        if inspect.isawaitable(result):
-            return await result
-        return result
+        return await _await(fn, call_args)
     finally:
         in_step.reset(token)
 

@@ -526,8 +526,8 @@ impl Core {
         payload: Option<String>,
         key: Option<String>,
     ) -> Result<String, CoreError> {
-        // Group-committed like the worker's writes: each delivery that wakes a run sends a
-        // NOTIFY, and notifying commits serialize on one lock; a batch of deliveries is one.
+        // Group-committed like the worker's writes: a burst of deliveries shares one commit,
+        // and their wake-ups go out through the relay after it.
         let params = check_uuid("run_id", run_id).map(|()| {
             vec![
                 Param::text(run_id),

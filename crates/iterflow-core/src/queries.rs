@@ -136,11 +136,11 @@ mod tests {
             "claim_with_history",
             "record_step",
             "finish_run",
-            "notify_work",
+            "relay_notify",
         ] {
             assert!(q.contains(name), "{name}");
         }
-        let notify = q.get("notify_work").unwrap();
+        let notify = q.get("relay_notify").unwrap();
         assert!(notify.contains("'iterflow.wf'"), "{notify}");
         assert!(!q.get("claim_with_history").unwrap().contains("{schema}"));
         assert!(q

@@ -44,10 +44,10 @@ use crate::CoreError;
 /// planned again on every execution, which costs more than running them.
 const BEGIN: &str =
     "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
-/// [`BEGIN`] for a writer with an [`Outbox`]: the transition functions collect their wake-ups
-/// in `iterflow.notify` instead of sending them, and the relay sends them after the commit.
-const BEGIN_DEFERRING: &str = "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; \
-     SET LOCAL enable_seqscan = off; SET LOCAL iterflow.defer_notify = on";
+/// Appended to [`BEGIN`] by a writer with an [`Outbox`]: the transition functions collect their
+/// wake-ups in `iterflow.notify` instead of sending them, and the relay sends them after the
+/// commit.
+const DEFER_NOTIFY: &str = "; SET LOCAL iterflow.defer_notify = on";
 /// Appended to the `BEGIN` of a batch of claims only. A claim is the one write that need not be
 /// durable when it resolves: if a crash loses it, the run is simply claimed again (at least
 /// once), and any durable commit after it (the run's first step record, a delivery that saw it)
@@ -453,12 +453,10 @@ async fn together(
     stats
         .statements
         .fetch_add(units.len() as u64, Ordering::Relaxed);
-    let mut begin_sql = if outbox.is_some() {
-        BEGIN_DEFERRING
-    } else {
-        BEGIN
+    let mut begin_sql = BEGIN.to_string();
+    if outbox.is_some() {
+        begin_sql.push_str(DEFER_NOTIFY);
     }
-    .to_string();
     if batch.iter().all(|op| MAY_SKIP_FLUSH.contains(&op.query)) {
         begin_sql.push_str(NO_FLUSH);
     }

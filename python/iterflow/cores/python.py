@@ -239,8 +239,9 @@ class PythonCore:
         return insert_sync(self._q, cur, specs)
 
     async def _notify_work(self, names: set[str]) -> None:
+        """After the commit of new work, in a transaction of its own that skips the WAL flush."""
         if names and self._notify:
-            await self._rows("notify_work", sorted(names))
+            await self._rows("relay_notify", [f"q {name}" for name in sorted(names)])
 
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
         row = await self._one("deliver_signal", run_id, name, _j(payload), key)

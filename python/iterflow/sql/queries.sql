@@ -36,11 +36,9 @@ SELECT x.ord, r.id, r.status
         AND r.idempotency_key = x.idempotency_key)
     OR (x.parent_id IS NOT NULL AND r.parent_id = x.parent_id AND r.parent_key = x.parent_key)
 
--- name: notify_work
-SELECT pg_notify('iterflow.{schema_raw}', 'q ' || n) FROM unnest($1::text[]) AS n
-
 -- name: relay_notify
--- Wake-ups sent after the commit of the work they announce (the Rust core's outbox relay).
+-- Wake-ups (`q <flow>`, `d <run id>`) sent after the commit of the work they announce (the
+-- Rust core's outbox relay, the Python core's starts).
 -- This transaction changes no data, so it commits without waiting for a WAL flush: that wait
 -- would hold the lock every notifying commit of the database takes in turn.
 SELECT set_config('synchronous_commit', 'off', true), pg_notify('iterflow.{schema_raw}', p)
