@@ -235,3 +235,59 @@ async def test_signal_raced_against_a_sleep_is_delivered(make_engine):
     await _wait_status(engine, run.run_id, "sleeping")
     assert (await engine.signal(run.run_id, "go", 1)).kind == "delivered"
     assert await handle.result(run.run_id, timeout=5) == "signal"
+
+
+@pytest.mark.parametrize("timeout", [None, "1h"], ids=["untimed", "timed"])
+async def test_the_claim_that_wakes_a_run_resolves_its_signal(make_engine, timeout):
+    """A woken run comes back from the claim with the delivered signal already consumed and
+    recorded at the wait's cursor key, so it resumes without another write first."""
+
+    @define_flow("claim-resolves")
+    async def wait_once(ctx, _inp):
+        return await ctx.signal("go", timeout=timeout)
+
+    worker = await make_engine(wait_once)
+    handle = worker.handle("claim-resolves")
+    run = await handle.start(None)
+    await _wait_status(worker, run.run_id, "awaiting_signal")
+    await worker.stop()
+    client = await make_engine(wait_once, listen=False)
+    delivered = await client.signal(run.run_id, "go", {"n": 7})
+    assert delivered.kind == "delivered"
+    [claimed] = await client.core.claim(["claim-resolves"], 5, "probe", 60_000)
+    rec = claimed.history[delivered.cursor_key]
+    assert (rec.kind, rec.name, rec.status, rec.result, rec.deadline) == ("signal", "go", "done", {"n": 7}, None)
+    detail = await client.status(run.run_id)
+    assert [(s["name"], s["consumed_by"]) for s in detail.signals] == [("go", delivered.cursor_key)]
+    assert await client.core.finish(run.run_id, claimed.lease_token, "done", None, None)
+
+
+async def test_signals_racing_in_one_wake_are_each_resolved_once(make_engine):
+    """Both names of a raced wait arrive before the run is claimed: the claim consumes one
+    entry of each, and a later entry of the same name stays buffered for a later wait."""
+
+    @define_flow("both-then-again")
+    async def both(ctx, _inp):
+        a = asyncio.ensure_future(ctx.signal("a"))
+        b = asyncio.ensure_future(ctx.signal("b"))
+        first = await asyncio.gather(a, b)
+        return [*first, await ctx.signal("a")]
+
+    worker = await make_engine(both)
+    handle = worker.handle("both-then-again")
+    run = await handle.start(None)
+    await _wait_status(worker, run.run_id, "awaiting_signal")
+    await worker.stop()
+    client = await make_engine(both, listen=False)
+    for name, value in (("a", 1), ("b", 2), ("a", 3)):
+        await client.signal(run.run_id, name, value)
+    [claimed] = await client.core.claim(["both-then-again"], 5, "probe", 60_000)
+    done = sorted((r.name, r.result) for r in claimed.history.values() if r.kind == "signal")
+    assert done == [("a", 1), ("b", 2)]
+    await client.core.finish(run.run_id, claimed.lease_token, "failed", None, None)
+
+    again = await handle.start(None)
+    await make_engine(both)
+    for name, value in (("b", 20), ("a", 10), ("a", 30)):
+        await client.signal(again.run_id, name, value)
+    assert await handle.result(again.run_id, timeout=5) == [10, 20, 30]

@@ -374,7 +374,8 @@ class Context:
             return self._signal_value(payload, None, schema_, name)
         if outcome == "timeout":
             return self._signal_value(None, timeout_error, schema_, name)
-        waiting = {"kind": "signal", "name": name, "key": key, "until": until.isoformat() if until else None}
+        waiting = {"kind": "signal", "name": name, "key": key, "seq": seq,
+                   "until": until.isoformat() if until else None}
         await self._suspend(Suspension("awaiting_signal", waiting, until, True))
 
     def _signal_value(self, payload: Any, error: dict[str, Any] | None, schema: Schema | None, name: str) -> Any:

@@ -131,12 +131,15 @@ class Execution:
         chosen = min(timed, key=lambda s: s.wake_at) if timed else suspensions[0]  # type: ignore[arg-type, return-value]
         progress = any(s.progress for s in suspensions)
         # every signal any branch waits for, whichever wait is shown: delivery of any of them wakes
-        # the run (e.g. asyncio.wait on "approve" and "reject", or a signal raced against a sleep)
+        # the run (e.g. asyncio.wait on "approve" and "reject", or a signal raced against a sleep),
+        # and the claim that wakes it resolves them (their cursor seqs make the records)
         signals: dict[str, str] = {}
+        seqs: dict[str, int] = {}
         for s in suspensions:
-            if s.waiting.get("kind") == "signal":
-                signals.setdefault(s.waiting["name"], s.waiting["key"])
-        waiting = dict(chosen.waiting, signals=signals)
+            if s.waiting.get("kind") == "signal" and s.waiting["name"] not in signals:
+                signals[s.waiting["name"]] = s.waiting["key"]
+                seqs[s.waiting["name"]] = s.waiting["seq"]
+        waiting = dict(chosen.waiting, signals=signals, signal_seqs=seqs)
         ok = await self.rt.core.suspend(
             self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
             chosen.wake_at, None if progress else 0,

@@ -188,6 +188,9 @@ struct Inner {
     queries: Arc<Queries>,
     pool: Pool,
     writer: Writer,
+    /// The claim lane: claims commit without a WAL flush, so they get a writer of their own
+    /// rather than waiting behind the durable batch in flight (see [`Core::claim`]).
+    claimer: Writer,
     hub: Arc<Hub>,
     listener: Option<Listener>,
     wheel: TimerWheel<()>,
@@ -281,6 +284,9 @@ type BoxFut<'a> = Pin<Box<dyn Future<Output = Result<Rows, CoreError>> + Send + 
 
 /// Run several prepared statements on one connection, pipelined (one round trip); results in
 /// order.
+/// Opens a read of several statements that must agree with each other.
+const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+
 async fn pipeline<'a>(
     client: &'a tokio_postgres::Client,
     work: &'a [(tokio_postgres::Statement, Vec<Param>)],
@@ -317,6 +323,7 @@ impl Core {
             COALESCE,
             opts.notify.then(|| outbox.clone()),
         );
+        let claimer = Writer::spawn(pool.clone(), 1, opts.max_batch, &[], None);
         let hub = Hub::new();
         let listener = if opts.notify {
             let mut lconfig = config.clone();
@@ -338,6 +345,7 @@ impl Core {
                 queries,
                 pool,
                 writer,
+                claimer,
                 hub,
                 listener,
                 wheel,
@@ -355,7 +363,9 @@ impl Core {
         if let Some(listener) = &self.inner.listener {
             listener.stop();
         }
+        self.inner.claimer.close();
         self.inner.writer.close();
+        self.inner.claimer.join().await;
         self.inner.writer.join().await;
         // flush pending NOTIFYs so other processes still hear about work started just now
         if self.inner.notify {
@@ -593,7 +603,13 @@ impl Core {
         for n in names {
             work.push((conn.stmt(n).await?, vec![Param::text(run_id)]));
         }
+        // one snapshot for every part: a run claimed between two of these reads (which consumes
+        // its signals as it leases it) must not show up as still waiting with consumed signals
+        conn.begin_dirty();
+        conn.client.batch_execute(SNAPSHOT).await?;
         let results = pipeline(&conn.client, &work).await;
+        conn.client.batch_execute("COMMIT").await?;
+        conn.clean();
         let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
         if parts[0].rows.is_empty() {
             return Ok(None);
@@ -674,9 +690,11 @@ impl Core {
 
     /// Lease up to `limit` ready runs of `names` with their history, in one statement.
     ///
-    /// Through the group-commit writer: under load the claim shares a transaction (and its
-    /// WAL flush) with the step records of running runs. Its order key "" sorts before every
-    /// run id, so a suspension in the same batch can never be re-claimed by it.
+    /// On the claim lane, not the group-commit writer: a claim need not be durable (a lost
+    /// one is claimed again) and commits without waiting for the WAL flush, so it must not
+    /// queue behind a durable batch and its flush; a woken run then resumes one round trip
+    /// after its wake-up. It only sees committed state, so a run suspending in the writer's
+    /// batch in flight is claimed only once that suspension committed.
     pub fn claim(
         &self,
         names: &[String],
@@ -685,15 +703,15 @@ impl Core {
         lease_ms: i64,
     ) -> impl Future<Output = Result<Vec<Claimed>, CoreError>> + Send + 'static {
         let local_before = Utc::now();
-        let pending = self.write(
+        let pending = self.inner.claimer.enqueue(
             "",
             "claim_with_history",
-            Ok(vec![
+            vec![
                 Param::texts(names),
                 Param::Int(limit),
                 Param::text(owner),
                 Param::Int(lease_ms),
-            ]),
+            ],
         );
         let inner = self.inner.clone();
         async move {

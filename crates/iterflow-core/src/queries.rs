@@ -13,6 +13,7 @@ pub const QUERIES_SQL: &str = include_str!("../../../python/iterflow/sql/queries
 pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0001_init.sql"),
     include_str!("../../../python/iterflow/migrations/0002_deferred_notify.sql"),
+    include_str!("../../../python/iterflow/migrations/0003_hot_run_updates.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.

@@ -181,7 +181,7 @@ SELECT min(ready_at) - now() FROM {schema}.queue
 -- name: requeue_parked
 UPDATE {schema}.queue q SET ready_at = now()
   FROM {schema}.runs r
- WHERE r.id = q.run_id AND r.status = 'parked' AND r.name = ANY ($1::text[])
+ WHERE r.id = q.run_id AND r.finished_at IS NULL AND r.status = 'parked' AND r.name = ANY ($1::text[])
    AND q.lease_until IS NULL
 
 -- name: get_run
@@ -237,9 +237,10 @@ DELETE FROM {schema}.runs WHERE id = ANY ($1::uuid[]) AND status IN ('done', 'fa
 
 -- name: reconcile_lost
 -- Live runs that should be queued but have no queue row (e.g. a wake lost with a crash).
+-- `finished_at IS NULL` (live) lets each reconcile statement scan `runs_live` only.
 INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
 SELECT r.id, r.name, r.priority, now() FROM {schema}.runs r
- WHERE r.status IN ('pending', 'running', 'retrying', 'sleeping', 'parked')
+ WHERE r.finished_at IS NULL AND r.status IN ('pending', 'running', 'retrying', 'sleeping', 'parked')
    AND r.updated_at < now() - $1 * interval '1 millisecond'
    AND NOT EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = r.id)
 ON CONFLICT DO NOTHING
@@ -248,7 +249,7 @@ RETURNING run_id
 -- name: reconcile_parents
 -- Parents waiting on children that are all terminal, with no queued work.
 SELECT {schema}.wake_run(p.id) FROM {schema}.runs p
- WHERE p.status = 'awaiting_child'
+ WHERE p.finished_at IS NULL AND p.status = 'awaiting_child'
    AND p.updated_at < now() - $1 * interval '1 millisecond'
    AND NOT EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = p.id)
    AND NOT EXISTS (SELECT 1 FROM {schema}.runs c WHERE c.parent_id = p.id
@@ -258,7 +259,7 @@ SELECT {schema}.wake_run(p.id) FROM {schema}.runs p
 -- Live children whose parent is already failed or canceled.
 SELECT {schema}.cancel_tree(c.id, 'parent ' || p.status) FROM {schema}.runs c
   JOIN {schema}.runs p ON p.id = c.parent_id
- WHERE c.status NOT IN ('done', 'failed', 'canceled') AND p.status IN ('failed', 'canceled')
+ WHERE c.finished_at IS NULL AND p.status IN ('failed', 'canceled')
 
 -- name: try_lock
 SELECT pg_try_advisory_xact_lock(hashtext($1))
@@ -364,8 +365,14 @@ SELECT to_regclass($1) IS NOT NULL
 -- (a join of two of these sets could become a nested loop re-probing the index per row).
 -- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
 -- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
+-- A claimed run that suspended on signals (`waiting.signal_seqs`: name -> cursor seq, beside
+-- `waiting.signals`: name -> key) has them resolved here as resolve_signal would at replay:
+-- the oldest unconsumed entry of each name is consumed and recorded, and the record comes
+-- back with the history, so a woken run resumes without another durable write first. A
+-- signal whose delivery committed after this statement's snapshot is left to resolve_signal.
 WITH c AS (
-    SELECT wq.run_id FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+    SELECT wq.run_id, wr.waiting AS was
+      FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
      WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
      ORDER BY wq.priority DESC, wq.ready_at
      LIMIT $2
@@ -385,6 +392,28 @@ WITH c AS (
     RETURNING r.id, r.name, r.version, r.input, r.attempts, r.cancel_reason, r.parent_id, r.depth,
               r.created_at,
               (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
+), pick AS (
+    SELECT c.run_id, w.key AS name, w.value AS key, (c.was->'signal_seqs'->>w.key)::int AS seq,
+           g.id AS signal_id, g.payload
+      FROM c
+     CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
+     CROSS JOIN LATERAL (
+           SELECT u.id, u.payload FROM {schema}.signals u
+            WHERE u.run_id = c.run_id AND u.name = w.key AND u.consumed_at IS NULL
+            ORDER BY u.id LIMIT 1) g
+     WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key
+       AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
+                        WHERE d.run_id = c.run_id AND d.key = w.value AND d.status = 'done')
+), used AS (
+    UPDATE {schema}.signals u SET consumed_at = now(), consumed_by = pick.key
+      FROM pick WHERE u.id = pick.signal_id
+), got AS (
+    INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, result, finished_at)
+    SELECT run_id, key, seq, 'signal', name, 'done', payload, now() FROM pick
+    ON CONFLICT (run_id, key) DO UPDATE
+       SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL
+    RETURNING run_id, key, seq, kind, name, status, result, error, attempts, deadline, child_id,
+              finished_at
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
@@ -400,3 +429,9 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
   FROM {schema}.steps s
   LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
  WHERE s.run_id = ANY (ARRAY(SELECT id FROM r))
+   AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
+UNION ALL
+SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
+       got.child_id, NULL, NULL, NULL, got.finished_at
+  FROM got
