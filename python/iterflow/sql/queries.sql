@@ -398,12 +398,14 @@ WITH c AS (
       FROM c
      CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
      CROSS JOIN LATERAL (
+           -- (the check for a final record sits in here so that it is probed by both key
+           -- columns; as a join it was planned as a scan of every run's record of that key)
            SELECT u.id, u.payload FROM {schema}.signals u
             WHERE u.run_id = c.run_id AND u.name = w.key AND u.consumed_at IS NULL
+              AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
+                               WHERE d.run_id = c.run_id AND d.key = w.value AND d.status = 'done')
             ORDER BY u.id LIMIT 1) g
      WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key
-       AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
-                        WHERE d.run_id = c.run_id AND d.key = w.value AND d.status = 'done')
 ), used AS (
     UPDATE {schema}.signals u SET consumed_at = now(), consumed_by = pick.key
       FROM pick WHERE u.id = pick.signal_id
