@@ -26,6 +26,8 @@ CRON_TICK = 0.25
 # processes' timers: its own are woken locally). Without it every idle turn under load, one
 # per finished run or wake-up, would cost a query.
 DUE_RECHECK = 0.05
+# Seconds stop() lets a claim in flight finish before cancelling it.
+CLAIM_STOP_GRACE = 5.0
 
 
 class Worker:
@@ -45,7 +47,8 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
-        self._wake = asyncio.Event()
+        self._wake = asyncio.Event()  # a slot freed up (or stop): see _wait_for_slot
+        self._full = False
         self._due_checked = -DUE_RECHECK
         self._due_at: float | None = None  # loop time of the earliest timer seen at that check
         self._stopping = False
@@ -67,17 +70,24 @@ class Worker:
             self._tasks.append(loop.create_task(self._cron_loop(), name="iterflow-cron"))
 
     def wake(self) -> None:
+        """New work may be ready (a local timer, a cron fire, a call in this process): claim now
+        instead of at the next notification or poll."""
         self._wake.set()
+        self.rt.core.nudge()
 
     def wake_at(self, delay: float) -> None:
         """Local timer: claim again when a run this process suspended becomes due."""
-        asyncio.get_running_loop().call_later(max(delay, 0.0), self._wake.set)
+        asyncio.get_running_loop().call_later(max(delay, 0.0), self.wake)
 
     async def stop(self) -> None:
         """Stop claiming, let in-flight runs finish until the deadline, then abort them."""
         self._stopping = True
-        self._wake.set()
+        self.wake()
         for task in self._tasks[:1]:
+            # a claim in flight finishes (its runs join the ones drained below); cancelling it
+            # could strand runs it leased until their leases expire
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(task), CLAIM_STOP_GRACE)
             await _cancel(task)
         pending = [task for _, task in self.active.values()]
         if pending:
@@ -94,37 +104,41 @@ class Worker:
     # -- claiming ------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
         names = self.names
+        wait: float | None = None  # how long the next claim first waits for a wake-up; None: not at all
         while not self._stopping:
             free = self.concurrency - len(self.active)
-            claimed = 0
-            if free > 0 and not self.paused:
-                try:
-                    runs = await self.rt.core.claim(names, free, self.owner, self.lease_ms)
-                except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the loop
-                    log.warning("iterflow claim failed: %r", exc)
-                    await asyncio.sleep(min(self.poll_interval, 1.0))
-                    continue
-                for run in runs:
-                    self._spawn(run)
-                claimed = len(runs)
-            if claimed and claimed == free:
+            if free <= 0 or self.paused:
+                await self._wait_for_slot()
+                wait = None
                 continue
-            await self._idle(names, full=free <= 0 or self.paused)
+            try:
+                runs = await self.rt.core.claim(names, free, self.owner, self.lease_ms, wait)
+            except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the loop
+                log.warning("iterflow claim failed: %r", exc)
+                await asyncio.sleep(min(self.poll_interval, 1.0))
+                wait = None
+                continue
+            for run in runs:
+                self._spawn(run)
+            wait = None if len(runs) == free else await self._wait_budget(names)
 
-    async def _idle(self, names: list[str], *, full: bool) -> None:
-        timeout = self.poll_interval
-        if not full:
-            due_at = await self._next_due(names)
-            if due_at is not None:
-                timeout = min(timeout, max(due_at - asyncio.get_running_loop().time(), 0.001))
-        waiter = asyncio.ensure_future(self.rt.core.wait_for_work(names, timeout))
-        local = asyncio.ensure_future(self._wake.wait())
+    async def _wait_for_slot(self) -> None:
+        """Every slot is busy (or claiming is paused): until one frees up, or a poll interval."""
+        self._wake.clear()
+        self._full = True
         try:
-            await asyncio.wait({waiter, local}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
         finally:
-            waiter.cancel()
-            local.cancel()
-            self._wake.clear()
+            self._full = False
+
+    async def _wait_budget(self, names: list[str]) -> float:
+        """How long the next claim may wait for a wake-up: the poll interval, or less when a
+        timer of these flows (another process's; ours are woken locally) comes due sooner."""
+        due_at = await self._next_due(names)
+        if due_at is None:
+            return self.poll_interval
+        return min(self.poll_interval, max(due_at - asyncio.get_running_loop().time(), 0.001))
 
     async def _next_due(self, names: list[str]) -> float | None:
         """Loop time of the earliest timer of these flows, re-read when the last look is older
@@ -159,7 +173,8 @@ class Worker:
             entry = self.active.get(run_id)
             if entry is not None and entry[0] is execution:
                 del self.active[run_id]
-            self._wake.set()
+            if self._full:
+                self._wake.set()
 
     def _schedule_local_wake(self, execution: Execution) -> None:
         ctx = execution.ctx
@@ -210,7 +225,7 @@ class Worker:
                     since_prune = 0.0
                     await self._prune()
                 if await self.rt.core.expire_leases(500):
-                    self._wake.set()
+                    self.wake()
                 if self.reconcile_interval is not None and since_reconcile >= self.reconcile_interval:
                     since_reconcile = 0.0
                     counts = await self.rt.core.reconcile(int(self.lease_ms * 2))
@@ -225,7 +240,7 @@ class Worker:
         while True:
             try:
                 if await self.cron_tick():
-                    self._wake.set()
+                    self.wake()
             except Exception as exc:  # noqa: BLE001 - a failed tick is retried at the next one
                 log.warning("iterflow cron tick failed: %r", exc)
             await asyncio.sleep(CRON_TICK)

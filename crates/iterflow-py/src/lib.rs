@@ -729,6 +729,13 @@ impl Core {
     /// -> [((run_id, token, name, version, input, attempts, cancel_reason, parent_id, depth,
     /// created_at, parent_status, db_now), [(key, seq, kind, name, status, result, error,
     /// attempts, deadline, child_id, child_status, child_output, child_error, finished_at)])]
+    ///
+    /// With `wait` (seconds), first wait until new work may be ready (a notification, a timer
+    /// of the wheel, a `nudge`) or that long: the claim then starts on the runtime the moment
+    /// the wake-up arrives, not after the event loop got round to it. Not cancellable: a claim
+    /// that started always reports the runs it leased.
+    #[pyo3(signature = (pump, ticket, names, limit, owner, lease_ms, wait=None))]
+    #[allow(clippy::too_many_arguments)]
     fn claim<'py>(
         &self,
         _py: Python<'py>,
@@ -738,12 +745,18 @@ impl Core {
         limit: i64,
         owner: String,
         lease_ms: i64,
+        wait: Option<f64>,
     ) -> PyResult<()> {
         let core = self.core.clone();
         spawn(
             pump,
             ticket,
-            core.claim(&names, limit, &owner, lease_ms),
+            async move {
+                if let Some(wait) = wait {
+                    core.wait_for_work(secs(wait)).await;
+                }
+                core.claim(&names, limit, &owner, lease_ms).await
+            },
             |py, runs| {
                 let out = PyList::empty(py);
                 for r in runs {
@@ -1039,23 +1052,9 @@ impl Core {
         )
     }
 
-    fn wait_for_work<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        timeout: f64,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn_cancellable(
-            pump,
-            ticket,
-            async move {
-                core.wait_for_work(secs(timeout)).await;
-                Ok(())
-            },
-            |py, ()| Ok(none(py)),
-        )
+    /// New work may be ready (this process knows it): a waiting `claim` claims now.
+    fn nudge(&self) {
+        self.core.hub().wake_work();
     }
 
     /// -> {"lost", "parents", "orphans"} or None when another process holds the lock.

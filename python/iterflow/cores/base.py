@@ -169,7 +169,16 @@ class Core(Protocol):
         ...
 
     # -- worker side -------------------------------------------------------------------
-    async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]: ...
+    async def claim(
+        self, names: Sequence[str], limit: int, owner: str, lease_ms: int, wait: float | None = None
+    ) -> list[ClaimedRun]:
+        """Lease up to ``limit`` ready runs with their history. With ``wait``, first wait until
+        new work may be ready (a notification, a local timer, :meth:`nudge`) or that many
+        seconds; a claim that started is never abandoned (the runs it leased are returned)."""
+        ...
+    def nudge(self) -> None:
+        """New work may be ready (this process knows it): a waiting claim claims now."""
+        ...
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep: ...
     async def spawn_children(
         self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
@@ -193,9 +202,6 @@ class Core(Protocol):
         """Seconds until the earliest unleased queued run of ``names`` is ready (<= 0: now)."""
         ...
     async def requeue_parked(self, names: Sequence[str]) -> int: ...
-    async def wait_for_work(self, names: Sequence[str], timeout: float) -> None:
-        """Return when new work for ``names`` may be ready, or after ``timeout`` seconds."""
-        ...
     async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
         """Delete events / terminal runs older than the cutoffs in batches; None when another
         process holds the fleet-wide retention lock."""

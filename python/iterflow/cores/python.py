@@ -154,6 +154,7 @@ class PythonCore:
         self._pool_size = pool_size
         self._notify = notify
         self._listener: Listener | None = None
+        self._nudged = asyncio.Event()
         self._poll_event = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -303,7 +304,11 @@ class PythonCore:
             await asyncio.sleep(min(timeout, 0.05))
 
     # -- worker side ---------------------------------------------------------------------
-    async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]:
+    async def claim(
+        self, names: Sequence[str], limit: int, owner: str, lease_ms: int, wait: float | None = None
+    ) -> list[ClaimedRun]:
+        if wait is not None:
+            await self._wait_for_work(wait)
         rows = await self._rows("claim_with_history", list(names), limit, owner, lease_ms)
         by_id = {str(row[1]): _claimed(row) for row in rows if row[0] == "run"}
         for row in rows:
@@ -373,11 +378,20 @@ class PythonCore:
             await cur.execute(self._q["requeue_parked"], (list(names),))
             return cur.rowcount
 
-    async def wait_for_work(self, names: Sequence[str], timeout: float) -> None:
+    def nudge(self) -> None:
+        self._nudged.set()
+
+    async def _wait_for_work(self, timeout: float) -> None:
+        """Until new work may be ready (a notification, a nudge) or ``timeout`` seconds."""
+        waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._nudged.wait())]
         if self._listener is not None and self._listener.connected.is_set():
-            await self._listener.wait_work(timeout)
-        else:
-            await asyncio.sleep(timeout)
+            waits.append(asyncio.ensure_future(self._listener.wait_work(timeout)))
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiting in waits:
+                waiting.cancel()
+            self._nudged.clear()
 
     async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
         assert self._pool is not None

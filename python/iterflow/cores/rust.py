@@ -273,8 +273,10 @@ class RustCore:
         await self._wait(self._c.wait_run_change, run_id, float(timeout))
 
     # -- worker side ---------------------------------------------------------------------
-    async def claim(self, names: Sequence[str], limit: int, owner: str, lease_ms: int) -> list[ClaimedRun]:
-        rows = await self._run(self._c.claim, list(names), limit, owner, lease_ms)
+    async def claim(
+        self, names: Sequence[str], limit: int, owner: str, lease_ms: int, wait: float | None = None
+    ) -> list[ClaimedRun]:
+        rows = await self._run(self._c.claim, list(names), limit, owner, lease_ms, wait)
         runs = []
         for head, history in rows:
             run = ClaimedRun(*head)
@@ -334,8 +336,9 @@ class RustCore:
     async def requeue_parked(self, names: Sequence[str]) -> int:
         return int(await self._run(self._c.requeue_parked, list(names)))
 
-    async def wait_for_work(self, names: Sequence[str], timeout: float) -> None:
-        await self._wait(self._c.wait_for_work, float(timeout))
+    def nudge(self) -> None:
+        if self._core is not None:  # a hint: nothing to wake once closed
+            self._core.nudge()
 
     async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
         return await self._run(self._c.prune, events_ms, runs_ms, batch)  # type: ignore[no-any-return]
