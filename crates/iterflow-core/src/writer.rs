@@ -56,6 +56,11 @@ const DEFER_NOTIFY: &str = "; SET LOCAL iterflow.defer_notify = on";
 const NO_FLUSH: &str = "; SET LOCAL synchronous_commit = off";
 /// Statements whose batches may commit without waiting for the flush (see [`NO_FLUSH`]).
 const MAY_SKIP_FLUSH: &[&str] = &["claim_with_history"];
+/// Statements whose wake-ups go out with the commit, not through the relay: a signal
+/// delivery's wake-up is what a waiting run's resume latency is made of, and the relay would
+/// add a transaction after the commit. (The notification lock this holds through the batch's
+/// flush is not contended by the writers of other processes, which defer theirs.)
+const NOTIFY_AT_COMMIT: &[&str] = &["deliver_signal"];
 /// Read just before `COMMIT`: the wake-ups collected by this transaction.
 const COLLECTED: &str = "SELECT current_setting('iterflow.notify', true)";
 
@@ -454,6 +459,7 @@ async fn together(
         .statements
         .fetch_add(units.len() as u64, Ordering::Relaxed);
     let mut begin_sql = BEGIN.to_string();
+    let outbox = outbox.filter(|_| !batch.iter().any(|op| NOTIFY_AT_COMMIT.contains(&op.query)));
     if outbox.is_some() {
         begin_sql.push_str(DEFER_NOTIFY);
     }
