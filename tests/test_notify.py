@@ -236,3 +236,33 @@ async def test_caller_owned_pool_with_a_conninfo_callable_still_listens(dsn: str
     finally:
         await engine.stop()
         await pool.close()
+
+
+async def test_a_waiting_claim_claims_at_once_when_nudged(make_engine: Any) -> None:
+    """``claim(wait=)`` waits for a wake-up, then claims what is ready: a nudge (work this
+    process knows of) ends the wait long before its timeout, and claims nothing when nothing
+    is ready."""
+    flow = timed_flow([])
+    client = await make_engine(flow, listen=False)
+    core = (await make_engine(flow, listen=False, **SLOW_POLL)).core
+    await core.open()
+    loop = asyncio.get_running_loop()
+
+    run = await client.handle("timed").start(1)
+    claimed: list[Any] = []
+    for _ in range(5):  # a stale wake-up (the listener's connect) may end one wait early
+        claimed = await asyncio.wait_for(core.claim(["timed"], 5, "probe", 60_000, 30.0), 10)
+        if claimed:
+            break
+    assert [c.run_id for c in claimed] == [run.run_id]
+
+    for _ in range(50):  # until no stale wake-up is left
+        t0 = loop.time()
+        await core.claim(["timed"], 5, "probe", 60_000, 0.3)
+        if loop.time() - t0 >= 0.25:
+            break
+    waiting = asyncio.ensure_future(core.claim(["timed"], 5, "probe", 60_000, 30.0))
+    await asyncio.sleep(0.2)
+    assert not waiting.done()
+    core.nudge()
+    assert await asyncio.wait_for(waiting, 10) == []
