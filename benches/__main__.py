@@ -123,6 +123,18 @@ async def _drop_schema(dsn: str, schema: str) -> None:
         await conn.execute(pgsql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(pgsql.Identifier(schema)))
 
 
+async def _checkpoints(dsn: str) -> int | None:
+    """Checkpoints the server has started so far (a checkpoint during a run is noise: the
+    full-page images after it make every first write of a page costlier)."""
+    try:
+        async with await psycopg.AsyncConnection.connect(with_app_name(dsn, MONITOR_APP), autocommit=True) as conn:
+            cur = await conn.execute("SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter")
+            row = await cur.fetchone()
+            return int(row[0]) if row else None
+    except psycopg.Error:  # e.g. a server where the view is not readable: the field is left out
+        return None
+
+
 async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, timeout: float,
                   concurrency: dict[str, int]) -> dict[str, Any]:
     assert w.run is not None
@@ -131,6 +143,7 @@ async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, time
               concurrency=concurrency.get(core, sizes.concurrency))
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
+    checkpoints_before = await _checkpoints(dsn)
     try:
         await _drop_schema(dsn, schema)
         await iterflow.migrate(dsn, schema)
@@ -157,6 +170,9 @@ async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, time
     result["schema"] = schema
     result.setdefault("foreign_active_backends_max", env.foreign_activity())
     result["loadavg_1m_after"] = os.getloadavg()[0]
+    checkpoints_after = await _checkpoints(dsn)
+    if checkpoints_before is not None and checkpoints_after is not None:
+        result["checkpoints_during"] = checkpoints_after - checkpoints_before
     return result
 
 
