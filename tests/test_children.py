@@ -54,6 +54,15 @@ async def test_invoke_returns_child_output_and_links_child(make_engine):
     assert str(rec["child_id"]) == str(child["id"])
 
 
+async def test_without_notify_a_child_and_its_parent_run_without_waiting_for_the_poll(make_engine):
+    # nothing notifies this worker: the parent's suspension made its child claimable and the
+    # child's finish woke the parent, and the worker claims again as each of them ends
+    engine = await make_engine(square, parent, notify=False, poll_interval=30)
+    handle = engine.handle("parent")
+    run = await handle.start({"x": 3})
+    assert await handle.result(run.run_id, timeout=10) == {"one": 9}
+
+
 async def test_fanout_of_200_joins_in_order(make_engine):
     engine = await make_engine(square, fanout, concurrency=20)
     handle = engine.handle("fanout")

@@ -238,7 +238,7 @@ class Engine:
         self._worker = Worker(
             self.runtime, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
             reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout, retention=self.retention,
-            cron_tick=self.fire_crons if self.crons else None,
+            cron_tick=self.fire_crons if self.crons else None, notify=bool(self._options["notify"]),
         )
         await self._worker.start()
 

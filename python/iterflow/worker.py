@@ -34,7 +34,7 @@ class Worker:
     def __init__(
         self, rt: Runtime, *, concurrency: int, lease: timedelta, poll_interval: float,
         reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
-        cron_tick: Callable[[], Awaitable[int]] | None = None,
+        cron_tick: Callable[[], Awaitable[int]] | None = None, notify: bool = True,
     ) -> None:
         self.rt = rt
         self.concurrency = concurrency
@@ -44,6 +44,7 @@ class Worker:
         self.shutdown_timeout = shutdown_timeout
         self.retention = retention
         self.cron_tick = cron_tick
+        self.notify = notify
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
@@ -175,6 +176,10 @@ class Worker:
                 del self.active[run_id]
             if self._full:
                 self._wake.set()
+            elif not self.notify:
+                # no notification tells this worker that what the run just wrote made work
+                # ready (a wake during its lease re-queued it, its last child woke a parent)
+                self.rt.core.nudge()
 
     def _schedule_local_wake(self, execution: Execution) -> None:
         ctx = execution.ctx
