@@ -282,11 +282,11 @@ fn leased_done(params: &[Param]) -> bool {
 
 type BoxFut<'a> = Pin<Box<dyn Future<Output = Result<Rows, CoreError>> + Send + 'a>>;
 
-/// Run several prepared statements on one connection, pipelined (one round trip); results in
-/// order.
 /// Opens a read of several statements that must agree with each other.
 const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 
+/// Run several prepared statements on one connection, pipelined (one round trip); results in
+/// order.
 async fn pipeline<'a>(
     client: &'a tokio_postgres::Client,
     work: &'a [(tokio_postgres::Statement, Vec<Param>)],

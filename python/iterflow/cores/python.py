@@ -155,7 +155,6 @@ class PythonCore:
         self._notify = notify
         self._listener: Listener | None = None
         self._nudged = asyncio.Event()
-        self._poll_event = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _listen_dsn(self) -> str:
