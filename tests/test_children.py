@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from iterflow import Code, FlowRuntimeError, RunFailed, define_flow
@@ -55,10 +57,12 @@ async def test_invoke_returns_child_output_and_links_child(make_engine):
 
 
 async def test_without_notify_a_child_and_its_parent_run_without_waiting_for_the_poll(make_engine):
-    # nothing notifies this worker: the parent's suspension made its child claimable and the
-    # child's finish woke the parent, and the worker claims again as each of them ends
+    # nothing notifies this worker: a start in its own process wakes it, the parent's
+    # suspension made its child claimable and the child's finish woke the parent, and the
+    # worker claims again as each of them ends
     engine = await make_engine(square, parent, notify=False, poll_interval=30)
     handle = engine.handle("parent")
+    await asyncio.sleep(0.3)  # the worker's first claim found nothing: it waits for a wake-up
     run = await handle.start({"x": 3})
     assert await handle.result(run.run_id, timeout=10) == {"one": 9}
 

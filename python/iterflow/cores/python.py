@@ -239,8 +239,13 @@ class PythonCore:
         return insert_sync(self._q, cur, specs)
 
     async def _notify_work(self, names: set[str]) -> None:
-        """After the commit of new work, in a transaction of its own that skips the WAL flush."""
-        if names and self._notify:
+        """After the commit of new work: this process's worker claims at once (with or without
+        notifications), and other processes hear of it in a transaction of its own that skips
+        the WAL flush."""
+        if not names:
+            return
+        self.nudge()
+        if self._notify:
             await self._rows("relay_notify", [f"q {name}" for name in sorted(names)])
 
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
