@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import subprocess
@@ -116,7 +117,12 @@ async def test_otel_spans_per_run_attempt_and_step(make_engine):
     engine = await make_engine(observed, poll_interval=0.05)
     run = await engine.handle("observed").start(None)
     assert await engine.handle("observed").result(run.run_id, timeout=5) == "ok"
-    mine = [s for s in exporter.get_finished_spans() if s.attributes.get("iterflow.run_id") == run.run_id]
+    mine: list = []
+    for _ in range(100):  # result() can return before the worker has closed the last attempt's span
+        mine = [s for s in exporter.get_finished_spans() if s.attributes.get("iterflow.run_id") == run.run_id]
+        if len(mine) >= 3:
+            break
+        await asyncio.sleep(0.02)
     names = sorted(s.name for s in mine)
     # two attempts (before and after the sleep), one executed step
     assert names == ["iterflow.run observed", "iterflow.run observed", "iterflow.step one"]
