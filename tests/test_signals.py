@@ -237,6 +237,17 @@ async def test_signal_raced_against_a_sleep_is_delivered(make_engine):
     assert await handle.result(run.run_id, timeout=5) == "signal"
 
 
+async def _waiting_without_a_worker(make_engine, flow):
+    """A run of ``flow`` suspended in ``ctx.signal`` whose worker has stopped, and a client-only
+    engine: signals delivered now wait for a claim the test makes itself."""
+    worker = await make_engine(flow)
+    handle = worker.handle(flow.name)
+    run = await handle.start(None)
+    await _wait_status(worker, run.run_id, "awaiting_signal")
+    await worker.stop()
+    return handle, run, await make_engine(flow, listen=False)
+
+
 @pytest.mark.parametrize("timeout", [None, "1h"], ids=["untimed", "timed"])
 async def test_the_claim_that_wakes_a_run_resolves_its_signal(make_engine, timeout):
     """A woken run comes back from the claim with the delivered signal already consumed and
@@ -246,12 +257,7 @@ async def test_the_claim_that_wakes_a_run_resolves_its_signal(make_engine, timeo
     async def wait_once(ctx, _inp):
         return await ctx.signal("go", timeout=timeout)
 
-    worker = await make_engine(wait_once)
-    handle = worker.handle("claim-resolves")
-    run = await handle.start(None)
-    await _wait_status(worker, run.run_id, "awaiting_signal")
-    await worker.stop()
-    client = await make_engine(wait_once, listen=False)
+    _handle, run, client = await _waiting_without_a_worker(make_engine, wait_once)
     delivered = await client.signal(run.run_id, "go", {"n": 7})
     assert delivered.kind == "delivered"
     [claimed] = await client.core.claim(["claim-resolves"], 5, "probe", 60_000)
@@ -273,12 +279,7 @@ async def test_signals_racing_in_one_wake_are_each_resolved_once(make_engine):
         first = await asyncio.gather(a, b)
         return [*first, await ctx.signal("a")]
 
-    worker = await make_engine(both)
-    handle = worker.handle("both-then-again")
-    run = await handle.start(None)
-    await _wait_status(worker, run.run_id, "awaiting_signal")
-    await worker.stop()
-    client = await make_engine(both, listen=False)
+    handle, run, client = await _waiting_without_a_worker(make_engine, both)
     for name, value in (("a", 1), ("b", 2), ("a", 3)):
         await client.signal(run.run_id, name, value)
     [claimed] = await client.core.claim(["both-then-again"], 5, "probe", 60_000)
