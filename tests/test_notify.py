@@ -266,3 +266,52 @@ async def test_a_waiting_claim_claims_at_once_when_nudged(make_engine: Any) -> N
     assert not waiting.done()
     core.nudge()
     assert await asyncio.wait_for(waiting, 10) == []
+
+
+async def _listen_connections(dsn: str, schema: str) -> int:
+    ((n,),) = await rows(dsn, "SELECT count(*) FROM pg_stat_activity WHERE query = %s", f'LISTEN "iterflow.{schema}"')
+    return int(n)
+
+
+async def _until_listen_connections(dsn: str, schema: str, n: int) -> None:
+    deadline = time.monotonic() + 5
+    while (seen := await _listen_connections(dsn, schema)) != n:
+        assert time.monotonic() < deadline, f"{seen} LISTEN connections, expected {n}"
+        await asyncio.sleep(0.02)
+
+
+async def test_a_process_that_only_starts_and_signals_does_not_listen(
+    make_engine: Any, dsn: str, schema_name: str
+) -> None:
+    """A producer (a web process starting runs and sending signals) holds no LISTEN connection,
+    so it is not woken by every notification of the schema; its first wait for a result opens
+    one, and the result still arrives."""
+
+    @define_flow("inbox")
+    async def inbox(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.signal("go")
+
+    await make_engine(inbox)
+    await _until_listen_connections(dsn, schema_name, 1)  # the worker's, from listen()
+    client = await make_engine(listen=False)
+    handle = client.handle("inbox")
+    first, second = [r.run_id for r in await handle.start_many([{"input": None}, {"input": None}])]
+
+    async def until(run_id: str, status: str) -> None:
+        deadline = time.monotonic() + 10
+        while (detail := await client.status(run_id)) is None or detail.run.status != status:
+            assert time.monotonic() < deadline, f"the run never became {status}"
+            await asyncio.sleep(0.02)
+
+    await until(first, "awaiting_signal")
+    await until(second, "awaiting_signal")
+    assert (await client.signal(first, "go", {"n": 1})).kind == "delivered"
+    await until(first, "done")
+    assert await handle.result(first, timeout=10) == {"n": 1}  # finished: nothing to wait for
+    await asyncio.sleep(0.3)
+    assert await _listen_connections(dsn, schema_name) == 1
+
+    waiting = asyncio.ensure_future(handle.result(second, timeout=10))
+    await _until_listen_connections(dsn, schema_name, 2)
+    assert (await client.signal(second, "go", {"n": 2})).kind == "delivered"
+    assert await waiting == {"n": 2}

@@ -60,6 +60,7 @@ class Worker:
         return sorted({name for name, _ in self.rt.flows})
 
     async def start(self) -> None:
+        await self.rt.core.listen()
         await self.rt.core.requeue_parked(self.names)
         loop = asyncio.get_running_loop()
         self._tasks = [

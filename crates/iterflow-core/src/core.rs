@@ -4,8 +4,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -29,6 +29,8 @@ pub struct CoreOptions {
     /// Connections in the pool (the LISTEN connection is extra).
     pub pool_size: usize,
     /// LISTEN for wake-ups and NOTIFY new work; off behind PgBouncer in transaction mode.
+    /// The LISTEN connection opens on first need ([`Core::listen`]), so a process that only
+    /// starts runs and sends signals never holds one nor hears every wake-up of the schema.
     pub notify: bool,
     /// Connections are named `<application_name>:<schema>`, the listener
     /// `<application_name>-listen:<schema>` (visible in `pg_stat_activity`).
@@ -192,7 +194,11 @@ struct Inner {
     /// rather than waiting behind the durable batch in flight (see [`Core::claim`]).
     claimer: Writer,
     hub: Arc<Hub>,
-    listener: Option<Listener>,
+    /// What the LISTEN connection connects with (None when `notify` is off).
+    listen_config: Option<tokio_postgres::Config>,
+    listener: OnceLock<Listener>,
+    /// Set by `close`: no listener starts after it.
+    closed: AtomicBool,
     wheel: TimerWheel<()>,
     outbox: Arc<Outbox>,
     outbox_task: Option<JoinHandle<()>>,
@@ -303,8 +309,7 @@ async fn pipeline<'a>(
 }
 
 impl Core {
-    /// Open a core: nothing connects until first use, except the LISTEN task (when `notify`).
-    /// Must be called inside a tokio runtime.
+    /// Open a core: nothing connects until first use. Must be called inside a tokio runtime.
     pub fn open(opts: CoreOptions) -> Result<Core, CoreError> {
         let queries = Arc::new(Queries::new(&opts.schema)?);
         let mut config = parse_dsn(&opts.dsn)?;
@@ -325,16 +330,14 @@ impl Core {
         );
         let claimer = Writer::spawn(pool.clone(), 1, opts.max_batch, &[], None);
         let hub = Hub::new();
-        let listener = if opts.notify {
+        let listen_config = opts.notify.then(|| {
             let mut lconfig = config.clone();
             if !named_by_dsn {
                 lconfig
                     .application_name(format!("{}-listen:{}", opts.application_name, opts.schema));
             }
-            Some(Listener::spawn(lconfig, queries.channel(), hub.clone()))
-        } else {
-            None
-        };
+            lconfig
+        });
         let wheel_hub = hub.clone();
         let wheel = TimerWheel::spawn(opts.wheel_horizon, move |()| wheel_hub.wake_work());
         let outbox_task = opts
@@ -347,7 +350,9 @@ impl Core {
                 writer,
                 claimer,
                 hub,
-                listener,
+                listen_config,
+                listener: OnceLock::new(),
+                closed: AtomicBool::new(false),
                 wheel,
                 outbox,
                 outbox_task,
@@ -360,7 +365,8 @@ impl Core {
 
     /// Stop the listener and relay, let queued writes finish, close pooled connections.
     pub async fn close(&self) {
-        if let Some(listener) = &self.inner.listener {
+        self.inner.closed.store(true, Ordering::Release);
+        if let Some(listener) = self.inner.listener.get() {
             listener.stop();
         }
         self.inner.claimer.close();
@@ -398,9 +404,27 @@ impl Core {
         self.inner.wheel.len()
     }
 
+    /// Start the LISTEN connection (when `notify` is on and it is not started yet); it stays
+    /// up, reconnecting, until `close`. Waiting for work or for a run calls this first. Must
+    /// be called inside a tokio runtime.
+    pub fn listen(&self) {
+        if self.inner.closed.load(Ordering::Acquire) {
+            return;
+        }
+        if let Some(config) = &self.inner.listen_config {
+            self.inner.listener.get_or_init(|| {
+                Listener::spawn(
+                    config.clone(),
+                    self.inner.queries.channel(),
+                    self.inner.hub.clone(),
+                )
+            });
+        }
+    }
+
     /// Whether the LISTEN connection is up.
     pub fn listening(&self) -> bool {
-        self.inner.listener.is_some() && self.inner.hub.connected()
+        self.inner.listener.get().is_some() && self.inner.hub.connected()
     }
 
     /// Run any named statement of queries.sql (for the generic cron statements and tests).
@@ -664,6 +688,7 @@ impl Core {
 
     /// Return when `run_id` may have become terminal, or after `timeout`.
     pub async fn wait_run_change(&self, run_id: &str, timeout: Duration) {
+        self.listen();
         if self.listening() {
             self.inner.hub.wait_run(run_id, timeout).await;
         } else {
@@ -1049,6 +1074,7 @@ impl Core {
 
     /// Return when new work may be ready (NOTIFY, local start, timer), or after `timeout`.
     pub async fn wait_for_work(&self, timeout: Duration) {
+        self.listen();
         self.inner.hub.wait_work(timeout).await;
     }
 

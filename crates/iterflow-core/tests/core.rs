@@ -870,6 +870,11 @@ async fn listen_wakes_waiters_across_cores() {
     let schema = scratch(&url).await;
     let worker = open(&url, &schema, true);
     let client = open(&url, &schema, true);
+    // nothing listens until asked to (or until a wait)
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!worker.listening() && !client.listening());
+    worker.listen();
+    client.listen();
     let deadline = Instant::now() + Duration::from_secs(5);
     while !(worker.listening() && client.listening()) {
         assert!(Instant::now() < deadline, "LISTEN did not come up");

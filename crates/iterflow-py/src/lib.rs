@@ -1052,6 +1052,14 @@ impl Core {
         )
     }
 
+    /// Open the LISTEN connection now rather than at the first wait (a worker calls this as
+    /// it starts, so wake-ups sent meanwhile are heard).
+    fn listen(&self) -> PyResult<()> {
+        let _entered = runtime()?.enter();
+        self.core.listen();
+        Ok(())
+    }
+
     /// New work may be ready (this process knows it): a waiting `claim` claims now.
     fn nudge(&self) {
         self.core.hub().wake_work();

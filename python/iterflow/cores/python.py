@@ -179,7 +179,9 @@ class PythonCore:
                 kwargs={"autocommit": True}, name="iterflow",
             )
             await self._pool.open()
-        if self._notify and self._listener is None:
+
+    async def listen(self) -> None:
+        if self._notify and self._listener is None and self._pool is not None:
             self._listener = Listener(await self._listen_dsn(), sql.channel(self.schema))
             self._listener.start()
 
@@ -302,6 +304,7 @@ class PythonCore:
             return cur.rowcount
 
     async def wait_run_change(self, run_id: str, timeout: float) -> None:
+        await self.listen()
         if self._listener is not None and self._listener.connected.is_set():
             await self._listener.wait_run(run_id, timeout)
         else:
@@ -387,8 +390,9 @@ class PythonCore:
 
     async def _wait_for_work(self, timeout: float) -> None:
         """Until new work may be ready (a notification, a nudge) or ``timeout`` seconds."""
+        await self.listen()
         waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(self._nudged.wait())]
-        if self._listener is not None and self._listener.connected.is_set():
+        if self._listener is not None:  # (one that is still connecting wakes us once it is up)
             waits.append(asyncio.ensure_future(self._listener.wait_work(timeout)))
         try:
             await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)

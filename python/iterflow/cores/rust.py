@@ -269,6 +269,10 @@ class RustCore:
     async def purge(self, run_ids: Sequence[str]) -> int:
         return int(await self._run(self._c.purge, list(run_ids)))
 
+    async def listen(self) -> None:
+        if self._core is not None:
+            self._c.listen()
+
     async def wait_run_change(self, run_id: str, timeout: float) -> None:
         await self._wait(self._c.wait_run_change, run_id, float(timeout))
 
