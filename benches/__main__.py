@@ -30,6 +30,7 @@ from psycopg import sql as pgsql
 
 import iterflow
 
+from . import host
 from .stats import MONITOR_APP, machine_info, median, redact, with_app_name
 from .workloads import FULL, QUICK, WORKLOADS, Env, Sizes, Workload, WorkloadError
 
@@ -143,10 +144,12 @@ async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, time
               concurrency=concurrency.get(core, sizes.concurrency))
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
+    floor: dict[str, Any] | None = None
     checkpoints_before = await _checkpoints(dsn)
     try:
         await _drop_schema(dsn, schema)
         await iterflow.migrate(dsn, schema)
+        floor = await _host_floor(dsn, schema)
         phases["setup_s"] = time.perf_counter() - t0
         async with env.stack:
             result = await asyncio.wait_for(w.run(env), timeout)
@@ -168,12 +171,37 @@ async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, time
     result["phases_s"] = phases
     result["concurrency"] = env.concurrency
     result["schema"] = schema
+    if floor is not None:
+        result["host_floor"] = floor
     result.setdefault("foreign_active_backends_max", env.foreign_activity())
     result["loadavg_1m_after"] = os.getloadavg()[0]
     checkpoints_after = await _checkpoints(dsn)
     if checkpoints_before is not None and checkpoints_after is not None:
         result["checkpoints_during"] = checkpoints_after - checkpoints_before
     return result
+
+
+async def _host_floor(dsn: str, schema: str) -> dict[str, Any] | None:
+    """The host probe (benches/host.py); a server where it cannot run leaves the field out."""
+    try:
+        return await host.floor(dsn, schema)
+    except psycopg.Error as exc:
+        log.warning("host probe failed: %r", exc)
+        return None
+
+
+def floor_lines(report: dict[str, Any]) -> list[str]:
+    """One line per workload: the range of the host probe's p50s over its runs."""
+    out = []
+    for wid, entry in report["workloads"].items():
+        floors = [r["host_floor"] for reps in entry["reps"].values() for r in reps if r.get("host_floor")]
+        if entry["source"] is None and floors:
+            hop = [f["notify_p50_ms"] for f in floors]
+            commit = [f["commit_p50_ms"] for f in floors]
+            out.append(f"host floor before {wid}: durable commit + NOTIFY p50 "
+                       f"{_fmt(min(commit))}-{_fmt(max(commit))} ms, "
+                       f"to another backend's LISTEN {_fmt(min(hop))}-{_fmt(max(hop))} ms")
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -335,6 +363,8 @@ def _run(args: argparse.Namespace) -> int:
           + ", ".join(f"{c}={n}" for c, n in conc.items()) + "; "
           f"{m['nproc']} CPUs, Python {m['python']}, {(m['postgres'] or '').split(' on ')[0]}, "
           f"synchronous_commit={m['postgres_settings'].get('synchronous_commit', '?')}")
+    for line in floor_lines(report):
+        print(line)
     for core, st in report["cores"].items():
         if not st["available"]:
             print(f"{core} core: n/a ({st['reason']})")

@@ -35,6 +35,11 @@ def test_quick_bench_reports_every_workload(dsn: str, tmp_path: Path) -> None:
                 continue
             assert isinstance(value, (int, float)) and math.isfinite(value), (wid, metric["key"], value)
         assert len(entry["reps"]["python"]) == 1, wid
+        if entry["source"] is None:  # each run measured the host's commit + NOTIFY floor first
+            floor = entry["reps"]["python"][0]["host_floor"]
+            assert floor["samples"] == 100, wid
+            assert 0 < floor["commit_p50_ms"] <= floor["commit_p99_ms"], (wid, floor)
+            assert 0 < floor["notify_p50_ms"] <= floor["notify_p99_ms"], (wid, floor)
     assert report["machine"]["nproc"] and report["machine"]["postgres"] and report["machine"]["python"]
     assert report["cores"]["python"]["available"] is True
     assert elapsed < 60, f"the quick benchmark took {elapsed:.0f}s; keep it under a minute"
