@@ -154,6 +154,7 @@ class PythonCore:
         self._pool_size = pool_size
         self._notify = notify
         self._listener: Listener | None = None
+        self._closed = False  # no listener starts after close (a caller-owned pool stays set)
         self._nudged = asyncio.Event()
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -171,6 +172,7 @@ class PythonCore:
         return str(conninfo)
 
     async def open(self) -> None:
+        self._closed = False
         if self._pool is None:
             if self._dsn is None:
                 raise ValueError("a dsn or a pool is required")
@@ -181,11 +183,15 @@ class PythonCore:
             await self._pool.open()
 
     async def listen(self) -> None:
-        if self._notify and self._listener is None and self._pool is not None:
-            self._listener = Listener(await self._listen_dsn(), sql.channel(self.schema))
+        if not self._notify or self._listener is not None or self._pool is None or self._closed:
+            return
+        dsn = await self._listen_dsn()  # (may yield: another caller may have started it since)
+        if self._listener is None and not self._closed:
+            self._listener = Listener(dsn, sql.channel(self.schema))
             self._listener.start()
 
     async def close(self) -> None:
+        self._closed = True
         if self._listener is not None:
             await self._listener.stop()
             self._listener = None
