@@ -1,5 +1,6 @@
 """Crashes with real worker processes (SPEC 2.1, 2.4, 2.5): ``kill -9`` between steps, a stale
-worker fenced after its lease was handed over, and a poison pill that crashes every worker.
+worker fenced after its lease was handed over, a poison pill that crashes every worker, and a
+PostgreSQL server that dies mid-run (a private cluster, stopped with ``-m immediate``).
 
 The workers are ``tests/workers/crash_worker.py`` subprocesses; side effects are counted in a
 table, so "ran once" means once in the database, whatever happened to the processes.
@@ -8,18 +9,23 @@ table, so "ran once" means once in the database, whatever happened to the proces
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import shutil
 import signal
+import socket
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 
+import iterflow
 from iterflow import Code, RunFailed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +46,8 @@ class Workers:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(
-        self, label: str, mode: str, *, lease: str = "1s", max_run_attempts: int = 100
+        self, label: str, mode: str, *, lease: str = "1s", max_run_attempts: int = 100,
+        extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
         env = dict(
             os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])
@@ -64,6 +71,7 @@ class Workers:
                 lease,
                 "--max-run-attempts",
                 str(max_run_attempts),
+                *extra,
             ],
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -296,3 +304,134 @@ async def release(dsn: str, schema: str, label: str) -> None:
 
 async def _has(dsn: str, schema: str, what: str) -> bool:
     return bool(await effects(dsn, schema, what))
+
+
+# -- the database server crashes -----------------------------------------------------------------
+def _server_bindir() -> Path | None:
+    """Where ``initdb`` and ``pg_ctl`` live (Debian's layout, else ``pg_config --bindir``)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"))
+    if found:
+        return found[-1].parent
+    pg_config = shutil.which("pg_config")
+    if pg_config is not None:
+        bindir = Path(subprocess.run([pg_config, "--bindir"], capture_output=True, text=True).stdout.strip())
+        if (bindir / "initdb").exists() and (bindir / "pg_ctl").exists():
+            return bindir
+    return None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class PrivateServer:
+    """A throwaway PostgreSQL cluster a test may crash. PostgreSQL refuses to run as root, so
+    under root its commands run as user ``postgres`` (``runuser``)."""
+
+    def __init__(self, bindir: Path, root: Path, as_user: str | None) -> None:
+        self.bindir, self.data, self.as_user = bindir, root / "data", as_user
+        self.port = _free_port()
+        self.dsn = f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [str(self.bindir / tool), *args]
+        if self.as_user is not None:
+            cmd = ["runuser", "-u", self.as_user, "--", *cmd]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+        if done.returncode != 0:
+            raise AssertionError(f"{tool} {args[:2]} failed: {done.stdout}{done.stderr}")
+
+    def init(self) -> None:
+        self._run("initdb", "-D", str(self.data), "-U", "postgres", "--auth=trust", "--no-sync")
+
+    def start(self) -> None:
+        # durable commits as in production; the WAL writer waits 10 s, so WAL that only an
+        # asynchronous commit wrote is still unflushed when the test crashes the server
+        options = (f"-p {self.port} -k {self.data} -c listen_addresses=127.0.0.1 -c fsync=on "
+                   "-c synchronous_commit=on -c wal_writer_delay=10000 -c max_connections=40")
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.data / "server.log"), "-w", "-o", options, "start")
+
+    def crash(self) -> None:
+        """Stop without a checkpoint or a WAL flush, as a power cut would (on this host's page cache)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+
+    def stop(self) -> None:
+        with contextlib.suppress(AssertionError, subprocess.TimeoutExpired):
+            self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
+
+
+@pytest.fixture
+def private_server() -> Iterator[PrivateServer]:
+    bindir = _server_bindir()
+    if bindir is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    as_user = None
+    if os.geteuid() == 0:
+        if shutil.which("runuser") is None or not _user_exists("postgres"):
+            pytest.skip("running as root without a `postgres` user to run a private server as")
+        as_user = "postgres"
+    root = Path(tempfile.mkdtemp(prefix="iterflow-pg-"))
+    if as_user is not None:
+        shutil.chown(root, as_user)
+    server = PrivateServer(bindir, root, as_user)
+    try:
+        server.init()
+        server.start()
+        yield server
+    finally:
+        server.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _user_exists(name: str) -> bool:
+    import pwd
+
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        return False
+    return True
+
+
+async def test_a_recorded_step_survives_a_database_crash(
+    private_server: PrivateServer, core: str, tmp_path: Path
+) -> None:
+    """The server dies (no checkpoint, unflushed WAL lost) while a worker is inside a run's
+    second step, and the worker is killed too. After a restart the first step's record is still
+    there, so only the second step runs again: a step's record is acknowledged only once its
+    commit is flushed, whatever the claims beside it skipped (a claim commits without waiting
+    for the flush; one lost in a crash leaves its run claimable). The side effects go to a file:
+    a durable INSERT of them would flush the WAL, and with it any write acknowledged early."""
+    dsn, schema = private_server.dsn, "crash"
+    await iterflow.migrate(dsn, schema)
+    effects_file = tmp_path / "effects.txt"
+    effects_file.touch()
+    extra = ["--effects-file", str(effects_file)]
+    starter = iterflow.create_engine(dsn, schema=schema, core=core)
+    started = await starter.handle("filed").start()
+    await starter.stop()
+    workers = Workers(dsn, schema, core, tmp_path)
+    try:
+        a = workers.start("A", "block", extra=extra)
+        deadline = time.monotonic() + 30
+        while "two A" not in effects_file.read_text():
+            assert time.monotonic() < deadline, f"worker A never reached step two\n{workers.output()}"
+            await asyncio.sleep(0.05)
+        private_server.crash()
+        a.kill()
+        a.wait(timeout=10)
+        private_server.start()
+        workers.start("B", "finish", extra=extra)
+        reader = iterflow.create_engine(dsn, schema=schema, core=core)
+        try:
+            out = await reader.handle("filed").result(started.run_id, timeout=30)
+        except TimeoutError:
+            raise AssertionError(f"run did not finish after the restart\n{workers.output()}") from None
+        finally:
+            await reader.stop()
+    finally:
+        workers.cleanup()
+    assert out == {"one": "one by A", "two": "two by B"}
+    assert effects_file.read_text().splitlines() == ["one A", "two A", "two B"], "a recorded step never re-runs"

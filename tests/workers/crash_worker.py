@@ -13,6 +13,9 @@ Modes (what step ``two`` of flow ``memo`` does after recording its side effect):
   ``release-<label>`` row into ``<schema>.flags``, records a ``late`` side effect, then returns;
 - ``gate``: like ``stall`` but waits in its thread, so the worker keeps renewing its lease;
 - ``die``: flow ``poison``'s only step records a side effect, then ``os._exit(3)``.
+
+Flow ``filed`` notes its two steps' side effects in ``--effects-file`` instead (``block`` makes
+its step ``two`` sleep until the process is killed), for tests that crash the database server.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ def main() -> None:
     parser.add_argument("--label", required=True)
     parser.add_argument("--lease", default="1s")
     parser.add_argument("--max-run-attempts", type=int, default=100)
+    parser.add_argument("--effects-file", default=os.devnull, help="where flow `filed` notes its side effects")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     asyncio.run(serve(args))
@@ -94,6 +98,24 @@ def flows(args: argparse.Namespace) -> list[iterflow.Flow]:
         second = await ctx.step("two", two_stall if mode == "stall" else two_sync)
         return {"one": first, "two": second, "finisher": label}
 
+    @define_flow("filed")
+    async def filed(ctx: iterflow.Context, _: Any) -> Any:
+        # side effects go to a file, not the database: a durable INSERT would flush the WAL and
+        # with it every write before it, hiding a write that was acknowledged before its flush
+        def note(what: str) -> str:
+            with open(args.effects_file, "a", encoding="utf-8") as fh:
+                fh.write(f"{what} {label}\n")
+            return f"{what} by {label}"
+
+        def two() -> str:
+            done = note("two")
+            if mode == "block":
+                time.sleep(600)
+            return done
+
+        first = await ctx.step("one", lambda: note("one"))
+        return {"one": first, "two": await ctx.step("two", two)}
+
     @define_flow("poison")
     async def poison(ctx: iterflow.Context, _: Any) -> Any:
         run_id = ctx.run_id
@@ -106,7 +128,7 @@ def flows(args: argparse.Namespace) -> list[iterflow.Flow]:
         await ctx.step("crash", crash)
         return "survived"
 
-    return [memo, poison]
+    return [memo, filed, poison]
 
 
 async def serve(args: argparse.Namespace) -> None:
