@@ -39,6 +39,12 @@ class Code:
     ENGINE_STATE: Final = "ENGINE_STATE"
     # core="rust" was asked for but the extension is not importable.
     CORE_UNAVAILABLE: Final = "CORE_UNAVAILABLE"
+    # An infrastructure fault (connection lost, server restarting, too many clients, ...) that
+    # outlived the bounded retries (see iterflow.faults).
+    DATABASE_UNAVAILABLE: Final = "DATABASE_UNAVAILABLE"
+    # The database refused a statement for a reason retrying cannot fix; the message carries
+    # PostgreSQL's SQLSTATE and text.
+    DATABASE_ERROR: Final = "DATABASE_ERROR"
 
 
 Issue = dict[str, str]
@@ -89,6 +95,23 @@ class SchemaMismatch(IterflowError, RuntimeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(Code.SCHEMA_MISMATCH, message)
+
+
+class DatabaseError(IterflowError):
+    """The database failed a statement; ``sqlstate`` is PostgreSQL's code when it sent one."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None, code: str = Code.DATABASE_ERROR) -> None:
+        super().__init__(code, message)
+        self.sqlstate = sqlstate
+
+
+class DatabaseUnavailable(DatabaseError):
+    """An infrastructure fault outlived the bounded retries (the server is down, restarting,
+    out of connections, or the network dropped). Nothing the caller asked for is lost by
+    retrying the same call later: every engine write is idempotent or fenced."""
+
+    def __init__(self, message: str, *, sqlstate: str | None = None) -> None:
+        super().__init__(message, sqlstate=sqlstate, code=Code.DATABASE_UNAVAILABLE)
 
 
 class RunNotFound(IterflowError, LookupError):
