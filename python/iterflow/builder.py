@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .context import base_of
+from .keys import base_of, occurrence_of
 from .durations import parse_duration
 from .errors import Code, InvalidArgument
 from .flow import Flow, check_drift, check_name, check_version
@@ -68,7 +68,9 @@ class Shape:
         """(code, message) when the recorded history no longer fits this shape, else None."""
         for key, rec in history.items():
             base = base_of(rec.kind, rec.name)
-            occurrence = 0 if key == base else int(key.rsplit(":", 1)[1])
+            occurrence = occurrence_of(key, rec.kind, rec.name)
+            if occurrence is None:
+                return Code.REPLAY_INCOMPATIBLE_VERSION, f"record {key!r} is not a key of {rec.kind} {rec.name!r}"
             kind = self.kinds.get(base)
             if kind is None:
                 return Code.REPLAY_INCOMPATIBLE_VERSION, f"recorded {rec.kind} {base!r} no longer exists in the flow"

@@ -1,7 +1,7 @@
 """``ctx``: replaying a body against its recorded history.
 
-Every ctx call gets a deterministic cursor key (its base plus ``:n`` for later occurrences)
-and a call index. A call with a final record returns it; the first call without one does the
+Every ctx call gets a deterministic cursor key (``keys.py``: its base plus ``:n`` for later
+occurrences) and a call index. A call with a final record returns it; the first call without one does the
 work and records it. Calls that must wait register a *suspension* and block; once every other
 branch is blocked or done, the runner unwinds the body by failing the blocked calls with
 ``SuspendRun``. Blocking (instead of raising at once) is what lets sibling branches of an
@@ -21,6 +21,7 @@ from . import codec
 from .cores.base import ClaimedRun, RunSpec, StepRecord
 from .durations import deadline as to_deadline
 from .errors import Code, DriftDetected, FlowRuntimeError, InvalidArgument, LimitExceeded, SuspendRun
+from .keys import base_of, legacy_key
 from .schemas import Schema
 from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
 
@@ -38,15 +39,6 @@ class Suspension:
     waiting: dict[str, Any]
     wake_at: datetime | None
     progress: bool  # forward progress resets the run's attempt counter; retrying does not
-
-
-def base_of(kind: str, name: str) -> str:
-    """The cursor-key base of a call; occurrences add ``:1``, ``:2``..."""
-    if kind in ("step",):
-        return name
-    if kind in ("sleep", "now", "log"):
-        return kind
-    return f"{kind}:{name}"
 
 
 class Context:
@@ -91,13 +83,29 @@ class Context:
         key = base if n == 0 else f"{base}:{n}"
         seq = self._seq
         self._seq += 1
-        rec = self._history.get(key)
+        key, rec = self._lookup(key, kind, name, n)
         if rec is not None and rec.kind != "log" and key not in self._visited:
             self._unvisited -= 1
         self._visited.add(key)
         if self._check_kinds:
             self._check_kind(kind, key, rec)
         return key, seq, rec
+
+    def _lookup(self, key: str, kind: str, name: str, n: int) -> tuple[str, StepRecord | None]:
+        """The record of this call: under its key, or under the key an earlier iterflow
+        version wrote (keys.legacy_key) when it is a record of this very kind and name."""
+        rec = self._history.get(key)
+        if rec is None:
+            old = legacy_key(kind, name, n)
+            legacy = self._history.get(old) if old != key else None
+            if legacy is not None and legacy.kind == kind and legacy.name == name:
+                return old, legacy
+        elif rec.name != name:
+            raise DriftDetected(
+                Code.REPLAY_INCOMPATIBLE_VERSION,
+                f"call {key!r} ({kind} {name!r}) finds a record of {rec.kind} {rec.name!r} under its key",
+            )
+        return key, rec
 
     def _check_kind(self, kind: str, key: str, rec: StepRecord | None) -> None:
         if rec is not None and rec.kind != kind:
