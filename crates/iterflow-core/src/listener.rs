@@ -173,16 +173,23 @@ impl Drop for Listener {
     }
 }
 
+/// First pause before reconnecting after the LISTEN connection failed or was lost.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+/// Longest pause between reconnection attempts: once the server accepts connections again
+/// (after a restart, say), wake-ups resume within about this long. A failed attempt costs
+/// the server little (a refused connect, or a quick "starting up" answer).
+const MAX_RETRY: Duration = Duration::from_secs(1);
+
 async fn listen_forever(config: Config, channel: String, hub: Arc<Hub>) {
-    let mut delay = Duration::from_millis(100);
+    let mut delay = FIRST_RETRY;
     loop {
         let was_up = listen_once(&config, &channel, &hub).await.is_ok();
         hub.set_connected(false);
         if was_up {
-            delay = Duration::from_millis(100);
+            delay = FIRST_RETRY;
         }
         tokio::time::sleep(delay).await;
-        delay = (delay * 2).min(Duration::from_secs(5));
+        delay = (delay * 2).min(MAX_RETRY);
     }
 }
 

@@ -3,28 +3,78 @@
 //! exactly this: per-connection prepared statements keyed by query name, an
 //! `application_name` on every connection, connections that left a transaction open dropped
 //! instead of reused, and a permit count that bounds connections to the database.
+//!
+//! Faults: a connection that saw a database error, that was left inside a transaction, or
+//! whose server went away is closed instead of going back to the pool, so one dead
+//! connection costs one failed call, and the next checkout connects anew. Connecting fails
+//! fast (see [`CONNECT_TIMEOUT`]) with an error that names the server it tried.
 
 use std::collections::HashMap;
 use std::pin::pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::TryStreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio_postgres::config::Host;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
+use crate::error::DbFault;
 use crate::queries::Queries;
 use crate::value::{Param, Rows, Val};
 use crate::CoreError;
 
-/// Parse a DSN (URL or key=value) into a config.
+/// Most connections one pool may hold (a larger pool is a configuration mistake, and a
+/// semaphore of absurd size would panic).
+pub const MAX_POOL_SIZE: usize = 10_000;
+
+/// How long one connection attempt may take when the DSN sets no `connect_timeout`: a server
+/// that is down or unreachable must fail the call promptly (the caller retries with backoff),
+/// not hang it on the operating system's TCP timeout.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Parse a DSN (URL or key=value) into a config, with [`CONNECT_TIMEOUT`] unless the DSN
+/// sets its own.
 pub fn parse_dsn(dsn: &str) -> Result<Config, CoreError> {
-    dsn.parse()
-        .map_err(|e| CoreError::InvalidArgument(format!("dsn: {e}")))
+    let mut config: Config = dsn
+        .parse()
+        .map_err(|e| CoreError::InvalidArgument(format!("dsn: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    Ok(config)
+}
+
+/// The servers `config` connects to, for error messages: `host:port`, comma separated.
+pub fn target(config: &Config) -> String {
+    let ports = config.get_ports();
+    let port = |i: usize| match ports {
+        [] => 5432,
+        [one] => *one,
+        many => many.get(i).copied().unwrap_or(5432),
+    };
+    let hosts: Vec<String> = config
+        .get_hosts()
+        .iter()
+        .enumerate()
+        .map(|(i, host)| match host {
+            Host::Tcp(name) => format!("{name}:{}", port(i)),
+            Host::Unix(dir) => format!("{}/.s.PGSQL.{}", dir.display(), port(i)),
+        })
+        .collect();
+    if hosts.is_empty() {
+        "the database server".to_string()
+    } else {
+        hosts.join(", ")
+    }
 }
 
 /// Connect one client, driving its connection on a spawned task.
 pub async fn connect(config: &Config) -> Result<Client, CoreError> {
-    let (client, connection) = config.connect(NoTls).await?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| CoreError::Database(DbFault::connecting(&target(config), &e)))?;
     tokio::spawn(async move {
         // The connection ends when the client is dropped or the server goes away; callers see
         // the failure on their next query.
@@ -36,7 +86,10 @@ pub async fn connect(config: &Config) -> Result<Client, CoreError> {
 /// Connect to `dsn`, run `SHOW server_version` and return it (e.g. `"15.19 (Debian ...)"`).
 pub async fn check_connection(dsn: &str) -> Result<String, CoreError> {
     let config = parse_dsn(dsn)?;
-    let (client, connection) = config.connect(NoTls).await?;
+    let (client, connection) = config
+        .connect(NoTls)
+        .await
+        .map_err(|e| CoreError::Database(DbFault::connecting(&target(&config), &e)))?;
     let driver = tokio::spawn(connection);
     let result = client.query_one("SHOW server_version", &[]).await;
     drop(client);
@@ -51,15 +104,49 @@ pub struct Conn {
     pub client: Client,
     stmts: HashMap<String, Statement>,
     queries: Arc<Queries>,
+    /// A database error was seen here: the connection is closed instead of reused.
+    broken: bool,
 }
 
 impl Conn {
+    fn new(client: Client, queries: Arc<Queries>) -> Conn {
+        Conn {
+            client,
+            stmts: HashMap::new(),
+            queries,
+            broken: false,
+        }
+    }
+
+    /// Never reuse this connection: it is closed when its checkout ends. For a caller that
+    /// saw a database error on it through `client` directly.
+    pub fn discard(&mut self) {
+        self.broken = true;
+    }
+
+    /// Pass `result` on, discarding the connection if it is a database error: whether the
+    /// server failed the statement or the connection died, its state is no longer known for
+    /// sure (and a dead connection may not report `is_closed` yet).
+    fn seen<T>(&mut self, result: Result<T, CoreError>) -> Result<T, CoreError> {
+        if let Err(CoreError::Database(_)) = &result {
+            self.broken = true;
+        }
+        result
+    }
+
+    /// Whether this connection may go back to the pool.
+    fn reusable(&self) -> bool {
+        !self.broken && !self.client.is_closed()
+    }
+
     /// The prepared statement for query `name` (prepared on first use on this connection).
     pub async fn stmt(&mut self, name: &str) -> Result<Statement, CoreError> {
         if let Some(stmt) = self.stmts.get(name) {
             return Ok(stmt.clone());
         }
-        let stmt = self.client.prepare(self.queries.get(name)?).await?;
+        let text = self.queries.get(name)?;
+        let prepared = self.client.prepare(text).await.map_err(CoreError::from);
+        let stmt = self.seen(prepared)?;
         self.stmts.insert(name.to_string(), stmt.clone());
         Ok(stmt)
     }
@@ -81,8 +168,10 @@ impl Conn {
             .map(|n| self.queries.get(n))
             .collect::<Result<Vec<_>, _>>()?;
         let client = &self.client;
-        let prepared =
-            futures_util::future::try_join_all(texts.iter().map(|t| client.prepare(t))).await?;
+        let prepared = futures_util::future::try_join_all(texts.iter().map(|t| client.prepare(t)))
+            .await
+            .map_err(CoreError::from);
+        let prepared = self.seen(prepared)?;
         for (name, stmt) in missing.into_iter().zip(prepared) {
             self.stmts.insert(name.to_string(), stmt);
         }
@@ -92,7 +181,8 @@ impl Conn {
     /// Run query `name` with `params` and collect its rows.
     pub async fn query(&mut self, name: &str, params: &[Param]) -> Result<Rows, CoreError> {
         let stmt = self.stmt(name).await?;
-        run(&self.client, &stmt, params).await
+        let rows = run(&self.client, &stmt, params).await;
+        self.seen(rows)
     }
 }
 
@@ -136,8 +226,9 @@ pub struct Pool {
 }
 
 impl Pool {
+    /// A pool of `size` connections (clamped to 1..=[`MAX_POOL_SIZE`]).
     pub fn new(config: Config, queries: Arc<Queries>, size: usize) -> Pool {
-        let size = size.max(1);
+        let size = size.clamp(1, MAX_POOL_SIZE);
         Pool {
             inner: Arc::new(PoolInner {
                 config,
@@ -162,7 +253,8 @@ impl Pool {
         self.inner.idle.lock().map(|v| v.len()).unwrap_or(0)
     }
 
-    /// Check out a connection (waits while `size` are in use).
+    /// Check out a connection (waits while `size` are in use). Idle connections whose
+    /// server went away are dropped here; with none left, a new one is opened.
     pub async fn get(&self) -> Result<PooledConn, CoreError> {
         let permit = self
             .inner
@@ -174,7 +266,7 @@ impl Pool {
         loop {
             let conn = self.inner.idle.lock().ok().and_then(|mut idle| idle.pop());
             match conn {
-                Some(conn) if conn.client.is_closed() => continue,
+                Some(conn) if !conn.reusable() => continue,
                 Some(conn) => {
                     return Ok(PooledConn {
                         conn: Some(conn),
@@ -188,11 +280,7 @@ impl Pool {
         }
         let client = connect(&self.inner.config).await?;
         Ok(PooledConn {
-            conn: Some(Conn {
-                client,
-                stmts: HashMap::new(),
-                queries: self.inner.queries.clone(),
-            }),
+            conn: Some(Conn::new(client, self.inner.queries.clone())),
             pool: self.inner.clone(),
             _permit: permit,
             dirty: false,
@@ -214,7 +302,8 @@ impl Pool {
     }
 }
 
-/// A checked-out connection; back to the pool on drop unless broken or left mid-transaction.
+/// A checked-out connection; back to the pool on drop unless it saw a database error, its
+/// server went away, or it was left mid-transaction.
 pub struct PooledConn {
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
@@ -236,15 +325,17 @@ impl PooledConn {
     /// `BEGIN`; pair with [`PooledConn::end`].
     pub async fn begin(&mut self) -> Result<(), CoreError> {
         self.begin_dirty();
-        self.client.batch_execute("BEGIN").await?;
-        Ok(())
+        let begun = self.client.batch_execute("BEGIN").await.map_err(CoreError::from);
+        self.seen(begun)
     }
 
     /// `COMMIT` if `result` is Ok, else `ROLLBACK`; returns `result` (or the commit's error).
+    /// A database error in `result` (or from `COMMIT`) discards the connection.
     pub async fn end<T>(&mut self, result: Result<T, CoreError>) -> Result<T, CoreError> {
         match result {
             Ok(value) => {
-                self.client.batch_execute("COMMIT").await?;
+                let committed = self.client.batch_execute("COMMIT").await.map_err(CoreError::from);
+                self.seen(committed)?;
                 self.clean();
                 Ok(value)
             }
@@ -252,7 +343,7 @@ impl PooledConn {
                 if self.client.batch_execute("ROLLBACK").await.is_ok() {
                     self.clean();
                 }
-                Err(err)
+                self.seen(Err(err))
             }
         }
     }
@@ -274,7 +365,7 @@ impl std::ops::DerefMut for PooledConn {
 impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if !self.dirty && !conn.client.is_closed() && !self.pool.permits.is_closed() {
+            if !self.dirty && conn.reusable() && !self.pool.permits.is_closed() {
                 if let Ok(mut idle) = self.pool.idle.lock() {
                     idle.push(conn);
                 }

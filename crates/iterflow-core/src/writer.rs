@@ -11,7 +11,10 @@
 //! ([`Coalesce`]) share one statement: per-statement costs on the server (executor start,
 //! a flush of results, trigger and plan-cache bookkeeping) are paid once per batch, not once
 //! per op. If a batch fails, its ops are retried one by one in their own transactions, so one
-//! bad op cannot fail the others.
+//! bad op cannot fail the others; unless the batch failed because the database is unavailable
+//! (the connection died, the server is restarting or out of connections): then every op of
+//! the batch gets that error at once, transient, for its caller to retry (see
+//! [`fails_every_op`]). A connection on which a batch failed is closed, never reused.
 
 use std::collections::hash_map::DefaultHasher;
 use std::collections::HashMap;
@@ -97,6 +100,9 @@ pub struct WriterStats {
     pub batches: AtomicU64,
     /// Batches that failed and were retried one op at a time.
     pub split: AtomicU64,
+    /// Batches of more than one op that failed for an unavailable database and were answered
+    /// at once, without the one-by-one retry.
+    pub unavailable: AtomicU64,
     /// Largest batch seen.
     pub max_batch: AtomicU64,
     /// Time spent executing transactions, in microseconds (summed over shards).
@@ -111,6 +117,7 @@ pub struct WriterCounts {
     pub transactions: u64,
     pub batches: u64,
     pub split: u64,
+    pub unavailable: u64,
     pub max_batch: u64,
     pub busy_us: u64,
 }
@@ -123,6 +130,7 @@ impl WriterStats {
             transactions: self.transactions.load(Ordering::Relaxed),
             batches: self.batches.load(Ordering::Relaxed),
             split: self.split.load(Ordering::Relaxed),
+            unavailable: self.unavailable.load(Ordering::Relaxed),
             max_batch: self.max_batch.load(Ordering::Relaxed),
             busy_us: self.busy_us.load(Ordering::Relaxed),
         }
@@ -296,6 +304,12 @@ async fn run_batch(
             let op = batch.into_iter().next().expect("one op");
             let _ = op.reply.send(Err(err));
         }
+        Err(err) if fails_every_op(&err) => {
+            stats.unavailable.fetch_add(1, Ordering::Relaxed);
+            for op in batch {
+                let _ = op.reply.send(Err(err.clone()));
+            }
+        }
         Err(_) => {
             stats.split.fetch_add(1, Ordering::Relaxed);
             for op in batch {
@@ -307,6 +321,20 @@ async fn run_batch(
             }
         }
     }
+}
+
+/// SQLSTATEs of transient faults that come from other transactions, not from the database's
+/// availability: alone in its own transaction, an op of the batch may well commit.
+const CONFLICTS: &[&str] = &["40001", "40P01", "55P03"];
+
+/// Whether a batch's failure `err` would fail each of its ops again if retried one by one
+/// now: the database is unavailable (connection lost or refused, server shutting down or
+/// starting up, no connection slot left). Retrying them one by one would only fail them all
+/// again, slowly (a connect timeout each), while their callers wait; they get the transient
+/// error at once instead, and retry with backoff themselves. A batch that failed for what it
+/// asked (a constraint, a bad value) or for a conflict with another transaction is split.
+fn fails_every_op(err: &CoreError) -> bool {
+    err.is_transient() && !err.sqlstate().is_some_and(|s| CONFLICTS.contains(&s))
 }
 
 /// Check that `params` encode for `stmt` (so a batch never holds an op that fails on the
@@ -561,8 +589,8 @@ async fn together(
     }
     if let Some(err) = failed {
         // A statement failed on the server, which turned COMMIT into ROLLBACK: nothing of
-        // this batch was written.
-        conn.clean();
+        // this batch was written. The connection saw an error: closed, not reused.
+        conn.discard();
         return Err(err);
     }
     committed?;
