@@ -45,3 +45,28 @@ async def test_shutdown_signal_stops_gracefully_and_detaches(make_engine):
         detach()
     with pytest.raises(InvalidArgument):
         engine.attach_shutdown_signals(("SIGNOPE",))
+
+
+async def test_stop_releases_the_leases_of_runs_it_did_not_finish(make_engine):
+    """stop() with steps still running gives their leases back: another worker finishes the
+    runs at once, not when the leases (30 s here) run out."""
+    attempts: list[int] = []
+
+    @define_flow("stuck-once")
+    async def stuck_once(ctx, _inp):
+        async def body():
+            attempts.append(1)
+            if len(attempts) <= 5:
+                await asyncio.sleep(60)
+            return "ok"
+
+        return await ctx.step("s", body)
+
+    first = await make_engine(stuck_once, lease="30s", shutdown_timeout="500ms")
+    runs = [await first.handle("stuck-once").start(i) for i in range(5)]
+    while len(attempts) < 5:
+        await asyncio.sleep(0.02)
+    await first.stop()
+    second = await make_engine(stuck_once)
+    for run in runs:
+        assert await second.handle("stuck-once").result(run.run_id, timeout=5) == "ok"

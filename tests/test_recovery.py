@@ -102,3 +102,16 @@ async def test_forward_progress_resets_attempts(make_engine):
     assert await engine.handle("progress").result(run.run_id, timeout=5) == "ok"
     # three claims happened, but each wait reset the counter
     assert (await engine.status(run.run_id)).run.attempts == 1
+
+
+async def test_a_starting_worker_reclaims_expired_leases_at_once(make_engine, dsn, schema_name):
+    """A run whose worker died (its lease expired long ago) is taken by a worker that has just
+    started, not after that worker's first sweep interval (a crash-looping fleet never gets
+    that far)."""
+    client = await make_engine(listen=False)
+    run = await client.handle("simple").start(None)
+    _sql(dsn, f"UPDATE \"{schema_name}\".queue SET lease_owner = 'dead-worker', lease_token = -1, "
+              f"lease_until = now() - interval '1 second' WHERE run_id = %s", run.run_id)
+    _sql(dsn, f"UPDATE \"{schema_name}\".runs SET status = 'running' WHERE id = %s", run.run_id)
+    await make_engine(simple, lease="30s")
+    assert await client.handle("simple").result(run.run_id, timeout=4) == "ok"

@@ -71,3 +71,39 @@ async def test_pending_work_counts_claimable_runs(make_engine):
     await client.handle("other").start(None, delay="1h")
     assert await client.pending_work() == 3
     assert await client.pending_work(["other"]) == 0
+
+
+async def _failed_long_ago(make_engine, dsn: str, schema: str) -> tuple:
+    @define_flow("fails")
+    async def fails(ctx, _inp):
+        raise ValueError("boom")
+
+    engine = await make_engine(fails)
+    run = await engine.handle("fails").start(None)
+    with pytest.raises(Exception):
+        await engine.handle("fails").result(run.run_id, timeout=5)
+    await engine.stop()
+    _age(dsn, schema, run.run_id, 48)
+    return engine, run.run_id
+
+
+@pytest.mark.parametrize("delete", ["prune", "purge"])
+async def test_a_run_retried_while_a_delete_waits_for_its_lock_is_kept(make_engine, dsn, schema_name, delete):
+    """The retry commits while the delete runs: whether the delete skips the locked row or waits
+    for its lock (it chose its rows from an older snapshot), it re-checks the terminal state
+    under the lock and keeps the run, now live again."""
+    _, run_id = await _failed_long_ago(make_engine, dsn, schema_name)
+    client = await make_engine(listen=False)
+    with psycopg.connect(dsn) as retrying:  # the retry, uncommitted: it holds the run's row lock
+        assert retrying.execute(f'SELECT "{schema_name}".retry_run(%s)', (run_id,)).fetchone() == ("queued",)
+        if delete == "prune":
+            deleting = asyncio.ensure_future(client.prune(runs_older_than="1h"))
+        else:
+            deleting = asyncio.ensure_future(client.purge({"status": "failed"}))
+        await asyncio.sleep(0.5)  # the delete has taken its snapshot (and may wait for the lock)
+        retrying.commit()
+    await asyncio.wait_for(deleting, 10)
+    with psycopg.connect(dsn) as conn:
+        row = conn.execute(f'SELECT status FROM "{schema_name}".runs WHERE id = %s', (run_id,)).fetchone()
+        queued = conn.execute(f'SELECT count(*) FROM "{schema_name}".queue WHERE run_id = %s', (run_id,)).fetchone()
+    assert row == ("pending",) and queued == (1,)

@@ -292,3 +292,22 @@ async def test_signals_racing_in_one_wake_are_each_resolved_once(make_engine):
     for name, value in (("b", 20), ("a", 10), ("a", 30)):
         await client.signal(again.run_id, name, value)
     assert await handle.result(again.run_id, timeout=5) == [10, 20, 30]
+
+
+async def test_only_the_payload_the_wait_will_consume_is_delivered(make_engine):
+    """Two signals of one name reach a run waiting once for that name before it resumes: the
+    first is `delivered` (the wait consumes it), the second `buffered` (it stays in the inbox
+    for a later wait), never two `delivered` for one wait."""
+
+    @define_flow("one-wait")
+    async def one_wait(ctx, _inp):
+        return await ctx.signal("go")
+
+    handle, run, client = await _waiting_without_a_worker(make_engine, one_wait)
+    first = await client.signal(run.run_id, "go", 1)
+    second = await client.signal(run.run_id, "go", 2)
+    assert (first.kind, second.kind) == ("delivered", "buffered")
+    await make_engine(one_wait)
+    assert await handle.result(run.run_id, timeout=5) == 1
+    detail = await client.status(run.run_id)
+    assert [(s["payload"], s["consumed_at"] is not None) for s in detail.signals] == [(1, True), (2, False)]

@@ -702,3 +702,21 @@ async def test_loop_occurrences_get_numbered_keys(make_engine: Any, dsn: str, sc
         "add:1": 1,
         "add:2": 2,
     }
+
+
+@pytest.mark.parametrize("output", [10**5000, {"when": object()}], ids=["huge-int", "object"])
+async def test_an_output_that_cannot_be_stored_fails_the_run_at_once(make_engine: Any, output: Any) -> None:
+    """Every replay would return the same output: the run fails with a typed error naming the
+    output on its first attempt, instead of being re-run every lease until max_run_attempts."""
+
+    @define_flow("unstorable")
+    async def unstorable(ctx: Any, _inp: Any) -> Any:
+        await ctx.step("s", lambda: 1)
+        return output
+
+    engine = await make_engine(unstorable)
+    run = await engine.handle("unstorable").start(None)
+    with pytest.raises(RunFailed) as failed:
+        await engine.handle("unstorable").result(run.run_id, timeout=5)
+    assert failed.value.code == Code.STEP_FAILED and "output" in failed.value.message
+    assert (await engine.status(run.run_id)).run.attempts == 1

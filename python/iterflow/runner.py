@@ -14,7 +14,15 @@ from typing import Any
 from . import codec
 from .context import Context, Suspension
 from .cores.base import ClaimedRun
-from .errors import Code, DriftDetected, IterflowError, SuspendRun
+from .errors import (
+    Code,
+    DatabaseError,
+    DriftDetected,
+    EngineStateError,
+    FlowRuntimeError,
+    IterflowError,
+    SuspendRun,
+)
 from .runtime import Runtime
 from .steps import error_record
 
@@ -36,6 +44,8 @@ class Execution:
         self.ctx: Context | None = None
         self.cancel_reason: str | None = run.cancel_reason
         self.lease_lost = False
+        # why the execution stopped without a final write ("abandoned"): a database fault
+        self.abandoned: BaseException | None = None
 
     def abort(self, reason: str, *, cancel: bool) -> None:
         if cancel:
@@ -50,7 +60,9 @@ class Execution:
             self.ctx.abort(reason)
 
     async def execute(self) -> str:
-        """Returns the status the run was left in ("fenced" when our lease was lost)."""
+        """Returns the status the run was left in ("fenced" when our lease was lost,
+        "abandoned" when the database failed under it: nothing was written, and the worker
+        gives the lease back)."""
         run, rt = self.run, self.rt
         if self.cancel_reason is not None:
             return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason))
@@ -87,12 +99,16 @@ class Execution:
         except SuspendRun:
             output = _SUSPENDED
         except DriftDetected as drift:
+            if ctx.abandoned is not None:
+                return self._abandon(ctx.abandoned)
             return await self._drift(flow.drift, drift.code, drift.message)
         except asyncio.CancelledError:
             if self.cancel_reason is None and not self.lease_lost:
                 raise
             output = _SUSPENDED
         except Exception as exc:  # noqa: BLE001 - the body failed: the run fails with its error
+            if ctx.abandoned is not None:  # (user code turned the unwinding into an error)
+                return self._abandon(ctx.abandoned)
             if self.lease_lost:
                 return "fenced"
             if self.cancel_reason is not None:
@@ -102,6 +118,8 @@ class Execution:
             err = error_record(exc)
             rt.hooks.emit("run_failed", err["code"])
             return await self._finish("failed", None, err)
+        if ctx.abandoned is not None:
+            return self._abandon(ctx.abandoned)
         if self.lease_lost:
             return "fenced"
         if self.cancel_reason is not None:
@@ -110,18 +128,26 @@ class Execution:
             return await self._suspend(ctx.suspensions)
         try:
             encoded = codec.encode(output, field="output", limit=None, code=Code.STEP_FAILED)
-        except IterflowError as exc:
-            return await self._finish("failed", None, error_record(exc))
+        except Exception as exc:  # noqa: BLE001 - an output that cannot be stored fails the run at
+            # once: every replay would produce it again, so retrying only burns attempts
+            return await self._finish("failed", None, error_record(_unstorable(exc)))
         rt.hooks.emit("run_completed", time.monotonic() - started)
         return await self._finish("done", encoded, None)
 
     async def _cancel(self) -> str:
         return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason or "canceled"))
 
+    def _abandon(self, exc: BaseException) -> str:
+        self.abandoned = exc
+        return "abandoned"
+
     async def _finish(self, status: str, output: str | None, error: dict[str, Any] | None) -> str:
-        ok = await self.rt.core.finish(
-            self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
-        )
+        try:
+            ok = await self.rt.core.finish(
+                self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
+            )
+        except (DatabaseError, EngineStateError) as exc:
+            return self._abandon(exc)
         return status if ok else "fenced"
 
     async def _suspend(self, suspensions: list[Suspension]) -> str:
@@ -140,21 +166,27 @@ class Execution:
                 signals[s.waiting["name"]] = s.waiting["key"]
                 seqs[s.waiting["name"]] = s.waiting["seq"]
         waiting = dict(chosen.waiting, signals=signals, signal_seqs=seqs)
-        ok = await self.rt.core.suspend(
-            self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
-            chosen.wake_at, None if progress else 0,
-        )
+        try:
+            ok = await self.rt.core.suspend(
+                self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
+                chosen.wake_at, None if progress else 0,
+            )
+        except (DatabaseError, EngineStateError) as exc:
+            return self._abandon(exc)
         self.rt.hooks.emit("run_suspended", chosen.status)
         return chosen.status if ok else "fenced"
 
     async def _park(self, code: str, message: str) -> str:
         waiting = {"kind": "parked", "code": code, "reason": message}
         self.rt.log.warning("parking run %s: %s", self.run.run_id, message, extra={"run_id": self.run.run_id})
-        await self.rt.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
-        ok = await self.rt.core.suspend(
-            self.run.run_id, self.run.lease_token, "parked", codec.dumps(waiting),
-            self.run.db_now + PARK_RECHECK, -1,
-        )
+        try:
+            await self.rt.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
+            ok = await self.rt.core.suspend(
+                self.run.run_id, self.run.lease_token, "parked", codec.dumps(waiting),
+                self.run.db_now + PARK_RECHECK, -1,
+            )
+        except (DatabaseError, EngineStateError) as exc:
+            return self._abandon(exc)
         return "parked" if ok else "fenced"
 
     async def _drift(self, mode: str | None, code: str, message: str) -> str:
@@ -164,6 +196,13 @@ class Execution:
 
 
 _SUSPENDED = object()
+
+
+def _unstorable(exc: Exception) -> FlowRuntimeError:
+    """The typed, non-retryable error of a body output the codec refused (its message names
+    the output and the offending spot)."""
+    reason = exc.message if isinstance(exc, IterflowError) else f"output: cannot be stored as JSON: {exc}"
+    return FlowRuntimeError(Code.STEP_FAILED, reason, non_retryable=True)
 
 
 async def _drive(ctx: Context, body: Any) -> Any:

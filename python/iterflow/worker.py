@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from .config import Retention
+from .errors import DatabaseError, EngineStateError
 from .runner import Execution
 from .runtime import Runtime
 
@@ -28,6 +29,8 @@ CRON_TICK = 0.25
 DUE_RECHECK = 0.05
 # Seconds stop() lets a claim in flight finish before cancelling it.
 CLAIM_STOP_GRACE = 5.0
+# Longest interval between two sweeps of expired leases (see Worker.sweep_interval).
+MAX_SWEEP = 5.0
 
 
 class Worker:
@@ -54,6 +57,11 @@ class Worker:
         self._due_at: float | None = None  # loop time of the earliest timer seen at that check
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
+
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between sweeps of expired leases: half a lease, at most ``MAX_SWEEP``."""
+        return min(max(self.lease_ms / 2000, 0.05), MAX_SWEEP)
 
     @property
     def names(self) -> list[str]:
@@ -94,14 +102,30 @@ class Worker:
         pending = [task for _, task in self.active.values()]
         if pending:
             _done, still = await asyncio.wait(pending, timeout=self.shutdown_timeout)
+            unfinished = [(run_id, ex.run.lease_token) for run_id, (ex, task) in self.active.items()
+                          if not task.done()]
             for execution, _ in list(self.active.values()):
                 execution.abort("worker shutting down", cancel=False)
             if still:
                 await asyncio.wait(still, timeout=1.0)
                 for task in still:
                     task.cancel()
+            await self.release(unfinished)
         for task in self._tasks[1:]:
             await _cancel(task)
+
+    async def release(self, leases: list[tuple[str, int]]) -> None:
+        """Give these leases back so the rest of the fleet claims the runs at once, instead of
+        when the leases run out (fenced by token: a lease already lost is left alone)."""
+        if not leases:
+            return
+        try:
+            await self.rt.core.admin_query(
+                "release_leases", [run_id for run_id, _ in leases], [token for _, token in leases]
+            )
+        except Exception as exc:  # noqa: BLE001 - the leases then expire as after a crash
+            log.warning("iterflow could not release %d leases (%r); they expire in %.0fs",
+                        len(leases), exc, self.lease_ms / 1000)
 
     # -- claiming ------------------------------------------------------------------------------
     async def _claim_loop(self) -> None:
@@ -161,12 +185,17 @@ class Worker:
 
     async def _execute(self, execution: Execution) -> None:
         run_id = execution.run.run_id
+        abandoned = False
         try:
             status = await execution.execute()
+            abandoned = status == "abandoned"
             if status in ("sleeping", "retrying", "awaiting_signal"):
                 self._schedule_local_wake(execution)
         except asyncio.CancelledError:
             pass
+        except (DatabaseError, EngineStateError) as exc:  # (the runner returns "abandoned" for these)
+            execution.abandoned = execution.abandoned or exc
+            abandoned = True
         except Exception:
             log.exception("iterflow run %s crashed the worker's execution", run_id, extra={"run_id": run_id})
         finally:
@@ -181,6 +210,18 @@ class Worker:
                 # no notification tells this worker that what the run just wrote made work
                 # ready (a wake during its lease re-queued it, its last child woke a parent)
                 self.rt.core.nudge()
+        if abandoned:
+            await self._release_abandoned(execution)
+
+    async def _release_abandoned(self, execution: Execution) -> None:
+        """The database failed under the execution (after the core's retries): nothing was
+        written for it, and the run runs again from its last record. Its lease is given back
+        as soon as the database answers, so that need not wait for the lease to run out."""
+        run_id = execution.run.run_id
+        log.warning("iterflow run %s stopped by a database fault (%s); it is released and runs again",
+                    run_id, execution.abandoned, extra={"run_id": run_id})
+        await self.release([(run_id, execution.run.lease_token)])
+        self.wake()
 
     def _schedule_local_wake(self, execution: Execution) -> None:
         ctx = execution.ctx
@@ -219,19 +260,20 @@ class Worker:
                     entry[0].abort(state.cancel_reason, cancel=True)
 
     async def _maintenance_loop(self) -> None:
-        interval = max(self.lease_ms / 2000, 0.05)
+        """Expired leases are swept when the worker starts and then every ``sweep_interval``,
+        so a run whose worker died is claimable again within lease + that interval, however
+        often workers restart (a worker that crash-loops faster than the interval still sweeps
+        at each start)."""
+        interval = self.sweep_interval
         since_reconcile = 0.0
         since_prune = self.retention.schedule.total_seconds()  # prune soon after start, then on schedule
         while True:
-            await asyncio.sleep(interval)
-            since_reconcile += interval
-            since_prune += interval
             try:
+                if await self.rt.core.expire_leases(500):
+                    self.wake()
                 if since_prune >= self.retention.schedule.total_seconds():
                     since_prune = 0.0
                     await self._prune()
-                if await self.rt.core.expire_leases(500):
-                    self.wake()
                 if self.reconcile_interval is not None and since_reconcile >= self.reconcile_interval:
                     since_reconcile = 0.0
                     counts = await self.rt.core.reconcile(int(self.lease_ms * 2))
@@ -239,7 +281,9 @@ class Worker:
                         self.rt.hooks.emit("reconciler_sweep", counts)
             except Exception as exc:  # noqa: BLE001
                 log.warning("iterflow maintenance failed: %r", exc)
-
+            await asyncio.sleep(interval)
+            since_reconcile += interval
+            since_prune += interval
 
     async def _cron_loop(self) -> None:
         assert self.cron_tick is not None

@@ -59,7 +59,7 @@ class JsonArg:
 # Statements outside the hot path that both cores run generically through ``admin_query``.
 ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
-    "shift_time", "next_wake", "analyze_hot",
+    "shift_time", "next_wake", "analyze_hot", "release_leases",
 })
 
 

@@ -27,14 +27,18 @@ WITH x AS (
 SELECT x.ord, x.id, x.name FROM x JOIN ins ON ins.id = x.id
 
 -- name: find_existing_runs
--- $1: jsonb array of {ord, name, version, idempotency_key, parent_id, parent_key}
+-- $1: jsonb array of {ord, id, name, version, idempotency_key, parent_id, parent_key}
+-- A run is found by its idempotency key, as the child of its parent's call, or by its own id:
+-- a start retried after its commit landed unacknowledged (the connection dropped) finds the
+-- row it wrote itself.
 SELECT x.ord, r.id, r.status
-  FROM jsonb_to_recordset($1::jsonb) AS x(ord int, name text, version int, idempotency_key text,
-                                          parent_id uuid, parent_key text)
+  FROM jsonb_to_recordset($1::jsonb) AS x(ord int, id uuid, name text, version int,
+                                          idempotency_key text, parent_id uuid, parent_key text)
   JOIN {schema}.runs r
     ON (x.idempotency_key IS NOT NULL AND r.name = x.name AND r.version = x.version
         AND r.idempotency_key = x.idempotency_key)
     OR (x.parent_id IS NOT NULL AND r.parent_id = x.parent_id AND r.parent_key = x.parent_key)
+    OR (x.id IS NOT NULL AND r.id = x.id)
 
 -- name: relay_notify
 -- Wake-ups (`q <flow>`, `d <run id>`) sent after the commit of the work they announce (the
@@ -173,6 +177,22 @@ UPDATE {schema}.queue q
                      FOR UPDATE SKIP LOCKED)
 RETURNING q.flow_name
 
+-- name: release_leases
+-- Give up leases this worker holds ($1 run ids, $2 their lease tokens: fenced, so a lease
+-- already lost or finished is left alone): the runs become claimable at once by any worker.
+-- Used by a graceful stop for the runs it did not finish, and for executions abandoned
+-- because the database failed under them.
+WITH released AS (
+    UPDATE {schema}.queue q
+       SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, ready_at = now(), woken = false
+      FROM unnest($1::uuid[], $2::bigint[]) AS t(run_id, token)
+     WHERE q.run_id = t.run_id AND q.lease_token = t.token
+    RETURNING q.flow_name
+)
+SELECT (SELECT count(*) FROM released) AS released,
+       (SELECT count(*) FROM (SELECT pg_notify('iterflow.{schema_raw}', 'q ' || flow_name)
+                                FROM (SELECT DISTINCT flow_name FROM released) f) n) AS notified
+
 -- name: next_due
 -- When the earliest unleased queue row of these flows becomes ready (for the local timer).
 SELECT min(ready_at) - now() FROM {schema}.queue
@@ -233,6 +253,8 @@ SELECT id FROM {schema}.runs
  LIMIT $6
 
 -- name: purge_runs
+-- The terminal check is on the deleted row itself, so it is re-checked under the row lock: a
+-- run retried (made live again) while this statement waited for its lock is kept.
 DELETE FROM {schema}.runs WHERE id = ANY ($1::uuid[]) AND status IN ('done', 'failed', 'canceled')
 
 -- name: reconcile_lost
@@ -270,12 +292,17 @@ DELETE FROM {schema}.events
  WHERE id IN (SELECT id FROM {schema}.events WHERE at < now() - $1 * interval '1 millisecond' LIMIT $2)
 
 -- name: prune_runs
--- Retention: one batch of terminal runs finished before the cutoff (records cascade).
-DELETE FROM {schema}.runs
- WHERE id IN (SELECT id FROM {schema}.runs
-               WHERE finished_at < now() - $1 * interval '1 millisecond'
-                 AND status IN ('done', 'failed', 'canceled')
-               LIMIT $2)
+-- Retention: one batch of terminal runs finished before the cutoff (records cascade). The
+-- batch is chosen from a snapshot; the outer conditions are re-checked on each row under the
+-- lock the delete takes, so a run retried since that snapshot (live again, finished_at
+-- cleared) is kept. Rows locked by a transition in flight are left for the next sweep.
+DELETE FROM {schema}.runs r
+ WHERE r.id IN (SELECT id FROM {schema}.runs
+                 WHERE finished_at < now() - $1 * interval '1 millisecond'
+                   AND status IN ('done', 'failed', 'canceled')
+                 LIMIT $2 FOR UPDATE SKIP LOCKED)
+   AND r.finished_at < now() - $1 * interval '1 millisecond'
+   AND r.status IN ('done', 'failed', 'canceled')
 
 -- name: pending_work
 SELECT {schema}.pending_work($1::text[])
