@@ -32,7 +32,10 @@ create_exception!(
     iterflow._core,
     CoreError,
     PyException,
-    "An error from the Rust core; `code` is stable (e.g. DATABASE_ERROR), `message` is for humans."
+    "An error from the Rust core; `code` is stable (e.g. DATABASE_ERROR), `message` is for \
+     humans (PostgreSQL's own text for a database error), `sqlstate` is PostgreSQL's code when \
+     the server sent one, `detail` its DETAIL, and `transient` says whether retrying the call \
+     later may succeed (the connection was lost or refused, the server is restarting, ...)."
 );
 
 /// The process-wide runtime and the pid of the process that created it.
@@ -90,25 +93,52 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
     Ok(&owned.runtime)
 }
 
-/// Turn a core error into `iterflow._core.CoreError` with `code` and `message` attributes.
+/// Turn a core error into `iterflow._core.CoreError` with attributes `code`, `message`,
+/// `sqlstate`, `detail` and `transient` (what `iterflow.faults` classifies and converts by).
+/// `str()` of the exception is `"<code>: <the error's Display>"`; `message` is the text
+/// alone: PostgreSQL's message (with detail and hint) for a database error, whose SQLSTATE
+/// is in `sqlstate`.
 fn to_py_err(err: iterflow_core::CoreError) -> PyErr {
     let code = err.code();
+    let text = err.to_string();
     let message = match &err {
+        iterflow_core::CoreError::Database(fault) => fault.text(),
         iterflow_core::CoreError::SchemaMismatch(m) => m.clone(),
         other => other.to_string(),
     };
     let sqlstate = err.sqlstate().map(str::to_string);
+    let detail = err.fault().and_then(|f| f.detail.clone());
+    let transient = err.is_transient();
     Python::attach(|py| {
-        let py_err = CoreError::new_err(format!("{code}: {message}"));
+        let py_err = CoreError::new_err(format!("{code}: {text}"));
         let value = py_err.value(py);
         // Setting attributes on a fresh exception instance cannot reasonably fail; if it
         // does, the exception still carries the code in its text.
         let _ = value.setattr("code", code);
         let _ = value.setattr("message", message);
         let _ = value.setattr("sqlstate", sqlstate);
+        let _ = value.setattr("detail", detail);
+        let _ = value.setattr("transient", transient);
         py_err
     })
 }
+
+/// `value` as a count in `1..=max`, or INVALID_ARGUMENT naming `what` (so an absurd size is
+/// refused at the boundary instead of exhausting memory or panicking deep in the core).
+fn bounded(what: &str, value: usize, max: usize) -> PyResult<usize> {
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(to_py_err(iterflow_core::CoreError::InvalidArgument(format!(
+            "{what} must be between 1 and {max}, got {value}"
+        ))))
+    }
+}
+
+/// Most group-commit writer tasks one core may run.
+const MAX_WRITER_SHARDS: usize = 1024;
+/// Most ops in one group-commit transaction.
+const MAX_BATCH: usize = 1_000_000;
 
 /// Await `fut` on the runtime as a Python awaitable (pyo3-async-runtimes); convert its value
 /// with `conv` (holding the GIL) when done. Used only off the hot path: every completion takes
@@ -430,7 +460,12 @@ fn filter(
     })
 }
 
+/// A timeout in seconds as a Duration: negative means none, NaN too (`Duration` panics on
+/// it), and anything beyond ~31 years is capped.
 fn secs(timeout: f64) -> Duration {
+    if timeout.is_nan() {
+        return Duration::ZERO;
+    }
     Duration::from_secs_f64(timeout.clamp(0.0, 1e9))
 }
 
@@ -456,11 +491,15 @@ impl Core {
         let rt = runtime()?;
         let _entered = rt.enter();
         let mut opts = iterflow_core::CoreOptions::new(dsn, schema);
-        opts.pool_size = pool_size;
+        opts.pool_size = bounded(
+            "pool_size",
+            pool_size,
+            iterflow_core::pool::MAX_POOL_SIZE,
+        )?;
         opts.notify = notify;
         opts.application_name = application_name;
-        opts.writer_shards = writer_shards;
-        opts.max_batch = max_batch;
+        opts.writer_shards = bounded("writer_shards", writer_shards, MAX_WRITER_SHARDS)?;
+        opts.max_batch = bounded("max_batch", max_batch, MAX_BATCH)?;
         let core = iterflow_core::Core::open(opts).map_err(to_py_err)?;
         Ok(Core { core })
     }
