@@ -632,6 +632,9 @@ impl Core {
         conn.begin_dirty();
         conn.client.batch_execute(SNAPSHOT).await?;
         let results = pipeline(&conn.client, &work).await;
+        if results.iter().any(Result::is_err) {
+            conn.discard(); // a connection that saw an error is not reused
+        }
         conn.client.batch_execute("COMMIT").await?;
         conn.clean();
         let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;

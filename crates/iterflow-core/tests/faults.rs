@@ -215,7 +215,6 @@ async fn a_terminated_connection_fails_one_call_transiently_then_the_pool_reconn
     wait_for_lock_wait(&url, &pool_name(&schema)).await;
     assert!(terminate(&url, &pool_name(&schema)).await >= 1);
     let err = call.await.unwrap().unwrap_err();
-    println!("{err}");
     assert!(err.is_transient(), "{err:?}");
     assert!(!err.to_string().contains("db error"), "{err}");
     drop(lock);
@@ -253,7 +252,6 @@ async fn a_writer_batch_whose_connection_dies_answers_every_op_transiently() {
     assert_eq!(results.len(), made.len());
     for r in &results {
         let err = r.as_ref().unwrap_err();
-        println!("{err}");
         assert!(err.is_transient(), "{err:?}");
         assert!(!err.to_string().contains("db error"), "{err}");
     }
