@@ -11,10 +11,10 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from .keys import base_of, occurrence_of
 from .durations import parse_duration
 from .errors import Code, InvalidArgument
 from .flow import Flow, check_drift, check_name, check_version
+from .keys import base_of, occurrence_of
 from .schemas import Schema
 from .steps import StepOptions
 
