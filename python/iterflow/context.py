@@ -18,9 +18,18 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from . import codec
-from .cores.base import ClaimedRun, RunSpec, StepRecord
+from .cores.base import ClaimedRun, Created, RunSpec, StepRecord, StoredStep
 from .durations import deadline as to_deadline
-from .errors import Code, DriftDetected, FlowRuntimeError, InvalidArgument, LimitExceeded, SuspendRun
+from .errors import (
+    Code,
+    DatabaseError,
+    DriftDetected,
+    EngineStateError,
+    FlowRuntimeError,
+    InvalidArgument,
+    LimitExceeded,
+    SuspendRun,
+)
 from .keys import base_of, legacy_key
 from .schemas import Schema
 from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
@@ -71,6 +80,9 @@ class Context:
         self.decided = False
         self.cancel_reason: str | None = None
         self.lease_lost = False
+        # the database failed under a ctx call (after the core's retries): the execution stops
+        # without writing anything, and the run is claimed again (see _abandon)
+        self.abandoned: BaseException | None = None
         self._tokens: set[AbortToken] = set()
         self._spawned = sum(1 for rec in run.history.values() if rec.kind == "invoke")
 
@@ -148,7 +160,7 @@ class Context:
             )
         if self.decided:
             raise SuspendRun()
-        if self.cancel_reason is not None or self.lease_lost:
+        if self.cancel_reason is not None or self.lease_lost or self.abandoned is not None:
             raise SuspendRun()
 
     # -- the runner's view -----------------------------------------------------------------
@@ -204,6 +216,42 @@ class Context:
         """Cancel requested or lease lost: fire running steps' tokens; stop at the next call."""
         for token in list(self._tokens):
             token.fire(reason)
+
+    # -- the database under ctx calls --------------------------------------------------------
+    # A core call that still fails after the core's retries (DatabaseUnavailable, or a
+    # DatabaseError) is iterflow's fault, not the body's: it must not reach user code as an
+    # exception it could catch, nor fail the step or the run. The execution is abandoned: the
+    # body unwinds with SuspendRun (a BaseException), every later ctx call raises it again,
+    # and the runner writes nothing; the worker releases the lease and the run replays.
+    def _abandon(self, exc: BaseException) -> None:
+        if self.abandoned is None:
+            self.abandoned = exc
+        self.abort("the database is unavailable")
+        for fut in self._blocked:
+            if not fut.done():
+                fut.set_exception(SuspendRun())
+
+    async def _record(self, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
+        try:
+            return await self._rt.core.record_step(self.run_id, rec, result, error)
+        except (DatabaseError, EngineStateError) as exc:
+            self._abandon(exc)
+            raise SuspendRun() from None
+
+    async def _resolve(self, key: str, seq: int, name: str, deadline_passed: bool,
+                       timeout_error: str) -> tuple[str, Any, datetime]:
+        try:
+            return await self._rt.core.resolve_signal(self.run_id, key, seq, name, deadline_passed, timeout_error)
+        except (DatabaseError, EngineStateError) as exc:
+            self._abandon(exc)
+            raise SuspendRun() from None
+
+    async def _spawn_children(self, recs: Sequence[StepRecord], specs: Sequence[RunSpec]) -> list[Created]:
+        try:
+            return await self._rt.core.spawn_children(self.run_id, recs, specs)
+        except (DatabaseError, EngineStateError) as exc:
+            self._abandon(exc)
+            raise SuspendRun() from None
 
     def clock(self) -> datetime:
         """Database time estimate: the claim's ``now()`` plus local monotonic elapsed time."""
@@ -278,19 +326,19 @@ class Context:
     ) -> Any:
         rec = StepRecord(key=key, seq=seq, kind="step", name=name, status="done", attempts=attempt)
         if isinstance(outcome, _Ok):
-            stored = await self._rt.core.record_step(self.run_id, rec, outcome.encoded, None)
+            stored = await self._record(rec, outcome.encoded, None)
             return stored
         exc = outcome.exc
         terminal = isinstance(exc, LimitExceeded) or opts.is_terminal(exc, attempt)
         error = error_record(exc)
         if terminal:
-            stored = await self._rt.core.record_step(self.run_id, rec, None, codec.dumps(error))
+            stored = await self._record(rec, None, codec.dumps(error))
             self._rt.log.warning(
                 "step %s failed: %s", key, error["message"], extra={"run_id": self.run_id, "step": key}
             )
             return stored
         rec.status = "attempt"
-        stored = await self._rt.core.record_step(self.run_id, rec, None, codec.dumps(error))
+        stored = await self._record(rec, None, codec.dumps(error))
         if stored.status == "done":  # a concurrent (stale) worker finished it first
             return stored
         return _Retry(self.clock() + opts.delay(attempt))
@@ -328,9 +376,7 @@ class Context:
             self._begin()
             try:
                 await self._gate("sleep", key)
-                await self._rt.core.record_step(
-                    self.run_id, StepRecord(key, seq, "sleep", "sleep", "waiting", deadline=until), None, None
-                )
+                await self._record(StepRecord(key, seq, "sleep", "sleep", "waiting", deadline=until), None, None)
             finally:
                 self._end()
         else:
@@ -343,7 +389,7 @@ class Context:
                     self._begin(replay=True)
                     try:
                         done = StepRecord(key, seq, "sleep", "sleep", "done", deadline=until)
-                        await self._rt.core.record_step(self.run_id, done, None, None)
+                        await self._record(done, None, None)
                     finally:
                         self._end(replay=True)
                 return
@@ -367,13 +413,11 @@ class Context:
         try:
             if rec is None:
                 await self._gate("signal", key)
-            outcome, payload, at = await self._rt.core.resolve_signal(
-                self.run_id, key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
+            outcome, payload, at = await self._resolve(
+                key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
             )
             if outcome == "none" and rec is None and until is not None:
-                await self._rt.core.record_step(
-                    self.run_id, StepRecord(key, seq, "signal", name, "waiting", deadline=until), None, None
-                )
+                await self._record(StepRecord(key, seq, "signal", name, "waiting", deadline=until), None, None)
         finally:
             self._end(replay)
         if outcome != "none":
@@ -451,7 +495,7 @@ class Context:
             if code is not None:
                 err = {"code": code, "message": msg, "traceback": None, "cause": None}
                 rec = StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "done")
-                stored = await self._rt.core.record_step(self.run_id, rec, None, codec.dumps(err))
+                stored = await self._record(rec, None, codec.dumps(err))
                 self._history[key] = _as_record(rec, stored)
         specs, recs = [], []
         for flow, inp, ikey, tags, key, seq, _rec in calls:
@@ -464,7 +508,7 @@ class Context:
             ))
             recs.append(StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "waiting"))
         if specs:
-            created = await self._rt.core.spawn_children(self.run_id, recs, specs)
+            created = await self._spawn_children(recs, specs)
             self._spawned += len(specs)
             for rec, made in zip(recs, created, strict=True):
                 rec.child_id, rec.child_status = made.run_id, made.status
@@ -490,7 +534,7 @@ class Context:
             })
             result = None
         done = StepRecord(rec.key, rec.seq, "invoke", rec.name, "done", child_id=rec.child_id)
-        stored = await self._rt.core.record_step(self.run_id, done, result, error)
+        stored = await self._record(done, result, error)
         self._advance(stored.finished_at)
         if stored.error is not None:
             return _Err(_recorded_exc(stored.error))
@@ -511,6 +555,8 @@ class Context:
     async def _record_log(self, key: str, seq: int, payload: str) -> None:
         try:
             await self._rt.core.record_step(self.run_id, StepRecord(key, seq, "log", "log", "done"), payload, None)
+        except (DatabaseError, EngineStateError) as exc:  # (a background write: nobody to raise to)
+            self._abandon(exc)
         finally:
             self._in_flight -= 1
             self._maybe_quiet()

@@ -76,10 +76,21 @@ def is_transient(exc: BaseException) -> bool:
     return _is_connection_fault(exc)
 
 
+# How tokio-postgres words the faults that carry no SQLSTATE (the Rust core's CoreError before
+# it carried ``transient``): the connection closed, broke, could not be made, or timed out.
+_RUST_CONNECTION_FAULTS = (
+    "connection closed", "error communicating with the server", "error connecting to server",
+    "timeout waiting for server",
+)
+
+
 def _is_connection_fault(exc: BaseException) -> bool:
     """A fault with no SQLSTATE: the connection broke, or none could be had in time."""
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
+    if getattr(exc, "code", None) == Code.DATABASE_ERROR and not isinstance(exc, IterflowError):
+        message = str(getattr(exc, "message", None) or exc)
+        return any(fault in message for fault in _RUST_CONNECTION_FAULTS)
     try:
         import psycopg
         from psycopg_pool import PoolTimeout, TooManyRequests
@@ -102,7 +113,7 @@ def to_iterflow_error(exc: BaseException, what: str) -> IterflowError:
         return SchemaMismatch(message)
     if code == Code.INVALID_ARGUMENT:
         return InvalidArgument(what, message)
-    if code == "CORE_CLOSED":
+    if code == "CORE_CLOSED" or "core is not open" in message:
         return EngineStateError(f"{what}: the engine is stopped")
     state = sqlstate_of(exc)
     text = f"{what}: {message}" + (f" (SQLSTATE {state})" if state else "")
@@ -136,14 +147,18 @@ class RetryPolicy:
         return next_delay
 
 
-async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str) -> T:
+async def retrying(
+    call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: str,
+    on_fault: Callable[[BaseException], None] | None = None,
+) -> T:
     """``await call()``, retrying infrastructure faults until ``policy.timeout`` has passed.
 
     Only for calls that are safe to repeat after an unknown outcome (idempotent or fenced
-    writes, reads). The final failure is raised as a typed ``IterflowError``.
+    writes, reads). The final failure is raised as a typed ``IterflowError``; ``on_fault``
+    hears of each fault that is going to be retried (for logging).
     """
     deadline = time.monotonic() + policy.timeout
-    next_delay = policy.delays()
+    next_delay: Callable[[], float] | None = None  # made on the first fault (hot path: none)
     while True:
         try:
             return await call()
@@ -152,7 +167,11 @@ async def retrying(call: Callable[[], Awaitable[T]], policy: RetryPolicy, what: 
         except Exception as exc:  # classified below
             if not is_transient(exc):
                 raise to_iterflow_error(exc, what) from exc
+            if next_delay is None:
+                next_delay = policy.delays()
             delay = next_delay()
             if time.monotonic() + delay >= deadline:
                 raise to_iterflow_error(exc, what) from exc
+            if on_fault is not None:
+                on_fault(exc)
             await asyncio.sleep(delay)

@@ -18,10 +18,13 @@ from typing import Any
 
 import psycopg
 from psycopg import AsyncConnection, AsyncRawCursor, RawCursor
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from .. import sql
+from ..errors import InvalidArgument
+from ..faults import sqlstate_of
 from ..migrate import check_schema
 from .base import (
     ADMIN_QUERIES,
@@ -39,6 +42,15 @@ from .base import (
 log = logging.getLogger("iterflow")
 # start_many is one transaction; statements inside it carry at most this many runs
 INSERT_CHUNK = 1000
+# Seconds a connection attempt of the engine's own pool keeps retrying (with the pool's
+# backoff) before it gives up; the next checkout starts a new one at once. psycopg_pool's
+# default (5 minutes) backs off to minutes between attempts, so after a database restart the
+# pool would come back long after the server did.
+RECONNECT_TIMEOUT = 2.0
+# The longest wait for a pooled connection in one attempt: the retry layer above (see
+# cores/resilient.py) bounds the whole call and checks out again, which also restarts the
+# pool's connection attempts when they gave up.
+ACQUIRE_TIMEOUT = 2.0
 
 
 class _JsonText(Jsonb):
@@ -59,9 +71,10 @@ class Listener:
     and poll on a timeout, so a dropped connection only costs latency. Reconnects with backoff.
     """
 
-    def __init__(self, dsn: str, channel: str) -> None:
+    def __init__(self, dsn: str, channel: str, application_name: str | None = None) -> None:
         self._dsn = dsn
         self._channel = channel
+        self._connect_args: dict[str, Any] = {"application_name": application_name} if application_name else {}
         self._runs: dict[str, set[asyncio.Event]] = {}
         # run ids that finished recently: a waiter that registers just after the notification
         # went by still returns at once instead of waiting for the poll
@@ -85,7 +98,7 @@ class Listener:
         delay = 0.1
         while True:
             try:
-                async with await AsyncConnection.connect(self._dsn, autocommit=True) as conn:
+                async with await AsyncConnection.connect(self._dsn, autocommit=True, **self._connect_args) as conn:
                     await conn.execute(f'LISTEN "{self._channel}"')
                     self.connected.set()
                     delay = 0.1
@@ -99,7 +112,7 @@ class Listener:
                 self.connected.clear()
                 log.warning("iterflow listener lost its connection (%s); reconnecting", exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, 1.0)  # back within a second of the server
 
     def _dispatch(self, payload: str) -> None:
         kind, _, arg = payload.partition(" ")
@@ -144,10 +157,21 @@ class PythonCore:
     name = "python"
 
     def __init__(
-        self, dsn: str | None, *, pool: AsyncConnectionPool | None, schema: str, pool_size: int, notify: bool
+        self, dsn: str | None, *, pool: AsyncConnectionPool | None, schema: str, pool_size: int, notify: bool,
+        acquire_timeout: float = ACQUIRE_TIMEOUT,
     ) -> None:
         self.schema = sql.validate_schema_name(schema)
         self._q = sql.queries(schema)
+        named = False
+        if dsn is not None:
+            try:  # a malformed DSN fails here, not as a connection fault retried until the bound
+                named = "application_name" in conninfo_to_dict(dsn)
+            except (psycopg.ProgrammingError, TypeError) as exc:
+                raise InvalidArgument("dsn", f"not a valid PostgreSQL DSN: {exc}") from None
+        # connections are named like the Rust core's (`iterflow:<schema>`, the listener
+        # `iterflow-listen:<schema>`) unless the DSN names them: visible in pg_stat_activity
+        self._app_names = (None, None) if named else (f"iterflow:{schema}", f"iterflow-listen:{schema}")
+        self._acquire_timeout = acquire_timeout
         self._dsn = dsn
         self._own_pool = pool is None
         self._pool = pool
@@ -176,9 +200,12 @@ class PythonCore:
         if self._pool is None:
             if self._dsn is None:
                 raise ValueError("a dsn or a pool is required")
+            kwargs: dict[str, Any] = {"autocommit": True}
+            if self._app_names[0] is not None:
+                kwargs["application_name"] = self._app_names[0]
             self._pool = AsyncConnectionPool(
-                self._dsn, min_size=1, max_size=self._pool_size, open=False,
-                kwargs={"autocommit": True}, name="iterflow",
+                self._dsn, min_size=1, max_size=self._pool_size, open=False, kwargs=kwargs, name="iterflow",
+                timeout=self._acquire_timeout, reconnect_timeout=RECONNECT_TIMEOUT,
             )
             await self._pool.open()
 
@@ -187,7 +214,7 @@ class PythonCore:
             return
         dsn = await self._listen_dsn()  # (may yield: another caller may have started it since)
         if self._listener is None and not self._closed:
-            self._listener = Listener(dsn, sql.channel(self.schema))
+            self._listener = Listener(dsn, sql.channel(self.schema), self._app_names[1])
             self._listener.start()
 
     async def close(self) -> None:
@@ -200,17 +227,30 @@ class PythonCore:
             self._pool = None
 
     @contextlib.asynccontextmanager
+    async def _conn(self) -> AsyncIterator[AsyncConnection[Any]]:
+        """A pooled connection; one that failed with a connection fault is closed, so the pool
+        replaces it instead of handing it to the next caller."""
+        if self._pool is None:
+            raise RuntimeError("core is not open")
+        async with self._pool.connection(timeout=self._acquire_timeout) as conn:
+            try:
+                yield conn
+            except BaseException as exc:
+                if _breaks_connection(exc) and not conn.closed:
+                    with contextlib.suppress(Exception):
+                        await conn.close()
+                raise
+
+    @contextlib.asynccontextmanager
     async def _tx(self) -> AsyncIterator[AsyncRawCursor[Any]]:
-        assert self._pool is not None, "core is not open"
-        async with self._pool.connection() as conn:
+        async with self._conn() as conn:
             async with conn.transaction():
                 yield AsyncRawCursor(conn)
 
     @contextlib.asynccontextmanager
     async def _stmt(self) -> AsyncIterator[AsyncRawCursor[Any]]:
         """One statement, one implicit transaction: no BEGIN/COMMIT round trips around it."""
-        assert self._pool is not None, "core is not open"
-        async with self._pool.connection() as conn:
+        async with self._conn() as conn:
             yield AsyncRawCursor(conn)
 
     async def _rows(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
@@ -223,8 +263,7 @@ class PythonCore:
         return rows[0] if rows else None
 
     async def check_schema(self) -> None:
-        assert self._pool is not None
-        async with self._pool.connection() as conn:
+        async with self._conn() as conn:
             await check_schema(conn, self.schema)
 
     # -- client side ---------------------------------------------------------------------
@@ -408,9 +447,8 @@ class PythonCore:
             self._nudged.clear()
 
     async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
-        assert self._pool is not None
         lock = f"iterflow.retention.{self.schema}"
-        async with self._pool.connection() as conn:
+        async with self._conn() as conn:
             cur = AsyncRawCursor(conn)
             await cur.execute(self._q["try_session_lock"], (lock,))
             row = await cur.fetchone()
@@ -498,7 +536,7 @@ def insert_sync(queries: dict[str, str], cur: RawCursor[Any], specs: Sequence[Ru
 
 def _find_args(specs: Sequence[RunSpec], missing: Sequence[int]) -> _JsonText:
     return _JsonText(json.dumps([
-        {"ord": i, "name": specs[i].name, "version": specs[i].version,
+        {"ord": i, "id": specs[i].id, "name": specs[i].name, "version": specs[i].version,
          "idempotency_key": specs[i].idempotency_key, "parent_id": specs[i].parent_id,
          "parent_key": specs[i].parent_key}
         for i in missing
@@ -514,8 +552,19 @@ def _merge_created(
             out.append(Created(inserted[i], "pending", True))
         else:
             run_id, status = existing[i]
-            out.append(Created(run_id, status, False))
+            # found by its own id: a start repeated after its commit landed unacknowledged
+            out.append(Created(run_id, status, run_id == specs[i].id))
     return out
+
+
+def _breaks_connection(exc: BaseException) -> bool:
+    """Whether ``exc`` leaves the connection unusable: it broke (no SQLSTATE) or the server
+    ended the session (57P01-57P05, class 08). (A call cancelled mid-statement leaves it
+    active: the pool closes those itself.)"""
+    state = sqlstate_of(exc)
+    if state is not None:
+        return state[:2] == "08" or state.startswith("57P")
+    return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
 
 
 def _filter_args(flt: RunFilter) -> tuple[Any, ...]:

@@ -55,7 +55,7 @@ def _utc(value: datetime | None) -> datetime | None:
 
 def _find_json(specs: Sequence[RunSpec]) -> str:
     return json.dumps([
-        {"ord": i, "name": s.name, "version": s.version, "idempotency_key": s.idempotency_key,
+        {"ord": i, "id": s.id, "name": s.name, "version": s.version, "idempotency_key": s.idempotency_key,
          "parent_id": s.parent_id, "parent_key": s.parent_key}
         for i, s in enumerate(specs)
     ])
@@ -238,7 +238,10 @@ class RustCore:
             return await insert_async(self._q, AsyncRawCursor(conn), specs)
         wake = sorted({s.name for s in specs if s.delay_ms <= 0})
         made = await self._run(self._c.insert_runs, _chunks(specs), wake)
-        return [Created(run_id, status, created) for run_id, status, created in made]
+        # a run found by its own id was written by this very start (repeated after its commit
+        # landed unacknowledged): created, as the first attempt would have said
+        return [Created(run_id, status, created or run_id == spec.id)
+                for (run_id, status, created), spec in zip(made, specs, strict=True)]
 
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
         return str(await self._run(self._c.deliver_signal, run_id, name, payload, key))
@@ -303,7 +306,8 @@ class RustCore:
         made = await self._run(
             self._c.spawn_children, run_id, recs, _chunks(children), sorted({c.name for c in children})
         )
-        return [Created(rid, status, created) for rid, status, created in made]
+        return [Created(rid, status, created or rid == spec.id)
+                for (rid, status, created), spec in zip(made, children, strict=True)]
 
     async def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str

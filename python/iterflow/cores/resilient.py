@@ -1,0 +1,219 @@
+"""One retry layer above both cores: database faults are retried here, never counted as failures.
+
+``ResilientCore`` implements the ``Core`` protocol by delegating to the real core (Python or
+Rust). Every call that is safe to repeat after an unknown outcome — the statement may have
+committed before the connection dropped — goes through :func:`iterflow.faults.retrying`:
+
+- reads (``get_run``, ``run_detail``, ``list_runs``, ``select_runs``, ``next_due``,
+  ``pending_work``, ``check_schema``);
+- ``claim`` (a claim whose answer was lost leaves its runs leased until the lease ends; it
+  waits for work on the first attempt only);
+- ``record_step`` (the first final writer wins: a repeat gets the stored record back);
+- ``spawn_children`` (child ids are made client-side, the insert is ``ON CONFLICT DO
+  NOTHING`` and ``find_existing_runs`` finds a child by its id);
+- ``resolve_signal`` (a repeat finds the record it wrote);
+- ``suspend``/``finish`` (fenced by the lease token: a repeat after a commit that landed
+  answers False, which the runner treats as "fenced");
+- ``heartbeat``, ``expire_leases``, ``requeue_parked``, ``reconcile``, ``prune``,
+  ``admin_query``;
+- ``insert_runs`` without a caller's connection (a repeat finds the runs it wrote, by
+  idempotency key or by id);
+- ``deliver_signal`` (the engine always passes an idempotency key, generating one when the
+  caller gave none, so a repeat answers ``duplicate`` instead of inserting twice);
+- ``cancel``, ``retry``, ``purge`` (a repeat finds the work done: it counts 0 runs / answers
+  ``not_failed``).
+
+Not retried: ``insert_runs`` on a caller's connection (the caller's transaction is theirs, and
+it is aborted anyway), ``add_event`` (a plain insert: a repeat would add the event twice),
+``open``/``close``/``listen``. Every exception leaving this class is an ``IterflowError``
+(``DatabaseUnavailable`` once the retries of a fault ran out, ``DatabaseError`` for a statement
+the database refused), so ``psycopg`` errors and ``iterflow._core.CoreError`` never reach
+callers. Anything else the inner core offers (the Rust core's ``stats()``, ``schema``) is
+reachable through this object.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
+from datetime import datetime
+from typing import Any, TypeVar
+
+from ..faults import RetryPolicy, is_transient, retrying, to_iterflow_error
+from .base import ClaimedRun, Core, Created, LeaseState, RunFilter, RunSpec, StepRecord, StoredStep
+
+T = TypeVar("T")
+
+# Seconds between two warnings about database faults being retried (one outage, one line).
+WARN_EVERY = 5.0
+
+
+class ResilientCore:
+    """The ``Core`` protocol over ``inner``, with infrastructure faults retried (see module doc)."""
+
+    def __init__(self, inner: Core, policy: RetryPolicy, log: logging.Logger | None = None) -> None:
+        self.inner = inner
+        self.policy = policy
+        self.name = inner.name
+        self._log = log or logging.getLogger("iterflow")
+        self._warned_at = -WARN_EVERY
+
+    def __getattr__(self, attr: str) -> Any:
+        # only reached for what this class does not define: the inner core's extras
+        inner = self.__dict__.get("inner")
+        if inner is None:
+            raise AttributeError(attr)
+        return getattr(inner, attr)
+
+    def __repr__(self) -> str:
+        return f"ResilientCore({self.inner!r}, timeout={self.policy.timeout}s)"
+
+    # -- plumbing --------------------------------------------------------------------------
+    def _fault(self, what: str, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - self._warned_at >= WARN_EVERY:
+            self._warned_at = now
+            self._log.warning("iterflow: database fault in %s (%s); retrying for up to %.1fs",
+                              what, exc, self.policy.timeout)
+
+    def _retry(self, what: str, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> Awaitable[T]:
+        policy = self.policy if timeout is None else replace(self.policy, timeout=timeout)
+        return retrying(call, policy, what, on_fault=lambda exc: self._fault(what, exc))
+
+    @staticmethod
+    async def _once(what: str, call: Callable[[], Awaitable[T]]) -> T:
+        try:
+            return await call()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            raise to_iterflow_error(exc, what) from exc
+
+    # -- lifecycle -------------------------------------------------------------------------
+    async def open(self) -> None:
+        await self._once("open", self.inner.open)
+
+    async def close(self) -> None:
+        await self._once("close", self.inner.close)
+
+    async def check_schema(self) -> None:
+        await self._retry("check_schema", self.inner.check_schema)
+
+    # -- client side -----------------------------------------------------------------------
+    async def insert_runs(self, specs: Sequence[RunSpec], conn: Any = None) -> list[Created]:
+        if conn is not None:  # the caller's transaction: never repeated behind their back
+            return await self._once("insert_runs", lambda: self.inner.insert_runs(specs, conn))
+        return await self._retry("insert_runs", lambda: self.inner.insert_runs(specs))
+
+    async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
+        return await self._retry("deliver_signal", lambda: self.inner.deliver_signal(run_id, name, payload, key))
+
+    async def cancel(self, run_id: str, reason: str) -> int:
+        return await self._retry("cancel", lambda: self.inner.cancel(run_id, reason))
+
+    async def retry(self, run_id: str) -> str:
+        return await self._retry("retry", lambda: self.inner.retry(run_id))
+
+    async def get_run(self, run_id: str) -> dict[str, Any] | None:
+        return await self._retry("get_run", lambda: self.inner.get_run(run_id))
+
+    async def run_detail(self, run_id: str) -> dict[str, Any] | None:
+        return await self._retry("run_detail", lambda: self.inner.run_detail(run_id))
+
+    async def list_runs(
+        self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
+    ) -> list[dict[str, Any]]:
+        return await self._retry("list_runs", lambda: self.inner.list_runs(flt, limit, cursor))
+
+    async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
+        return await self._retry("select_runs", lambda: self.inner.select_runs(flt, limit))
+
+    async def purge(self, run_ids: Sequence[str]) -> int:
+        return await self._retry("purge", lambda: self.inner.purge(run_ids))
+
+    async def listen(self) -> None:
+        await self._once("listen", self.inner.listen)
+
+    async def wait_run_change(self, run_id: str, timeout: float) -> None:
+        """A hint, never the truth: a fault ends the wait early and the caller re-reads the run
+        (a read that is retried)."""
+        try:
+            await self.inner.wait_run_change(run_id, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise to_iterflow_error(exc, "wait_run_change") from exc
+            await asyncio.sleep(min(timeout, 0.1))
+
+    # -- worker side -----------------------------------------------------------------------
+    async def claim(
+        self, names: Sequence[str], limit: int, owner: str, lease_ms: int, wait: float | None = None
+    ) -> list[ClaimedRun]:
+        waits = [wait]
+
+        def call() -> Awaitable[list[ClaimedRun]]:
+            first = waits.pop() if waits else None  # a repeat claims at once
+            return self.inner.claim(names, limit, owner, lease_ms, first)
+
+        return await self._retry("claim", call)
+
+    def nudge(self) -> None:
+        self.inner.nudge()
+
+    async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
+        return await self._retry("record_step", lambda: self.inner.record_step(run_id, rec, result, error))
+
+    async def spawn_children(
+        self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
+    ) -> list[Created]:
+        return await self._retry("spawn_children", lambda: self.inner.spawn_children(run_id, records, children))
+
+    async def resolve_signal(
+        self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
+    ) -> tuple[str, Any, datetime]:
+        return await self._retry("resolve_signal", lambda: self.inner.resolve_signal(
+            run_id, key, seq, name, deadline_passed, timeout_error))
+
+    async def suspend(
+        self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
+        attempts_delta: int | None,
+    ) -> bool:
+        return await self._retry("suspend", lambda: self.inner.suspend(
+            run_id, token, status, waiting, wake_at, attempts_delta))
+
+    async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
+        return await self._retry("finish", lambda: self.inner.finish(run_id, token, status, output, error))
+
+    async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
+        await self._once("add_event", lambda: self.inner.add_event(run_id, kind, data))
+
+    async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
+        # renewals come every third of a lease: a renewal that is still failing by then is
+        # reported (and the next one tried) instead of piling up behind it
+        bound = min(self.policy.timeout, lease_ms / 3000)
+        return await self._retry("heartbeat", lambda: self.inner.heartbeat(leases, lease_ms), bound)
+
+    async def expire_leases(self, limit: int) -> int:
+        return await self._retry("expire_leases", lambda: self.inner.expire_leases(limit))
+
+    async def next_due(self, names: Sequence[str]) -> float | None:
+        return await self._retry("next_due", lambda: self.inner.next_due(names))
+
+    async def requeue_parked(self, names: Sequence[str]) -> int:
+        return await self._retry("requeue_parked", lambda: self.inner.requeue_parked(names))
+
+    async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
+        return await self._retry("prune", lambda: self.inner.prune(events_ms, runs_ms, batch))
+
+    async def pending_work(self, names: Sequence[str] | None) -> int:
+        return await self._retry("pending_work", lambda: self.inner.pending_work(names))
+
+    async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
+        return await self._retry(f"admin_query {name}", lambda: self.inner.admin_query(name, *params))
+
+    async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
+        return await self._retry("reconcile", lambda: self.inner.reconcile(stale_ms))
