@@ -358,6 +358,10 @@ class PrivateServer:
         """Stop without a checkpoint or a WAL flush, as a power cut would (on this host's page cache)."""
         self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "stop")
 
+    def stop(self, mode: str = "fast") -> None:
+        """Stop and wait until the server is down (``fast``: every session is terminated)."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
 
 
 @pytest.fixture

@@ -50,7 +50,7 @@ async def busy(ctx: Any, n: int) -> Any:
 async def test_one_listen_connection_and_a_bounded_pool(dsn: str, schema_name: str) -> None:
     await iterflow.migrate(dsn, schema_name)
     engine = iterflow.create_engine(dsn, schema=schema_name, core="rust", concurrency=6, poll_interval=0.2)
-    assert isinstance(engine.core, RustCore)
+    assert isinstance(engine.core.inner, RustCore)  # (under the retry layer)
     handle = engine.register(busy)
     try:
         await engine.listen()

@@ -6,6 +6,7 @@ import asyncio
 import logging
 import signal as signal_module
 import threading
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -15,6 +16,7 @@ from typing import Any
 from . import codec, cron
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
+from .cores.resilient import ResilientCore
 from .durations import parse_duration
 from .errors import (
     Code,
@@ -24,6 +26,7 @@ from .errors import (
     RunNotFound,
     ValidationFailed,
 )
+from .faults import RetryPolicy
 from .flow import Flow, check_drift
 from .handle import FlowHandle
 from .observe import Hooks
@@ -47,6 +50,8 @@ from .types import (
 from .worker import Worker
 
 MAX_PAGE = 500
+# The prefix of the idempotency key engine.signal makes up when the caller passes none.
+AUTO_SIGNAL_KEY = "auto:"
 
 
 @dataclass(frozen=True)
@@ -65,7 +70,7 @@ def _positive_int(value: Any, field: str) -> int:
 
 
 def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, notify: bool,
-               log: logging.Logger) -> Core:
+               log: logging.Logger, retry_timeout: float = 30.0) -> Core:
     if core not in ("auto", "rust", "python"):
         raise InvalidArgument("core", f"must be 'auto', 'rust' or 'python', got {core!r}")
     if core in ("auto", "rust"):
@@ -81,12 +86,15 @@ def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, no
             else:
                 log.info("iterflow: using the Rust core")
                 return RustCore(dsn or pool, schema=schema, pool_size=size, notify=notify)  # type: ignore[return-value]
-    from .cores.python import PythonCore
+    from .cores.python import ACQUIRE_TIMEOUT, PythonCore
 
     log.info("iterflow: using the pure-Python core")
     if isinstance(pool, str):
         dsn, pool = pool, None
-    return PythonCore(dsn, pool=pool, schema=schema, pool_size=size, notify=notify)
+    # one wait for a pooled connection never outlasts the retry bound (a stopped server must
+    # not hold a call for the pool's own 30 s timeout)
+    return PythonCore(dsn, pool=pool, schema=schema, pool_size=size, notify=notify,
+                      acquire_timeout=max(min(retry_timeout, ACQUIRE_TIMEOUT), 0.1))
 
 
 class Engine:
@@ -96,12 +104,14 @@ class Engine:
                  concurrency: int = 5, max_run_attempts: int = 100, default_step_timeout: Any = None,
                  lease: Any = "30s", retention: Any = None, limits: Any = None, metrics: Any = None,
                  logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
-                 drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s") -> None:
+                 drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s",
+                 database_retry_timeout: Any = "30s") -> None:
         self._options = dict(
             dsn=dsn, pool=pool, core=core, schema=schema, concurrency=concurrency, max_run_attempts=max_run_attempts,
             default_step_timeout=default_step_timeout, lease=lease, retention=retention, limits=limits,
             metrics=metrics, logger=logger, notify=notify, reconciler=reconciler, drift=drift,
             poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
+            database_retry_timeout=database_retry_timeout,
         )
         if dsn is None and pool is None:
             raise InvalidArgument("dsn", "pass a DSN or pool= (see iterflow.embedded.database_url() for local use)")
@@ -119,7 +129,13 @@ class Engine:
         )
         self.retention = Retention.coerce(retention)
         self._caller_pool = pool
-        self.core: Core = _pick_core(core, dsn, pool, schema, concurrency + 4, notify, self.log)
+        # every core call goes through the retry layer: a database fault is retried for up to
+        # database_retry_timeout, then raised as DatabaseUnavailable (never a driver's error)
+        retry_timeout = parse_duration(database_retry_timeout, field="database_retry_timeout").total_seconds()
+        self.core: Core = ResilientCore(
+            _pick_core(core, dsn, pool, schema, concurrency + 4, notify, self.log, retry_timeout),
+            RetryPolicy(timeout=retry_timeout), self.log,
+        )
         self.runtime = Runtime(
             core=self.core, limits=Limits.coerce(limits), hooks=Hooks(metrics, self.log), log=self.log,
             default_step_timeout=parse_duration(default_step_timeout, field="default_step_timeout")
@@ -307,12 +323,39 @@ class Engine:
                 return SignalResult("invalid_payload", issues=tuple(exc.issues))
         encoded = codec.encode(payload, field="payload", limit=self.runtime.limits.max_signal_payload_bytes,
                                code=Code.SIGNAL_PAYLOAD_TOO_LARGE)
-        outcome = await core.deliver_signal(run_id, name, encoded, idempotency_key)
+        # without a key of the caller's, one is made up: a delivery the core repeats after its
+        # commit went unacknowledged (the connection dropped) then finds its own row
+        key = idempotency_key if idempotency_key is not None else f"{AUTO_SIGNAL_KEY}{uuid.uuid4().hex}"
+        outcome = await core.deliver_signal(run_id, name, encoded, key)
         kind, _, cursor_key = outcome.partition(" ")
         if kind == "not_found":
             raise RunNotFound(run_id)
+        if idempotency_key is None and kind in ("duplicate", "closed"):
+            # only this call knows that key: a duplicate means that its first attempt stored the
+            # signal, and so may a `closed` (the run took the signal and finished before the
+            # repeat): what became of it is read back
+            kind, cursor_key = await self._own_delivery(core, run_id, name, key) or (kind, cursor_key)
         self.runtime.hooks.emit("signal_delivered", kind)
         return SignalResult(kind, cursor_key or None)
+
+    @staticmethod
+    async def _own_delivery(core: Core, run_id: str, name: str, key: str) -> tuple[str, str] | None:
+        """What a delivery whose first attempt committed unacknowledged did, read back (None:
+        it stored nothing). Its payload was consumed, or a suspended run waits for that name
+        with nothing older of it queued (the run is woken and takes it): ``delivered``; else
+        it waits in the inbox: ``buffered``."""
+        detail = await core.run_detail(run_id)
+        own = next((s for s in detail["signals"] if s["idempotency_key"] == key), None) if detail else None
+        if detail is None or own is None:
+            return None
+        if own["consumed_by"]:
+            return "delivered", str(own["consumed_by"])
+        run = detail["run"]
+        waiting = (run.get("waiting") or {}).get("signals") or {}
+        older = any(s["name"] == name and s["consumed_at"] is None and s["id"] < own["id"] for s in detail["signals"])
+        if run["status"] not in ("running", *TERMINAL) and name in waiting and not older:
+            return "delivered", str(waiting[name])
+        return "buffered", ""
 
     async def _declared_signal_schema(self, core: Core, run_id: str, name: str) -> Schema | None:
         if not any(name in f.signal_schemas for f in self.runtime.flows.values()):
