@@ -73,16 +73,17 @@ async def churn(ctx: Any, n: int) -> Any:
 
 
 async def test_terminated_backends_never_fail_a_run(make_engine: Any, dsn: str, schema_name: str) -> None:
-    workers = [await make_engine(churn, concurrency=4, lease="2s") for _ in range(2)]
+    # a 30 s lease: a run stranded by a fault (instead of released) would outlive the wait
+    workers = [await make_engine(churn, concurrency=4, lease="30s") for _ in range(2)]
     client = await make_engine(listen=False)
     started = await client.handle("churn").start_many([{"input": n} for n in range(24)])
     killed = 0
-    for _ in range(6):
-        await asyncio.sleep(0.25)
+    for _ in range(20):
+        await asyncio.sleep(0.1)
         killed += await terminate_engine_backends(dsn, schema_name)
-    assert killed >= 6, "the engines' sessions were found by their application_name"
+    assert killed >= 20, "the engines' sessions were found by their application_name"
     outputs = await asyncio.wait_for(
-        asyncio.gather(*(client.handle("churn").result(r.run_id, timeout=30) for r in started)), 40
+        asyncio.gather(*(client.handle("churn").result(r.run_id, timeout=20) for r in started)), 25
     )
     assert outputs == [{"n": n, "total": 4 * n * 10 + 6} for n in range(24)]
     assert await failed_attempts(dsn, schema_name) == [], "a database fault burned a step attempt"
