@@ -7,7 +7,7 @@ import asyncio
 import psycopg
 import pytest
 
-from iterflow import define_flow
+from iterflow import RunFailed, define_flow
 from iterflow.errors import InvalidArgument
 
 
@@ -80,7 +80,7 @@ async def _failed_long_ago(make_engine, dsn: str, schema: str) -> tuple:
 
     engine = await make_engine(fails)
     run = await engine.handle("fails").start(None)
-    with pytest.raises(Exception):
+    with pytest.raises(RunFailed):
         await engine.handle("fails").result(run.run_id, timeout=5)
     await engine.stop()
     _age(dsn, schema, run.run_id, 48)
