@@ -265,6 +265,37 @@ async def test_a_step_in_flight_survives_a_server_restart(private_server: Privat
     )
 
 
+async def test_an_outage_longer_than_the_retries_abandons_and_releases(
+    private_server: PrivateServer, core: str
+) -> None:
+    """The server stays down past database_retry_timeout while step two's record is being
+    written: the execution is abandoned (not failed), its lease (30 s) is given back as soon
+    as the server answers, and the run replays at once, on its second claim."""
+    dsn, schema = private_server.dsn, "faults"
+    await iterflow.migrate(dsn, schema)
+    _HOLD.update(entered=asyncio.Event(), release=asyncio.Event())
+    engine = iterflow.create_engine(dsn, schema=schema, core=core, poll_interval=0.2, lease="30s",
+                                    database_retry_timeout="1s")
+    engine.register(held)
+    try:
+        await engine.listen()
+        run = await engine.handle("held").start(None)
+        await asyncio.wait_for(_HOLD["entered"].wait(), 10)
+        await asyncio.to_thread(private_server.stop, "fast")
+        _HOLD["release"].set()
+        await asyncio.sleep(2.5)  # the record's retries run out: the execution is abandoned
+        await asyncio.to_thread(private_server.start)
+        back = time.monotonic()
+        out = await engine.handle("held").result(run.run_id, timeout=20)
+        recovered = time.monotonic() - back
+    finally:
+        await engine.stop()
+    assert out == [1, 2, 3]
+    assert recovered < 5, f"the run finished {recovered:.1f}s after the server was back (lease: 30s)"
+    assert await failed_attempts(dsn, schema) == []
+    assert await rows(dsn, f'SELECT attempts, status FROM "{schema}".runs') == [(2, "done")]
+
+
 async def test_a_signal_sent_while_the_server_restarts_is_delivered_once(
     private_server: PrivateServer, core: str
 ) -> None:

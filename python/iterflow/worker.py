@@ -16,7 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from .config import Retention
-from .errors import DatabaseError, EngineStateError
+from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
 from .runner import Execution
 from .runtime import Runtime
 
@@ -217,10 +217,23 @@ class Worker:
         """The database failed under the execution (after the core's retries): nothing was
         written for it, and the run runs again from its last record. Its lease is given back
         as soon as the database answers, so that need not wait for the lease to run out."""
-        run_id = execution.run.run_id
+        run_id, token = execution.run.run_id, execution.run.lease_token
         log.warning("iterflow run %s stopped by a database fault (%s); it is released and runs again",
                     run_id, execution.abandoned, extra={"run_id": run_id})
-        await self.release([(run_id, execution.run.lease_token)])
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + self.lease_ms / 1000  # by then the lease has run out anyway
+        while True:
+            try:
+                await self.rt.core.admin_query("release_leases", [run_id], [token])
+                break
+            except EngineStateError:  # the engine stopped meanwhile: the lease runs out
+                return
+            except DatabaseError as exc:  # (each try is retried for database_retry_timeout)
+                if not isinstance(exc, DatabaseUnavailable) or loop.time() >= give_up:
+                    log.warning("iterflow could not release run %s (%s); its lease runs out in %.0fs",
+                                run_id, exc, max(give_up - loop.time(), 0.0), extra={"run_id": run_id})
+                    return
+                await asyncio.sleep(0.5)
         self.wake()
 
     def _schedule_local_wake(self, execution: Execution) -> None:
