@@ -21,7 +21,7 @@ from enum import Enum
 from typing import Any, TypeAlias
 from uuid import UUID
 
-from iterflow.errors import InvalidArgument, LimitExceeded
+from iterflow.errors import InvalidArgument, IterflowError, LimitExceeded
 
 JSONValue: TypeAlias = None | bool | int | float | str | list["JSONValue"] | dict[str, "JSONValue"]
 
@@ -76,7 +76,12 @@ def encode(value: object, *, field: str, limit: int | None, code: str) -> str:
     """
     if value is None:  # most steps return nothing
         return "null"
-    text = _serialize(value, field)
+    try:
+        text = _serialize(value, field)
+    except IterflowError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - e.g. a model's own serializer raising: still a typed error
+        raise InvalidArgument(field, f"value could not be serialized: {type(exc).__name__}: {exc}") from None
     size = len(text) if text.isascii() else _utf8_size(text, field)
     if "\\u0000" in text and _ESCAPED_NUL.search(text):
         raise InvalidArgument(field, "value contains a NUL character (\\u0000), which jsonb cannot store")
@@ -100,8 +105,10 @@ def _serialize(value: object, field: str) -> str:
 
 def _convert(value: object) -> JSONValue:
     # Exact-type checks first: plain JSON is the common case and must stay cheap.
-    if value is None or type(value) is str or type(value) is int or type(value) is bool:
+    if value is None or type(value) is str or type(value) is bool:
         return value
+    if type(value) is int:
+        return value if value.bit_length() <= _SAFE_INT_BITS else _big_int(value)
     if type(value) is float:
         return _finite(value)
     if type(value) is dict:
@@ -188,7 +195,7 @@ def _key(key: object) -> str:
     if isinstance(key, bool):
         return "true" if key else "false"
     if isinstance(key, int):
-        return int.__repr__(key)
+        return int.__repr__(_big_int(int(key)))
     if isinstance(key, float):
         return float.__repr__(_finite(key))
     if key is None:
@@ -203,8 +210,24 @@ def _convert_scalar_subclass(value: str | float) -> JSONValue:
     if isinstance(value, str):
         return str.__str__(value)
     if isinstance(value, int):
-        return int(value)
+        return _convert(int(value))
     return _finite(float(value))
+
+
+# Every int this wide has fewer digits than the smallest allowed int->str limit (640).
+_SAFE_INT_BITS = 2000
+
+
+def _big_int(value: int) -> int:
+    """An int Python can still write as decimal text (``sys.get_int_max_str_digits()``)."""
+    try:
+        int.__repr__(value)
+    except ValueError:
+        raise _Unserializable(
+            f"is an integer with more than {sys.get_int_max_str_digits()} digits, which cannot be "
+            "written as JSON; store it as a string"
+        ) from None
+    return value
 
 
 def _finite(value: float) -> float:

@@ -14,11 +14,18 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from iterflow.durations import DurationLike, parse_duration
 from iterflow.errors import InvalidArgument
+from iterflow.validate import show
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
 _Settings = TypeVar("_Settings", bound="DataclassInstance")
+
+# jsonb cannot hold a value over 256 MiB - 1, so a larger cap would promise nothing
+MAX_BYTES_CAP = 268_435_455
+MAX_INVOKE_DEPTH = 1000
+MAX_CHILDREN_PER_RUN = 1_000_000
+MIN_RETENTION_SCHEDULE = timedelta(seconds=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,9 +40,10 @@ class Limits:
 
     def __post_init__(self) -> None:
         for name in ("max_input_bytes", "max_step_result_bytes", "max_signal_payload_bytes"):
-            _check_positive(getattr(self, name), f"limits.{name}", optional=True)
-        for name in ("max_invoke_depth", "max_children_per_run"):
-            _check_positive(getattr(self, name), f"limits.{name}", optional=False)
+            _check_positive(getattr(self, name), f"limits.{name}", optional=True, high=MAX_BYTES_CAP)
+        _check_positive(self.max_invoke_depth, "limits.max_invoke_depth", optional=False, high=MAX_INVOKE_DEPTH)
+        _check_positive(self.max_children_per_run, "limits.max_children_per_run", optional=False,
+                        high=MAX_CHILDREN_PER_RUN)
 
     @classmethod
     def coerce(cls, value: Self | Mapping[str, Any] | None) -> Self:
@@ -90,17 +98,19 @@ def _coerce(cls: type[_Settings], value: object, section: str) -> _Settings:
     return cls(**value)
 
 
-def _check_positive(value: object, field: str, *, optional: bool) -> None:
+def _check_positive(value: object, field: str, *, optional: bool, high: int) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        allowed = "a positive integer or None" if optional else "a positive integer"
-        raise InvalidArgument(field, f"{value!r} is not {allowed}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
+        allowed = f"an integer from 1 to {high:,}" + (" or None" if optional else "")
+        raise InvalidArgument(field, f"{show(value)} is not {allowed}")
 
 
 def _positive_duration(value: DurationLike, name: str) -> timedelta:
     field = f"retention.{name}"
-    duration = parse_duration(value, field=field)
+    duration = parse_duration(value, field=field)  # at most MAX_DURATION (100 years)
     if duration <= timedelta():
-        raise InvalidArgument(field, f"{value!r} must be longer than zero")
+        raise InvalidArgument(field, f"{show(value)} must be longer than zero")
+    if name == "schedule" and duration < MIN_RETENTION_SCHEDULE:
+        raise InvalidArgument(field, f"{show(value)} is shorter than the minimum of 1s")
     return duration

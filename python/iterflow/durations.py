@@ -23,6 +23,12 @@ _ACCEPTED = (
     "'250ms', '30s', '5m', '1h', '3d', '2w', '1.5h', '2h30m', '3 days', '10 minutes'"
 )
 
+# The longest duration anything accepts (sleeps, timeouts, delays, leases, retention): far
+# beyond any real wait, and far inside both Python's and PostgreSQL's date arithmetic.
+MAX_DURATION = timedelta(days=36_525)
+_MAX_TEXT = "100 years (36525 days)"
+_MAX_TEXT_LENGTH = 100  # "2h30m" needs a few characters; a megabyte of them is not a duration
+
 _MILLISECOND = timedelta(milliseconds=1)
 _SECOND = timedelta(seconds=1)
 _MINUTE = timedelta(minutes=1)
@@ -47,13 +53,13 @@ _WHOLE = re.compile(rf"(?:\s*{_NUMBER}\s*[a-z]+)+\s*")
 
 
 def parse_duration(value: DurationLike, *, field: str = "duration") -> timedelta:
-    """Turn any accepted duration form into a non-negative ``timedelta``.
+    """Turn any accepted duration form into a ``timedelta`` from 0 to ``MAX_DURATION``.
 
     ``field`` names the argument in the error so the caller can tell which of several
     durations was wrong.
     """
     if isinstance(value, timedelta):
-        return _non_negative(value, field)
+        return _in_range(value, value, field)
     if isinstance(value, (int, float)) and not isinstance(value, bool):
         return _from_seconds(value, field)
     if isinstance(value, str):
@@ -94,38 +100,45 @@ def format_duration(td: timedelta) -> str:
 
 
 def _from_seconds(seconds: float, field: str) -> timedelta:
-    if math.isnan(seconds) or math.isinf(seconds):
+    # compared before any float conversion: math.isnan(10**400) itself overflows
+    if isinstance(seconds, float) and (math.isnan(seconds) or math.isinf(seconds)):
         raise InvalidArgument(field, f"{seconds!r} is not a finite number of seconds; {_ACCEPTED}")
     if seconds < 0:
-        raise InvalidArgument(field, f"{seconds!r} is negative; durations must be >= 0")
-    try:
-        return timedelta(seconds=seconds)
-    except OverflowError:
-        raise InvalidArgument(field, f"{seconds!r} seconds is too large") from None
+        raise InvalidArgument(field, f"{_show(seconds)} is negative; durations must be >= 0")
+    if seconds > MAX_DURATION.total_seconds():
+        raise InvalidArgument(field, f"{_show(seconds)} seconds is too far: durations are at most {_MAX_TEXT}")
+    return timedelta(seconds=seconds)
 
 
 def _from_string(text: str, field: str) -> timedelta:
     lowered = text.lower()
-    if not _WHOLE.fullmatch(lowered):
+    if len(lowered) > _MAX_TEXT_LENGTH or not _WHOLE.fullmatch(lowered):
         if lowered.strip().startswith("-"):
-            raise InvalidArgument(field, f"{text!r} is negative; durations must be >= 0")
-        raise InvalidArgument(field, f"{text!r} is not a duration; {_ACCEPTED}")
+            raise InvalidArgument(field, f"{_show(text)} is negative; durations must be >= 0")
+        raise InvalidArgument(field, f"{_show(text)} is not a duration; {_ACCEPTED}")
     total = timedelta()
     for number, unit in _COMPONENT.findall(lowered):
         size = _UNITS.get(unit)
         if size is None:
-            raise InvalidArgument(field, f"{text!r} has an unknown unit {unit!r}; {_ACCEPTED}")
+            raise InvalidArgument(field, f"{_show(text)} has an unknown unit {unit!r}; {_ACCEPTED}")
         try:
             total += size * float(number)
         except OverflowError:
-            raise InvalidArgument(field, f"{text!r} is too large") from None
-    return total
+            raise InvalidArgument(field, f"{_show(text)} is too far: durations are at most {_MAX_TEXT}") from None
+    return _in_range(total, text, field)
 
 
-def _non_negative(td: timedelta, field: str) -> timedelta:
+def _in_range(td: timedelta, shown: object, field: str) -> timedelta:
     if td < timedelta():
-        raise InvalidArgument(field, f"{td!r} is negative; durations must be >= 0")
+        raise InvalidArgument(field, f"{_show(shown)} is negative; durations must be >= 0")
+    if td > MAX_DURATION:
+        raise InvalidArgument(field, f"{_show(shown)} is too far: durations are at most {_MAX_TEXT}")
     return td
+
+
+def _show(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} chars)"
 
 
 def _compound(micros: int) -> str:

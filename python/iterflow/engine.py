@@ -9,15 +9,15 @@ import threading
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
-from . import codec, cron
+from . import codec, cron, validate
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
 from .cores.resilient import ResilientCore
-from .durations import parse_duration
+from .durations import MAX_DURATION, format_duration, parse_duration
 from .errors import (
     Code,
     CoreUnavailable,
@@ -27,9 +27,9 @@ from .errors import (
     ValidationFailed,
 )
 from .faults import RetryPolicy
-from .flow import Flow, check_drift
+from .flow import DRIFT_MODES, Flow, check_drift, check_name, check_version
 from .handle import FlowHandle
-from .observe import Hooks
+from .observe import HOOKS, Hooks
 from .runtime import Runtime
 from .schemas import Schema
 from .sql import validate_schema_name
@@ -45,13 +45,26 @@ from .types import (
     SignalResult,
     decode_cursor,
     encode_cursor,
-    is_run_id,
+    run_id_of,
 )
 from .worker import Worker
 
 MAX_PAGE = 500
 # The prefix of the idempotency key engine.signal makes up when the caller passes none.
 AUTO_SIGNAL_KEY = "auto:"
+# The ranges of the engine options (docs/guide.md § 3 lists them with their defaults).
+CORES = ("auto", "rust", "python")
+MAX_CONCURRENCY = 10_000
+MAX_RUN_ATTEMPTS = 1_000_000
+LEASE_RANGE = (timedelta(milliseconds=500), timedelta(days=1))
+POLL_RANGE = (timedelta(milliseconds=10), timedelta(hours=1))
+SHUTDOWN_RANGE = (timedelta(), timedelta(days=1))
+RETRY_TIMEOUT_RANGE = (timedelta(), timedelta(days=1))
+STEP_TIMEOUT_RANGE = (timedelta(milliseconds=1), MAX_DURATION)
+# bulk calls (cancel_many, retry_many, purge, check) and prune batches
+MAX_BULK = 1_000_000
+MAX_PRUNE_BATCH = 100_000
+FILTER_KEYS = ("name", "status", "tag", "since", "until")
 
 
 @dataclass(frozen=True)
@@ -61,6 +74,26 @@ class Settings:
     poll_interval: float
     reconcile_interval: float | None
     shutdown_timeout: float
+
+
+def _duration_in(value: Any, field: str, low: timedelta, high: timedelta) -> timedelta:
+    duration = parse_duration(value, field=field)
+    if not low <= duration <= high:
+        raise InvalidArgument(
+            field, f"must be from {format_duration(low)} to {format_duration(high)}, got {validate.show(value)}"
+        )
+    return duration
+
+
+def _check_metrics(metrics: Any) -> None:
+    """A dict names hooks: an unknown name or a non-callable is a typo, said now (objects are
+    looked up by attribute, so they may carry anything else)."""
+    if isinstance(metrics, Mapping):
+        for name, hook in metrics.items():
+            if name not in HOOKS:
+                raise InvalidArgument(f"metrics.{name}", f"unknown hook; known hooks: {', '.join(HOOKS)}")
+            if not callable(hook):
+                raise InvalidArgument(f"metrics.{name}", f"must be callable, got {validate.show(hook)}")
 
 
 def _positive_int(value: Any, field: str) -> int:
@@ -113,19 +146,35 @@ class Engine:
             poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
             database_retry_timeout=database_retry_timeout,
         )
+        # every option is checked here, before anything is built (ranges: docs/guide.md § 3)
         if dsn is None and pool is None:
             raise InvalidArgument("dsn", "pass a DSN or pool= (see iterflow.embedded.database_url() for local use)")
+        if dsn is not None:
+            validate.text(dsn, "dsn")
+        if not isinstance(core, str) or core not in CORES:
+            raise InvalidArgument("core", f"must be 'auto', 'rust' or 'python', got {validate.show(core)}")
         self.schema = validate_schema_name(schema)
-        self.log = logger or logging.getLogger("iterflow")
-        lease_td = parse_duration(lease, field="lease")
-        if lease_td.total_seconds() < 0.5:
-            raise InvalidArgument("lease", "must be at least 500ms")
-        poll = parse_duration(poll_interval, field="poll_interval").total_seconds() if poll_interval is not None \
-            else (1.0 if notify else 0.25)
+        if logger is not None and not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
+            raise InvalidArgument("logger", f"must be a logging.Logger (or LoggerAdapter), got {validate.show(logger)}")
+        self.log = cast(logging.Logger, logger) if logger is not None else logging.getLogger("iterflow")
+        notify = validate.flag(notify, "notify")
+        reconciler = validate.flag(reconciler, "reconciler")
+        concurrency = validate.integer(concurrency, "concurrency", 1, MAX_CONCURRENCY)
+        max_run_attempts = validate.integer(max_run_attempts, "max_run_attempts", 1, MAX_RUN_ATTEMPTS)
+        if not isinstance(drift, str) or drift not in DRIFT_MODES:
+            raise InvalidArgument("drift", f"must be 'park' or 'fail', got {validate.show(drift)}")
+        lease_td = _duration_in(lease, "lease", *LEASE_RANGE)
+        poll = _duration_in(poll_interval, "poll_interval", *POLL_RANGE).total_seconds() \
+            if poll_interval is not None else (1.0 if notify else 0.25)
+        if default_step_timeout is not None:
+            default_step_timeout = _duration_in(default_step_timeout, "default_step_timeout", *STEP_TIMEOUT_RANGE)
+        limits = Limits.coerce(limits)
+        _check_metrics(metrics)
+        _duration_in(database_retry_timeout, "database_retry_timeout", *RETRY_TIMEOUT_RANGE)
         self.settings = Settings(
-            concurrency=_positive_int(concurrency, "concurrency"), lease=lease_td, poll_interval=poll,
+            concurrency=concurrency, lease=lease_td, poll_interval=poll,
             reconcile_interval=max(lease_td.total_seconds(), 5.0) if reconciler else None,
-            shutdown_timeout=parse_duration(shutdown_timeout, field="shutdown_timeout").total_seconds(),
+            shutdown_timeout=_duration_in(shutdown_timeout, "shutdown_timeout", *SHUTDOWN_RANGE).total_seconds(),
         )
         self.retention = Retention.coerce(retention)
         self._caller_pool = pool
@@ -168,6 +217,7 @@ class Engine:
     def define_cron(self, name: str, schedule: str, flow: Flow | FlowHandle, input: Any = None, *,
                     timezone: str = "UTC", overlap: str = "skip", jitter: Any = None, backfill: Any = None) -> None:
         """Start ``flow`` on a schedule (SPEC 2.8). Define before ``listen()``; workers fire it."""
+        check_name(name, "name")
         if self._worker is not None:
             raise EngineStateError(f"define_cron({name!r}) after listen(): define crons before listening")
         if name in self.crons:
@@ -183,6 +233,7 @@ class Engine:
 
     async def remove_cron(self, name: str) -> bool:
         """Delete a cron that no longer exists in code (it would otherwise be reported forever)."""
+        validate.lookup(name, "name")
         core = await self.client()
         (row,) = await core.admin_query("delete_cron", name)
         return bool(row["rowcount"])
@@ -196,7 +247,8 @@ class Engine:
 
     def handle(self, name: str, version: int = 1, input_schema: Any = None) -> FlowHandle:
         """An enqueue-only handle: start and await a flow whose body lives on other processes."""
-        registered = self._handles.get((name, version))
+        # checked before the lookup: True == 1, so (name, True) would find version 1's handle
+        registered = self._handles.get((check_name(name, "name"), check_version(version)))
         if registered is not None:
             return registered
         return FlowHandle(self, name, version, Schema.of(input_schema))
@@ -309,11 +361,13 @@ class Engine:
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      idempotency_key: str | None = None) -> SignalResult:
         """Deliver a signal (SPEC 1.5); validated at delivery when the flow declared a schema."""
-        if not is_run_id(run_id):
+        rid = run_id_of(run_id)
+        if rid is None:
             raise RunNotFound(run_id)
+        run_id = rid
+        name = check_name(name, "name")
+        idempotency_key = validate.idempotency_key(idempotency_key)
         core = await self.client()
-        if not isinstance(name, str) or not name:
-            raise InvalidArgument("name", "signal name must be a non-empty string")
         schema = await self._declared_signal_schema(core, run_id, name)
         if schema is not None:
             try:
@@ -368,10 +422,12 @@ class Engine:
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run and all its live descendants (sticky; a no-op on a terminal run)."""
-        if not is_run_id(run_id):
+        rid = run_id_of(run_id)
+        if rid is None:
             raise RunNotFound(run_id)
+        run_id = rid
+        reason = validate.reason(reason) or "canceled"
         core = await self.client()
-        reason = reason or "canceled"
         count = await core.cancel(run_id, reason)
         if count == 0 and await core.get_run(run_id) is None:
             raise RunNotFound(run_id)
@@ -379,16 +435,18 @@ class Engine:
             self._worker.abort_local(run_id, reason)
 
     async def retry(self, run_id: str) -> RetryResult:
-        if not is_run_id(run_id):
+        rid = run_id_of(run_id)
+        if rid is None:
             return RetryResult("missing")
         core = await self.client()
-        return RetryResult(await core.retry(run_id))
+        return RetryResult(await core.retry(rid))
 
     async def status(self, run_id: str) -> RunDetail | None:
-        if not is_run_id(run_id):
+        rid = run_id_of(run_id)
+        if rid is None:
             return None
         core = await self.client()
-        detail = await core.run_detail(run_id)
+        detail = await core.run_detail(rid)
         if detail is None:
             return None
         timers: list[Mapping[str, Any]] = []
@@ -412,15 +470,24 @@ class Engine:
         return RunPage(runs, nxt)
 
     async def _bulk_ids(self, flt: Mapping[str, Any] | RunFilter, limit: int) -> list[str]:
-        rf = flt if isinstance(flt, RunFilter) else _filter(**dict(flt))
+        if isinstance(flt, RunFilter):
+            rf = flt
+        elif isinstance(flt, Mapping):
+            unknown = sorted(map(str, set(flt) - set(FILTER_KEYS)))
+            if unknown:
+                raise InvalidArgument("filter", f"unknown keys {unknown}; known keys: {', '.join(FILTER_KEYS)}")
+            rf = _filter(**dict(flt))
+        else:
+            raise InvalidArgument("filter", f"must be a dict of {', '.join(FILTER_KEYS)}, got {type(flt).__name__}")
         if rf.is_empty():
             raise InvalidArgument("filter", "an empty filter would touch every run; pass name, status, tag or dates")
-        _positive_int(limit, "limit")
+        validate.integer(limit, "limit", 1, MAX_BULK)
         core = await self.client()
         return await core.select_runs(rf, limit)
 
     async def cancel_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000,
                           reason: str | None = None) -> int:
+        reason = validate.reason(reason)
         ids = await self._bulk_ids(filter, limit)
         total = 0
         for run_id in ids:
@@ -449,11 +516,16 @@ class Engine:
         ]
         if cutoffs == [None, None]:
             raise InvalidArgument("prune", "pass events_older_than and/or runs_older_than")
+        validate.integer(batch, "batch", 1, MAX_PRUNE_BATCH)
         core = await self.client()
-        return await core.prune(cutoffs[0], cutoffs[1], _positive_int(batch, "batch"))
+        return await core.prune(cutoffs[0], cutoffs[1], batch)
 
     async def pending_work(self, names: Sequence[str] | None = None) -> int:
         """Claimable runs and due crons right now (what an autoscaler should look at)."""
+        if names is not None:
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise InvalidArgument("names", f"must be a list of flow names, got {type(names).__name__}")
+            names = [validate.text(n, f"names[{i}]") for i, n in enumerate(names)]
         core = await self.client()
         return await core.pending_work(names)
 
@@ -484,7 +556,7 @@ class Engine:
         core = await self.client()
         live = [s for s in STATUSES if s not in TERMINAL]
         found: list[dict[str, Any]] = []
-        for run_id in await core.select_runs(RunFilter(statuses=live), _positive_int(limit, "limit")):
+        for run_id in await core.select_runs(RunFilter(statuses=live), validate.integer(limit, "limit", 1, MAX_BULK)):
             detail = await core.run_detail(run_id)
             if detail is None:
                 continue
@@ -519,8 +591,10 @@ def _filter(*, name: str | None = None, status: str | Sequence[str] | None = Non
             since: datetime | None = None, until: datetime | None = None) -> RunFilter:
     statuses = [status] if isinstance(status, str) else (list(status) if status is not None else None)
     for st in statuses or ():
-        if st not in STATUSES:
-            raise InvalidArgument("status", f"unknown status {st!r}; one of {', '.join(STATUSES)}")
+        if not isinstance(st, str) or st not in STATUSES:
+            raise InvalidArgument("status", f"unknown status {validate.show(st)}; one of {', '.join(STATUSES)}")
+    name = validate.lookup(name, "name")
+    tag = validate.lookup(tag, "tag")
     for field, value in (("since", since), ("until", until)):
         if value is not None and (not isinstance(value, datetime) or value.tzinfo is None):
             raise InvalidArgument(field, "must be a timezone-aware datetime")

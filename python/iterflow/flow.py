@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import inspect
-import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from . import validate
 from .errors import InvalidArgument
 from .schemas import Schema
 
@@ -17,21 +17,23 @@ if TYPE_CHECKING:
 
 Body = Callable[["Context", Any], Awaitable[Any]]
 DRIFT_MODES = ("park", "fail")
-_OCCURRENCE = re.compile(r":\d+$")
 
 
 def check_name(value: Any, field_name: str) -> str:
-    """Names become cursor keys and SQL values: non-empty, no ``:n`` suffix (that is an occurrence)."""
-    if not isinstance(value, str) or not value.strip():
+    """Names become cursor keys, index entries and NOTIFY payloads: 1 to ``MAX_NAME_CHARS``
+    characters of valid UTF-8 without NUL, not blank. Any other character is fine: cursor keys
+    encode ``:`` and ``%`` (keys.py), so no name can produce another call's key."""
+    value = validate.text(value, field_name, max_chars=validate.MAX_NAME_CHARS)
+    if not value.strip():
         raise InvalidArgument(field_name, f"must be a non-empty string, got {value!r}")
-    if _OCCURRENCE.search(value):
-        raise InvalidArgument(field_name, f"{value!r} must not end in ':<number>' (reserved for occurrences)")
     return value
 
 
 def check_version(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument("version", f"must be a positive int, got {value!r}")
+    """A positive int that fits the ``version`` column (int4)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= validate.MAX_VERSION:
+        raise InvalidArgument("version", f"must be an int from 1 to {validate.MAX_VERSION:,}, "
+                                         f"got {validate.show(value)}")
     return value
 
 

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from . import validate
 from .cores.base import RunSpec
-from .durations import parse_duration
+from .durations import MAX_DURATION, parse_duration
 from .errors import Code, InvalidArgument, RunCanceled, RunFailed, RunNotFound
 from .flow import check_name, check_version
 from .schemas import Schema
 from .sync import SyncHandle
-from .types import TERMINAL, StartResult, StartSpec, is_run_id
+from .types import TERMINAL, StartResult, StartSpec, run_id_of
 
 if TYPE_CHECKING:
     from .engine import Engine
@@ -23,6 +24,7 @@ POLL = 1.0
 # A start_many this large refreshes the hot tables' statistics (not on a caller's connection:
 # their transaction is theirs); autovacuum would get there too, but up to a minute later.
 ANALYZE_AFTER = 1000
+MAX_WAIT = MAX_DURATION.total_seconds()
 
 
 class FlowHandle:
@@ -47,18 +49,13 @@ class FlowHandle:
     def _spec(self, item: StartSpec, index: int | None = None) -> RunSpec:
         where = "" if index is None else f"items[{index}]."
         rt = self._engine.runtime
-        if item.idempotency_key is not None and (not isinstance(item.idempotency_key, str) or not item.idempotency_key):
-            raise InvalidArgument(f"{where}idempotency_key", "must be a non-empty string")
-        tags = tuple(item.tags)
-        if not all(isinstance(t, str) and t for t in tags):
-            raise InvalidArgument(f"{where}tags", f"must be non-empty strings, got {item.tags!r}")
-        if isinstance(item.priority, bool) or not isinstance(item.priority, int) \
-                or not -(2**31) <= item.priority < 2**31:
-            raise InvalidArgument(f"{where}priority", f"must be a 32-bit int, got {item.priority!r}")
+        key = validate.idempotency_key(item.idempotency_key, f"{where}idempotency_key")
+        tags = validate.tags(item.tags, f"{where}tags")
+        priority = validate.integer(item.priority, f"{where}priority", -(2**31), 2**31 - 1)
         delay = parse_duration(item.delay, field=f"{where}delay") if item.delay is not None else None
         return RunSpec(
             id=rt.new_id(), name=self.name, version=self.version, input=rt.encode_input(self, item.input),
-            idempotency_key=item.idempotency_key, tags=tags, priority=item.priority,
+            idempotency_key=key, tags=tags, priority=priority,
             delay_ms=int(delay.total_seconds() * 1000) if delay else 0,
         )
 
@@ -69,7 +66,7 @@ class FlowHandle:
         With ``conn`` the run is written inside the caller's open transaction: it commits or
         rolls back with it, and workers see it only after commit.
         """
-        spec = self._spec(StartSpec(input, idempotency_key, tuple(tags), delay, priority))
+        spec = self._spec(StartSpec(input, idempotency_key, tags, delay, priority))
         core = await self._engine.client()
         (made,) = await core.insert_runs([spec], conn=conn)
         return StartResult(made.run_id, made.status, made.created)
@@ -77,6 +74,8 @@ class FlowHandle:
     async def start_many(self, items: Sequence[Any], *, conn: Any = None) -> list[StartResult]:
         """All-or-nothing: every item is validated before anything is written, and the whole
         batch is one transaction (chunked statements inside it)."""
+        if isinstance(items, (str, bytes, Mapping)) or not isinstance(items, Iterable):
+            raise InvalidArgument("items", f"must be a list of StartSpec or dicts, got {type(items).__name__}")
         specs = [self._spec(StartSpec.coerce(item, i), i) for i, item in enumerate(items)]
         core = await self._engine.client()
         made = await core.insert_runs(specs, conn=conn)
@@ -86,8 +85,11 @@ class FlowHandle:
 
     async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``."""
-        if not is_run_id(run_id):
+        rid = run_id_of(run_id)
+        if rid is None:
             raise RunNotFound(run_id)
+        run_id = rid
+        _check_timeout(timeout)
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -106,8 +108,13 @@ class FlowHandle:
         """Return once ``step`` has finished or ``signal`` has arrived for the run."""
         if (step is None) == (signal is None):
             raise InvalidArgument("step", "pass exactly one of step= or signal=")
-        if not is_run_id(run_id):
+        validate.lookup(step, "step")
+        validate.lookup(signal, "signal")
+        rid = run_id_of(run_id)
+        if rid is None:
             raise RunNotFound(run_id)
+        run_id = rid
+        _check_timeout(timeout)
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = 0.01
@@ -123,6 +130,15 @@ class FlowHandle:
                 raise TimeoutError(f"run {run_id} did not reach {step or signal} within {timeout}s")
             await asyncio.sleep(pause)
             pause = min(pause * 2, 0.25)
+
+
+def _check_timeout(timeout: Any) -> None:
+    """``None`` (wait forever) or a finite number of seconds, at most ``MAX_DURATION``."""
+    if timeout is None:
+        return
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 <= timeout <= MAX_WAIT:
+        raise InvalidArgument("timeout", f"must be None or seconds from 0 to {MAX_WAIT:g}, "
+                                         f"got {validate.show(timeout)}")
 
 
 def _reached(detail: dict[str, Any], step: str | None, signal: str | None) -> bool:

@@ -12,13 +12,13 @@ from importlib import resources
 
 from .errors import InvalidArgument
 
-_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+_IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
 def validate_schema_name(schema: str) -> str:
     """Accept only plain lower-case identifiers so the name is safe in SQL, channels and locks."""
-    if not isinstance(schema, str) or not _IDENT.match(schema):
+    if not isinstance(schema, str) or not _IDENT.fullmatch(schema):
         raise InvalidArgument(
             "schema", f"{schema!r} is not a valid schema name (lower-case letters, digits, _; max 63)"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,15 +154,28 @@ class RunPage:
     next: str | None
 
 
+_RUN_ID = re.compile(r"[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}")
+
+
+def run_id_of(value: object) -> str | None:
+    """The canonical form of a run id, or None when ``value`` is not one.
+
+    One rule for every call that takes a run id, on both cores: the 36-character hyphenated
+    UUID text the engine returns (8-4-4-4-12 hex digits), in any letter case, or a
+    ``uuid.UUID``; it is lower-cased before it reaches a query. Other spellings that Python's
+    ``uuid.UUID`` or PostgreSQL accept (``urn:uuid:...``, ``{...}``, 32 digits without hyphens,
+    surrounding spaces) are not run ids: they name no run, like any other malformed id.
+    """
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str) or len(value) != 36 or not _RUN_ID.fullmatch(value):
+        return None
+    return str.lower(value)
+
+
 def is_run_id(value: object) -> bool:
     """A malformed id names no run: callers answer it like an unknown one, before any query."""
-    if not isinstance(value, str):
-        return False
-    try:
-        uuid.UUID(value)
-    except ValueError:
-        return False
-    return True
+    return run_id_of(value) is not None
 
 
 def encode_cursor(created_at: datetime, run_id: str) -> str:
@@ -173,6 +187,9 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
         stamp, run_id = raw.split("|", 1)
-        return datetime.fromisoformat(stamp), run_id
+        created_at, canonical = datetime.fromisoformat(stamp), run_id_of(run_id)
     except Exception as exc:
         raise InvalidArgument("cursor", "not a cursor returned by list_runs") from exc
+    if canonical is None or created_at.utcoffset() is None:
+        raise InvalidArgument("cursor", "not a cursor returned by list_runs")
+    return created_at, canonical
