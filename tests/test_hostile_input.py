@@ -455,3 +455,65 @@ async def test_unstorable_step_result_fails_the_step(make_engine: Any) -> None:
     with pytest.raises(RunFailed) as info:
         await engine.handle("bad-step").result(started.run_id, timeout=20)
     assert "step result" in info.value.message
+
+
+async def test_unstorable_step_result_is_not_retried(make_engine: Any) -> None:
+    """A result the codec refuses would be refused on every attempt: the step fails at once,
+    whatever its ``retries``."""
+    calls: list[int] = []
+
+    @define_flow("bad-step-retried")
+    async def body(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.step("huge", lambda: calls.append(1) or {"n": BIG_INT}, retries=3)
+
+    engine = await make_engine(body, poll_interval=0.05)
+    started = await engine.handle("bad-step-retried").start()
+    with pytest.raises(RunFailed) as info:
+        await engine.handle("bad-step-retried").result(started.run_id, timeout=20)
+    assert info.value.code == Code.INVALID_ARGUMENT and "step result" in info.value.message
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("call", ["step", "signal", "invoke-key", "invoke-tags", "invoke-all-key"])
+async def test_bad_names_and_keys_inside_a_body_fail_the_run_at_once(make_engine: Any, call: str) -> None:
+    """What a body passes to ctx is checked like the same argument of the client API: the run
+    fails with INVALID_ARGUMENT naming the field, instead of each claim failing in the database."""
+    child = echo_flow("child-of-bad")
+
+    @define_flow("bad-ctx-call")
+    async def body(ctx: iterflow.Context, _: Any) -> Any:
+        if call == "step":
+            return await ctx.step("s" * (MAX_NAME_CHARS + 1), lambda: 1)
+        if call == "signal":
+            return await ctx.signal("go\x00")
+        if call == "invoke-key":
+            return await ctx.invoke(child, 1, idempotency_key="k" * (MAX_KEY_BYTES + 1))
+        if call == "invoke-tags":
+            return await ctx.invoke(child, 1, tags=["ok", "bad\x00"])
+        return await ctx.invoke_all([{"flow": child, "input": 1, "idempotency_key": "\ud800"}])
+
+    engine = await make_engine(body, child, poll_interval=0.05)
+    started = await engine.handle("bad-ctx-call").start()
+    with pytest.raises(RunFailed) as info:
+        await engine.handle("bad-ctx-call").result(started.run_id, timeout=10)
+    assert info.value.code == Code.INVALID_ARGUMENT, info.value
+    detail = await engine.status(started.run_id)
+    assert detail is not None and detail.run.attempts == 1 and not detail.children
+
+
+@pytest.mark.parametrize("message", ["bad\x00byte", "lone \ud800 surrogate"], ids=["nul", "surrogate"])
+async def test_an_error_message_jsonb_cannot_hold_is_still_recorded(make_engine: Any, message: str) -> None:
+    @define_flow("bad-error")
+    async def body(ctx: iterflow.Context, _: Any) -> Any:
+        def fail() -> None:
+            raise ValueError(message)
+
+        return await ctx.step("fails", fail)
+
+    engine = await make_engine(body, poll_interval=0.05)
+    started = await engine.handle("bad-error").start()
+    with pytest.raises(RunFailed) as info:
+        await engine.handle("bad-error").result(started.run_id, timeout=10)
+    assert info.value.code == Code.STEP_FAILED and "ValueError" in info.value.message
+    detail = await engine.status(started.run_id)
+    assert detail is not None and detail.run.attempts == 1

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from . import codec
+from . import codec, validate
 from .cores.base import ClaimedRun, Created, RunSpec, StepRecord, StoredStep
 from .durations import deadline as to_deadline
 from .errors import (
@@ -30,6 +30,7 @@ from .errors import (
     LimitExceeded,
     SuspendRun,
 )
+from .flow import check_name
 from .keys import base_of, legacy_key
 from .schemas import Schema
 from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
@@ -38,6 +39,8 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 TERMINAL = ("done", "failed", "canceled")
+# ctx calls whose name comes from user code at the call (invoke names come from flow definitions)
+NAMED_KINDS = ("step", "signal")
 # Loop turns given to sibling branches to replay their recorded calls before new work starts.
 GATE_TURNS = 3
 
@@ -96,6 +99,8 @@ class Context:
         seq = self._seq
         self._seq += 1
         key, rec = self._lookup(key, kind, name, n)
+        if rec is None and kind in NAMED_KINDS:  # a new call: its name is about to be stored
+            check_name(name, kind)
         if rec is not None and rec.kind != "log" and key not in self._visited:
             self._unvisited -= 1
         self._visited.add(key)
@@ -329,7 +334,8 @@ class Context:
             stored = await self._record(rec, outcome.encoded, None)
             return stored
         exc = outcome.exc
-        terminal = isinstance(exc, LimitExceeded) or opts.is_terminal(exc, attempt)
+        # a result the codec refused (too large, or no JSON form) would be refused again
+        terminal = isinstance(exc, (LimitExceeded, InvalidArgument)) or opts.is_terminal(exc, attempt)
         error = error_record(exc)
         if terminal:
             stored = await self._record(rec, None, codec.dumps(error))
@@ -446,15 +452,18 @@ class Context:
     async def invoke(self, flow: Any, input: Any = None, *, idempotency_key: str | None = None,
                      tags: Sequence[str] = ()) -> Any:
         """Run a child flow and return its output (a failed child raises with its code)."""
-        (out,) = await self._invoke_many([(flow, input, idempotency_key, tuple(tags))])
+        (out,) = await self._invoke_many([(flow, input, validate.idempotency_key(idempotency_key),
+                                            validate.tags(tags))])
         return out
 
     async def invoke_all(self, items: Sequence[Any]) -> list[Any]:
         """Fan out children in one write and join them; outputs in the order given."""
         norm = []
-        for item in items:
+        for i, item in enumerate(items):
             if isinstance(item, dict):
-                norm.append((item["flow"], item.get("input"), item.get("idempotency_key"), tuple(item.get("tags", ()))))
+                norm.append((item["flow"], item.get("input"),
+                             validate.idempotency_key(item.get("idempotency_key"), f"items[{i}].idempotency_key"),
+                             validate.tags(item.get("tags", ()), f"items[{i}].tags")))
             else:
                 flow, inp = item[0], item[1] if len(item) > 1 else None
                 norm.append((flow, inp, None, ()))

@@ -257,14 +257,24 @@ def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> di
     causes: list[dict[str, str]] = []
     seen: BaseException | None = exc.__cause__
     while seen is not None and len(causes) < 20:
-        causes.append({"type": type(seen).__name__, "message": str(seen)})
+        causes.append({"type": type(seen).__name__, "message": _storable(str(seen))})
         seen = seen.__cause__
     return {
-        "code": code,
-        "message": message,
-        "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:],
+        "code": _storable(code),
+        "message": _storable(message),
+        "traceback": _storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]),
         "cause": causes or None,
     }
+
+
+def _storable(text: str) -> str:
+    """``text`` as jsonb can hold it: NUL and lone surrogates (which an exception message may
+    carry) are written as escapes, so recording the failure can never fail in turn."""
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    if text.isascii():
+        return text
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def raise_recorded(error: dict[str, Any]) -> None:
