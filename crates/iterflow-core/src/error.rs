@@ -234,7 +234,9 @@ mod tests {
         ] {
             assert!(is_transient_state(state), "{state}");
         }
-        for state in ["42P01", "23505", "22P02", "57014", "53100", "40002", "25P02", "XX000"] {
+        for state in [
+            "42P01", "23505", "22P02", "57014", "53100", "40002", "25P02", "XX000",
+        ] {
             assert!(!is_transient_state(state), "{state}");
         }
     }

@@ -325,7 +325,11 @@ impl PooledConn {
     /// `BEGIN`; pair with [`PooledConn::end`].
     pub async fn begin(&mut self) -> Result<(), CoreError> {
         self.begin_dirty();
-        let begun = self.client.batch_execute("BEGIN").await.map_err(CoreError::from);
+        let begun = self
+            .client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(CoreError::from);
         self.seen(begun)
     }
 
@@ -334,7 +338,11 @@ impl PooledConn {
     pub async fn end<T>(&mut self, result: Result<T, CoreError>) -> Result<T, CoreError> {
         match result {
             Ok(value) => {
-                let committed = self.client.batch_execute("COMMIT").await.map_err(CoreError::from);
+                let committed = self
+                    .client
+                    .batch_execute("COMMIT")
+                    .await
+                    .map_err(CoreError::from);
                 self.seen(committed)?;
                 self.clean();
                 Ok(value)

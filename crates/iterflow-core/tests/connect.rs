@@ -1,14 +1,7 @@
-use iterflow_core::{pool::check_connection, CoreError};
+mod common;
 
-fn database_url() -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            println!("DATABASE_URL is not set: skipping the database test");
-            None
-        }
-    }
-}
+use common::database_url;
+use iterflow_core::{pool::check_connection, CoreError};
 
 #[tokio::test]
 async fn returns_the_server_version() {

@@ -1,54 +1,21 @@
 //! The core against a real PostgreSQL ($DATABASE_URL; skipped when unset), each test on its
 //! own scratch schema migrated with python/iterflow/migrations/.
 
+mod common;
+
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use iterflow_core::core::{Filter, InsertChunk, StepWrite};
-use iterflow_core::queries::{render, MIGRATIONS};
+use iterflow_core::queries::MIGRATIONS;
 use iterflow_core::value::{Param, Val};
 use iterflow_core::wheel::TimerWheel;
 use iterflow_core::{Core, CoreError, CoreOptions};
 use serde_json::json;
-use tokio_postgres::NoTls;
 
-fn database_url() -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            println!("DATABASE_URL is not set: skipping the database test");
-            None
-        }
-    }
-}
-
-async fn admin(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    client
-}
-
-/// A migrated scratch schema, dropped by `drop_schema`.
-async fn scratch(url: &str) -> String {
-    let schema = format!("rt_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
-    let client = admin(url).await;
-    for migration in MIGRATIONS {
-        client
-            .batch_execute(&render(migration, &schema))
-            .await
-            .expect("migrate");
-    }
-    schema
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    let _ = admin(url)
-        .await
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await;
-}
+use common::{admin, database_url, drop_schema};
 
 fn open(url: &str, schema: &str, notify: bool) -> Core {
     let mut opts = CoreOptions::new(url, schema);
@@ -184,7 +151,7 @@ async fn an_earlier_timer_rearms_the_wheel() {
 #[tokio::test]
 async fn client_operations() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let core = open(&url, &schema, false);
     let latest = MIGRATIONS.len() as i64;
     core.check_schema(latest).await.expect("schema is current");
@@ -301,7 +268,7 @@ async fn client_operations() {
 #[tokio::test]
 async fn worker_operations() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let core = open(&url, &schema, false);
     let made = core
         .insert_runs(&[chunk(&[spec("w"), spec("w")])], names("w"))
@@ -495,7 +462,7 @@ async fn worker_operations() {
 #[tokio::test]
 async fn spawn_children_writes_children_and_waiting_records_together() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let core = open(&url, &schema, false);
     let made = core
         .insert_runs(&[chunk(&[spec("parent")])], vec![])
@@ -555,7 +522,7 @@ async fn spawn_children_writes_children_and_waiting_records_together() {
 #[tokio::test]
 async fn group_commit_batches_concurrent_writes_durably() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let core = open(&url, &schema, false);
     let n = 300;
     let specs: Vec<Spec> = (0..n).map(|_| spec("g")).collect();
@@ -592,7 +559,7 @@ async fn group_commit_batches_concurrent_writes_durably() {
 #[tokio::test]
 async fn group_commit_keeps_per_run_order_and_first_writer_wins() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let core = open(&url, &schema, false);
     let made = core
         .insert_runs(&[chunk(&[spec("o"), spec("o")])], vec![])
@@ -657,7 +624,7 @@ async fn claim_all(core: &Core, name: &str) -> std::collections::HashMap<String,
 #[tokio::test]
 async fn group_commit_shares_statements_and_keeps_per_op_results() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let mut opts = CoreOptions::new(&url, &schema);
     opts.notify = false;
     opts.writer_shards = 1; // every op below lands in one batch
@@ -775,7 +742,7 @@ async fn group_commit_shares_statements_and_keeps_per_op_results() {
 #[tokio::test]
 async fn children_finishing_together_wake_their_parent_once() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let mut opts = CoreOptions::new(&url, &schema);
     opts.notify = false;
     opts.writer_shards = 1;
@@ -831,7 +798,7 @@ async fn children_finishing_together_wake_their_parent_once() {
 #[tokio::test]
 async fn two_claimers_never_claim_the_same_run() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let one = open(&url, &schema, false);
     let two = open(&url, &schema, false);
     let n = 600;
@@ -867,7 +834,7 @@ async fn two_claimers_never_claim_the_same_run() {
 #[tokio::test]
 async fn listen_wakes_waiters_across_cores() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let worker = open(&url, &schema, true);
     let client = open(&url, &schema, true);
     // nothing listens until asked to (or until a wait)
@@ -942,7 +909,7 @@ async fn listen_wakes_waiters_across_cores() {
 #[ignore]
 async fn writer_throughput_probe() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rt").await;
     let core = open(&url, &schema, false);
     let n = 2000;
     let specs: Vec<Spec> = (0..n).map(|_| spec("p")).collect();

@@ -6,54 +6,16 @@
 //! EXCLUSIVE lock on the table the call needs, the test waits until the core's backend waits
 //! on that lock, then terminates the core's backends (found by `application_name`).
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use iterflow_core::core::InsertChunk;
 use iterflow_core::pool::check_connection;
-use iterflow_core::queries::{render, MIGRATIONS};
 use iterflow_core::{Core, CoreOptions};
 use serde_json::json;
-use tokio_postgres::NoTls;
 
-fn database_url() -> Option<String> {
-    match std::env::var("DATABASE_URL") {
-        Ok(url) if !url.is_empty() => Some(url),
-        _ => {
-            println!("DATABASE_URL is not set: skipping the database test");
-            None
-        }
-    }
-}
-
-async fn admin(url: &str) -> tokio_postgres::Client {
-    let (client, conn) = tokio_postgres::connect(url, NoTls).await.expect("connect");
-    tokio::spawn(conn);
-    client
-}
-
-fn schema_name() -> String {
-    format!("rf_{}", &uuid::Uuid::new_v4().simple().to_string()[..10])
-}
-
-/// A migrated scratch schema, dropped by `drop_schema`.
-async fn scratch(url: &str) -> String {
-    let schema = schema_name();
-    let client = admin(url).await;
-    for migration in MIGRATIONS {
-        client
-            .batch_execute(&render(migration, &schema))
-            .await
-            .expect("migrate");
-    }
-    schema
-}
-
-async fn drop_schema(url: &str, schema: &str) {
-    let _ = admin(url)
-        .await
-        .batch_execute(&format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"))
-        .await;
-}
+use common::{admin, database_url, drop_schema, schema_name};
 
 const APP: &str = "iterflow-faults";
 
@@ -126,7 +88,10 @@ async fn wait_for_lock_wait(url: &str, app: &str) {
         if waiting > 0 {
             return;
         }
-        assert!(Instant::now() < deadline, "no backend of {app} waits on the lock");
+        assert!(
+            Instant::now() < deadline,
+            "no backend of {app} waits on the lock"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -149,7 +114,7 @@ async fn terminate(url: &str, app: &str) -> i64 {
 async fn a_statement_error_carries_postgres_text_and_sqlstate() {
     let Some(url) = database_url() else { return };
     // never migrated: every statement names a relation that does not exist
-    let schema = schema_name();
+    let schema = schema_name("rf");
     let core = open(&url, &schema, false);
     let err = core.get_run(&new_id()).await.unwrap_err();
     let text = err.to_string();
@@ -173,7 +138,10 @@ async fn a_refused_connection_is_transient_and_names_the_server() {
         .await
         .unwrap_err();
     let text = err.to_string();
-    assert!(text.starts_with("cannot connect to 127.0.0.1:1: "), "{text}");
+    assert!(
+        text.starts_with("cannot connect to 127.0.0.1:1: "),
+        "{text}"
+    );
     assert!(!text.contains("db error"), "{text}");
     assert!(err.is_transient(), "{err:?}");
     assert_eq!(err.sqlstate(), None);
@@ -195,14 +163,17 @@ async fn a_server_error_at_connect_keeps_postgres_words() {
     let dsn = format!("host={host} port={port} user={user} dbname=iterflow_no_such_database");
     let err = check_connection(&dsn).await.unwrap_err();
     assert_eq!(err.sqlstate(), Some("3D000"), "{err:?}");
-    assert!(err.to_string().contains("iterflow_no_such_database"), "{err}");
+    assert!(
+        err.to_string().contains("iterflow_no_such_database"),
+        "{err}"
+    );
     assert!(!err.is_transient());
 }
 
 #[tokio::test]
 async fn a_terminated_connection_fails_one_call_transiently_then_the_pool_reconnects() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rf").await;
     let core = open(&url, &schema, false);
     let id = new_id();
     assert!(core.get_run(&id).await.unwrap().is_none()); // a pooled connection exists
@@ -227,7 +198,7 @@ async fn a_terminated_connection_fails_one_call_transiently_then_the_pool_reconn
 #[tokio::test]
 async fn a_writer_batch_whose_connection_dies_answers_every_op_transiently() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rf").await;
     let core = open(&url, &schema, false);
     let made = core.insert_runs(&[runs(8)], vec![]).await.unwrap();
     core.add_event(&made[0].run_id, "warm", None).await.unwrap();
@@ -255,12 +226,20 @@ async fn a_writer_batch_whose_connection_dies_answers_every_op_transiently() {
         assert!(err.is_transient(), "{err:?}");
         assert!(!err.to_string().contains("db error"), "{err}");
     }
-    assert!(answered < Duration::from_secs(2), "answered after {answered:?}");
+    assert!(
+        answered < Duration::from_secs(2),
+        "answered after {answered:?}"
+    );
     let after = core.writer_stats();
-    assert_eq!(after.split, before.split, "a dead connection's batch is not split");
+    assert_eq!(
+        after.split, before.split,
+        "a dead connection's batch is not split"
+    );
     assert_eq!(after.unavailable, before.unavailable + 1);
     // the writer recovers on a new connection
-    core.add_event(&made[1].run_id, "after", None).await.unwrap();
+    core.add_event(&made[1].run_id, "after", None)
+        .await
+        .unwrap();
     core.close().await;
     drop_schema(&url, &schema).await;
 }
@@ -268,7 +247,7 @@ async fn a_writer_batch_whose_connection_dies_answers_every_op_transiently() {
 #[tokio::test]
 async fn the_listener_reconnects_and_wakes_waiters_after_its_connection_dies() {
     let Some(url) = database_url() else { return };
-    let schema = scratch(&url).await;
+    let schema = common::scratch(&url, "rf").await;
     let core = open(&url, &schema, true);
     core.listen();
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -280,7 +259,8 @@ async fn the_listener_reconnects_and_wakes_waiters_after_its_connection_dies() {
         let core = core.clone();
         async move {
             let started = Instant::now();
-            core.wait_run_change(&new_id(), Duration::from_secs(30)).await;
+            core.wait_run_change(&new_id(), Duration::from_secs(30))
+                .await;
             started.elapsed()
         }
     });

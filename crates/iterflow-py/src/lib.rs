@@ -129,9 +129,9 @@ fn bounded(what: &str, value: usize, max: usize) -> PyResult<usize> {
     if (1..=max).contains(&value) {
         Ok(value)
     } else {
-        Err(to_py_err(iterflow_core::CoreError::InvalidArgument(format!(
-            "{what} must be between 1 and {max}, got {value}"
-        ))))
+        Err(to_py_err(iterflow_core::CoreError::InvalidArgument(
+            format!("{what} must be between 1 and {max}, got {value}"),
+        )))
     }
 }
 
@@ -491,11 +491,7 @@ impl Core {
         let rt = runtime()?;
         let _entered = rt.enter();
         let mut opts = iterflow_core::CoreOptions::new(dsn, schema);
-        opts.pool_size = bounded(
-            "pool_size",
-            pool_size,
-            iterflow_core::pool::MAX_POOL_SIZE,
-        )?;
+        opts.pool_size = bounded("pool_size", pool_size, iterflow_core::pool::MAX_POOL_SIZE)?;
         opts.notify = notify;
         opts.application_name = application_name;
         opts.writer_shards = bounded("writer_shards", writer_shards, MAX_WRITER_SHARDS)?;
