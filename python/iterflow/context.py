@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import codec, validate
-from .cores.base import ClaimedRun, Created, RunSpec, StepRecord, StoredStep
+from .cores.base import ClaimedRun, RunSpec, StepRecord, StoredStep
 from .durations import deadline as to_deadline
 from .errors import (
     Code,
@@ -37,6 +37,8 @@ from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, i
 
 if TYPE_CHECKING:
     from .runtime import Runtime
+
+T = TypeVar("T")
 
 TERMINAL = ("done", "failed", "canceled")
 # ctx calls whose name comes from user code at the call (invoke names come from flow definitions)
@@ -236,27 +238,16 @@ class Context:
             if not fut.done():
                 fut.set_exception(SuspendRun())
 
-    async def _record(self, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
+    async def _io(self, call: Awaitable[T]) -> T:
+        """Await a core call made for a ctx call, abandoning the execution if it fails."""
         try:
-            return await self._rt.core.record_step(self.run_id, rec, result, error)
+            return await call
         except (DatabaseError, EngineStateError) as exc:
             self._abandon(exc)
             raise SuspendRun() from None
 
-    async def _resolve(self, key: str, seq: int, name: str, deadline_passed: bool,
-                       timeout_error: str) -> tuple[str, Any, datetime]:
-        try:
-            return await self._rt.core.resolve_signal(self.run_id, key, seq, name, deadline_passed, timeout_error)
-        except (DatabaseError, EngineStateError) as exc:
-            self._abandon(exc)
-            raise SuspendRun() from None
-
-    async def _spawn_children(self, recs: Sequence[StepRecord], specs: Sequence[RunSpec]) -> list[Created]:
-        try:
-            return await self._rt.core.spawn_children(self.run_id, recs, specs)
-        except (DatabaseError, EngineStateError) as exc:
-            self._abandon(exc)
-            raise SuspendRun() from None
+    def _record(self, rec: StepRecord, result: str | None, error: str | None) -> Awaitable[StoredStep]:
+        return self._io(self._rt.core.record_step(self.run_id, rec, result, error))
 
     def clock(self) -> datetime:
         """Database time estimate: the claim's ``now()`` plus local monotonic elapsed time."""
@@ -419,9 +410,9 @@ class Context:
         try:
             if rec is None:
                 await self._gate("signal", key)
-            outcome, payload, at = await self._resolve(
-                key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
-            )
+            outcome, payload, at = await self._io(self._rt.core.resolve_signal(
+                self.run_id, key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
+            ))
             if outcome == "none" and rec is None and until is not None:
                 await self._record(StepRecord(key, seq, "signal", name, "waiting", deadline=until), None, None)
         finally:
@@ -517,7 +508,7 @@ class Context:
             ))
             recs.append(StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "waiting"))
         if specs:
-            created = await self._spawn_children(recs, specs)
+            created = await self._io(self._rt.core.spawn_children(self.run_id, recs, specs))
             self._spawned += len(specs)
             for rec, made in zip(recs, created, strict=True):
                 rec.child_id, rec.child_status = made.run_id, made.status
