@@ -2,7 +2,7 @@
 
 The API process only enqueues and reads (it never calls ``listen()``); workers started with
 ``iterflow worker examples.fastapi_app:worker_engine`` execute. The signal webhook maps every
-``SignalResult`` kind to the status code SPEC 1.5 suggests, so a payment provider's retries
+``SignalResult`` kind to the status code docs/signals.md §1 suggests, so a payment provider's retries
 are answered ``200`` (``duplicate``) instead of double-applying.
 """
 

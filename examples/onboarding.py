@@ -7,7 +7,7 @@ nothing: it resumes where it was. The survey answer arrives from outside (a webh
 
 Two shapes of the same journey:
 
-- ``build_onboarding`` is a builder chain (the SPEC's example). Its shape is static, so the engine
+- ``build_onboarding`` is a builder chain. Its shape is static, so the engine
   can check in-flight runs against a new deploy. An unanswered survey fails the run with
   ``SIGNAL_TIMEOUT``: nobody answering is visible in ``list_runs(status="failed")``.
 - ``build_onboarding_with_reminder`` is a body flow, for when silence is business as usual: it

@@ -1,4 +1,4 @@
-"""Child flows (SPEC 2.7): invoke, fan-out/fan-in, caps, failures, idempotent spawn."""
+"""Child flows (docs/replay.md §7): invoke, fan-out/fan-in, caps, failures, idempotent spawn."""
 
 from __future__ import annotations
 

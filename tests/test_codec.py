@@ -1,4 +1,4 @@
-"""JSON normalization of durable values (SPEC §1.6)."""
+"""JSON normalization of durable values (docs/guide.md §1, "Schemas and values")."""
 
 from __future__ import annotations
 

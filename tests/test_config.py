@@ -1,4 +1,4 @@
-"""Limits and Retention settings (SPEC §1.8, §2.10)."""
+"""Limits and Retention settings (docs/guide.md §3; docs/operations.md §6)."""
 
 from __future__ import annotations
 

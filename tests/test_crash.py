@@ -1,4 +1,4 @@
-"""Crashes with real worker processes (SPEC 2.1, 2.4, 2.5): ``kill -9`` between steps, a stale
+"""Crashes with real worker processes (docs/operations.md §3): ``kill -9`` between steps, a stale
 worker fenced after its lease was handed over, a poison pill that crashes every worker, and a
 PostgreSQL server that dies mid-run (a private cluster, stopped with ``-m immediate``).
 

@@ -1,4 +1,4 @@
-"""Cron (SPEC 2.8): exactly-once occurrences across workers, DST, overlap, backfill, changes."""
+"""Cron (docs/operations.md §6): exactly-once occurrences across workers, DST, overlap, backfill, changes."""
 
 from __future__ import annotations
 

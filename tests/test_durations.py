@@ -1,4 +1,4 @@
-"""Duration parsing, deadlines and formatting (SPEC §1.7)."""
+"""Duration parsing, deadlines and formatting (docs/guide.md §1, "Durations")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Wake-ups (SPEC 1.4, 2.5): ``result()`` and idle workers wake on LISTEN/NOTIFY, polling is only
+"""Wake-ups (docs/operations.md §2, §5): ``result()`` and idle workers wake on LISTEN/NOTIFY, polling is only
 the fallback; a process that never calls ``listen()`` executes nothing."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Observability (SPEC 2.10): metrics hooks see the run's life, and can never break it."""
+"""Observability (docs/operations.md §6): metrics hooks see the run's life, and can never break it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Replay semantics (SPEC 2.1): cursor keys, parallel branches, swallowed suspensions."""
+"""Replay semantics (docs/replay.md §2, §4): cursor keys, parallel branches, swallowed suspensions."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Retention (SPEC 2.10): only terminal runs older than the cutoff go; live runs stay."""
+"""Retention (docs/operations.md §6): only terminal runs older than the cutoff go; live runs stay."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The Rust core specifically (DESIGN §3): one LISTEN connection and a bounded pool per engine,
+"""The Rust core specifically (docs/architecture.md §4): one LISTEN connection and a bounded pool per engine,
 group commit, and recovery from ``kill -9`` of a worker process under load."""
 
 from __future__ import annotations

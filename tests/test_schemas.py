@@ -1,4 +1,5 @@
-"""Schema adapters: one validate() over pydantic, msgspec, dataclasses and callables (SPEC §1.6)."""
+"""Schema adapters: one validate() over pydantic, msgspec, dataclasses and callables
+(docs/guide.md §1, "Schemas and values")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Signals (SPEC 1.5, 2.6): the six result kinds, buffering order, idempotency, timeouts."""
+"""Signals (docs/signals.md): the six result kinds, buffering order, idempotency, timeouts."""
 
 from __future__ import annotations
 

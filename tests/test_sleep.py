@@ -1,4 +1,5 @@
-"""Durable sleeps (SPEC 1.2): pinned deadlines, past deadlines, surviving a worker kill -9."""
+"""Durable sleeps (docs/guide.md §2, "Waits"; docs/replay.md §4): pinned deadlines, past deadlines,
+surviving a worker kill -9."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Starting runs and reading them back (SPEC 1.3, 1.4, 1.6, 1.8, 1.9, 2.9, 2.10) on a real Postgres.
+"""Starting runs and reading them back (docs/guide.md §1, §3, §5) on a real Postgres.
 
 Every test that claims "nothing was written" looks at the tables themselves, not the API.
 """

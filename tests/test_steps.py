@@ -1,4 +1,4 @@
-"""Step execution (SPEC 1.2, 2.1, 2.4): retries and backoff, timeouts and the abort token,
+"""Step execution (docs/guide.md §2, "Steps"; docs/replay.md §3): retries and backoff, timeouts and the abort token,
 classification, error records, memoization, threads vs the loop, and the suspend exception."""
 
 from __future__ import annotations

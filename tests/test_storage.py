@@ -1,4 +1,4 @@
-"""Storage (SPEC 3): the hot tables stay cheap to write. A live run's transitions (claimed,
+"""Storage (docs/operations.md §1): the hot tables stay cheap to write. A live run's transitions (claimed,
 suspended, woken) change no indexed column of ``runs``, so PostgreSQL updates the row in place
 (a HOT update: no new index entries), and finished work leaves the queue table."""
 

@@ -1,4 +1,4 @@
-"""Versioning and drift (SPEC 2.2): pinned versions, parking, drift="fail", resume on deploy."""
+"""Versioning and drift (docs/replay.md §6): pinned versions, parking, drift="fail", resume on deploy."""
 
 from __future__ import annotations
 

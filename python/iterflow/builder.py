@@ -1,7 +1,7 @@
 """The builder: linear flows (with loops) whose shape is known before they run.
 
 Because the shape is static, the engine can check a run's recorded history against the code
-before executing anything (SPEC 2.2) and park a run the code can no longer replay.
+before executing anything (docs/replay.md §6) and park a run the code can no longer replay.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The one JSON form of every durable value (SPEC §1.6).
+"""The one JSON form of every durable value (docs/guide.md §1, "Schemas and values").
 
 Inputs, step results, signal payloads, outputs and errors are stored as ``jsonb``. A body must
 see the same value on its first run and on every replay, so what it gets back is always this

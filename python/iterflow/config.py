@@ -1,4 +1,4 @@
-"""The engine's ``limits`` and ``retention`` settings (SPEC §1.8, §2.10).
+"""The engine's ``limits`` and ``retention`` settings (docs/guide.md §3; retention: docs/operations.md §6).
 
 Both accept the dataclass or a plain dict with the same keys, because settings usually come
 from a config file. They are checked when built, so a typo or a negative cap fails at engine

@@ -268,7 +268,7 @@ class Context:
 
     # -- steps -------------------------------------------------------------------------------
     async def step(self, name: str, fn: Callable[..., Any], **options: Any) -> Any:
-        """Run ``fn`` once (memoized by cursor key); see SPEC 1.2 for the options."""
+        """Run ``fn`` once (memoized by cursor key); see docs/guide.md §2 ("Steps") for the options."""
         opts = StepOptions.cached(options, self._rt.default_step_timeout)
         return await self.run_step(name, fn, opts, None)
 

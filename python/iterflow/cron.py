@@ -1,4 +1,4 @@
-"""Cron (SPEC 2.8): schedules that start runs, exactly once per occurrence across a fleet.
+"""Cron (docs/operations.md §6): schedules that start runs, exactly once per occurrence across a fleet.
 
 Each due occurrence starts a run keyed ``cron:<name>:<fire-time>`` *before* the schedule is
 advanced with a compare-and-set. Any number of workers may tick at once: the idempotency key

@@ -1,4 +1,4 @@
-"""Durations and deadlines as users write them (SPEC §1.7).
+"""Durations and deadlines as users write them (docs/guide.md §1, "Durations").
 
 Every API that waits (sleep, signal timeouts, step timeouts, delays, retention) takes the same
 forms, so they all go through :func:`parse_duration` and fail the same way: an

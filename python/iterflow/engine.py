@@ -216,7 +216,7 @@ class Engine:
 
     def define_cron(self, name: str, schedule: str, flow: Flow | FlowHandle, input: Any = None, *,
                     timezone: str = "UTC", overlap: str = "skip", jitter: Any = None, backfill: Any = None) -> None:
-        """Start ``flow`` on a schedule (SPEC 2.8). Define before ``listen()``; workers fire it."""
+        """Start ``flow`` on a schedule (docs/operations.md §6). Define before ``listen()``; workers fire it."""
         check_name(name, "name")
         if self._worker is not None:
             raise EngineStateError(f"define_cron({name!r}) after listen(): define crons before listening")
@@ -360,7 +360,7 @@ class Engine:
     # -- client calls ------------------------------------------------------------------------------
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      idempotency_key: str | None = None) -> SignalResult:
-        """Deliver a signal (SPEC 1.5); validated at delivery when the flow declared a schema."""
+        """Deliver a signal (docs/signals.md); validated at delivery when the flow declared a schema."""
         rid = run_id_of(run_id)
         if rid is None:
             raise RunNotFound(run_id)
@@ -547,7 +547,7 @@ class Engine:
         return detach
 
     async def check(self, *, limit: int = 10_000) -> list[dict[str, Any]]:
-        """Live runs this code would strand (SPEC 2.2), for ``iterflow check`` before a deploy.
+        """Live runs this code would strand (docs/replay.md §6), for ``iterflow check`` before a deploy.
 
         A run strands when no registered body knows its ``name@version`` (it would park with
         FLOW_UNKNOWN) or when a builder flow's static shape no longer fits its history. Body
@@ -602,7 +602,8 @@ def _filter(*, name: str | None = None, status: str | Sequence[str] | None = Non
 
 
 def create_engine(dsn: str | None = None, **options: Any) -> Engine:
-    """See SPEC 1.3 for every option. Nothing touches the database until first use."""
+    """Nothing touches the database until first use. Every option, with its default and range:
+    README.md ("The knobs") and docs/guide.md §3."""
     return Engine(dsn, **options)
 
 

@@ -1,6 +1,6 @@
 """Every error iterflow raises, and the one table of stable codes.
 
-Codes are the contract (SPEC §1.9): callers branch on ``exc.code``, never on messages or
+Codes are the contract (docs/guide.md §5): callers branch on ``exc.code``, never on messages or
 on the exception class alone. Each exception carries ``code`` and ``message``; validation
 errors also carry ``issues`` (``[{"path": ..., "message": ...}]``).
 """
@@ -32,7 +32,7 @@ class Code:
     INVOKE_FANOUT_EXCEEDED: Final = "INVOKE_FANOUT_EXCEEDED"
     SCHEMA_MISMATCH: Final = "SCHEMA_MISMATCH"
     RUN_NOT_FOUND: Final = "RUN_NOT_FOUND"
-    # Not in the SPEC's run-failure table: raised to the caller for a malformed argument
+    # Raised to the caller for a malformed argument
     # (bad duration, bad schema name, bad limit, bad filter) before anything is written.
     INVALID_ARGUMENT: Final = "INVALID_ARGUMENT"
     # Misuse of the engine's lifecycle (register after listen, duplicate name@version, ...).

@@ -69,7 +69,7 @@ def define_flow(
     drift: str | None = None,
 ) -> Callable[[Body], Flow]:
     """Decorate ``async def body(ctx, input)``; ``signals`` declares payload schemas by name,
-    which ``engine.signal`` then validates at delivery (SPEC 2.6)."""
+    which ``engine.signal`` then validates at delivery (docs/signals.md §4)."""
     check_name(name, "name")
     check_version(version)
     check_drift(drift)

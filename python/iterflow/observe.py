@@ -1,4 +1,4 @@
-"""Metrics hooks that can never break a run (SPEC 2.10).
+"""Metrics hooks that can never break a run (docs/operations.md §6).
 
 A raising hook is swallowed and warned about once per hook name; hooks are looked up by
 attribute, so a metrics object implements only the ones it cares about.

@@ -1,4 +1,4 @@
-"""One validation interface over every kind of schema a user may declare (SPEC §1.6).
+"""One validation interface over every kind of schema a user may declare (docs/guide.md §1, "Schemas and values").
 
 Flows declare schemas for their input and signal payloads as pydantic models, other types
 pydantic can adapt (``list[int]``, TypedDicts, dataclasses), msgspec Structs, or plain

@@ -246,7 +246,7 @@ async def _await(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) 
 
 
 def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> dict[str, Any]:
-    """The durable ``{code, message, traceback, cause}`` of a failure (SPEC 1.9)."""
+    """The durable ``{code, message, traceback, cause}`` of a failure (docs/guide.md §5)."""
     if isinstance(exc, FlowRuntimeError) and exc.recorded is not None:
         # a step's stored failure re-raised by replay: keep the original
         recorded = exc.recorded

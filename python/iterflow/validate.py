@@ -6,7 +6,7 @@ entry over ~2,700 bytes (``index row requires N bytes``), a NOTIFY payload over 
 int that does not fit its column. Every value that becomes a name, a key or a tag goes through
 this module first and fails with an ``InvalidArgument`` that names the field and the limit.
 
-The limits (docs/guide.md, "Limits on names, keys and options"):
+The limits (docs/guide.md §3, "Limits on names, keys and values"):
 
 - names (flows, steps, signals, crons): 1 to ``MAX_NAME_CHARS`` characters;
 - idempotency keys (runs and signals) and tags: 1 to ``MAX_KEY_BYTES`` bytes of UTF-8, at most

@@ -272,7 +272,7 @@ BEGIN
     RETURN true;
 END $$;
 
--- Deliver a signal (SPEC 1.5). Locks the run row so delivery and a timeout decision
+-- Deliver a signal (docs/signals.md). Locks the run row so delivery and a timeout decision
 -- (resolve_signal) serialize: whichever commits first wins, and nothing is lost.
 CREATE OR REPLACE FUNCTION {schema}.deliver_signal(
     p_run uuid, p_name text, p_payload jsonb, p_key text
@@ -363,7 +363,7 @@ BEGIN
     END IF;
 END $$;
 
--- Put a failed run back to work (SPEC 2.3): successful records kept, failed ones dropped.
+-- Put a failed run back to work (engine.retry, docs/guide.md §3): successful records kept, failed ones dropped.
 CREATE OR REPLACE FUNCTION {schema}.retry_run(p_run uuid) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
