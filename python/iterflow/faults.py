@@ -76,21 +76,10 @@ def is_transient(exc: BaseException) -> bool:
     return _is_connection_fault(exc)
 
 
-# How tokio-postgres words the faults that carry no SQLSTATE (the Rust core's CoreError before
-# it carried ``transient``): the connection closed, broke, could not be made, or timed out.
-_RUST_CONNECTION_FAULTS = (
-    "connection closed", "error communicating with the server", "error connecting to server",
-    "timeout waiting for server",
-)
-
-
 def _is_connection_fault(exc: BaseException) -> bool:
     """A fault with no SQLSTATE: the connection broke, or none could be had in time."""
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
-    if getattr(exc, "code", None) == Code.DATABASE_ERROR and not isinstance(exc, IterflowError):
-        message = str(getattr(exc, "message", None) or exc)
-        return any(fault in message for fault in _RUST_CONNECTION_FAULTS)
     try:
         import psycopg
         from psycopg_pool import PoolTimeout, TooManyRequests
@@ -113,7 +102,7 @@ def to_iterflow_error(exc: BaseException, what: str) -> IterflowError:
         return SchemaMismatch(message)
     if code == Code.INVALID_ARGUMENT:
         return InvalidArgument(what, message)
-    if code == "CORE_CLOSED" or "core is not open" in message:
+    if code == "CORE_CLOSED":
         return EngineStateError(f"{what}: the engine is stopped")
     state = sqlstate_of(exc)
     text = f"{what}: {message}" + (f" (SQLSTATE {state})" if state else "")

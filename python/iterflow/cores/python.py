@@ -23,7 +23,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from .. import sql
-from ..errors import InvalidArgument
+from ..errors import EngineStateError, InvalidArgument
 from ..faults import sqlstate_of
 from ..migrate import check_schema
 from .base import (
@@ -231,7 +231,7 @@ class PythonCore:
         """A pooled connection; one that failed with a connection fault is closed, so the pool
         replaces it instead of handing it to the next caller."""
         if self._pool is None:
-            raise RuntimeError("core is not open")
+            raise EngineStateError("the engine is stopped (its core is not open)")
         async with self._pool.connection(timeout=self._acquire_timeout) as conn:
             try:
                 yield conn

@@ -26,7 +26,7 @@ from .._core import Core as _RustCore  # ImportError when the extension is not b
 from .._core import CoreError
 from .._core import Json as _Json
 from .._core import Pump as _RustPump
-from ..errors import SchemaMismatch
+from ..errors import EngineStateError, SchemaMismatch
 from .base import (
     ADMIN_QUERIES,
     ClaimedRun,
@@ -209,7 +209,7 @@ class RustCore:
     @property
     def _c(self) -> Any:
         if self._core is None:
-            raise RuntimeError("core is not open")
+            raise EngineStateError("the engine is stopped (its core is not open)")
         return self._core
 
     def stats(self) -> dict[str, Any]:
