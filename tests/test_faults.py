@@ -235,14 +235,15 @@ async def _hold() -> int:
     return 2
 
 
-async def test_a_step_in_flight_survives_a_server_restart(private_server: PrivateServer, core: str) -> None:
-    """The server stops (fast: every session terminated) while step two runs; the step returns
-    while the server is still down, so its record is retried across the outage. Once the server
-    is back the run finishes within a few seconds, on its first claim, without a failed attempt."""
+async def _outage_under_a_step(private_server: PrivateServer, core: str, *, down_for: float,
+                               **options: Any) -> tuple[Any, float]:
+    """Run ``held`` on the private server, stop the server (fast) while step two runs, keep it
+    down ``down_for`` seconds while that step's record is being written, start it again.
+    Returns the run's output and how long after the restart it finished."""
     dsn, schema = private_server.dsn, "faults"
     await iterflow.migrate(dsn, schema)
     _HOLD.update(entered=asyncio.Event(), release=asyncio.Event())
-    engine = iterflow.create_engine(dsn, schema=schema, core=core, poll_interval=0.2, lease="10s")
+    engine = iterflow.create_engine(dsn, schema=schema, core=core, poll_interval=0.2, **options)
     engine.register(held)
     try:
         await engine.listen()
@@ -250,13 +251,21 @@ async def test_a_step_in_flight_survives_a_server_restart(private_server: Privat
         await asyncio.wait_for(_HOLD["entered"].wait(), 10)
         await asyncio.to_thread(private_server.stop, "fast")
         _HOLD["release"].set()
-        await asyncio.sleep(1.0)  # the record of step two is being retried against a dead server
+        await asyncio.sleep(down_for)
         await asyncio.to_thread(private_server.start)
         back = time.monotonic()
         out = await engine.handle("held").result(run.run_id, timeout=20)
-        recovered = time.monotonic() - back
+        return out, time.monotonic() - back
     finally:
         await engine.stop()
+
+
+async def test_a_step_in_flight_survives_a_server_restart(private_server: PrivateServer, core: str) -> None:
+    """The server stops (fast: every session terminated) while step two runs; the step returns
+    while the server is still down, so its record is retried across the outage. Once the server
+    is back the run finishes within a few seconds, on its first claim, without a failed attempt."""
+    dsn, schema = private_server.dsn, "faults"
+    out, recovered = await _outage_under_a_step(private_server, core, down_for=1.0, lease="10s")
     assert out == [1, 2, 3]
     assert recovered < 5, f"the run finished {recovered:.1f}s after the server was back"
     assert await failed_attempts(dsn, schema) == []
@@ -272,24 +281,9 @@ async def test_an_outage_longer_than_the_retries_abandons_and_releases(
     written: the execution is abandoned (not failed), its lease (30 s) is given back as soon
     as the server answers, and the run replays at once, on its second claim."""
     dsn, schema = private_server.dsn, "faults"
-    await iterflow.migrate(dsn, schema)
-    _HOLD.update(entered=asyncio.Event(), release=asyncio.Event())
-    engine = iterflow.create_engine(dsn, schema=schema, core=core, poll_interval=0.2, lease="30s",
-                                    database_retry_timeout="1s")
-    engine.register(held)
-    try:
-        await engine.listen()
-        run = await engine.handle("held").start(None)
-        await asyncio.wait_for(_HOLD["entered"].wait(), 10)
-        await asyncio.to_thread(private_server.stop, "fast")
-        _HOLD["release"].set()
-        await asyncio.sleep(2.5)  # the record's retries run out: the execution is abandoned
-        await asyncio.to_thread(private_server.start)
-        back = time.monotonic()
-        out = await engine.handle("held").result(run.run_id, timeout=20)
-        recovered = time.monotonic() - back
-    finally:
-        await engine.stop()
+    # the record's retries (1 s) run out while the server is down: the execution is abandoned
+    out, recovered = await _outage_under_a_step(private_server, core, down_for=2.5, lease="30s",
+                                                database_retry_timeout="1s")
     assert out == [1, 2, 3]
     assert recovered < 5, f"the run finished {recovered:.1f}s after the server was back (lease: 30s)"
     assert await failed_attempts(dsn, schema) == []
