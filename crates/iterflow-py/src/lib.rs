@@ -1,8 +1,10 @@
 //! `iterflow._core`: thin PyO3 bindings over `iterflow-core`.
 //!
-//! Every awaitable returned here is a Rust future driven by ONE process-wide tokio runtime
-//! (see [`runtime`]); Python awaits it through pyo3-async-runtimes without holding the GIL
-//! while it waits. Each call crosses the boundary once: arguments in, one Python value out
+//! Every call runs as a Rust future on ONE process-wide tokio runtime (see [`runtime`]). The
+//! `Core` methods take a ticket of a [`Pump`]: the result is queued there and the Python side
+//! (python/iterflow/cores/rust.py `_Pump`) drains finished calls on its event loop, so runtime
+//! threads never take the GIL; only `check_connection` is awaited through
+//! pyo3-async-runtimes. Each call crosses the boundary once: arguments in, one Python value out
 //! (JSON columns decoded with `json.loads`, timestamps as aware `datetime`, uuids as
 //! `uuid.UUID` in dict rows and as `str` where the protocol wants ids).
 
