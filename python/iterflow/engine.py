@@ -27,7 +27,7 @@ from .errors import (
     ValidationFailed,
 )
 from .faults import RetryPolicy
-from .flow import DRIFT_MODES, Flow, check_drift, check_name, check_version
+from .flow import DRIFT_MODES, Flow, check_name, check_version
 from .handle import FlowHandle
 from .observe import HOOKS, Hooks
 from .runtime import Runtime
@@ -96,16 +96,8 @@ def _check_metrics(metrics: Any) -> None:
                 raise InvalidArgument(f"metrics.{name}", f"must be callable, got {validate.show(hook)}")
 
 
-def _positive_int(value: Any, field: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise InvalidArgument(field, f"must be a positive int, got {value!r}")
-    return value
-
-
 def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, notify: bool,
                log: logging.Logger, retry_timeout: float = 30.0) -> Core:
-    if core not in ("auto", "rust", "python"):
-        raise InvalidArgument("core", f"must be 'auto', 'rust' or 'python', got {core!r}")
     if core in ("auto", "rust"):
         try:
             from .cores.rust import RustCore
@@ -170,7 +162,8 @@ class Engine:
             default_step_timeout = _duration_in(default_step_timeout, "default_step_timeout", *STEP_TIMEOUT_RANGE)
         limits = Limits.coerce(limits)
         _check_metrics(metrics)
-        _duration_in(database_retry_timeout, "database_retry_timeout", *RETRY_TIMEOUT_RANGE)
+        retry_timeout = _duration_in(database_retry_timeout, "database_retry_timeout",
+                                     *RETRY_TIMEOUT_RANGE).total_seconds()
         self.settings = Settings(
             concurrency=concurrency, lease=lease_td, poll_interval=poll,
             reconcile_interval=max(lease_td.total_seconds(), 5.0) if reconciler else None,
@@ -180,16 +173,13 @@ class Engine:
         self._caller_pool = pool
         # every core call goes through the retry layer: a database fault is retried for up to
         # database_retry_timeout, then raised as DatabaseUnavailable (never a driver's error)
-        retry_timeout = parse_duration(database_retry_timeout, field="database_retry_timeout").total_seconds()
         self.core: Core = ResilientCore(
             _pick_core(core, dsn, pool, schema, concurrency + 4, notify, self.log, retry_timeout),
             RetryPolicy(timeout=retry_timeout), self.log,
         )
         self.runtime = Runtime(
-            core=self.core, limits=Limits.coerce(limits), hooks=Hooks(metrics, self.log), log=self.log,
-            default_step_timeout=parse_duration(default_step_timeout, field="default_step_timeout")
-            if default_step_timeout is not None else None,
-            max_run_attempts=_positive_int(max_run_attempts, "max_run_attempts"), drift=check_drift(drift) or "park",
+            core=self.core, limits=limits, hooks=Hooks(metrics, self.log), log=self.log,
+            default_step_timeout=default_step_timeout, max_run_attempts=max_run_attempts, drift=drift,
         )
         self._handles: dict[tuple[str, int], FlowHandle] = {}
         self.crons: dict[str, cron.Cron] = {}
