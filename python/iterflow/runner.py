@@ -63,6 +63,12 @@ class Execution:
         """Returns the status the run was left in ("fenced" when our lease was lost,
         "abandoned" when the database failed under it: nothing was written, and the worker
         gives the lease back)."""
+        try:
+            return await self._checked()
+        except (DatabaseError, EngineStateError) as exc:  # a final write failed after its retries
+            return self._abandon(exc)
+
+    async def _checked(self) -> str:
         run, rt = self.run, self.rt
         if self.cancel_reason is not None:
             return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason))
@@ -142,12 +148,9 @@ class Execution:
         return "abandoned"
 
     async def _finish(self, status: str, output: str | None, error: dict[str, Any] | None) -> str:
-        try:
-            ok = await self.rt.core.finish(
-                self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
-            )
-        except (DatabaseError, EngineStateError) as exc:
-            return self._abandon(exc)
+        ok = await self.rt.core.finish(
+            self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
+        )
         return status if ok else "fenced"
 
     async def _suspend(self, suspensions: list[Suspension]) -> str:
@@ -166,27 +169,21 @@ class Execution:
                 signals[s.waiting["name"]] = s.waiting["key"]
                 seqs[s.waiting["name"]] = s.waiting["seq"]
         waiting = dict(chosen.waiting, signals=signals, signal_seqs=seqs)
-        try:
-            ok = await self.rt.core.suspend(
-                self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
-                chosen.wake_at, None if progress else 0,
-            )
-        except (DatabaseError, EngineStateError) as exc:
-            return self._abandon(exc)
+        ok = await self.rt.core.suspend(
+            self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
+            chosen.wake_at, None if progress else 0,
+        )
         self.rt.hooks.emit("run_suspended", chosen.status)
         return chosen.status if ok else "fenced"
 
     async def _park(self, code: str, message: str) -> str:
         waiting = {"kind": "parked", "code": code, "reason": message}
         self.rt.log.warning("parking run %s: %s", self.run.run_id, message, extra={"run_id": self.run.run_id})
-        try:
-            await self.rt.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
-            ok = await self.rt.core.suspend(
-                self.run.run_id, self.run.lease_token, "parked", codec.dumps(waiting),
-                self.run.db_now + PARK_RECHECK, -1,
-            )
-        except (DatabaseError, EngineStateError) as exc:
-            return self._abandon(exc)
+        await self.rt.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
+        ok = await self.rt.core.suspend(
+            self.run.run_id, self.run.lease_token, "parked", codec.dumps(waiting),
+            self.run.db_now + PARK_RECHECK, -1,
+        )
         return "parked" if ok else "fenced"
 
     async def _drift(self, mode: str | None, code: str, message: str) -> str:

@@ -193,9 +193,6 @@ class Worker:
                 self._schedule_local_wake(execution)
         except asyncio.CancelledError:
             pass
-        except (DatabaseError, EngineStateError) as exc:  # (the runner returns "abandoned" for these)
-            execution.abandoned = execution.abandoned or exc
-            abandoned = True
         except Exception:
             log.exception("iterflow run %s crashed the worker's execution", run_id, extra={"run_id": run_id})
         finally:
