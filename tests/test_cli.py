@@ -207,6 +207,15 @@ def test_unreachable_database_is_an_operation_failure(schema_name: str) -> None:
     assert "Traceback" not in res.stderr
 
 
+def test_a_command_retries_an_unreachable_database_for_its_retry_timeout(schema_name: str) -> None:
+    started = time.monotonic()
+    res = cli("postgresql://nobody@127.0.0.1:1/none", "runs", "list", "--schema", schema_name, "--retry-timeout", "1s")
+    elapsed = time.monotonic() - started
+    assert res.returncode == 1
+    assert res.stderr.startswith("error: cannot reach PostgreSQL:"), res.stderr
+    assert elapsed < 8, f"the command took {elapsed:.1f}s with a 1s retry timeout"
+
+
 # ------------------------------------------------------------------------------------------
 # runs list / show
 # ------------------------------------------------------------------------------------------

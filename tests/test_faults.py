@@ -358,3 +358,20 @@ async def test_a_malformed_dsn_is_an_invalid_argument_at_once(core: str) -> None
         await engine.status("00000000-0000-0000-0000-000000000000")
     assert info.value.code == Code.INVALID_ARGUMENT
     assert time.monotonic() - t0 < 2, "not retried as if the server were down"
+
+
+async def test_migrate_follows_the_same_fault_rules(private_server: PrivateServer) -> None:
+    """``migrate`` talks to the database itself: against a stopped server it retries for its
+    bound and raises DatabaseUnavailable, a malformed DSN is an InvalidArgument at once, and
+    once the server is back it applies every migration."""
+    await asyncio.to_thread(private_server.stop, "fast")
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(DatabaseUnavailable):
+            await iterflow.migrate(private_server.dsn, "faults", database_retry_timeout="1s")
+        assert 0.4 <= time.monotonic() - t0 <= 4.0
+        with pytest.raises(InvalidArgument):
+            await iterflow.migrate("host=localhost port", "faults")
+    finally:
+        await asyncio.to_thread(private_server.start)
+    assert await iterflow.migrate(private_server.dsn, "faults") == iterflow.sql.latest_version()

@@ -1,7 +1,9 @@
 """The ``iterflow`` command line (also ``python -m iterflow``).
 
 Exit codes: 0 the operation succeeded; 1 it failed (an iterflow error prints
-``error [CODE]: message``, a database error ``error: ...``); 2 the command line was wrong.
+``error [CODE]: message``, a database fault or error ``error: ...``); 2 the command line was
+wrong. A database fault (the server down or restarting) is retried for ``--retry-timeout``
+(5 s: a command line should not hang for the engine's 30 s default) before it fails.
 
 Client commands (``runs ...``, ``signal``) open an engine that never calls ``listen()``: they
 read and write rows, they never execute flows. The DSN comes from ``--dsn``, else
@@ -27,11 +29,13 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import IterflowError, RunNotFound
+from .errors import DatabaseError, DatabaseUnavailable, IterflowError, RunNotFound
 from .sql import validate_schema_name
 from .types import STATUSES, TERMINAL
 
 MAX_CELL = 60
+# How long a command retries a database fault before it fails (the engine default is 30s).
+CLI_RETRY_TIMEOUT = "5s"
 
 
 class UsageError(Exception):
@@ -156,7 +160,8 @@ def _client(args: argparse.Namespace) -> Any:
     # notify=False: a one-shot client needs no LISTEN connection (signal, cancel and retry
     # notify workers from SQL either way). core defaults to "python": a single client call
     # gains nothing from starting the Rust core's runtime (see --core).
-    return create_engine(dsn, schema=args.schema, notify=False, core=args.core)
+    return create_engine(dsn, schema=args.schema, notify=False, core=args.core,
+                         database_retry_timeout=args.retry_timeout)
 
 
 async def _with_client(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
@@ -176,7 +181,7 @@ async def cmd_migrate(args: argparse.Namespace) -> int:
 
     dsn = _resolve_dsn(args.dsn)
     print(f"applying migrations to schema {args.schema!r} on {_redact(dsn)} ...", flush=True)
-    version = await migrate(dsn, args.schema)
+    version = await migrate(dsn, args.schema, database_retry_timeout=args.retry_timeout)
     print(f"schema {args.schema!r} is at version {version}")
     return 0
 
@@ -534,6 +539,9 @@ def build_parser() -> argparse.ArgumentParser:
     db.add_argument("--dsn", help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded Postgres)")
     db.add_argument("--schema", type=_schema_type, default="workflow",
                     help="the iterflow schema (default: workflow)")
+    db.add_argument("--retry-timeout", default=CLI_RETRY_TIMEOUT, metavar="DURATION",
+                    help="how long a database fault (server down or restarting) is retried before the "
+                         f"command fails (default: {CLI_RETRY_TIMEOUT})")
     client = argparse.ArgumentParser(add_help=False, parents=[db])
     client.add_argument("--core", choices=("python", "rust", "auto"), default="python",
                         help="engine core for this client call (default: python; results are identical)")
@@ -649,6 +657,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
+    # the pool's reconnect attempts are retried faults: the one line that matters is the
+    # command's own error, once the retries ran out
+    logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
     run = getattr(args, "run", None)
     if run is None:
         (getattr(args, "parser", None) or parser).print_help(sys.stderr)
@@ -661,6 +672,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as exc:
         print(f"iterflow: error: {exc}", file=sys.stderr)
         return 2
+    except DatabaseUnavailable as exc:
+        print(f"error: cannot reach PostgreSQL: {exc.message}", file=sys.stderr)
+        return 1
+    except DatabaseError as exc:
+        print(f"error: database error: {exc.message}", file=sys.stderr)
+        return 1
     except IterflowError as exc:
         print(f"error [{exc.code}]: {exc.message}", file=sys.stderr)
         return 1
@@ -673,16 +690,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except Exception as exc:
-        import psycopg
-
-        if isinstance(exc, psycopg.OperationalError):
-            print(f"error: cannot reach PostgreSQL: {str(exc).strip()}", file=sys.stderr)
-            return 1
-        if isinstance(exc, psycopg.Error):
-            print(f"error: database error: {str(exc).strip()}", file=sys.stderr)
-            return 1
-        raise
 
 
 if __name__ == "__main__":

@@ -5,23 +5,38 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from . import sql
-from .errors import SchemaMismatch
+from .durations import DurationLike, parse_duration
+from .errors import InvalidArgument, SchemaMismatch
+from .faults import RetryPolicy, retrying
 
 
-async def migrate(dsn: str, schema: str = "workflow") -> int:
+async def migrate(dsn: str, schema: str = "workflow", *, database_retry_timeout: DurationLike = "30s") -> int:
     """Apply every migration (idempotent); returns the schema version now in the database.
 
-    Runs under an advisory lock so a fleet starting at once applies each migration once.
+    Runs under an advisory lock so a fleet starting at once applies each migration once. It is
+    one transaction, so a database fault (a server still starting, a dropped connection) is
+    retried like any engine call, for up to ``database_retry_timeout``, then raised as
+    ``DatabaseUnavailable``; a refused statement is a ``DatabaseError``.
     """
     sql.validate_schema_name(schema)
+    try:  # a malformed DSN is the caller's mistake, not a fault to retry
+        conninfo_to_dict(dsn)
+    except (psycopg.ProgrammingError, TypeError) as exc:
+        raise InvalidArgument("dsn", f"not a valid PostgreSQL DSN: {exc}") from None
+    timeout = parse_duration(database_retry_timeout, field="database_retry_timeout").total_seconds()
+    await retrying(lambda: _apply(dsn, schema), RetryPolicy(timeout=timeout), "migrate")
+    return sql.latest_version()
+
+
+async def _apply(dsn: str, schema: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=False) as conn:
         await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"iterflow.migrate.{schema}",))
         for _version, text in sql.migrations():
             await conn.execute(sql.render_migration(text, schema).encode())
         await conn.commit()
-    return sql.latest_version()
 
 
 def schema_mismatch_message(schema: str, found: int) -> str:
