@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import TypeAlias
 
 from iterflow.errors import InvalidArgument
+from iterflow.validate import show
 
 DurationLike: TypeAlias = int | float | timedelta | str
 DeadlineLike: TypeAlias = DurationLike | datetime
@@ -104,9 +105,9 @@ def _from_seconds(seconds: float, field: str) -> timedelta:
     if isinstance(seconds, float) and (math.isnan(seconds) or math.isinf(seconds)):
         raise InvalidArgument(field, f"{seconds!r} is not a finite number of seconds; {_ACCEPTED}")
     if seconds < 0:
-        raise InvalidArgument(field, f"{_show(seconds)} is negative; durations must be >= 0")
+        raise InvalidArgument(field, f"{show(seconds)} is negative; durations must be >= 0")
     if seconds > MAX_DURATION.total_seconds():
-        raise InvalidArgument(field, f"{_show(seconds)} seconds is too far: durations are at most {_MAX_TEXT}")
+        raise InvalidArgument(field, f"{show(seconds)} seconds is too far: durations are at most {_MAX_TEXT}")
     return timedelta(seconds=seconds)
 
 
@@ -114,31 +115,26 @@ def _from_string(text: str, field: str) -> timedelta:
     lowered = text.lower()
     if len(lowered) > _MAX_TEXT_LENGTH or not _WHOLE.fullmatch(lowered):
         if lowered.strip().startswith("-"):
-            raise InvalidArgument(field, f"{_show(text)} is negative; durations must be >= 0")
-        raise InvalidArgument(field, f"{_show(text)} is not a duration; {_ACCEPTED}")
+            raise InvalidArgument(field, f"{show(text)} is negative; durations must be >= 0")
+        raise InvalidArgument(field, f"{show(text)} is not a duration; {_ACCEPTED}")
     total = timedelta()
     for number, unit in _COMPONENT.findall(lowered):
         size = _UNITS.get(unit)
         if size is None:
-            raise InvalidArgument(field, f"{_show(text)} has an unknown unit {unit!r}; {_ACCEPTED}")
+            raise InvalidArgument(field, f"{show(text)} has an unknown unit {unit!r}; {_ACCEPTED}")
         try:
             total += size * float(number)
         except OverflowError:
-            raise InvalidArgument(field, f"{_show(text)} is too far: durations are at most {_MAX_TEXT}") from None
+            raise InvalidArgument(field, f"{show(text)} is too far: durations are at most {_MAX_TEXT}") from None
     return _in_range(total, text, field)
 
 
 def _in_range(td: timedelta, shown: object, field: str) -> timedelta:
     if td < timedelta():
-        raise InvalidArgument(field, f"{_show(shown)} is negative; durations must be >= 0")
+        raise InvalidArgument(field, f"{show(shown)} is negative; durations must be >= 0")
     if td > MAX_DURATION:
-        raise InvalidArgument(field, f"{_show(shown)} is too far: durations are at most {_MAX_TEXT}")
+        raise InvalidArgument(field, f"{show(shown)} is too far: durations are at most {_MAX_TEXT}")
     return td
-
-
-def _show(value: object) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else f"{text[:60]}... ({len(text)} chars)"
 
 
 def _compound(micros: int) -> str:
