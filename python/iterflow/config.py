@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeVar
 
 from iterflow.durations import DurationLike, parse_duration
 from iterflow.errors import InvalidArgument
-from iterflow.validate import show
+from iterflow.validate import integer, show
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
@@ -101,9 +101,7 @@ def _coerce(cls: type[_Settings], value: object, section: str) -> _Settings:
 def _check_positive(value: object, field: str, *, optional: bool, high: int) -> None:
     if value is None and optional:
         return
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 < value <= high:
-        allowed = f"an integer from 1 to {high:,}" + (" or None" if optional else "")
-        raise InvalidArgument(field, f"{show(value)} is not {allowed}")
+    integer(value, field, 1, high)
 
 
 def _positive_duration(value: DurationLike, name: str) -> timedelta:
