@@ -1,7 +1,7 @@
 """The chaos suite: what the engine's guarantees are worth when the infrastructure misbehaves.
 
     python -m benches.chaos [--core rust|python|both] [--runs N] [--faults kill9,restart_fast,...]
-                            [--quick] [--json PATH]
+                            [--quick] [--json PATH] [--await-results] [--long-steps N]
 
 For every (core, fault) cell it starts a private PostgreSQL cluster (``initdb`` into a temp
 dir, ``pg_ctl start`` on a free port, ``fsync=off``), migrates schema ``chaos``, starts two
@@ -32,6 +32,16 @@ from the database, which is the only witness that survives every fault:
   buckets) and the seconds from the fault's end (for restarts: the first moment the server
   accepts connections again) until a 1 s window of completions is back to >= 50 % of it, plus
   the longest stretch with no completion at all.
+
+With ``--await-results`` the suite takes the shape of an application that runs workers in its
+web process: the client engine registers the flows and ``listen()``s too (a third worker, beside
+the two processes), and awaits every run it started with ``handle.result(run_id)``, all at once
+(one task per run, gathered), instead of only reading outcomes from the database. Each cell then
+also reports the results returned with the right output, the exceptions raised (typed
+``IterflowError``s by code, anything else as *escaped*; ``DatabaseUnavailable`` is retried as an
+application would, and counted), the slowest ``result()`` (from the start's acknowledgement to
+its return) and when the last one returned. With ``--long-steps N`` every run is instead a
+long-lived ``chaos_long`` flow: N iterations of a step and a durable 1 ms sleep (no signals).
 
 Why: unit tests prove each mechanism (fencing, leases, reconnects) in isolation; this suite
 measures the whole system under load, where a lost wake-up, a pool that never heals or a
@@ -65,8 +75,9 @@ import psycopg
 
 import iterflow
 from iterflow import Engine, create_engine
+from iterflow.errors import DatabaseUnavailable, IterflowError
 
-from .chaos_worker import step_value
+from .chaos_worker import Effects, flows, step_value
 
 log = logging.getLogger("benches.chaos")
 
@@ -97,6 +108,8 @@ class Plan:
     lease: str = "30s"                  # the engine's default
     step_ms: int = 50                   # each step body works this long after its side effect
     max_connections: int = 60
+    await_results: bool = False         # the client listens too and awaits every run's result()
+    long_steps: int = 0                 # > 0: every run is chaos_long with this many step+sleep rounds
 
     @property
     def load_s(self) -> float:
@@ -271,6 +284,31 @@ class Workers:
         return {"counts": dict(counts), "samples": samples}
 
 
+class AppLog(logging.Handler):
+    """The warnings and errors this process's engine logged during a cell (``--await-results``:
+    the app process is a worker, and its lines are as telling as the worker processes')."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = f"{time.time():.3f} {record.levelname} {record.getMessage()}"
+        if not any(advice in line for advice in STARTUP_ADVICE):
+            self.lines.append(line[:400])
+
+    def __enter__(self) -> AppLog:
+        logging.getLogger("iterflow").addHandler(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        logging.getLogger("iterflow").removeHandler(self)
+
+    def summary(self) -> dict[str, Any]:
+        counts = Counter(line.split(" ", 2)[1] for line in self.lines)
+        return {"counts": dict(counts), "first": self.lines[:20]}
+
+
 # -- the cell: one core under one fault -----------------------------------------------------------
 @dataclass
 class Cell:
@@ -288,13 +326,23 @@ class Cell:
     signal_errors: Counter[str] = field(default_factory=Counter)
     backends_max: Counter[str] = field(default_factory=Counter)
     fault_notes: dict[str, Any] = field(default_factory=dict)
+    # --await-results: run i -> (outcome, seconds from ack to return, detail); and the tasks
+    results: dict[int, tuple[str, float, str]] = field(default_factory=dict)
+    result_tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    result_retries: Counter[str] = field(default_factory=Counter)
+    last_result_at: float = 0.0
 
     def event(self, what: str) -> None:
         self.events.append((round(time.time() - self.t0, 3), what))
         log.info("[%s %s] +%.1fs %s", self.fault, self.core, time.time() - self.t0, what)
 
     def is_signal_run(self, i: int) -> bool:
-        return i % self.plan.signal_every == 0
+        return not self.plan.long_steps and i % self.plan.signal_every == 0
+
+    def flow_name(self, i: int) -> str:
+        if self.plan.long_steps:
+            return "chaos_long"
+        return "chaos_signal" if self.is_signal_run(i) else "chaos_three"
 
     def planned_at(self, i: int) -> float:
         return self.t0 + i / self.plan.rate
@@ -304,10 +352,14 @@ class Cell:
 
 
 def run_input(cell: Cell, i: int) -> dict[str, Any]:
+    if cell.plan.long_steps:
+        return {"i": i, "n": cell.plan.long_steps}
     return {"i": i} if cell.is_signal_run(i) else {"i": i, "sleep": i % 2 == 1}
 
 
 def expected_output(cell: Cell, i: int) -> dict[str, Any]:
+    if cell.plan.long_steps:
+        return {"i": i, "steps": [step_value(f"s{k}", i) for k in range(cell.plan.long_steps)]}
     out: dict[str, Any] = {"i": i, "steps": [step_value(s, i) for s in ("s0", "s1", "s2")]}
     if cell.is_signal_run(i):
         out["signal"] = {"n": i}
@@ -343,8 +395,8 @@ async def start_load(cell: Cell, signals: asyncio.TaskGroup) -> None:
 
 
 async def _start_batch(cell: Cell, batch: list[int], signals: asyncio.TaskGroup) -> None:
-    for name, members in (("chaos_three", [i for i in batch if not cell.is_signal_run(i)]),
-                          ("chaos_signal", [i for i in batch if cell.is_signal_run(i)])):
+    for name in ("chaos_three", "chaos_signal", "chaos_long"):
+        members = [i for i in batch if cell.flow_name(i) == name]
         if not members or all(i in cell.acked for i in members):
             continue
         made = await cell.client.handle(name).start_many(
@@ -355,6 +407,33 @@ async def _start_batch(cell: Cell, batch: list[int], signals: asyncio.TaskGroup)
                 cell.acked[i] = (m.run_id, now)
                 if name == "chaos_signal":
                     signals.create_task(send_signal(cell, i, m.run_id, max(now, cell.planned_at(i))))
+                if cell.plan.await_results:
+                    cell.result_tasks.append(asyncio.create_task(await_result(cell, i, m.run_id, now)))
+
+
+async def await_result(cell: Cell, i: int, run_id: str, acked: float) -> None:
+    """``handle.result(run_id)`` as an application awaits it. ``DatabaseUnavailable`` (the
+    documented "try again later") is retried and counted; any other exception ends the wait
+    and is recorded: a typed ``IterflowError`` by code, anything else as escaped."""
+    handle = cell.client.handle(cell.flow_name(i))
+    while True:
+        try:
+            out = await handle.result(run_id)
+        except DatabaseUnavailable as exc:
+            cell.result_retries[_err(exc)] += 1
+            await asyncio.sleep(0.25)
+            continue
+        except (IterflowError, TimeoutError) as exc:
+            outcome, detail = "typed", f"{_err(exc)}: {str(exc)[:200]}"
+        except Exception as exc:  # noqa: BLE001 - the finding: an exception the API does not document
+            outcome, detail = "escaped", f"{type(exc).__module__}.{_err(exc)}: {str(exc)[:200]}"
+        else:
+            outcome = "ok" if out == expected_output(cell, i) else "wrong"
+            detail = "" if outcome == "ok" else repr(out)[:200]
+        now = time.time()
+        cell.results[i] = (outcome, now - acked, detail)
+        cell.last_result_at = max(cell.last_result_at, now)
+        return
 
 
 async def send_signal(cell: Cell, i: int, run_id: str, started: float) -> None:
@@ -508,6 +587,32 @@ async def drain(cell: Cell, fault_end: float) -> float:
     return time.time()
 
 
+async def wait_results(cell: Cell, fault_end: float) -> None:
+    """Every ``result()`` task to return, or ``drain_s`` after the fault's end (the rest are
+    reported missing)."""
+    deadline = max(fault_end + cell.plan.drain_s, cell.load_end() + 10)
+    if cell.result_tasks:
+        await asyncio.wait(cell.result_tasks, timeout=max(0.0, deadline - time.time()))
+
+
+def results_outcome(cell: Cell, fault_end: float) -> dict[str, Any]:
+    kinds = Counter(o for o, _, _ in cell.results.values())
+    errors = Counter(d.split(": ", 1)[0] for o, _, d in cell.results.values() if o in ("typed", "escaped"))
+    samples = list(dict.fromkeys(d for o, _, d in cell.results.values() if o != "ok"))[:5]
+    waits = sorted(w for o, w, _ in cell.results.values() if o == "ok")
+    last_ack = max((t for _, t in cell.acked.values()), default=fault_end)
+    return {
+        "results_ok": kinds["ok"], "results_wrong": kinds["wrong"], "results_typed_errors": kinds["typed"],
+        "results_escaped": kinds["escaped"], "results_missing": len(cell.acked) - len(cell.results),
+        "result_errors": dict(errors), "result_samples": samples, "result_retries": dict(cell.result_retries),
+        "result_p50_s": round(waits[len(waits) // 2], 2) if waits else None,
+        "result_p99_s": round(waits[int(0.99 * (len(waits) - 1))], 2) if waits else None,
+        "result_max_s": round(waits[-1], 2) if waits else None,
+        "results_drain_s": round(cell.last_result_at - fault_end, 1) if cell.results else None,
+        "results_after_last_start_s": round(cell.last_result_at - last_ack, 1) if cell.results else None,
+    }
+
+
 async def collect(cell: Cell, fault_start: float, fault_end: float, drained: float) -> dict[str, Any]:
     dsn = cell.cluster.dsn
     runs = await query(dsn, f"SELECT id::text, status, output, error->>'code', left(error->>'message', 300),"
@@ -630,11 +735,22 @@ async def run_cell(core: str, fault: str, plan: Plan, bindir: Path) -> dict[str,
         await asyncio.to_thread(cluster.init_and_start)
         await prepare(cluster.dsn)
         await workers.start_ready("AB")
-        client = create_engine(cluster.dsn, schema=SCHEMA, core=core, concurrency=4)
-        await client.client()
+        if plan.await_results:
+            # the application's shape: the client process is a worker too
+            client = create_engine(cluster.dsn, schema=SCHEMA, core=core, concurrency=plan.concurrency,
+                                   lease=plan.lease, shutdown_timeout="3s")
+            for f in flows(Effects(cluster.dsn, "C"), plan.step_ms / 1000):
+                client.register(f)
+            await client.listen()
+        else:
+            client = create_engine(cluster.dsn, schema=SCHEMA, core=core, concurrency=4)
+            await client.client()
         cell = Cell(core, fault, plan, cluster, workers, client, t0=time.time())
-        result = await _drive(cell)
+        with AppLog() as app_log:
+            result = await _drive(cell)
         result["worker_logs"] = workers.log_summary()
+        if plan.await_results:  # the app process is a worker too: its warnings are evidence
+            result["app_logs"] = app_log.summary()
     except Exception as exc:  # one broken cell must not lose the others
         log.exception("cell %s/%s broke", fault, core)
         result = {"error": f"{type(exc).__name__}: {exc}", "worker_output": workers.output(1500)}
@@ -661,11 +777,32 @@ async def _drive(cell: Cell) -> dict[str, Any]:
             fault_end = await FAULTS[cell.fault](cell)
             cell.event(f"fault {cell.fault} over")
             await loader
+        if cell.plan.await_results:
+            await wait_results(cell, fault_end)
         drained = await drain(cell, fault_end)
     finally:
         finished = True
         await sampler
+        for task in cell.result_tasks:
+            task.cancel()
     result = await collect(cell, fault_start, fault_end, drained)
+    if cell.plan.await_results:
+        result.update(results_outcome(cell, fault_end))
+        # the app process (worker label C) must have run its share of the steps
+        rows = await query(cell.cluster.dsn, "SELECT left(worker, 1), count(*) FROM public.chaos_effects GROUP BY 1")
+        result["step_bodies_by_process"] = {str(k): int(v) for k, v in rows}
+        if cell.results:  # where the slowest run spent its time: its step bodies, by process, in order
+            i = max(cell.results, key=lambda k: cell.results[k][1])
+            rows = await query(cell.cluster.dsn, "SELECT step, worker, extract(epoch FROM at)::float8"
+                                                 " FROM public.chaos_effects WHERE run_id = %s ORDER BY at",
+                               cell.acked[i][0])
+            marks = [(str(step), str(worker), round(at - cell.t0, 2)) for step, worker, at in rows]
+            gaps = sorted(zip(marks, marks[1:], strict=False), key=lambda ab: ab[1][2] - ab[0][2])[-3:]
+            acked = cell.acked[i][1]
+            result["slowest_result"] = {"i": i, "run_id": cell.acked[i][0], "acked_s": round(acked - cell.t0, 2),
+                                        "returned_s": round(acked + cell.results[i][1] - cell.t0, 2),
+                                        "bodies": len(marks), "first": marks[:1], "last": marks[-1:],
+                                        "longest_gaps": gaps}
     result.update(events=cell.events, fault_notes=cell.fault_notes, backends_max=dict(cell.backends_max))
     return result
 
@@ -680,14 +817,24 @@ COLUMNS = (
 )
 
 
-def table(cells: Sequence[dict[str, Any]]) -> str:
-    rows = [[label for _, label in COLUMNS]]
+# --await-results: what the application's result() calls saw
+RESULT_COLUMNS = (
+    ("fault", "fault"), ("core", "core"), ("results_ok", "results ok"), ("results_wrong", "wrong"),
+    ("results_typed_errors", "typed errors"), ("results_escaped", "escaped"), ("results_missing", "missing"),
+    ("result_p50_s", "result() p50 s"), ("result_p99_s", "p99 s"), ("result_max_s", "slowest result() s"),
+    ("results_drain_s", "last result after fault s"), ("results_after_last_start_s", "last result after last start s"),
+    ("drain_s", "db drain s"),
+)
+
+
+def table(cells: Sequence[dict[str, Any]], columns: Sequence[tuple[str, str]] = COLUMNS) -> str:
+    rows = [[label for _, label in columns]]
     for c in cells:
         if "error" in c:
-            rows.append([c["fault"], c["core"], f"ERROR: {c['error'][:80]}"] + [""] * (len(COLUMNS) - 3))
+            rows.append([c["fault"], c["core"], f"ERROR: {c['error'][:80]}"] + [""] * (len(columns) - 3))
             continue
-        rows.append(["never" if k == "recovery_s" and c.get(k) is None else str(c.get(k, "")) for k, _ in COLUMNS])
-    widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(COLUMNS))]
+        rows.append(["never" if k == "recovery_s" and c.get(k) is None else str(c.get(k, "")) for k, _ in columns])
+    widths = [max(len(r[i]) for r in rows if len(r) > i) for i in range(len(columns))]
     lines = ["| " + " | ".join(v.ljust(widths[i]) for i, v in enumerate(r)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
@@ -733,6 +880,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=None, help="per worker process (default 8)")
     p.add_argument("--lease", default=None, help="the workers' lease (default 30s, the engine's default)")
     p.add_argument("--step-ms", type=int, default=None, help="each step body's work after its effect (default 50)")
+    p.add_argument("--await-results", action="store_true",
+                   help="the client listens too (a worker in the app's process) and awaits every run's result()")
+    p.add_argument("--long-steps", type=int, default=None,
+                   help="every run is a long-lived flow of N step + 1 ms durable sleep rounds (no signals)")
     p.add_argument("-v", "--verbose", action="store_true", help="log every fault event")
     args = p.parse_args(argv)
     args.faults = [f.strip() for f in args.faults.split(",") if f.strip()]
@@ -753,6 +904,10 @@ def make_plan(args: argparse.Namespace) -> Plan:
         changes["lease"] = args.lease
     if args.step_ms is not None:
         changes["step_ms"] = args.step_ms
+    if args.await_results:
+        changes["await_results"] = True
+    if args.long_steps:
+        changes["long_steps"] = args.long_steps
     return Plan(**(asdict(plan) | changes))
 
 
@@ -763,6 +918,8 @@ async def run_matrix(cores: Sequence[str], faults: Sequence[str], plan: Plan, bi
             print(f"... {fault} on the {core} core", file=sys.stderr, flush=True)
             cells.append(await run_cell(core, fault, plan, bindir))
             print(table(cells[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            if plan.await_results:
+                print(table(cells[-1:], RESULT_COLUMNS).splitlines()[-1], file=sys.stderr, flush=True)
     return cells
 
 
@@ -772,6 +929,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for chatty in ("iterflow", "psycopg.pool"):  # the client's reconnect chatter
         logging.getLogger(chatty).setLevel(logging.ERROR)
+    if args.await_results:  # the app process is a worker: keep its warnings (AppLog, in the JSON)
+        logging.getLogger("iterflow").setLevel(logging.WARNING)
+        logging.getLogger("iterflow").propagate = False
     bindir = server_bindir()
     if bindir is None:
         print("chaos: skipped: no PostgreSQL server binaries (/usr/lib/postgresql/*/bin/initdb) on this machine")
@@ -785,6 +945,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     meta = provenance()
     cells = asyncio.run(run_matrix(cores, args.faults, plan, bindir))
     text = table(cells)
+    if plan.await_results:
+        text += "\n\n" + table(cells, RESULT_COLUMNS)
     print(text)
     for line in failure_lines(cells):
         print(f"  {line}")
@@ -802,7 +964,8 @@ def violations(cell: dict[str, Any]) -> list[str]:
     """The guarantees a cell broke (re-run step bodies are allowed: at-least-once)."""
     if "error" in cell:
         return ["error"]
-    keys = ("wrong_output", "failed", "stranded", "lost", "duplicate_step_records", "signals_lost", "signals_doubled")
+    keys = ("wrong_output", "failed", "stranded", "lost", "duplicate_step_records", "signals_lost", "signals_doubled",
+            "results_wrong", "results_escaped", "results_missing")
     return [k for k in keys if cell.get(k)]
 
 

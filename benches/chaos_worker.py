@@ -110,7 +110,18 @@ def flows(effects: Effects, step_s: float) -> list[iterflow.Flow]:
             out.append(await ctx.step(step, body(ctx, step, i)))
         return {"i": i, "steps": out, "signal": got}
 
-    return [three, waiter]
+    @define_flow("chaos_long")
+    async def long(ctx: Context, inp: dict[str, Any]) -> dict[str, Any]:
+        """A long-lived run: ``n`` iterations of a step and a durable 1 ms sleep (each sleep
+        suspends the run; the next execution replays a history that grows by two records)."""
+        i, n = inp["i"], inp["n"]
+        out = []
+        for k in range(n):
+            out.append(await ctx.step(f"s{k}", body(ctx, f"s{k}", i)))
+            await ctx.sleep("1ms")
+        return {"i": i, "steps": out}
+
+    return [three, waiter, long]
 
 
 async def serve(args: argparse.Namespace) -> None:
