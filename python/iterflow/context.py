@@ -15,6 +15,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import codec, validate
@@ -31,7 +32,7 @@ from .errors import (
     SuspendRun,
 )
 from .flow import check_name
-from .keys import base_of, legacy_key
+from .keys import bases
 from .schemas import Schema
 from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
 
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 T = TypeVar("T")
+# A name is checked once per process, not at every call that uses it (loops, replays).
+_check_name = lru_cache(maxsize=4096)(check_name)
 
 TERMINAL = ("done", "failed", "canceled")
 # ctx calls whose name comes from user code at the call (invoke names come from flow definitions)
@@ -94,15 +97,17 @@ class Context:
     # -- cursor keys and drift -------------------------------------------------------------
     def _next(self, kind: str, name: str) -> tuple[str, int, StepRecord | None]:
         self._guard()
-        base = base_of(kind, name)
+        if type(name) is not str:
+            check_name(name, kind)  # raises: names are strings
+        base, old_base = bases(kind, name)
         n = self._counters.get(base, 0)
         self._counters[base] = n + 1
         key = base if n == 0 else f"{base}:{n}"
         seq = self._seq
         self._seq += 1
-        key, rec = self._lookup(key, kind, name, n)
+        key, rec = self._lookup(key, kind, name, n, old_base if old_base != base else None)
         if rec is None and kind in NAMED_KINDS:  # a new call: its name is about to be stored
-            check_name(name, kind)
+            _check_name(name, kind)
         if rec is not None and rec.kind != "log" and key not in self._visited:
             self._unvisited -= 1
         self._visited.add(key)
@@ -110,13 +115,17 @@ class Context:
             self._check_kind(kind, key, rec)
         return key, seq, rec
 
-    def _lookup(self, key: str, kind: str, name: str, n: int) -> tuple[str, StepRecord | None]:
+    def _lookup(self, key: str, kind: str, name: str, n: int,
+                old_base: str | None) -> tuple[str, StepRecord | None]:
         """The record of this call: under its key, or under the key an earlier iterflow
-        version wrote (keys.legacy_key) when it is a record of this very kind and name."""
+        version wrote (``old_base``: keys.legacy_key, when it differs) when it is a record of
+        this very kind and name."""
         rec = self._history.get(key)
         if rec is None:
-            old = legacy_key(kind, name, n)
-            legacy = self._history.get(old) if old != key else None
+            if old_base is None:
+                return key, None
+            old = old_base if n == 0 else f"{old_base}:{n}"
+            legacy = self._history.get(old)
             if legacy is not None and legacy.kind == kind and legacy.name == name:
                 return old, legacy
         elif rec.name != name:

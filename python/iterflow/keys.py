@@ -17,6 +17,8 @@ earlier version used, which replay still reads (checked against the record's kin
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 KINDS = frozenset({"step", "sleep", "now", "log", "signal", "invoke"})
 # kinds whose base is the kind word alone (one call site, no user-chosen name)
 BARE_KINDS = frozenset({"sleep", "now", "log"})
@@ -36,6 +38,13 @@ def base_of(kind: str, name: str) -> str:
         encoded = _encoded(name)
         return encoded if encoded == name and name not in KINDS else f"step:{encoded}"
     return f"{kind}:{_encoded(name)}"
+
+
+@lru_cache(maxsize=4096)
+def bases(kind: str, name: str) -> tuple[str, str]:
+    """(the base of this call's keys, the base earlier versions used): cached, since a body
+    makes the same calls again and again (every loop iteration, every replay)."""
+    return base_of(kind, name), legacy_key(kind, name, 0)
 
 
 def key_of(kind: str, name: str, occurrence: int) -> str:

@@ -37,15 +37,17 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import replace
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from ..faults import RetryPolicy, is_transient, retrying, to_iterflow_error
 from .base import ClaimedRun, Core, Created, LeaseState, RunFilter, RunSpec, StepRecord, StoredStep
 
 T = TypeVar("T")
+# What a retried call returns: its coroutine, awaited by the caller (no frame of its own here)
+Call: TypeAlias = Coroutine[Any, Any, T]
 
 # Seconds between two warnings about database faults being retried (one outage, one line).
 WARN_EVERY = 5.0
@@ -79,14 +81,26 @@ class ResilientCore:
             self._log.warning("iterflow: database fault in %s (%s); retrying for up to %.1fs",
                               what, exc, self.policy.timeout)
 
-    def _retry(self, what: str, call: Callable[[], Awaitable[T]], timeout: float | None = None) -> Awaitable[T]:
+    async def _retry(self, what: str, fn: Callable[..., Awaitable[T]], *args: Any, timeout: float | None = None) -> T:
+        """``fn(*args)``, with its faults retried. The first attempt is a plain await (the hot
+        path pays for nothing else); the retry loop, with its deadline and backoff, starts at
+        the first fault and runs for ``timeout`` (the policy's by default) from there."""
+        try:
+            return await fn(*args)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise to_iterflow_error(exc, what) from exc
+            self._fault(what, exc)
         policy = self.policy if timeout is None else replace(self.policy, timeout=timeout)
-        return retrying(call, policy, what, on_fault=lambda exc: self._fault(what, exc))
+        return await retrying(lambda: fn(*args), policy, what, on_fault=lambda exc: self._fault(what, exc))
 
     @staticmethod
-    async def _once(what: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def _once(what: str, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """``fn(*args)`` without retries (not safe to repeat), its failure still typed."""
         try:
-            return await call()
+            return await fn(*args)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -99,40 +113,40 @@ class ResilientCore:
     async def close(self) -> None:
         await self._once("close", self.inner.close)
 
-    async def check_schema(self) -> None:
-        await self._retry("check_schema", self.inner.check_schema)
+    def check_schema(self) -> Call[None]:
+        return self._retry("check_schema", self.inner.check_schema)
 
     # -- client side -----------------------------------------------------------------------
     async def insert_runs(self, specs: Sequence[RunSpec], conn: Any = None) -> list[Created]:
         if conn is not None:  # the caller's transaction: never repeated behind their back
-            return await self._once("insert_runs", lambda: self.inner.insert_runs(specs, conn))
-        return await self._retry("insert_runs", lambda: self.inner.insert_runs(specs))
+            return await self._once("insert_runs", self.inner.insert_runs, specs, conn)
+        return await self._retry("insert_runs", self.inner.insert_runs, specs)
 
-    async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
-        return await self._retry("deliver_signal", lambda: self.inner.deliver_signal(run_id, name, payload, key))
+    def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> Call[str]:
+        return self._retry("deliver_signal", self.inner.deliver_signal, run_id, name, payload, key)
 
-    async def cancel(self, run_id: str, reason: str) -> int:
-        return await self._retry("cancel", lambda: self.inner.cancel(run_id, reason))
+    def cancel(self, run_id: str, reason: str) -> Call[int]:
+        return self._retry("cancel", self.inner.cancel, run_id, reason)
 
-    async def retry(self, run_id: str) -> str:
-        return await self._retry("retry", lambda: self.inner.retry(run_id))
+    def retry(self, run_id: str) -> Call[str]:
+        return self._retry("retry", self.inner.retry, run_id)
 
-    async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        return await self._retry("get_run", lambda: self.inner.get_run(run_id))
+    def get_run(self, run_id: str) -> Call[dict[str, Any] | None]:
+        return self._retry("get_run", self.inner.get_run, run_id)
 
-    async def run_detail(self, run_id: str) -> dict[str, Any] | None:
-        return await self._retry("run_detail", lambda: self.inner.run_detail(run_id))
+    def run_detail(self, run_id: str) -> Call[dict[str, Any] | None]:
+        return self._retry("run_detail", self.inner.run_detail, run_id)
 
-    async def list_runs(
+    def list_runs(
         self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
-    ) -> list[dict[str, Any]]:
-        return await self._retry("list_runs", lambda: self.inner.list_runs(flt, limit, cursor))
+    ) -> Call[list[dict[str, Any]]]:
+        return self._retry("list_runs", self.inner.list_runs, flt, limit, cursor)
 
-    async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
-        return await self._retry("select_runs", lambda: self.inner.select_runs(flt, limit))
+    def select_runs(self, flt: RunFilter, limit: int) -> Call[list[str]]:
+        return self._retry("select_runs", self.inner.select_runs, flt, limit)
 
-    async def purge(self, run_ids: Sequence[str]) -> int:
-        return await self._retry("purge", lambda: self.inner.purge(run_ids))
+    def purge(self, run_ids: Sequence[str]) -> Call[int]:
+        return self._retry("purge", self.inner.purge, run_ids)
 
     async def listen(self) -> None:
         await self._once("listen", self.inner.listen)
@@ -164,56 +178,55 @@ class ResilientCore:
     def nudge(self) -> None:
         self.inner.nudge()
 
-    async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
-        return await self._retry("record_step", lambda: self.inner.record_step(run_id, rec, result, error))
+    def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> Call[StoredStep]:
+        return self._retry("record_step", self.inner.record_step, run_id, rec, result, error)
 
-    async def spawn_children(
+    def spawn_children(
         self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
-    ) -> list[Created]:
-        return await self._retry("spawn_children", lambda: self.inner.spawn_children(run_id, records, children))
+    ) -> Call[list[Created]]:
+        return self._retry("spawn_children", self.inner.spawn_children, run_id, records, children)
 
-    async def resolve_signal(
+    def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
-    ) -> tuple[str, Any, datetime]:
-        return await self._retry("resolve_signal", lambda: self.inner.resolve_signal(
-            run_id, key, seq, name, deadline_passed, timeout_error))
+    ) -> Call[tuple[str, Any, datetime]]:
+        return self._retry("resolve_signal", self.inner.resolve_signal,
+                           run_id, key, seq, name, deadline_passed, timeout_error)
 
-    async def suspend(
+    def suspend(
         self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
         attempts_delta: int | None,
-    ) -> bool:
-        return await self._retry("suspend", lambda: self.inner.suspend(
-            run_id, token, status, waiting, wake_at, attempts_delta))
+    ) -> Call[bool]:
+        return self._retry("suspend", self.inner.suspend, run_id, token, status, waiting, wake_at, attempts_delta)
 
-    async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
-        return await self._retry("finish", lambda: self.inner.finish(run_id, token, status, output, error))
+    def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> Call[bool]:
+        return self._retry("finish", self.inner.finish, run_id, token, status, output, error)
 
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
-        await self._once("add_event", lambda: self.inner.add_event(run_id, kind, data))
+        await self._once("add_event", self.inner.add_event, run_id, kind, data)
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         # renewals come every third of a lease: a renewal that is still failing by then is
         # reported (and the next one tried) instead of piling up behind it
         bound = min(self.policy.timeout, lease_ms / 3000)
-        return await self._retry("heartbeat", lambda: self.inner.heartbeat(leases, lease_ms), bound)
+        return await self._retry("heartbeat", self.inner.heartbeat, leases, lease_ms, timeout=bound)
 
-    async def expire_leases(self, limit: int) -> int:
-        return await self._retry("expire_leases", lambda: self.inner.expire_leases(limit))
+    def expire_leases(self, limit: int) -> Call[int]:
+        return self._retry("expire_leases", self.inner.expire_leases, limit)
 
-    async def next_due(self, names: Sequence[str]) -> float | None:
-        return await self._retry("next_due", lambda: self.inner.next_due(names))
+    def next_due(self, names: Sequence[str]) -> Call[float | None]:
+        return self._retry("next_due", self.inner.next_due, names)
 
-    async def requeue_parked(self, names: Sequence[str]) -> int:
-        return await self._retry("requeue_parked", lambda: self.inner.requeue_parked(names))
+    def requeue_parked(self, names: Sequence[str]) -> Call[int]:
+        return self._retry("requeue_parked", self.inner.requeue_parked, names)
 
-    async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
-        return await self._retry("prune", lambda: self.inner.prune(events_ms, runs_ms, batch))
+    def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> Call[dict[str, int] | None]:
+        return self._retry("prune", self.inner.prune, events_ms, runs_ms, batch)
 
-    async def pending_work(self, names: Sequence[str] | None) -> int:
-        return await self._retry("pending_work", lambda: self.inner.pending_work(names))
+    def pending_work(self, names: Sequence[str] | None) -> Call[int]:
+        return self._retry("pending_work", self.inner.pending_work, names)
 
-    async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
-        return await self._retry(f"admin_query {name}", lambda: self.inner.admin_query(name, *params))
+    def admin_query(self, name: str, *params: Any) -> Call[list[dict[str, Any]]]:
+        return self._retry(f"admin_query {name}", self.inner.admin_query, name, *params)
 
-    async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
-        return await self._retry("reconcile", lambda: self.inner.reconcile(stale_ms))
+    def reconcile(self, stale_ms: int) -> Call[dict[str, int] | None]:
+        return self._retry("reconcile", self.inner.reconcile, stale_ms)
