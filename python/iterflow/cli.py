@@ -36,6 +36,8 @@ from .types import STATUSES, TERMINAL
 MAX_CELL = 60
 # How long a command retries a database fault before it fails (the engine default is 30s).
 CLI_RETRY_TIMEOUT = "5s"
+# The logger of the client commands' engine (quiet: a command prints its own outcome).
+CLIENT_LOGGER = "iterflow.cli"
 
 
 class UsageError(Exception):
@@ -161,7 +163,7 @@ def _client(args: argparse.Namespace) -> Any:
     # notify workers from SQL either way). core defaults to "python": a single client call
     # gains nothing from starting the Rust core's runtime (see --core).
     return create_engine(dsn, schema=args.schema, notify=False, core=args.core,
-                         database_retry_timeout=args.retry_timeout)
+                         database_retry_timeout=args.retry_timeout, logger=logging.getLogger(CLIENT_LOGGER))
 
 
 async def _with_client(args: argparse.Namespace, body: Callable[[Any], Coroutine[Any, Any, int]]) -> int:
@@ -657,9 +659,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help (0) or a usage error (2)
         return exc.code if isinstance(exc.code, int) else 2
-    # the pool's reconnect attempts are retried faults: the one line that matters is the
-    # command's own error, once the retries ran out
+    # the pool's reconnect attempts and the client engine's retries are faults being retried:
+    # the one line that matters is the command's own error, once the retries ran out
     logging.getLogger("psycopg.pool").setLevel(logging.ERROR)
+    logging.getLogger(CLIENT_LOGGER).setLevel(logging.ERROR)
     run = getattr(args, "run", None)
     if run is None:
         (getattr(args, "parser", None) or parser).print_help(sys.stderr)
