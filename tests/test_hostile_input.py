@@ -351,6 +351,9 @@ BAD_OPTIONS = [
     ({"concurrency": 0}, "concurrency"),
     ({"concurrency": True}, "concurrency"),
     ({"concurrency": 5.0}, "concurrency"),
+    ({"max_connections": 2}, "max_connections"),
+    ({"max_connections": 1_001}, "max_connections"),
+    ({"max_connections": "10"}, "max_connections"),
     ({"poll_interval": "1ms"}, "poll_interval"),
     ({"poll_interval": timedelta.max}, "poll_interval"),
     ({"shutdown_timeout": timedelta.max}, "shutdown_timeout"),
@@ -402,9 +405,9 @@ def test_bad_dsn(core: str) -> None:
 
 def test_option_ranges_at_their_ends(dsn: str, core: str) -> None:
     for options in (
-        {"lease": "500ms", "concurrency": 1, "poll_interval": "10ms", "shutdown_timeout": 0},
+        {"lease": "500ms", "concurrency": 1, "poll_interval": "10ms", "shutdown_timeout": 0, "max_connections": 3},
         {"lease": "1d", "concurrency": 10_000, "poll_interval": "1h", "shutdown_timeout": "1d",
-         "max_run_attempts": 1_000_000, "default_step_timeout": timedelta(days=36_525)},
+         "max_connections": 1_000, "max_run_attempts": 1_000_000, "default_step_timeout": timedelta(days=36_525)},
     ):
         create_engine(dsn, core=core, **options)
 

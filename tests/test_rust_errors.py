@@ -185,4 +185,4 @@ async def test_a_server_restart_fails_calls_fast_then_everything_reconnects(
 
 async def test_a_nan_timeout_does_not_panic(open_core: Any, schema_name: str) -> None:
     core = await open_core(schema_name)
-    await asyncio.wait_for(core.wait_run_change(str(uuid.uuid4()), float("nan")), 5)
+    await asyncio.wait_for(core.changed_runs(float("nan")), 5)

@@ -92,6 +92,7 @@ class Context:
         # without writing anything, and the run is claimed again (see _abandon)
         self.abandoned: BaseException | None = None
         self._tokens: set[AbortToken] = set()
+        self._log_writes: set[asyncio.Task[None]] = set()
         self._spawned = sum(1 for rec in run.history.values() if rec.kind == "invoke")
 
     # -- cursor keys and drift -------------------------------------------------------------
@@ -557,9 +558,17 @@ class Context:
             return
         payload = codec.encode({"message": message, **data}, field="log data", limit=None, code=Code.STEP_FAILED)
         self._rt.log.info(message, extra={"run_id": self.run_id, "flow": self.flow_name, "data": data})
-        asyncio.get_running_loop().create_task(self._record_log(key, seq, payload))
+        write = asyncio.get_running_loop().create_task(self._record_log(key, seq, payload))
+        self._log_writes.add(write)
+        write.add_done_callback(self._log_writes.discard)
         self._in_flight += 1
         self._quiet.clear()
+
+    async def logs_written(self) -> None:
+        """Wait for the background log records: a run becomes terminal only after everything
+        it recorded, so whoever reads it after ``result()`` sees every log line."""
+        if self._log_writes:
+            await asyncio.gather(*self._log_writes, return_exceptions=True)
 
     async def _record_log(self, key: str, seq: int, payload: str) -> None:
         try:

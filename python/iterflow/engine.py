@@ -47,6 +47,7 @@ from .types import (
     encode_cursor,
     run_id_of,
 )
+from .waiters import WaiterRegistry
 from .worker import Worker
 
 MAX_PAGE = 500
@@ -55,6 +56,10 @@ AUTO_SIGNAL_KEY = "auto:"
 # The ranges of the engine options (docs/guide.md § 3 lists them with their defaults).
 CORES = ("auto", "rust", "python")
 MAX_CONCURRENCY = 10_000
+# max_connections: the LISTEN connection and two pooled ones (retention holds its lock on one
+# while it deletes on another), at most what a large
+# server allows (the Rust pool's own ceiling is higher)
+CONNECTIONS_RANGE = (3, 1_000)
 MAX_RUN_ATTEMPTS = 1_000_000
 LEASE_RANGE = (timedelta(milliseconds=500), timedelta(days=1))
 POLL_RANGE = (timedelta(milliseconds=10), timedelta(hours=1))
@@ -122,6 +127,12 @@ def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, no
                       acquire_timeout=max(min(retry_timeout, ACQUIRE_TIMEOUT), 0.1))
 
 
+def _pool_size(max_connections: int, notify: bool) -> int:
+    """The pool's share of the connection cap: the LISTEN connection takes one. Concurrency
+    does not size it: runs in flight queue for a connection (docs/scaling.md)."""
+    return max_connections - 1 if notify else max_connections
+
+
 class Engine:
     """Create with ``create_engine``. A process that never calls ``listen()`` executes nothing."""
 
@@ -130,13 +141,13 @@ class Engine:
                  lease: Any = "30s", retention: Any = None, limits: Any = None, metrics: Any = None,
                  logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
                  drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s",
-                 database_retry_timeout: Any = "30s") -> None:
+                 database_retry_timeout: Any = "30s", max_connections: int = 10) -> None:
         self._options = dict(
             dsn=dsn, pool=pool, core=core, schema=schema, concurrency=concurrency, max_run_attempts=max_run_attempts,
             default_step_timeout=default_step_timeout, lease=lease, retention=retention, limits=limits,
             metrics=metrics, logger=logger, notify=notify, reconciler=reconciler, drift=drift,
             poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
-            database_retry_timeout=database_retry_timeout,
+            database_retry_timeout=database_retry_timeout, max_connections=max_connections,
         )
         # every option is checked here, before anything is built (ranges: docs/guide.md § 3)
         if dsn is None and pool is None:
@@ -152,6 +163,7 @@ class Engine:
         notify = validate.flag(notify, "notify")
         reconciler = validate.flag(reconciler, "reconciler")
         concurrency = validate.integer(concurrency, "concurrency", 1, MAX_CONCURRENCY)
+        max_connections = validate.integer(max_connections, "max_connections", *CONNECTIONS_RANGE)
         max_run_attempts = validate.integer(max_run_attempts, "max_run_attempts", 1, MAX_RUN_ATTEMPTS)
         if not isinstance(drift, str) or drift not in DRIFT_MODES:
             raise InvalidArgument("drift", f"must be 'park' or 'fail', got {validate.show(drift)}")
@@ -174,7 +186,7 @@ class Engine:
         # every core call goes through the retry layer: a database fault is retried for up to
         # database_retry_timeout, then raised as DatabaseUnavailable (never a driver's error)
         self.core: Core = ResilientCore(
-            _pick_core(core, dsn, pool, schema, concurrency + 4, notify, self.log, retry_timeout),
+            _pick_core(core, dsn, pool, schema, _pool_size(max_connections, notify), notify, self.log, retry_timeout),
             RetryPolicy(timeout=retry_timeout), self.log,
         )
         self.runtime = Runtime(
@@ -189,6 +201,7 @@ class Engine:
         self._open_lock: asyncio.Lock | None = None
         self._sync: SyncEngine | None = None
         self._sync_lock = threading.Lock()
+        self.waiters = WaiterRegistry()  # every result()/wait() of this engine (waiters.py)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def register(self, flow: Flow) -> FlowHandle:
@@ -325,6 +338,7 @@ class Engine:
         """Graceful: stop claiming, let in-flight steps finish (or abort them at the deadline)."""
         if self._worker is not None:
             await self._worker.stop()
+        await self.waiters.close()
         if self._open:
             await self.core.close()
             self._open = False

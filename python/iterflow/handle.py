@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import time
+import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from . import validate
-from .cores.base import RunSpec
+from .cores.base import Core, RunSpec
 from .durations import MAX_DURATION, parse_duration
-from .errors import Code, InvalidArgument, RunCanceled, RunFailed, RunNotFound
+from .errors import Code, InvalidArgument, IterflowError, RunCanceled, RunFailed, RunNotFound
 from .flow import check_name, check_version
 from .schemas import Schema
 from .sync import SyncHandle
@@ -20,7 +21,8 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .flow import Flow
 
-POLL = 1.0
+# Seconds a wait() watch lives unrenewed (renewed at half-life while its waiter waits).
+WATCH_TTL = 600.0
 # A start_many this large refreshes the hot tables' statistics (not on a caller's connection:
 # their transaction is theirs); autovacuum would get there too, but up to a minute later.
 ANALYZE_AFTER = 1000
@@ -84,28 +86,26 @@ class FlowHandle:
         return [StartResult(m.run_id, m.status, m.created) for m in made]
 
     async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
-        """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``."""
+        """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``.
+
+        Waiting costs nothing per waiter: every ``result()`` of the process shares one LISTEN
+        connection and batched reads (see ``waiters.py``)."""
         rid = run_id_of(run_id)
         if rid is None:
             raise RunNotFound(run_id)
-        run_id = rid
         _check_timeout(timeout)
         core = await self._engine.client()
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            row = await core.get_run(run_id)
-            if row is None:
-                raise RunNotFound(run_id)
-            if row["status"] in TERMINAL:
-                return _outcome(run_id, row)
-            remaining = POLL if deadline is None else deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"run {run_id} is still {row['status']} after {timeout}s")
-            await core.wait_run_change(run_id, min(remaining, POLL))
+        row = await self._engine.waiters.here(core).terminal(rid, timeout)
+        if row is None:
+            raise RunNotFound(rid)
+        return _outcome(rid, row)
 
     async def wait(self, run_id: str, *, step: str | None = None, signal: str | None = None,
                    timeout: float | None = None) -> None:
-        """Return once ``step`` has finished or ``signal`` has arrived for the run."""
+        """Return once ``step`` has finished or ``signal`` has arrived for the run.
+
+        The run is watched while this waits: its progress is announced on the LISTEN
+        connection (docs/signals.md), so the run's detail is re-read on a wake-up, not polled."""
         if (step is None) == (signal is None):
             raise InvalidArgument("step", "pass exactly one of step= or signal=")
         validate.lookup(step, "step")
@@ -113,23 +113,49 @@ class FlowHandle:
         rid = run_id_of(run_id)
         if rid is None:
             raise RunNotFound(run_id)
-        run_id = rid
         _check_timeout(timeout)
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout
-        pause = 0.01
-        while True:
-            detail = await core.run_detail(run_id)
-            if detail is None:
-                raise RunNotFound(run_id)
-            if _reached(detail, step, signal):
-                return
-            if detail["run"]["status"] in TERMINAL:
-                raise RunFailed(run_id, Code.STEP_FAILED, f"run ended {detail['run']['status']} before that point")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise TimeoutError(f"run {run_id} did not reach {step or signal} within {timeout}s")
-            await asyncio.sleep(pause)
-            pause = min(pause * 2, 0.25)
+        async with self._engine.waiters.here(core).progress(rid) as changes, _Watch(core, rid) as watch:
+            while True:
+                detail = await core.run_detail(rid)
+                if detail is None:
+                    raise RunNotFound(rid)
+                if _reached(detail, step, signal):
+                    return
+                if detail["run"]["status"] in TERMINAL:
+                    raise RunFailed(rid, Code.STEP_FAILED, f"run ended {detail['run']['status']} before that point")
+                remaining = WATCH_TTL if deadline is None else deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError(f"run {rid} did not reach {step or signal} within {timeout}s")
+                await watch.renew()
+                await changes.next(min(remaining, WATCH_TTL / 2))
+
+
+class _Watch:
+    """A ``watches`` row for one ``wait()`` call (migration 0005): while it lives, the run's
+    step records and signal deliveries send ``p <run id>`` wake-ups."""
+
+    def __init__(self, core: Core, run_id: str) -> None:
+        self._core = core
+        self._run_id = run_id
+        self._watcher = str(uuid.uuid4())
+        self._renewed = 0.0
+
+    async def renew(self) -> None:
+        """(Re)write the watch when half its life has gone by."""
+        if time.monotonic() - self._renewed >= WATCH_TTL / 2:
+            await self._core.admin_query("watch_run", self._run_id, self._watcher, WATCH_TTL)
+            self._renewed = time.monotonic()
+
+    async def __aenter__(self) -> _Watch:
+        await self.renew()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        # a watch left behind (the database is down now) expires on its own
+        with contextlib.suppress(IterflowError):
+            await self._core.admin_query("unwatch_run", self._run_id, self._watcher)
 
 
 def _check_timeout(timeout: Any) -> None:

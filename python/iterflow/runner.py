@@ -132,6 +132,9 @@ class Execution:
             return await self._cancel()
         if output is _SUSPENDED or ctx.decided:
             return await self._suspend(ctx.suspensions)
+        await ctx.logs_written()
+        if ctx.abandoned is not None:  # (a log record's write gave up)
+            return self._abandon(ctx.abandoned)
         try:
             encoded = codec.encode(output, field="output", limit=None, code=Code.STEP_FAILED)
         except Exception as exc:  # noqa: BLE001 - an output that cannot be stored fails the run at

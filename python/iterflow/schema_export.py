@@ -120,6 +120,13 @@ crons = Table(
     Column("last_fire_at", DateTime(timezone=True)),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
 )
+
+watches = Table(
+    "watches", metadata,
+    Column("run_id", UUID, primary_key=True),
+    Column("watcher", UUID, primary_key=True),
+    Column("expires_at", DateTime(timezone=True), nullable=False),
+)
 '''
 
 

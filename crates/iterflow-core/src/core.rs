@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::task::JoinHandle;
 
-use crate::listener::{Hub, Listener};
+use crate::listener::{Changes, Hub, Listener};
 use crate::outbox::{relay, Outbox};
 use crate::pool::{parse_dsn, run, Pool};
 use crate::queries::Queries;
@@ -591,11 +591,7 @@ impl Core {
             .pool
             .query("retry_run", &[Param::text(run_id)])
             .await?;
-        let kind = text(&rows.scalar()).unwrap_or_default();
-        if kind == "queued" {
-            self.inner.hub.forget_finished(run_id);
-        }
-        Ok(kind)
+        Ok(text(&rows.scalar()).unwrap_or_default())
     }
 
     /// The `get_run` row (columns as in queries.sql), or None.
@@ -607,6 +603,18 @@ impl Core {
             .query("get_run", &[Param::text(run_id)])
             .await?;
         Ok((!rows.rows.is_empty()).then_some(rows))
+    }
+
+    /// The `wait_runs` rows for `run_ids`, one per id, in one statement (the waiters'
+    /// batched read).
+    pub async fn wait_runs(&self, run_ids: &[String]) -> Result<Rows, CoreError> {
+        for id in run_ids {
+            check_uuid("run_ids", id)?;
+        }
+        self.inner
+            .pool
+            .query("wait_runs", &[Param::texts(run_ids)])
+            .await
     }
 
     /// `[run, steps, signals, children, events, timer]`, pipelined in one round trip; None
@@ -689,18 +697,19 @@ impl Core {
         Ok(rows.affected)
     }
 
-    /// Return when `run_id` may have become terminal, or after `timeout`.
-    pub async fn wait_run_change(&self, run_id: &str, timeout: Duration) {
+    /// Run ids that may have changed since the last call (terminal, or a watched run's
+    /// progress), waiting up to `timeout` for one; see [`Hub::next_changes`]. Without a
+    /// LISTEN connection only this process's own finishes arrive, so `listening` tells the
+    /// caller to fall back to reading everything it waits for on a short interval.
+    pub async fn changed_runs(&self, timeout: Duration) -> (Changes, bool) {
         self.listen();
-        if self.listening() {
-            self.inner.hub.wait_run(run_id, timeout).await;
+        let listening = self.listening();
+        let wait = if listening {
+            timeout
         } else {
-            // no LISTEN: poll, but still return at once for runs finished by this process
-            self.inner
-                .hub
-                .wait_run(run_id, timeout.min(Duration::from_millis(50)))
-                .await;
-        }
+            timeout.min(Duration::from_millis(250))
+        };
+        (self.inner.hub.next_changes(wait).await, listening)
     }
 
     // -- worker side ----------------------------------------------------------------------
@@ -981,7 +990,7 @@ impl Core {
         async move {
             let ok = pending.await?.scalar().as_bool().unwrap_or(false);
             if ok {
-                hub.run_finished(&run_id);
+                hub.run_changed(&run_id);
             }
             Ok(ok)
         }

@@ -1,12 +1,16 @@
 //! Wake-ups: one LISTEN connection per core, fanned out to every waiter in the process.
 //!
-//! Payloads on `iterflow.<schema>`: `q <flow_name>` (new work) and `d <run_id>` (a run became
-//! terminal). Notifications are hints, never the source of truth: waiters always re-read the
-//! database and poll on a timeout, so a dropped connection only costs latency. The same hub
-//! takes local wake-ups (this process inserted work, a timer fired, a run finished here), so
-//! they need no round trip through the server at all.
+//! Payloads on `iterflow.<schema>`: `q <flow_name>` (new work), `d <run_id>` (a run became
+//! terminal) and `p <run_id>` (a watched run made progress: a step finished or a signal
+//! arrived; docs/signals.md). Notifications are hints, never the source of truth: waiters
+//! re-read the database, and read everything they wait for once per safety interval, so a
+//! dropped connection only costs latency. The same hub takes local wake-ups (this process
+//! inserted work, a timer fired, a run finished here), so they need no round trip through the
+//! server at all.
+//!
+//! Run changes go to one consumer, the process's waiter collector (`waiters.py`), as a log it
+//! drains in batches: a thousand runs finishing in one loop turn cost it one call and one read.
 
-use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -16,23 +20,34 @@ use tokio::sync::{oneshot, Notify};
 use tokio::task::JoinHandle;
 use tokio_postgres::{AsyncMessage, Config, NoTls};
 
-/// How many recently finished run ids are remembered for late waiters.
-const FINISHED_MEMORY: usize = 10_000;
+/// Most run ids the change log holds. Past it the log forgets them and asks its consumer to
+/// re-read every run it waits for instead; a process that never waits holds at most this many.
+const CHANGE_LOG_LIMIT: usize = 50_000;
 
+/// Runs that may have changed since the consumer last looked.
 #[derive(Default)]
-struct Runs {
-    waiters: HashMap<String, Vec<(u64, oneshot::Sender<()>)>>,
-    finished: HashSet<String>,
-    order: VecDeque<String>,
-    next_id: u64,
+struct ChangeLog {
+    ids: Vec<String>,
+    /// Changes may have been missed (the listener reconnected, or the log overflowed).
+    everything: bool,
 }
 
-/// The fan-out hub: work flag + per-run waiters + recently finished runs.
+/// One drain of the change log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Changes {
+    /// Run ids that may have changed, in arrival order, possibly repeated.
+    pub ids: Vec<String>,
+    /// Any run may have changed: re-read them all.
+    pub everything: bool,
+}
+
+/// The fan-out hub: the work flag for claims, the change log for waiters.
 #[derive(Default)]
 pub struct Hub {
     work: AtomicBool,
     work_notify: Notify,
-    runs: Mutex<Runs>,
+    changes: Mutex<ChangeLog>,
+    change_notify: Notify,
     connected: AtomicBool,
     /// Notifications received (for tests and stats).
     pub received: AtomicU64,
@@ -58,39 +73,24 @@ impl Hub {
         self.work_notify.notify_waiters();
     }
 
-    /// Run `run_id` became terminal: wake its waiters and remember it.
-    pub fn run_finished(&self, run_id: &str) {
-        let senders = {
-            let mut runs = self.runs.lock().expect("hub lock");
-            if runs.finished.insert(run_id.to_string()) {
-                runs.order.push_back(run_id.to_string());
-                while runs.order.len() > FINISHED_MEMORY {
-                    if let Some(old) = runs.order.pop_front() {
-                        runs.finished.remove(&old);
-                    }
-                }
+    /// Run `run_id` may have changed (finished, or a watched run made progress).
+    pub fn run_changed(&self, run_id: &str) {
+        {
+            let mut log = self.changes.lock().expect("hub lock");
+            if log.ids.len() >= CHANGE_LOG_LIMIT {
+                log.ids = Vec::new();
+                log.everything = true;
+            } else {
+                log.ids.push(run_id.to_string());
             }
-            runs.waiters.remove(run_id).unwrap_or_default()
-        };
-        for (_, tx) in senders {
-            let _ = tx.send(());
         }
+        self.change_notify.notify_one();
     }
 
-    /// Forget that `run_id` finished (e.g. it was retried and is live again).
-    pub fn forget_finished(&self, run_id: &str) {
-        let mut runs = self.runs.lock().expect("hub lock");
-        runs.finished.remove(run_id);
-    }
-
-    fn wake_all_runs(&self) {
-        let all: Vec<_> = {
-            let mut runs = self.runs.lock().expect("hub lock");
-            runs.waiters.drain().flat_map(|(_, v)| v).collect()
-        };
-        for (_, tx) in all {
-            let _ = tx.send(());
-        }
+    /// Any run may have changed (wake-ups may have been lost while disconnected).
+    fn everything_changed(&self) {
+        self.changes.lock().expect("hub lock").everything = true;
+        self.change_notify.notify_one();
     }
 
     /// Handle one notification payload.
@@ -99,35 +99,33 @@ impl Hub {
         let (kind, arg) = payload.split_once(' ').unwrap_or((payload, ""));
         match kind {
             "q" => self.wake_work(),
-            "d" => self.run_finished(arg),
+            "d" | "p" => self.run_changed(arg),
             _ => {}
         }
     }
 
-    /// Return when `run_id` may have changed (finished), or after `timeout`.
-    pub async fn wait_run(&self, run_id: &str, timeout: Duration) {
-        let (id, rx) = {
-            let mut runs = self.runs.lock().expect("hub lock");
-            if runs.finished.contains(run_id) {
-                return;
-            }
-            runs.next_id += 1;
-            let id = runs.next_id;
-            let (tx, rx) = oneshot::channel();
-            runs.waiters
-                .entry(run_id.to_string())
-                .or_default()
-                .push((id, tx));
-            (id, rx)
-        };
-        let _ = tokio::time::timeout(timeout, rx).await;
-        let mut runs = self.runs.lock().expect("hub lock");
-        if let Some(list) = runs.waiters.get_mut(run_id) {
-            list.retain(|(i, _)| *i != id);
-            if list.is_empty() {
-                runs.waiters.remove(run_id);
+    /// Drain the change log, first waiting up to `timeout` for it to fill if it is empty.
+    /// One consumer at a time (a change announced while nobody waits is kept for the next).
+    pub async fn next_changes(&self, timeout: Duration) -> Changes {
+        let deadline = tokio::time::Instant::now() + timeout;
+        // a wake-up stored for a change that an earlier drain already took finds the log
+        // empty: wait again, up to the same deadline
+        while self.change_log_empty() {
+            let woken = tokio::time::timeout_at(deadline, self.change_notify.notified()).await;
+            if woken.is_err() {
+                break;
             }
         }
+        let mut log = self.changes.lock().expect("hub lock");
+        Changes {
+            ids: std::mem::take(&mut log.ids),
+            everything: std::mem::take(&mut log.everything),
+        }
+    }
+
+    fn change_log_empty(&self) -> bool {
+        let log = self.changes.lock().expect("hub lock");
+        log.ids.is_empty() && !log.everything
     }
 
     /// Return when new work may be ready, or after `timeout`; consumes the wake-up.
@@ -139,14 +137,6 @@ impl Hub {
             let _ = tokio::time::timeout(timeout, notified).await;
             self.work.store(false, Ordering::Release);
         }
-    }
-
-    /// Number of registered run waiters (for tests).
-    pub fn waiter_count(&self) -> usize {
-        self.runs
-            .lock()
-            .map(|r| r.waiters.values().map(Vec::len).sum())
-            .unwrap_or(0)
     }
 }
 
@@ -220,7 +210,7 @@ async fn listen_once(
     hub.set_connected(true);
     // anything may have happened while we were away
     hub.wake_work();
-    hub.wake_all_runs();
+    hub.everything_changed();
     let _ = done_rx.await;
     drop(client);
     Ok(())

@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0002_deferred_notify.sql"),
     include_str!("../../../python/iterflow/migrations/0003_hot_run_updates.sql"),
     include_str!("../../../python/iterflow/migrations/0004_signal_delivery.sql"),
+    include_str!("../../../python/iterflow/migrations/0005_watches.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.

@@ -278,10 +278,11 @@ where
 }
 
 /// `spawn` for calls Python may cancel (waits): the task is aborted on `Pump.cancel`.
-fn spawn_cancellable<F, C>(pump: &Pump, ticket: u64, fut: F, conv: C) -> PyResult<()>
+fn spawn_cancellable<T, F, C>(pump: &Pump, ticket: u64, fut: F, conv: C) -> PyResult<()>
 where
-    F: Future<Output = Result<(), iterflow_core::CoreError>> + Send + 'static,
-    C: for<'a> FnOnce(Python<'a>, ()) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
+    T: Send + 'static,
+    F: Future<Output = Result<T, iterflow_core::CoreError>> + Send + 'static,
+    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
 {
     let rt = runtime()?;
     let inner = pump.inner.clone();
@@ -743,23 +744,40 @@ impl Core {
         )
     }
 
-    fn wait_run_change<'py>(
+    /// -> (run ids that may have changed, whether any run may have, whether LISTEN is up);
+    /// waits up to `timeout` seconds for a change. Cancellable.
+    fn changed_runs<'py>(
         &self,
         _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
-        run_id: String,
         timeout: f64,
     ) -> PyResult<()> {
         let core = self.core.clone();
         spawn_cancellable(
             pump,
             ticket,
-            async move {
-                core.wait_run_change(&run_id, secs(timeout)).await;
-                Ok(())
+            async move { Ok(core.changed_runs(secs(timeout)).await) },
+            |py, (changes, listening)| {
+                (changes.ids, changes.everything, listening).into_bound_py_any(py)
             },
-            |py, ()| Ok(none(py)),
+        )
+    }
+
+    /// The `wait_runs` rows (one per id, in one statement) as dicts.
+    fn wait_runs<'py>(
+        &self,
+        _py: Python<'py>,
+        pump: &Pump,
+        ticket: u64,
+        run_ids: Vec<String>,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn(
+            pump,
+            ticket,
+            async move { core.wait_runs(&run_ids).await },
+            |py, rows| Ok(dicts(py, &rows)?.into_any()),
         )
     }
 

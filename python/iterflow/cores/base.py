@@ -59,7 +59,7 @@ class JsonArg:
 # Statements outside the hot path that both cores run generically through ``admin_query``.
 ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
-    "shift_time", "next_wake", "analyze_hot", "release_leases",
+    "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
 })
 
 
@@ -169,8 +169,15 @@ class Core(Protocol):
         run opens it too; until then a process that only starts runs and sends signals holds
         no LISTEN connection and is not woken by every notification of the schema."""
         ...
-    async def wait_run_change(self, run_id: str, timeout: float) -> None:
-        """Return when ``run_id`` may have become terminal, or after ``timeout`` seconds."""
+    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
+        """``(run ids, everything, listening)``: the runs that may have changed (became
+        terminal, or a watched run made progress) since the last call, waiting up to
+        ``timeout`` seconds for one. ``everything``: changes may have been missed (the LISTEN
+        connection came back), re-read them all. ``listening``: whether LISTEN is up; without
+        it only this process's own finishes are logged. One consumer (waiters.py)."""
+        ...
+    async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        """The ``wait_runs`` rows of ``run_ids`` (one statement, one row per id)."""
         ...
 
     # -- worker side -------------------------------------------------------------------

@@ -11,7 +11,6 @@ import contextlib
 import inspect
 import json
 import logging
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any
@@ -64,21 +63,56 @@ def _j(text: str | None) -> _JsonText | None:
     return None if text is None else _JsonText(text)
 
 
-class Listener:
-    """One LISTEN connection per core: wakes ``result()`` waiters and idle workers.
+# Most run ids the change log holds; past it, it forgets them and asks for a full re-read.
+CHANGE_LOG_LIMIT = 50_000
 
-    Notifications are hints, never the source of truth; callers always re-read the database,
-    and poll on a timeout, so a dropped connection only costs latency. Reconnects with backoff.
+
+class ChangeLog:
+    """Runs that may have changed since the waiters' collector last looked (waiters.py):
+    ``d``/``p`` notifications and this process's own finishes. One consumer."""
+
+    def __init__(self) -> None:
+        self._ids: list[str] = []
+        self._everything = False
+        self._event = asyncio.Event()
+
+    def add(self, run_id: str) -> None:
+        if len(self._ids) >= CHANGE_LOG_LIMIT:
+            self._ids = []
+            self._everything = True
+        else:
+            self._ids.append(run_id)
+        self._event.set()
+
+    def everything(self) -> None:
+        """Any run may have changed (wake-ups may have been lost while disconnected)."""
+        self._everything = True
+        self._event.set()
+
+    async def next(self, timeout: float) -> tuple[list[str], bool]:
+        """Drain the log, first waiting up to ``timeout`` seconds for it to fill."""
+        if not self._ids and not self._everything:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event.wait(), timeout)
+        self._event.clear()
+        ids, self._ids = self._ids, []
+        everything, self._everything = self._everything, False
+        return ids, everything
+
+
+class Listener:
+    """One LISTEN connection per core: wakes idle workers and feeds the change log.
+
+    Notifications are hints, never the source of truth: waiters re-read the database and
+    read everything once per safety interval, so a dropped connection only costs latency.
+    Reconnects with backoff.
     """
 
-    def __init__(self, dsn: str, channel: str, application_name: str | None = None) -> None:
+    def __init__(self, dsn: str, channel: str, changes: ChangeLog, application_name: str | None = None) -> None:
         self._dsn = dsn
         self._channel = channel
         self._connect_args: dict[str, Any] = {"application_name": application_name} if application_name else {}
-        self._runs: dict[str, set[asyncio.Event]] = {}
-        # run ids that finished recently: a waiter that registers just after the notification
-        # went by still returns at once instead of waiting for the poll
-        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._changes = changes
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -103,7 +137,7 @@ class Listener:
                     self.connected.set()
                     delay = 0.1
                     self._work.set()  # anything may have happened while we were away
-                    self._wake_all_runs()
+                    self._changes.everything()
                     async for note in conn.notifies():
                         self._dispatch(note.payload)
             except asyncio.CancelledError:
@@ -118,32 +152,8 @@ class Listener:
         kind, _, arg = payload.partition(" ")
         if kind == "q":
             self._work.set()
-        elif kind == "d":
-            self._finished[arg] = None
-            if len(self._finished) > 10_000:
-                self._finished.popitem(last=False)
-            for event in self._runs.get(arg, ()):
-                event.set()
-
-    def _wake_all_runs(self) -> None:
-        for events in self._runs.values():
-            for event in events:
-                event.set()
-
-    async def wait_run(self, run_id: str, timeout: float) -> None:
-        if run_id in self._finished:
-            return
-        event = asyncio.Event()
-        self._runs.setdefault(run_id, set()).add(event)
-        try:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(event.wait(), timeout)
-        finally:
-            waiters = self._runs.get(run_id)
-            if waiters is not None:
-                waiters.discard(event)
-                if not waiters:
-                    del self._runs[run_id]
+        elif kind in ("d", "p"):
+            self._changes.add(arg)
 
     async def wait_work(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -178,6 +188,7 @@ class PythonCore:
         self._pool_size = pool_size
         self._notify = notify
         self._listener: Listener | None = None
+        self._changes = ChangeLog()
         self._closed = False  # no listener starts after close (a caller-owned pool stays set)
         self._nudged = asyncio.Event()
 
@@ -214,7 +225,7 @@ class PythonCore:
             return
         dsn = await self._listen_dsn()  # (may yield: another caller may have started it since)
         if self._listener is None and not self._closed:
-            self._listener = Listener(dsn, sql.channel(self.schema), self._app_names[1])
+            self._listener = Listener(dsn, sql.channel(self.schema), self._changes, self._app_names[1])
             self._listener.start()
 
     async def close(self) -> None:
@@ -348,12 +359,16 @@ class PythonCore:
             await cur.execute(self._q["purge_runs"], (list(run_ids),))
             return cur.rowcount
 
-    async def wait_run_change(self, run_id: str, timeout: float) -> None:
+    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
         await self.listen()
-        if self._listener is not None and self._listener.connected.is_set():
-            await self._listener.wait_run(run_id, timeout)
-        else:
-            await asyncio.sleep(min(timeout, 0.05))
+        listening = self._listener is not None and self._listener.connected.is_set()
+        ids, everything = await self._changes.next(timeout if listening else min(timeout, 0.25))
+        return ids, everything, listening
+
+    async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        async with self._stmt() as cur:
+            await cur.execute(self._q["wait_runs"], (list(run_ids),))
+            return [{**row, "id": str(row["id"])} for row in _dicts(cur, await cur.fetchall())]
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(
@@ -405,7 +420,10 @@ class PythonCore:
 
     async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
         row = await self._one("finish_run", run_id, token, status, _j(output), _j(error))
-        return bool(row and row[0])
+        finished = bool(row and row[0])
+        if finished:
+            self._changes.add(run_id)  # this process's waiters need no round trip
+        return finished
 
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._rows("add_event", run_id, kind, _j(data))

@@ -151,17 +151,21 @@ class ResilientCore:
     async def listen(self) -> None:
         await self._once("listen", self.inner.listen)
 
-    async def wait_run_change(self, run_id: str, timeout: float) -> None:
-        """A hint, never the truth: a fault ends the wait early and the caller re-reads the run
-        (a read that is retried)."""
+    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
+        """A hint, never the truth: a fault ends the wait early, asking the caller to re-read
+        everything it waits for (a read that is retried)."""
         try:
-            await self.inner.wait_run_change(run_id, timeout)
+            return await self.inner.changed_runs(timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if not is_transient(exc):
-                raise to_iterflow_error(exc, "wait_run_change") from exc
+                raise to_iterflow_error(exc, "changed_runs") from exc
             await asyncio.sleep(min(timeout, 0.1))
+            return [], True, False
+
+    def wait_runs(self, run_ids: Sequence[str]) -> Call[list[dict[str, Any]]]:
+        return self._retry("wait_runs", self.inner.wait_runs, run_ids)
 
     # -- worker side -----------------------------------------------------------------------
     async def claim(

@@ -196,12 +196,12 @@ class RustCore:
         """Start ``method`` on the runtime now; the future resolves on this loop."""
         return self._pump_here().call(method, *args)[1]
 
-    async def _wait(self, method: Any, *args: Any) -> None:
+    async def _wait(self, method: Any, *args: Any) -> Any:
         """A cancellable call: cancelling the awaiting task aborts it on the runtime."""
         pump = self._pump_here()
         ticket, fut = pump.call(method, *args)
         try:
-            await fut
+            return await fut
         except asyncio.CancelledError:
             pump.rust.cancel(ticket)
             raise
@@ -276,8 +276,12 @@ class RustCore:
         if self._core is not None:
             self._c.listen()
 
-    async def wait_run_change(self, run_id: str, timeout: float) -> None:
-        await self._wait(self._c.wait_run_change, run_id, float(timeout))
+    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
+        ids, everything, listening = await self._wait(self._c.changed_runs, float(timeout))
+        return list(ids), bool(everything), bool(listening)
+
+    async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
+        return await self._run(self._c.wait_runs, list(run_ids))  # type: ignore[no-any-return]
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(

@@ -61,8 +61,11 @@ WITH ins AS (
            child_id = excluded.child_id, finished_at = excluded.finished_at
      WHERE {schema}.steps.status <> 'done'
     RETURNING status, result, error, true AS written, finished_at
+), watched AS (
+    -- progress wake-up for a watched run (migration 0005)
+    SELECT {schema}.notify_watchers(ARRAY[$1::uuid])
 )
-SELECT status, result, error, written, finished_at FROM ins
+SELECT status, result, error, written, finished_at FROM ins, watched
 UNION ALL
 SELECT status, result, error, false, finished_at FROM {schema}.steps
  WHERE run_id = $1 AND key = $2 AND NOT EXISTS (SELECT 1 FROM ins)
@@ -89,9 +92,12 @@ WITH x AS (
            child_id = excluded.child_id, finished_at = excluded.finished_at
      WHERE s.status <> 'done'
     RETURNING s.run_id, s.key, s.status, s.result, s.error, s.finished_at
+), watched AS (
+    -- progress wake-ups for watched runs (migration 0005)
+    SELECT {schema}.notify_watchers(array_agg(DISTINCT run_id)) FROM ins
 )
 SELECT x.ord, ins.status, ins.result, ins.error, true AS written, ins.finished_at
-  FROM ins JOIN x ON x.run_id = ins.run_id AND x.key = ins.key
+  FROM ins JOIN x ON x.run_id = ins.run_id AND x.key = ins.key CROSS JOIN watched
 UNION ALL
 -- a record left alone was final already: its stored row, as the snapshot shows it
 SELECT x.ord, s.status, s.result, s.error, false, s.finished_at
@@ -143,7 +149,8 @@ SELECT {schema}.suspend_run($1, $2, $3, $4, $5, $6)
 SELECT outcome, payload, at FROM {schema}.resolve_signal($1, $2, $3, $4, $5, $6)
 
 -- name: deliver_signal
-SELECT {schema}.deliver_signal($1, $2, $3, $4)
+-- The function's answer first; a watched run also announces the arrival (migration 0005).
+SELECT {schema}.deliver_signal($1, $2, $3, $4), {schema}.notify_watchers(ARRAY[$1::uuid])
 
 -- name: cancel_tree
 SELECT {schema}.cancel_tree($1, $2)
@@ -208,6 +215,26 @@ UPDATE {schema}.queue q SET ready_at = now()
 SELECT id, name, version, status, tags, attempts, created_at, updated_at, error, waiting,
        input, output, parent_id, idempotency_key, cancel_reason, finished_at
   FROM {schema}.runs WHERE id = $1
+
+-- name: wait_runs
+-- The runs that result() waiters wait for, read together (waiters.py): one row per id asked,
+-- status NULL when there is no such run, output and error only once the run is terminal (a
+-- live run's row stays small).
+SELECT x.id, r.status, r.cancel_reason,
+       CASE WHEN r.status IN ('done', 'failed', 'canceled') THEN r.output END AS output,
+       CASE WHEN r.status IN ('done', 'failed', 'canceled') THEN r.error END AS error
+  FROM unnest($1::uuid[]) AS x(id)
+  LEFT JOIN {schema}.runs r ON r.id = x.id
+
+-- name: watch_run
+-- $1 run, $2 watcher (a fresh uuid per wait() call), $3 seconds the watch lives unrenewed
+INSERT INTO {schema}.watches (run_id, watcher, expires_at)
+VALUES ($1, $2, now() + make_interval(secs => $3::float8))
+ON CONFLICT (run_id, watcher) DO UPDATE SET expires_at = excluded.expires_at
+
+-- name: unwatch_run
+-- the watch of one wait() call, and any that a dead waiter left to expire
+DELETE FROM {schema}.watches WHERE (run_id = $1 AND watcher = $2) OR expires_at < now()
 
 -- name: run_steps
 SELECT key, seq, kind, name, status, result, error, attempts, deadline, child_id, created_at,
