@@ -1,5 +1,11 @@
 """Shared fixtures: a real PostgreSQL (``$DATABASE_URL`` or the embedded one) and a fresh
-schema per test, dropped afterwards."""
+schema per test, dropped afterwards.
+
+With ``ITERFLOW_VIA_PGBOUNCER=1`` every engine ``make_engine`` builds goes through a real
+PgBouncer in transaction mode (``dsn`` the pooler, ``listen_dsn`` the server itself,
+``prepared_statements=False``), as docs/operations.md ("Behind PgBouncer") prescribes;
+migrations and the tests' own checks still connect directly.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +17,30 @@ from typing import Any
 import psycopg
 import pytest
 from psycopg import sql
+from tests import pgbouncer as bouncer_helper
 
 import iterflow
 from iterflow import Engine, Flow, create_engine
 from iterflow.embedded import database_url
+
+VIA_PGBOUNCER = os.environ.get("ITERFLOW_VIA_PGBOUNCER", "") == "1"
 
 
 @pytest.fixture(scope="session")
 def dsn() -> str:
     """The DSN of the test database: ``$DATABASE_URL``, else the embedded server."""
     return database_url()
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(dsn: str) -> Iterator[bouncer_helper.Bouncer]:
+    """A pgbouncer (transaction mode) in front of the test database, for the whole session;
+    skips the test where the binary is not installed."""
+    if bouncer_helper.binary() is None:
+        pytest.skip(bouncer_helper.MISSING)
+    bouncer = bouncer_helper.start(dsn)
+    yield bouncer
+    bouncer.stop()
 
 
 @pytest.fixture
@@ -51,16 +71,23 @@ def core(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 async def make_engine(
-    dsn: str, schema_name: str, core: str
+    dsn: str, schema_name: str, core: str, request: pytest.FixtureRequest
 ) -> AsyncIterator[Callable[..., Awaitable[Engine]]]:
     """Build engines on the test's schema (migrated once) and the parametrized core; all are
-    stopped at teardown. ``listen=False`` gives a client-only engine."""
+    stopped at teardown. ``listen=False`` gives a client-only engine. Through pgbouncer when
+    ``ITERFLOW_VIA_PGBOUNCER=1`` (see the module docstring)."""
     await iterflow.migrate(dsn, schema_name)
     engines: list[Engine] = []
+    engine_dsn = dsn
+    if VIA_PGBOUNCER:
+        engine_dsn = request.getfixturevalue("pgbouncer").dsn
 
     async def build(*flows: Flow, listen: bool = True, **options: Any) -> Engine:
         options.setdefault("poll_interval", 0.2)
-        engine = create_engine(dsn, schema=schema_name, core=core, **options)
+        if VIA_PGBOUNCER:
+            options.setdefault("listen_dsn", dsn)
+            options.setdefault("prepared_statements", False)
+        engine = create_engine(engine_dsn, schema=schema_name, core=core, **options)
         for f in flows:
             engine.register(f)
         engines.append(engine)

@@ -384,6 +384,11 @@ BAD_OPTIONS = [
     ({"metrics": {"run_started": 5}}, "metrics.run_started"),
     ({"database_retry_timeout": timedelta.max}, "database_retry_timeout"),
     ({"database_retry_timeout": "2d"}, "database_retry_timeout"),
+    ({"listen_dsn": 5}, "listen_dsn"),
+    ({"listen_dsn": "postgresql://x\x00"}, "listen_dsn"),
+    ({"listen_dsn": "host=x port"}, "listen_dsn"),
+    ({"prepared_statements": "no"}, "prepared_statements"),
+    ({"prepared_statements": None}, "prepared_statements"),
 ]
 
 

@@ -51,6 +51,20 @@ async def test_prune_removes_only_old_terminal_runs(make_engine, dsn, schema_nam
         await engine.prune()
 
 
+async def test_one_pruner_at_a_time(make_engine, dsn, schema_name):
+    """While another process holds the retention lock, prune returns None; the lock is released
+    with the transaction that took it, so the next prune runs."""
+    engine = await make_engine(listen=False)
+    with psycopg.connect(dsn) as other:
+        other.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"iterflow.retention.{schema_name}",))
+        assert await engine.prune(events_older_than="1d") is None
+    for _ in range(3):  # each prune lets go of the lock: the next one (or another process) takes it
+        assert await engine.prune(events_older_than="1d", runs_older_than="1d") == {"events": 0, "runs": 0}
+    with psycopg.connect(dsn) as other:
+        lock = other.execute("SELECT pg_try_advisory_xact_lock(hashtext(%s))", (f"iterflow.retention.{schema_name}",))
+        assert lock.fetchone() == (True,)
+
+
 async def test_retention_runs_on_schedule(make_engine, dsn, schema_name):
     client = await make_engine(short, listen=False)
     run = await client.handle("short").start(None)

@@ -13,6 +13,9 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any, cast
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from . import codec, cron, validate
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
@@ -90,6 +93,16 @@ def _duration_in(value: Any, field: str, low: timedelta, high: timedelta) -> tim
     return duration
 
 
+def _check_dsn(value: Any, field: str) -> None:
+    """A DSN that libpq could parse (a malformed one is a mistake to say now, not a connection
+    fault to retry until the bound)."""
+    validate.text(value, field)
+    try:
+        conninfo_to_dict(value)
+    except psycopg.ProgrammingError as exc:
+        raise InvalidArgument(field, f"not a valid PostgreSQL DSN: {exc}") from None
+
+
 def _check_metrics(metrics: Any) -> None:
     """A dict names hooks: an unknown name or a non-callable is a typo, said now (objects are
     looked up by attribute, so they may carry anything else)."""
@@ -102,7 +115,8 @@ def _check_metrics(metrics: Any) -> None:
 
 
 def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, notify: bool,
-               log: logging.Logger, retry_timeout: float = 30.0) -> Core:
+               log: logging.Logger, retry_timeout: float = 30.0, listen_dsn: str | None = None,
+               prepared_statements: bool = True) -> Core:
     if core in ("auto", "rust"):
         try:
             from .cores.rust import RustCore
@@ -115,7 +129,8 @@ def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, no
                     raise InvalidArgument("pool", "the Rust core opens its own pool: pass a DSN, not a psycopg pool")
             else:
                 log.info("iterflow: using the Rust core")
-                return RustCore(dsn or pool, schema=schema, pool_size=size, notify=notify)  # type: ignore[return-value]
+                return RustCore(dsn or pool, schema=schema, pool_size=size, notify=notify,  # type: ignore[return-value]
+                                listen_dsn=listen_dsn, prepared_statements=prepared_statements)
     from .cores.python import ACQUIRE_TIMEOUT, PythonCore
 
     log.info("iterflow: using the pure-Python core")
@@ -124,7 +139,8 @@ def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, no
     # one wait for a pooled connection never outlasts the retry bound (a stopped server must
     # not hold a call for the pool's own 30 s timeout)
     return PythonCore(dsn, pool=pool, schema=schema, pool_size=size, notify=notify,
-                      acquire_timeout=max(min(retry_timeout, ACQUIRE_TIMEOUT), 0.1))
+                      acquire_timeout=max(min(retry_timeout, ACQUIRE_TIMEOUT), 0.1),
+                      listen_dsn=listen_dsn, prepared_statements=prepared_statements)
 
 
 def _pool_size(max_connections: int, notify: bool) -> int:
@@ -141,19 +157,26 @@ class Engine:
                  lease: Any = "30s", retention: Any = None, limits: Any = None, metrics: Any = None,
                  logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
                  drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s",
-                 database_retry_timeout: Any = "30s", max_connections: int = 10) -> None:
+                 database_retry_timeout: Any = "30s", max_connections: int = 10,
+                 listen_dsn: str | None = None, prepared_statements: bool = True) -> None:
         self._options = dict(
             dsn=dsn, pool=pool, core=core, schema=schema, concurrency=concurrency, max_run_attempts=max_run_attempts,
             default_step_timeout=default_step_timeout, lease=lease, retention=retention, limits=limits,
             metrics=metrics, logger=logger, notify=notify, reconciler=reconciler, drift=drift,
             poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
             database_retry_timeout=database_retry_timeout, max_connections=max_connections,
+            listen_dsn=listen_dsn, prepared_statements=prepared_statements,
         )
         # every option is checked here, before anything is built (ranges: docs/guide.md § 3)
         if dsn is None and pool is None:
             raise InvalidArgument("dsn", "pass a DSN or pool= (see iterflow.embedded.database_url() for local use)")
         if dsn is not None:
             validate.text(dsn, "dsn")
+        # behind a transaction-mode pooler (docs/operations.md, "Behind PgBouncer"): LISTEN
+        # needs a session of its own, and named statements do not survive a server switch
+        if listen_dsn is not None:
+            _check_dsn(listen_dsn, "listen_dsn")
+        prepared_statements = validate.flag(prepared_statements, "prepared_statements")
         if not isinstance(core, str) or core not in CORES:
             raise InvalidArgument("core", f"must be 'auto', 'rust' or 'python', got {validate.show(core)}")
         self.schema = validate_schema_name(schema)
@@ -186,7 +209,8 @@ class Engine:
         # every core call goes through the retry layer: a database fault is retried for up to
         # database_retry_timeout, then raised as DatabaseUnavailable (never a driver's error)
         self.core: Core = ResilientCore(
-            _pick_core(core, dsn, pool, schema, _pool_size(max_connections, notify), notify, self.log, retry_timeout),
+            _pick_core(core, dsn, pool, schema, _pool_size(max_connections, notify), notify, self.log, retry_timeout,
+                       listen_dsn, prepared_statements),
             RetryPolicy(timeout=retry_timeout), self.log,
         )
         self.runtime = Runtime(

@@ -14,7 +14,7 @@ use tokio::task::JoinHandle;
 
 use crate::listener::{Changes, Hub, Listener};
 use crate::outbox::{relay, Outbox};
-use crate::pool::{parse_dsn, run, Pool};
+use crate::pool::{parse_dsn, run, Pool, Prepared};
 use crate::queries::Queries;
 use crate::value::{Param, Rows, Val};
 use crate::wheel::TimerWheel;
@@ -43,6 +43,12 @@ pub struct CoreOptions {
     pub max_batch: usize,
     /// Suspensions due within this horizon are fired by the in-memory timer wheel.
     pub wheel_horizon: Duration,
+    /// Where the LISTEN connection goes (None: `dsn`). Behind a pooler in transaction mode,
+    /// `dsn` is the pooler and this the server itself (docs/operations.md, "Behind PgBouncer").
+    pub listen_dsn: Option<String>,
+    /// Named server-side prepared statements (the default); false sends every statement as
+    /// the unnamed one, which a transaction-mode pooler does not break (see `pool.rs`).
+    pub prepared_statements: bool,
 }
 
 impl CoreOptions {
@@ -56,6 +62,8 @@ impl CoreOptions {
             writer_shards: 1,
             max_batch: 256,
             wheel_horizon: Duration::from_secs(60),
+            listen_dsn: None,
+            prepared_statements: true,
         }
     }
 }
@@ -295,7 +303,7 @@ const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
 /// order.
 async fn pipeline<'a>(
     client: &'a tokio_postgres::Client,
-    work: &'a [(tokio_postgres::Statement, Vec<Param>)],
+    work: &'a [(Prepared, Vec<Param>)],
 ) -> Vec<Result<Rows, CoreError>> {
     let mut futs: FuturesOrdered<BoxFut<'a>> = FuturesOrdered::new();
     for (stmt, params) in work {
@@ -316,10 +324,20 @@ impl Core {
         // one name per schema (and so per test schema): pg_stat_activity tells engines apart;
         // an application_name given in the DSN is the caller's choice and kept as is
         let named_by_dsn = config.get_application_name().is_some();
+        let listen_base = match &opts.listen_dsn {
+            Some(dsn) => parse_dsn(dsn)
+                .map_err(|e| CoreError::InvalidArgument(format!("listen_{e}")))?,
+            None => config.clone(),
+        };
         if !named_by_dsn {
             config.application_name(format!("{}:{}", opts.application_name, opts.schema));
         }
-        let pool = Pool::new(config.clone(), queries.clone(), opts.pool_size);
+        let pool = Pool::new(
+            config.clone(),
+            queries.clone(),
+            opts.pool_size,
+            opts.prepared_statements,
+        );
         let outbox = Outbox::new();
         let writer = Writer::spawn(
             pool.clone(),
@@ -331,8 +349,8 @@ impl Core {
         let claimer = Writer::spawn(pool.clone(), 1, opts.max_batch, &[], None);
         let hub = Hub::new();
         let listen_config = opts.notify.then(|| {
-            let mut lconfig = config.clone();
-            if !named_by_dsn {
+            let mut lconfig = listen_base;
+            if lconfig.get_application_name().is_none() {
                 lconfig
                     .application_name(format!("{}-listen:{}", opts.application_name, opts.schema));
             }
@@ -1126,7 +1144,11 @@ impl Core {
     }
 
     /// Retention: delete events / terminal runs older than the cutoffs in batches of short
-    /// transactions under a session advisory lock; None when another process holds it.
+    /// transactions; None when another process is pruning this schema. The lock is a
+    /// transaction-level advisory lock held by a transaction of its own, open (idle: no
+    /// snapshot, no rows) on one connection while the batches run on a second one. Nothing
+    /// lives in the session, so a pooler in transaction mode keeps it (docs/operations.md,
+    /// "Behind PgBouncer").
     pub async fn prune(
         &self,
         events_ms: Option<i64>,
@@ -1134,15 +1156,14 @@ impl Core {
         batch: i64,
     ) -> Result<Option<(u64, u64)>, CoreError> {
         let lock = format!("iterflow.retention.{}", self.inner.queries.schema());
-        let mut conn = self.inner.pool.get().await?;
-        let got = conn
-            .query("try_session_lock", &[Param::Text(lock.clone())])
-            .await?
-            .scalar();
-        if got.as_bool() != Some(true) {
-            return Ok(None);
-        }
-        let result: Result<(u64, u64), CoreError> = async {
+        let mut holder = self.inner.pool.get().await?;
+        holder.begin().await?;
+        let result = async {
+            let got = holder.query("try_lock", &[Param::Text(lock)]).await?.scalar();
+            if got.as_bool() != Some(true) {
+                return Ok(None);
+            }
+            let mut conn = self.inner.pool.get().await?;
             let mut counts = (0u64, 0u64);
             for (part, cutoff) in [("prune_events", events_ms), ("prune_runs", runs_ms)] {
                 let Some(cutoff) = cutoff else { continue };
@@ -1161,13 +1182,10 @@ impl Core {
                     }
                 }
             }
-            Ok(counts)
+            Ok(Some(counts))
         }
         .await;
-        let unlocked = conn.query("session_unlock", &[Param::Text(lock)]).await;
-        let counts = result?;
-        unlocked?;
-        Ok(Some(counts))
+        holder.end(result).await
     }
 
     /// Claimable work now (ready queue rows + due crons) for `names` (None = all flows).

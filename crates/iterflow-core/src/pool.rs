@@ -8,6 +8,25 @@
 //! whose server went away is closed instead of going back to the pool, so one dead
 //! connection costs one failed call, and the next checkout connects anew. Connecting fails
 //! fast (see [`CONNECT_TIMEOUT`]) with an error that names the server it tried.
+//!
+//! Statements ([`Prepared`]) reach the server in one of two ways, chosen per pool:
+//!
+//! - **named** (the default): each connection prepares a query once, by name, and then only
+//!   binds and executes it. Fastest, but the statement lives in the server session, so a
+//!   pooler in transaction mode (PgBouncer before 1.21) breaks it: the next transaction may
+//!   run on a server connection that never saw the statement, or that holds another client's
+//!   statement of the same name.
+//! - **unnamed** (`CoreOptions::prepared_statements = false`, docs/operations.md "Behind
+//!   PgBouncer"): every execution sends Parse (the unnamed statement), Bind, Describe, Execute
+//!   and Sync in one message, with the parameter types given up front, so no statement
+//!   outlives its round trip. The contract: the types are the ones the server infers for the
+//!   query, learnt once per pool and query name ([`Shape`]) by preparing the query by name
+//!   and closing it again *inside one transaction*, which pins one server connection for the
+//!   whole exchange even behind a transaction-mode pooler. [`Param`] therefore encodes exactly
+//!   as on the named path. A statement pipelined with others must run inside an explicit
+//!   transaction (every pipeline of this crate does: the writer's batches, `run_detail`,
+//!   `spawn_children`), since a pooler may hand autocommit statements of one pipeline to
+//!   different server connections.
 
 use std::collections::HashMap;
 use std::pin::pin;
@@ -17,6 +36,7 @@ use std::time::Duration;
 use futures_util::TryStreamExt;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_postgres::config::Host;
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, Config, NoTls, Statement};
 
 use crate::error::DbFault;
@@ -99,22 +119,66 @@ pub async fn check_connection(dsn: &str) -> Result<String, CoreError> {
     Ok(result?.get(0))
 }
 
+/// What the server inferred for one query: the parameter types its unnamed executions are
+/// sent with, and its column names (an execution that returns no row reports none).
+#[derive(Debug)]
+pub struct Shape {
+    text: String,
+    params: Vec<Type>,
+    columns: Vec<String>,
+}
+
+/// The shapes one unnamed-statement pool has learnt, by query name.
+type Shapes = Mutex<HashMap<String, Arc<Shape>>>;
+
+/// A statement ready to execute (see the module doc).
+#[derive(Clone)]
+pub enum Prepared {
+    /// Prepared by name on the connection it came from.
+    Named(Statement),
+    /// Sent as the unnamed statement at each execution.
+    Unnamed(Arc<Shape>),
+}
+
+impl Prepared {
+    /// The parameter types the server expects.
+    pub fn params(&self) -> &[Type] {
+        match self {
+            Prepared::Named(stmt) => stmt.params(),
+            Prepared::Unnamed(shape) => &shape.params,
+        }
+    }
+
+    fn columns(&self) -> Vec<String> {
+        match self {
+            Prepared::Named(stmt) => stmt.columns().iter().map(|c| c.name().to_string()).collect(),
+            Prepared::Unnamed(shape) => shape.columns.clone(),
+        }
+    }
+}
+
 /// One pooled connection and the statements prepared on it.
 pub struct Conn {
     pub client: Client,
     stmts: HashMap<String, Statement>,
+    /// Some: the unnamed-statement mode, with the pool's shared shapes.
+    shapes: Option<Arc<Shapes>>,
     queries: Arc<Queries>,
     /// A database error was seen here: the connection is closed instead of reused.
     broken: bool,
+    /// Possibly inside a transaction: closed instead of reused if it goes back like this.
+    dirty: bool,
 }
 
 impl Conn {
-    fn new(client: Client, queries: Arc<Queries>) -> Conn {
+    fn new(client: Client, queries: Arc<Queries>, shapes: Option<Arc<Shapes>>) -> Conn {
         Conn {
             client,
             stmts: HashMap::new(),
+            shapes,
             queries,
             broken: false,
+            dirty: false,
         }
     }
 
@@ -139,29 +203,46 @@ impl Conn {
         !self.broken && !self.client.is_closed()
     }
 
-    /// The prepared statement for query `name` (prepared on first use on this connection).
-    pub async fn stmt(&mut self, name: &str) -> Result<Statement, CoreError> {
+    /// The statement for query `name`: prepared on first use on this connection, or (unnamed
+    /// mode) its shape, described on first use in this pool.
+    pub async fn stmt(&mut self, name: &str) -> Result<Prepared, CoreError> {
+        if let Some(shapes) = self.shapes.clone() {
+            if let Some(shape) = shape_of(&shapes, name) {
+                return Ok(Prepared::Unnamed(shape));
+            }
+            self.describe(&shapes, &[name]).await?;
+            return shape_of(&shapes, name)
+                .map(Prepared::Unnamed)
+                .ok_or_else(|| CoreError::InvalidArgument(format!("unknown query {name}")));
+        }
         if let Some(stmt) = self.stmts.get(name) {
-            return Ok(stmt.clone());
+            return Ok(Prepared::Named(stmt.clone()));
         }
         let text = self.queries.get(name)?;
         let prepared = self.client.prepare(text).await.map_err(CoreError::from);
         let stmt = self.seen(prepared)?;
         self.stmts.insert(name.to_string(), stmt.clone());
-        Ok(stmt)
+        Ok(Prepared::Named(stmt))
     }
 
-    /// Prepare every statement in `names` that is not cached yet, pipelined.
+    /// Prepare (or, unnamed, describe) every statement in `names` not known yet, pipelined.
     pub async fn prepare_all(&mut self, names: &[&str]) -> Result<(), CoreError> {
+        let known = |n: &str| match &self.shapes {
+            Some(shapes) => shape_of(shapes, n).is_some(),
+            None => self.stmts.contains_key(n),
+        };
         let missing: Vec<&str> = names
             .iter()
             .copied()
-            .filter(|n| !self.stmts.contains_key(*n))
+            .filter(|n| !known(n))
             .collect::<std::collections::BTreeSet<_>>()
             .into_iter()
             .collect();
         if missing.is_empty() {
             return Ok(());
+        }
+        if let Some(shapes) = self.shapes.clone() {
+            return self.describe(&shapes, &missing).await;
         }
         let texts = missing
             .iter()
@@ -178,6 +259,48 @@ impl Conn {
         Ok(())
     }
 
+    /// Learn the shapes of `names`: prepare them by name (pipelined) and close them again, in
+    /// one transaction so that a pooler keeps one server connection for all of it (the
+    /// caller's own when it is already in one). The Close messages go out before `COMMIT`.
+    async fn describe(&mut self, shapes: &Shapes, names: &[&str]) -> Result<(), CoreError> {
+        let texts = names
+            .iter()
+            .map(|n| self.queries.get(n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let own_transaction = !self.dirty;
+        let client = &self.client;
+        let described = async {
+            if own_transaction {
+                client.batch_execute("BEGIN").await?;
+            }
+            let stmts =
+                futures_util::future::try_join_all(texts.iter().map(|t| client.prepare(t))).await?;
+            let learnt: Vec<Shape> = stmts
+                .iter()
+                .zip(&texts)
+                .map(|(stmt, text)| Shape {
+                    text: text.to_string(),
+                    params: stmt.params().to_vec(),
+                    columns: stmt.columns().iter().map(|c| c.name().to_string()).collect(),
+                })
+                .collect();
+            drop(stmts);
+            if own_transaction {
+                client.batch_execute("COMMIT").await?;
+            }
+            Ok::<_, tokio_postgres::Error>(learnt)
+        }
+        .await
+        .map_err(CoreError::from);
+        let learnt = self.seen(described)?;
+        if let Ok(mut known) = shapes.lock() {
+            for (name, shape) in names.iter().zip(learnt) {
+                known.insert(name.to_string(), Arc::new(shape));
+            }
+        }
+        Ok(())
+    }
+
     /// Run query `name` with `params` and collect its rows.
     pub async fn query(&mut self, name: &str, params: &[Param]) -> Result<Rows, CoreError> {
         let stmt = self.stmt(name).await?;
@@ -186,11 +309,29 @@ impl Conn {
     }
 }
 
-/// Execute a prepared statement and collect every row as [`Val`]s.
-pub async fn run(client: &Client, stmt: &Statement, params: &[Param]) -> Result<Rows, CoreError> {
-    let stream = client.query_raw(stmt, params.iter()).await?;
+fn shape_of(shapes: &Shapes, name: &str) -> Option<Arc<Shape>> {
+    shapes.lock().ok().and_then(|known| known.get(name).cloned())
+}
+
+/// Execute a statement and collect every row as [`Val`]s.
+pub async fn run(client: &Client, stmt: &Prepared, params: &[Param]) -> Result<Rows, CoreError> {
+    let stream = match stmt {
+        Prepared::Named(named) => client.query_raw(named, params.iter()).await?,
+        Prepared::Unnamed(shape) => {
+            if shape.params.len() != params.len() {
+                return Err(CoreError::InvalidArgument(format!(
+                    "statement expects {} parameters, got {}",
+                    shape.params.len(),
+                    params.len()
+                )));
+            }
+            let typed = params.iter().zip(shape.params.iter().cloned());
+            client.query_typed_raw(&shape.text, typed).await?
+        }
+    };
     let mut stream = pin!(stream);
-    let width = stmt.columns().len();
+    let columns = stmt.columns();
+    let width = columns.len();
     let mut rows = Vec::new();
     while let Some(row) = stream.try_next().await? {
         let mut vals = Vec::with_capacity(width);
@@ -201,11 +342,7 @@ pub async fn run(client: &Client, stmt: &Statement, params: &[Param]) -> Result<
     }
     let affected = stream.rows_affected().unwrap_or(0);
     Ok(Rows {
-        columns: stmt
-            .columns()
-            .iter()
-            .map(|c| c.name().to_string())
-            .collect(),
+        columns,
         rows,
         affected,
     })
@@ -214,6 +351,8 @@ pub async fn run(client: &Client, stmt: &Statement, params: &[Param]) -> Result<
 struct PoolInner {
     config: Config,
     queries: Arc<Queries>,
+    /// Some: unnamed statements (see the module doc).
+    shapes: Option<Arc<Shapes>>,
     idle: Mutex<Vec<Conn>>,
     permits: Arc<Semaphore>,
     size: usize,
@@ -226,13 +365,15 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool of `size` connections (clamped to 1..=[`MAX_POOL_SIZE`]).
-    pub fn new(config: Config, queries: Arc<Queries>, size: usize) -> Pool {
+    /// A pool of `size` connections (clamped to 1..=[`MAX_POOL_SIZE`]); `named` chooses how
+    /// statements are sent (see the module doc).
+    pub fn new(config: Config, queries: Arc<Queries>, size: usize, named: bool) -> Pool {
         let size = size.clamp(1, MAX_POOL_SIZE);
         Pool {
             inner: Arc::new(PoolInner {
                 config,
                 queries,
+                shapes: (!named).then(|| Arc::new(Shapes::default())),
                 idle: Mutex::new(Vec::new()),
                 permits: Arc::new(Semaphore::new(size)),
                 size,
@@ -272,7 +413,6 @@ impl Pool {
                         conn: Some(conn),
                         pool: self.inner.clone(),
                         _permit: permit,
-                        dirty: false,
                     })
                 }
                 None => break,
@@ -280,10 +420,13 @@ impl Pool {
         }
         let client = connect(&self.inner.config).await?;
         Ok(PooledConn {
-            conn: Some(Conn::new(client, self.inner.queries.clone())),
+            conn: Some(Conn::new(
+                client,
+                self.inner.queries.clone(),
+                self.inner.shapes.clone(),
+            )),
             pool: self.inner.clone(),
             _permit: permit,
-            dirty: false,
         })
     }
 
@@ -308,7 +451,6 @@ pub struct PooledConn {
     conn: Option<Conn>,
     pool: Arc<PoolInner>,
     _permit: OwnedSemaphorePermit,
-    dirty: bool,
 }
 
 impl PooledConn {
@@ -373,7 +515,7 @@ impl std::ops::DerefMut for PooledConn {
 impl Drop for PooledConn {
     fn drop(&mut self) {
         if let Some(conn) = self.conn.take() {
-            if !self.dirty && conn.reusable() && !self.pool.permits.is_closed() {
+            if !conn.dirty && conn.reusable() && !self.pool.permits.is_closed() {
                 if let Ok(mut idle) = self.pool.idle.lock() {
                     idle.push(conn);
                 }

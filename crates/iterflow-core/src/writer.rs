@@ -32,10 +32,10 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{SimpleQueryMessage, Statement};
+use tokio_postgres::SimpleQueryMessage;
 
 use crate::outbox::Outbox;
-use crate::pool::{run, Pool, PooledConn};
+use crate::pool::{run, Pool, PooledConn, Prepared};
 use crate::value::{Param, Rows, Val};
 use crate::CoreError;
 
@@ -339,7 +339,7 @@ fn fails_every_op(err: &CoreError) -> bool {
 
 /// Check that `params` encode for `stmt` (so a batch never holds an op that fails on the
 /// client side, which would not abort the server's transaction).
-fn encodes(stmt: &Statement, params: &[Param]) -> Result<(), CoreError> {
+fn encodes(stmt: &Prepared, params: &[Param]) -> Result<(), CoreError> {
     if stmt.params().len() != params.len() {
         return Err(CoreError::InvalidArgument(format!(
             "statement expects {} parameters, got {}",
@@ -472,7 +472,7 @@ async fn together(
     }
     let names: Vec<&str> = units.iter().map(|u| u.query).collect();
     conn.prepare_all(&names).await?;
-    let mut work: Vec<(Statement, Option<Vec<Param>>)> = Vec::with_capacity(units.len());
+    let mut work: Vec<(Prepared, Option<Vec<Param>>)> = Vec::with_capacity(units.len());
     for unit in &units {
         let stmt = conn.stmt(unit.query).await?;
         let params = unit.many.then(|| columns(batch, &unit.ops));

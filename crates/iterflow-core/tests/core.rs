@@ -18,10 +18,16 @@ use serde_json::json;
 use common::{admin, database_url, drop_schema};
 
 fn open(url: &str, schema: &str, notify: bool) -> Core {
+    open_with(url, schema, notify, true)
+}
+
+/// `named`: named prepared statements (the default) or unnamed ones (see pool.rs).
+fn open_with(url: &str, schema: &str, notify: bool, named: bool) -> Core {
     let mut opts = CoreOptions::new(url, schema);
     opts.notify = notify;
     opts.pool_size = 6;
     opts.application_name = "iterflow-test".into();
+    opts.prepared_statements = named;
     Core::open(opts).expect("open core")
 }
 
@@ -150,9 +156,18 @@ async fn an_earlier_timer_rearms_the_wheel() {
 
 #[tokio::test]
 async fn client_operations() {
+    client_operations_with(true).await;
+}
+
+#[tokio::test]
+async fn client_operations_with_unnamed_statements() {
+    client_operations_with(false).await;
+}
+
+async fn client_operations_with(named: bool) {
     let Some(url) = database_url() else { return };
     let schema = common::scratch(&url, "rt").await;
-    let core = open(&url, &schema, false);
+    let core = open_with(&url, &schema, false, named);
     let latest = MIGRATIONS.len() as i64;
     core.check_schema(latest).await.expect("schema is current");
     let err = core.check_schema(latest + 1).await.unwrap_err();
@@ -161,7 +176,7 @@ async fn client_operations() {
         err.to_string().contains(&format!("is at version {latest}")),
         "{err}"
     );
-    let missing = open(&url, "rt_does_not_exist", false);
+    let missing = open_with(&url, "rt_does_not_exist", false, named);
     let err = missing.check_schema(1).await.unwrap_err();
     assert!(err.to_string().contains("does not exist"), "{err}");
     assert!(err
@@ -267,9 +282,18 @@ async fn client_operations() {
 
 #[tokio::test]
 async fn worker_operations() {
+    worker_operations_with(true).await;
+}
+
+#[tokio::test]
+async fn worker_operations_with_unnamed_statements() {
+    worker_operations_with(false).await;
+}
+
+async fn worker_operations_with(named: bool) {
     let Some(url) = database_url() else { return };
     let schema = common::scratch(&url, "rt").await;
-    let core = open(&url, &schema, false);
+    let core = open_with(&url, &schema, false, named);
     let made = core
         .insert_runs(&[chunk(&[spec("w"), spec("w")])], names("w"))
         .await

@@ -481,7 +481,8 @@ struct Core {
 #[pymethods]
 impl Core {
     #[new]
-    #[pyo3(signature = (dsn, schema, pool_size=10, notify=true, application_name="iterflow".to_string(), writer_shards=1, max_batch=256))]
+    #[pyo3(signature = (dsn, schema, pool_size=10, notify=true, application_name="iterflow".to_string(), writer_shards=1, max_batch=256, listen_dsn=None, prepared_statements=true))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         dsn: String,
         schema: String,
@@ -490,6 +491,8 @@ impl Core {
         application_name: String,
         writer_shards: usize,
         max_batch: usize,
+        listen_dsn: Option<String>,
+        prepared_statements: bool,
     ) -> PyResult<Self> {
         let rt = runtime()?;
         let _entered = rt.enter();
@@ -499,6 +502,8 @@ impl Core {
         opts.application_name = application_name;
         opts.writer_shards = bounded("writer_shards", writer_shards, MAX_WRITER_SHARDS)?;
         opts.max_batch = bounded("max_batch", max_batch, MAX_BATCH)?;
+        opts.listen_dsn = listen_dsn;
+        opts.prepared_statements = prepared_statements;
         let core = iterflow_core::Core::open(opts).map_err(to_py_err)?;
         Ok(Core { core })
     }

@@ -168,7 +168,7 @@ class PythonCore:
 
     def __init__(
         self, dsn: str | None, *, pool: AsyncConnectionPool | None, schema: str, pool_size: int, notify: bool,
-        acquire_timeout: float = ACQUIRE_TIMEOUT,
+        acquire_timeout: float = ACQUIRE_TIMEOUT, listen_dsn: str | None = None, prepared_statements: bool = True,
     ) -> None:
         self.schema = sql.validate_schema_name(schema)
         self._q = sql.queries(schema)
@@ -180,9 +180,18 @@ class PythonCore:
                 raise InvalidArgument("dsn", f"not a valid PostgreSQL DSN: {exc}") from None
         # connections are named like the Rust core's (`iterflow:<schema>`, the listener
         # `iterflow-listen:<schema>`) unless the DSN names them: visible in pg_stat_activity
-        self._app_names = (None, None) if named else (f"iterflow:{schema}", f"iterflow-listen:{schema}")
+        self._app_names: tuple[str | None, str | None] = (
+            (None, None) if named else (f"iterflow:{schema}", f"iterflow-listen:{schema}")
+        )
+        if listen_dsn is not None:  # (a DSN the engine checked already) names the listener, or not
+            listen_named = "application_name" in conninfo_to_dict(listen_dsn)
+            self._app_names = (self._app_names[0], None if listen_named else f"iterflow-listen:{schema}")
         self._acquire_timeout = acquire_timeout
         self._dsn = dsn
+        self._listen_to = listen_dsn
+        # psycopg names a statement once it ran prepare_threshold times; None never names one
+        # (a pooler in transaction mode moves the next call to a server that lacks it)
+        self._prepare_threshold: dict[str, Any] = {} if prepared_statements else {"prepare_threshold": None}
         self._own_pool = pool is None
         self._pool = pool
         self._pool_size = pool_size
@@ -194,8 +203,10 @@ class PythonCore:
 
     # -- lifecycle -----------------------------------------------------------------------
     async def _listen_dsn(self) -> str:
-        """The listener's own connection goes where the pool's do (a pool's conninfo may be a
-        callable, sync or async, that returns it)."""
+        """The listener's own connection goes to ``listen_dsn`` if given, else where the pool's
+        do (a pool's conninfo may be a callable, sync or async, that returns it)."""
+        if self._listen_to is not None:
+            return self._listen_to
         if self._dsn is not None:
             return self._dsn
         assert self._pool is not None
@@ -211,7 +222,7 @@ class PythonCore:
         if self._pool is None:
             if self._dsn is None:
                 raise ValueError("a dsn or a pool is required")
-            kwargs: dict[str, Any] = {"autocommit": True}
+            kwargs: dict[str, Any] = {"autocommit": True, **self._prepare_threshold}
             if self._app_names[0] is not None:
                 kwargs["application_name"] = self._app_names[0]
             self._pool = AsyncConnectionPool(
@@ -465,17 +476,17 @@ class PythonCore:
             self._nudged.clear()
 
     async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
-        lock = f"iterflow.retention.{self.schema}"
-        async with self._conn() as conn:
-            cur = AsyncRawCursor(conn)
-            await cur.execute(self._q["try_session_lock"], (lock,))
-            row = await cur.fetchone()
+        """One pruner per schema at a time: the lock is a transaction-level advisory lock held
+        by a transaction of its own, open (and idle: no snapshot, no rows) while the batches
+        run in short transactions on a second connection. Nothing lives in the session, so a
+        pooler in transaction mode keeps it (docs/operations.md, "Behind PgBouncer")."""
+        async with self._tx() as lock:
+            await lock.execute(self._q["try_lock"], (f"iterflow.retention.{self.schema}",))
+            row = await lock.fetchone()
             if not row or not row[0]:
                 return None
-            try:
+            async with self._conn() as conn:
                 return await self._prune_batches(conn, events_ms, runs_ms, batch)
-            finally:
-                await cur.execute(self._q["session_unlock"], (lock,))
 
     async def _prune_batches(
         self, conn: AsyncConnection[Any], events_ms: int | None, runs_ms: int | None, batch: int

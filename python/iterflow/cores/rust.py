@@ -150,7 +150,8 @@ class RustCore:
     name = "rust"
 
     def __init__(self, dsn: str | None, *, schema: str, pool_size: int, notify: bool,
-                 application_name: str = "iterflow") -> None:
+                 application_name: str = "iterflow", listen_dsn: str | None = None,
+                 prepared_statements: bool = True) -> None:
         if not isinstance(dsn, str) or not dsn:
             raise ValueError("the Rust core needs a DSN")
         self.schema = sql.validate_schema_name(schema)
@@ -159,6 +160,8 @@ class RustCore:
         self._pool_size = pool_size
         self._notify = notify
         self._application_name = application_name
+        self._listen_dsn = listen_dsn
+        self._prepared_statements = prepared_statements
         self._core: Any = None
         self._pump: _Pump | None = None
 
@@ -171,7 +174,8 @@ class RustCore:
             ) if v}
             self._core = _RustCore(
                 self._dsn, self.schema, pool_size=self._pool_size, notify=self._notify,
-                application_name=self._application_name, **tuning,
+                application_name=self._application_name, listen_dsn=self._listen_dsn,
+                prepared_statements=self._prepared_statements, **tuning,
             )
 
     async def close(self) -> None:

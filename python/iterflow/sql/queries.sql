@@ -311,6 +311,9 @@ SELECT {schema}.cancel_tree(c.id, 'parent ' || p.status) FROM {schema}.runs c
  WHERE c.finished_at IS NULL AND p.status IN ('failed', 'canceled')
 
 -- name: try_lock
+-- Released at the end of the transaction: the reconciler takes it in the transaction that does
+-- the work, retention in one that stays open beside its batch transactions. Nothing is held by
+-- the session, so it works behind a transaction-mode pooler.
 SELECT pg_try_advisory_xact_lock(hashtext($1))
 
 -- name: prune_events
@@ -333,13 +336,6 @@ DELETE FROM {schema}.runs r
 
 -- name: pending_work
 SELECT {schema}.pending_work($1::text[])
-
--- name: try_session_lock
--- Held across several short transactions on one connection (retention); release explicitly.
-SELECT pg_try_advisory_lock(hashtext($1))
-
--- name: session_unlock
-SELECT pg_advisory_unlock(hashtext($1))
 
 -- name: upsert_cron
 -- Register a cron definition. An unchanged definition keeps its schedule position; a
