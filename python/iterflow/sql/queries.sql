@@ -62,8 +62,9 @@ WITH ins AS (
      WHERE {schema}.steps.status <> 'done'
     RETURNING status, result, error, true AS written, finished_at
 ), watched AS (
-    -- progress wake-up for a watched run (migration 0005)
-    SELECT {schema}.notify_watchers(ARRAY[$1::uuid])
+    -- progress wake-up for a watched run (migration 0005; an unwatched run: one index probe)
+    SELECT count({schema}.wakeup('p ' || w.run_id::text))
+      FROM (SELECT DISTINCT run_id FROM {schema}.watches WHERE run_id = $1 AND expires_at > now()) w
 )
 SELECT status, result, error, written, finished_at FROM ins, watched
 UNION ALL
@@ -93,8 +94,10 @@ WITH x AS (
      WHERE s.status <> 'done'
     RETURNING s.run_id, s.key, s.status, s.result, s.error, s.finished_at
 ), watched AS (
-    -- progress wake-ups for watched runs (migration 0005)
-    SELECT {schema}.notify_watchers(array_agg(DISTINCT run_id)) FROM ins
+    -- progress wake-ups for watched runs (migration 0005; unwatched ones: an index probe each)
+    SELECT count({schema}.wakeup('p ' || w.run_id::text))
+      FROM (SELECT DISTINCT run_id FROM {schema}.watches
+             WHERE run_id = ANY (ARRAY(SELECT run_id FROM ins)) AND expires_at > now()) w
 )
 SELECT x.ord, ins.status, ins.result, ins.error, true AS written, ins.finished_at
   FROM ins JOIN x ON x.run_id = ins.run_id AND x.key = ins.key CROSS JOIN watched
@@ -150,7 +153,10 @@ SELECT outcome, payload, at FROM {schema}.resolve_signal($1, $2, $3, $4, $5, $6)
 
 -- name: deliver_signal
 -- The function's answer first; a watched run also announces the arrival (migration 0005).
-SELECT {schema}.deliver_signal($1, $2, $3, $4), {schema}.notify_watchers(ARRAY[$1::uuid])
+SELECT {schema}.deliver_signal($1, $2, $3, $4),
+       (SELECT count({schema}.wakeup('p ' || w.run_id::text))
+          FROM (SELECT DISTINCT run_id FROM {schema}.watches
+                 WHERE run_id = $1::uuid AND expires_at > now()) w)
 
 -- name: cancel_tree
 SELECT {schema}.cancel_tree($1, $2)
