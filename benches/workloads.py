@@ -68,6 +68,8 @@ class Sizes:
     w5_warmup: int = 100         # ...after this many signals to more flows (not measured)
     w6_parents: int = 20         # parents x children, fanned out with ctx.invoke_all
     w6_children: int = 100
+    w8_flows: int = 5_000        # 3-step flows drained while as many result() calls wait (per shape)
+    w8_cap_s: float = 120.0      # a fan-in shape still waiting this long after its first start fails
     concurrency: int = 32        # the worker engine's concurrency (default; --concurrency overrides per core)
     start_chunk: int = 5_000     # runs per start_many call in the burn-downs
     stall_s: float = 60.0        # no run finished for this long: the workload has hung
@@ -77,7 +79,8 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(
     w1_flows=300, w2_flows=600, w3_seconds=3.0, w4_flows=150, w4_min_s=1.0, w4_max_s=1.5, w4_lead_s=1.5,
-    w3_warmup_s=0.5, w5_flows=100, w5_warmup=25, w6_parents=3, w6_children=10, stall_s=15.0, poll_s=0.05,
+    w3_warmup_s=0.5, w5_flows=100, w5_warmup=25, w6_parents=3, w6_children=10, w8_flows=200, w8_cap_s=30.0,
+    stall_s=15.0, poll_s=0.05,
     concurrency=8,  # a smaller pool: the smoke run shares the server with the rest of the test suite
 )
 
@@ -621,6 +624,15 @@ async def w6_fan_out(env: Env) -> dict[str, Any]:
             "parents": sz.w6_parents, "children": sz.w6_children}
 
 
+# -- workload 8: fan-in (benches/fanin.py) -------------------------------------------------------
+async def w8_fan_in(env: Env) -> dict[str, Any]:
+    """Both fan-in shapes at this run's size; imported here on use because benches.fanin builds
+    on this module's Env."""
+    from .fanin import w8_fan_in as run
+
+    return await run(env)
+
+
 # -- the registry the runner reads ------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
@@ -659,4 +671,11 @@ WORKLOADS: tuple[Workload, ...] = (
         Metric("connections", "connections held", "lower"),
         Metric("engine_cpu_us_per_step", "engine CPU us/step", "lower"),
         Metric("postgres_cpu_us_per_step", "postgres CPU us/step", "lower", optional=True)), source="w1"),
+    Workload("w8", lambda s: f"fan-in {s.w8_flows:,} x 3 steps, {s.w8_flows:,} result() waiting", w8_fan_in, (
+        Metric("flows_per_s_inproc", "flows/s, waiters in the worker (gather)", "higher"),
+        Metric("ratio_inproc", "gather/db drain, waiters in the worker", "higher"),
+        Metric("connections_inproc", "peak connections, waiters in the worker", "lower"),
+        Metric("flows_per_s_subproc", "flows/s, waiters in a client process (gather)", "higher"),
+        Metric("ratio_subproc", "gather/db drain, waiters in a client process", "higher"),
+        Metric("connections_subproc", "peak connections, waiters in a client process", "lower"))),
 )
