@@ -215,12 +215,21 @@ async def start_and_await(handle: FlowHandle, n: int, chunk: int, tag: str, cap_
     }
 
 
-async def _client(spec: dict[str, Any]) -> dict[str, Any]:
-    """The subproc shape's client process: a client-only engine (no ``listen()``) with the
-    engine's default options, as a web process that starts runs and awaits them would have."""
-    engine = create_engine(with_app_name(spec["dsn"], spec["app"]), schema=spec["schema"], core=spec["core"])
+async def _waiting_process(spec: dict[str, Any]) -> dict[str, Any]:
+    """The process that starts the runs and awaits them. With ``concurrency`` it is the worker
+    too (the inproc shape: it registers the flow and listens, and its waiters share the
+    worker's engine); without, a client-only engine with the default options, as a web
+    process that starts runs and awaits them would have (the subproc shape). A process of its
+    own per cell, so its RSS growth is the cell's and not what an earlier cell left allocated."""
+    engine = create_engine(with_app_name(spec["dsn"], spec["app"]), schema=spec["schema"], core=spec["core"],
+                           **({"concurrency": spec["concurrency"]} if spec["concurrency"] else {}))
+    if spec["concurrency"]:
+        engine.register(fanin_flow)
     try:
-        await engine.client()  # pool open and schema checked before the first start
+        if spec["concurrency"]:
+            await engine.listen()  # claiming before the first start
+        else:
+            await engine.client()  # pool open and schema checked before the first start
         async with RssPeak() as rss:
             return await start_and_await(engine.handle(fanin_flow.name, fanin_flow.version), spec["n"],
                                          spec["chunk"], spec["tag"], spec["cap_s"], rss)
@@ -229,23 +238,23 @@ async def _client(spec: dict[str, Any]) -> dict[str, Any]:
             await asyncio.wait_for(engine.stop(), STOP_S)
 
 
-def client_main() -> None:
-    """Entry point of the client process: a JSON spec on stdin, a JSON result on stdout."""
+def waiting_main() -> None:
+    """Entry point of the waiting process: a JSON spec on stdin, a JSON result on stdout."""
     spec = json.loads(sys.stdin.read())
     logging.basicConfig(level=logging.ERROR)
-    result = asyncio.run(_client(spec))
+    result = asyncio.run(_waiting_process(spec))
     sys.stdout.write(json.dumps(result))
 
 
-async def _run_client(env: Env, spec: dict[str, Any]) -> dict[str, Any]:
+async def _run_waiting(spec: dict[str, Any]) -> dict[str, Any]:
     proc_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import benches.fanin as f; f.client_main()",
+        sys.executable, "-c", "import benches.fanin as f; f.waiting_main()",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=proc_env, cwd=str(ROOT),
     )
     try:
-        # the client stops itself at the cap; the margin covers its start-up and engine stop
+        # the process stops itself at the cap; the margin covers its start-up and engine stop
         out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), spec["cap_s"] + STOP_S + 60)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
@@ -253,7 +262,7 @@ async def _run_client(env: Env, spec: dict[str, Any]) -> dict[str, Any]:
         await proc.wait()
         raise
     if proc.returncode != 0:
-        raise WorkloadError(f"fan-in client exited {proc.returncode}: {err.decode(errors='replace')[-3000:]}")
+        raise WorkloadError(f"fan-in waiting process exited {proc.returncode}: {err.decode(errors='replace')[-3000:]}")
     result: dict[str, Any] = json.loads(out)
     return result
 
@@ -321,9 +330,13 @@ class Connections:
             await self._conn.close()
 
 
+QUIET = ("iterflow", "psycopg")  # loggers counted per cell instead of printed
+
+
 class EngineLog(logging.Handler):
-    """Counts the engines' warnings and errors during a cell (by the first words of the
-    message): a worker that cannot get a connection says so here before anything fails."""
+    """Counts the engines' and the driver's warnings and errors during a cell (by the first
+    words of the message): a worker that cannot get a connection says so here before anything
+    fails, and a capped cell's thousands of cancelled queries do not flood the terminal."""
 
     def __init__(self) -> None:
         super().__init__(logging.WARNING)
@@ -333,11 +346,13 @@ class EngineLog(logging.Handler):
         self.counts[f"{record.levelname} {record.getMessage()[:90]}"] += 1
 
     def __enter__(self) -> EngineLog:
-        logging.getLogger("iterflow").addHandler(self)
+        for name in QUIET:
+            logging.getLogger(name).addHandler(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        logging.getLogger("iterflow").removeHandler(self)
+        for name in QUIET:
+            logging.getLogger(name).removeHandler(self)
 
 
 async def _db_view(env: Env, tag: str, t0: float, cap_end: float) -> dict[str, Any]:
@@ -371,22 +386,18 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
     tag = shape
     load_before = os.getloadavg()
     chunk = env.sizes.start_chunk
+    spec = {"dsn": env.dsn, "schema": env.schema, "core": env.core, "n": n, "chunk": chunk, "tag": tag,
+            "cap_s": cap_s}
     with EngineLog() as engine_log:
-        async with Connections(env) as conns, RssPeak() as rss:
-            worker = env.engine("worker", fanin_flow, concurrency=env.concurrency)
-            await worker.listen()  # pool open, schema checked and claiming before the first start
+        async with Connections(env) as conns:
             if shape == "inproc":
-                waited = await start_and_await(worker.handle(fanin_flow.name, fanin_flow.version), n, chunk, tag,
-                                               cap_s, rss)
+                waited = await _run_waiting({**spec, "app": env.app("worker"), "concurrency": env.concurrency})
             else:
-                waited = await _run_client(env, {"dsn": env.dsn, "schema": env.schema, "core": env.core,
-                                                 "app": env.app("client"), "n": n, "chunk": chunk,
-                                                 "tag": tag, "cap_s": cap_s})
-            await conns.sample()
-            stop_t = time.perf_counter()
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(worker.stop(), STOP_S)
-            stop_s = time.perf_counter() - stop_t
+                worker = env.engine("worker", fanin_flow, concurrency=env.concurrency)
+                await worker.listen()  # pool open, schema checked and claiming before the first start
+                waited = await _run_waiting({**spec, "app": env.app("client"), "concurrency": None})
+                with contextlib.suppress(Exception):
+                    await asyncio.wait_for(worker.stop(), STOP_S)
     t0 = float(waited["t_first_start"])
     returned = {int(i): float(t) for i, t in waited.pop("returned_at")}
     db = await _db_view(env, tag, t0, t0 + cap_s)
@@ -414,7 +425,7 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
         "rss_registered_growth_mib": (reg - before) / 1024 if reg and before else None,
         "rss_peak_growth_mib": (peak - before) / 1024 if peak and before else None,
         "bytes_per_waiter": (reg - before) * 1024 / n if reg and before else None,
-        "engine_log": dict(engine_log.counts.most_common(10)), "worker_stop_s": stop_s,
+        "engine_log": dict(engine_log.counts.most_common(10)),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), **waited,
     }
 
@@ -469,9 +480,10 @@ async def run_cell(dsn: str, cell: Cell, index: int, cap_s: float, quick: bool) 
 
 
 def _num(v: Any, digits: int = 0) -> str:
+    """``digits`` decimals, two for a value below 10 (a collapsed cell's 0.29 flows/s is not 0)."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "-"
-    return f"{v:,.{digits}f}"
+    return f"{v:,.{max(digits, 2) if abs(v) < 10 and v != int(v) else digits}f}"
 
 
 COLUMNS = ("core", "shape", "N", "conc", "done", "flows/s gather", "flows/s db", "ratio", "lag p50/p99 ms",
@@ -565,9 +577,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     returned a wrong result (a capped cell is a finding, not a failure)."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    iterflow_log = logging.getLogger("iterflow")
-    propagate = iterflow_log.propagate
-    iterflow_log.propagate = False  # counted per cell (EngineLog); a collapsing cell logs thousands of lines
+    quiet = [logging.getLogger(name) for name in QUIET]
+    propagate = [lg.propagate for lg in quiet]
+    for lg in quiet:
+        lg.propagate = False  # counted per cell (EngineLog) and kept in the JSON
     try:
         if args.dsn:
             dsn = args.dsn
@@ -578,7 +591,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         started = datetime.now(UTC)
         cells = asyncio.run(run_matrix(args, dsn))
     finally:
-        iterflow_log.propagate = propagate
+        for lg, was in zip(quiet, propagate, strict=True):
+            lg.propagate = was
     text = table(cells)
     print(text)
     print(f"\ncap {args.cap:g}s per cell; {os.cpu_count()} CPUs; load average now "

@@ -42,6 +42,8 @@ from .stats import (
     db_snapshot,
     postgres_cpu_s,
     process_cpu_s,
+    row_counters,
+    rows_delta,
     summarize_ms,
     with_app_name,
 )
@@ -277,6 +279,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
     the worker engine's application_name.
     """
     start_before = await db_snapshot(env.dsn)
+    start_rows = await row_counters(env.dsn, env.schema)
     start_s = await _start_up_front(env, flow, [None] * n)
     t = time.perf_counter()
     checkpointed = await checkpoint(env.dsn)
@@ -286,6 +289,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
     async with mon:
         await worker.client()  # pool open and schema check happen before the clock starts
         before = await db_snapshot(env.dsn)
+        rows_before = await row_counters(env.dsn, env.schema)
         mon.reset_backends()
         cpu0, pg0 = process_cpu_s(), postgres_cpu_s()
         t0 = time.time()
@@ -298,6 +302,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
         await worker.stop()
         monitor_xacts = mon.queries
     after = await db_snapshot(env.dsn)
+    drain_rows = rows_delta(rows_before, await row_counters(env.dsn, env.schema))
     drain = before.delta(after)
     start_cost = start_before.delta(before)
     end = max(f for _, f in times)
@@ -316,6 +321,9 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
         "drain_wal_bytes": drain["wal_bytes"], "monitor_queries": monitor_xacts,
         "start_xact_commit": start_cost["xact_commit"], "start_wal_bytes": start_cost["wal_bytes"],
         "start_wal_bytes_per_flow": start_cost["wal_bytes"] / n,
+        # rows of the schema's tables written by the drain and by the start (pg_stat_user_tables)
+        "drain_rows": drain_rows, "drain_rows_per_flow": drain_rows["written"] / n,
+        "start_rows": rows_delta(start_rows, rows_before),
         "backends_max": dict(mon.max_backends), "foreign_active_backends_max": mon.max_foreign_active,
         # CPU while draining (until the monitor saw the last run finish): this process (the
         # worker engine, plus the monitor's light polling) and the local PostgreSQL, if visible
