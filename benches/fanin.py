@@ -181,7 +181,9 @@ async def _await_one(handle: FlowHandle, run_id: str, i: int, waits: Waits) -> N
 async def start_and_await(handle: FlowHandle, n: int, chunk: int, tag: str, cap_s: float,
                           rss: RssPeak) -> dict[str, Any]:
     """Start ``n`` runs (``start_many`` in chunks), register one ``result()`` waiter per run as
-    soon as its chunk is acknowledged, gather them all; stop at ``cap_s`` after the first start."""
+    soon as its chunk is acknowledged, gather them all; stop at ``cap_s`` after the first start.
+    A chunk that fails to start ends the starting (``start_error``); the runs already started
+    are still awaited."""
     waits = Waits()
     tasks: list[asyncio.Task[None]] = []
     loop = asyncio.get_running_loop()
@@ -191,7 +193,11 @@ async def start_and_await(handle: FlowHandle, n: int, chunk: int, tag: str, cap_
     async def body() -> None:
         for lo in range(0, n, chunk):
             t = time.perf_counter()
-            made = await handle.start_many([{"input": i, "tags": [tag]} for i in range(lo, min(n, lo + chunk))])
+            try:
+                made = await handle.start_many([{"input": i, "tags": [tag]} for i in range(lo, min(n, lo + chunk))])
+            except Exception as exc:  # noqa: BLE001 - waiters starving the starts is a finding: await those made
+                marks["start_error"] = f"{type(exc).__name__} at run {lo:,}: {str(exc)[:300]}"
+                break
             marks["start_many_s"] += time.perf_counter() - t
             tasks.extend(loop.create_task(_await_one(handle, m.run_id, lo + k, waits)) for k, m in enumerate(made))
         await asyncio.sleep(0)  # every waiter has run up to its first await: registered
@@ -225,23 +231,28 @@ async def _waiting_process(spec: dict[str, Any]) -> dict[str, Any]:
                            **({"concurrency": spec["concurrency"]} if spec["concurrency"] else {}))
     if spec["concurrency"]:
         engine.register(fanin_flow)
-    try:
-        if spec["concurrency"]:
-            await engine.listen()  # claiming before the first start
-        else:
-            await engine.client()  # pool open and schema checked before the first start
-        async with RssPeak() as rss:
-            return await start_and_await(engine.handle(fanin_flow.name, fanin_flow.version), spec["n"],
-                                         spec["chunk"], spec["tag"], spec["cap_s"], rss)
-    finally:
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(engine.stop(), STOP_S)
+    with EngineLog() as engine_log:
+        try:
+            if spec["concurrency"]:
+                await engine.listen()  # claiming before the first start
+            else:
+                await engine.client()  # pool open and schema checked before the first start
+            async with RssPeak() as rss:
+                out = await start_and_await(engine.handle(fanin_flow.name, fanin_flow.version), spec["n"],
+                                            spec["chunk"], spec["tag"], spec["cap_s"], rss)
+        finally:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(engine.stop(), STOP_S)
+    return {**out, "waiting_log": dict(engine_log.counts)}
 
 
 def waiting_main() -> None:
     """Entry point of the waiting process: a JSON spec on stdin, a JSON result on stdout."""
     spec = json.loads(sys.stdin.read())
     logging.basicConfig(level=logging.ERROR)
+    for name in QUIET:  # warnings counted (EngineLog), not printed
+        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).propagate = False
     result = asyncio.run(_waiting_process(spec))
     sys.stdout.write(json.dumps(result))
 
@@ -414,7 +425,8 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
     return {
         "shape": shape, "core": env.core, "concurrency": env.concurrency, "n": n, "cap_s": cap_s,
         "complete": complete, "correct": correct, "returned": k, "gather_s": gather_s,
-        "done_line": f"{n:,} of {n:,} in {gather_s:.1f}s" if complete else f"{k:,} of {n:,} done after {gather_s:.0f}s",
+        "done_line": f"{n:,} of {n:,} in {gather_s:.1f}s" if complete else
+        f"{k:,} of {n:,} done after {gather_s:.0f}s" + (", start_many failed" if "start_error" in waited else ""),
         "gather_flows_per_s": gather_rate, **db,
         "ratio": gather_rate / db["db_flows_per_s"] if db["db_flows_per_s"] and complete else math.nan,
         "lag_p50_ms": percentile(lag, 50) * 1000, "lag_p99_ms": percentile(lag, 99) * 1000,
@@ -424,8 +436,8 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
         "rss_before_mib": before / 1024 if before else None,
         "rss_registered_growth_mib": (reg - before) / 1024 if reg and before else None,
         "rss_peak_growth_mib": (peak - before) / 1024 if peak and before else None,
-        "bytes_per_waiter": (reg - before) * 1024 / n if reg and before else None,
-        "engine_log": dict(engine_log.counts.most_common(10)),
+        "bytes_per_waiter": (reg - before) * 1024 / waited["started"] if reg and before and waited["started"] else None,
+        "engine_log": dict((engine_log.counts + Counter(waited.pop("waiting_log"))).most_common(10)),
         "loadavg_before": load_before, "loadavg_after": os.getloadavg(), **waited,
     }
 
