@@ -12,6 +12,9 @@ Two shapes of application:
 * ``subproc``: the waiters live in a second process (a client-only engine, as in a web server
   that never listens), the worker in this one.
 
+The waiting process is a fresh subprocess in both shapes (for ``inproc`` it is the worker too),
+so its memory growth belongs to the cell and not to what earlier cells left allocated.
+
 Why a workload of its own: every other workload reads its outcome from the database, so none
 of them measures what the application's ``result()`` calls cost. A waiter that polls costs a
 query per wait period, and N of them compete with the worker for the same connections; at
@@ -20,8 +23,9 @@ some N the drain the database sees and the drain the application sees part ways.
 * flows/s as the gather saw it: N / (last ``result()`` returned - first ``start_many`` called);
 * flows/s as the database saw the same drain: N / (last ``runs.finished_at`` - first
   ``steps.created_at``; the first step record is the first moment a claim is visible in the
-  database, a few ms after the claim itself) and the ratio of the two (1.0: the waiters cost
-  nothing; below: the application learns of its results late, or the waiters slowed the drain);
+  database, a few ms after the claim itself) and the ratio of the two (1.0: the application
+  hears of each result as the database records it; below: it hears late). Load the waiters put
+  on the drain itself slows both rates alike: compare them across shapes and with w1;
 * lag: per run, when its ``result()`` returned - its ``finished_at`` (p50/p99/max);
 * the most server connections of this cell's engines seen at once (``pg_stat_activity``
   sampled every 100 ms from a connection of the harness), per process and LISTEN vs pool, and
@@ -76,7 +80,6 @@ SHAPES = ("inproc", "subproc")
 CORES = ("python", "rust")
 SAMPLE_S = 0.1  # connection and RSS sampling period
 STOP_S = 20.0  # an engine that does not stop within this long after a capped cell is left behind
-log = logging.getLogger("benches.fanin")
 
 
 # -- the flow --------------------------------------------------------------------------------
@@ -148,7 +151,7 @@ class RssPeak:
                 await self._task
 
 
-# -- the waiting side (this process for inproc, the client process for subproc) --------------
+# -- the waiting side (a subprocess of its own in both shapes) -----------------------------------
 @dataclass
 class Waits:
     """What the ``result()`` calls of one process saw."""
@@ -210,11 +213,12 @@ async def start_and_await(handle: FlowHandle, n: int, chunk: int, tag: str, cap_
         await asyncio.wait_for(body(), cap_s)
     except TimeoutError:
         capped = True
+    t_end = time.time()
     for task in tasks:  # after a cap: the waiters still pending (a no-op after a full gather)
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {
-        "t_first_start": t0, "capped": capped, "started": len(tasks),
+        "t_first_start": t0, "t_end": t_end, "capped": capped, "started": len(tasks),
         "returned_at": sorted(waits.returned_at.items()), "wrong": waits.wrong,
         "wrong_samples": waits.wrong_samples, "errors": dict(waits.errors),
         "error_samples": waits.error_samples, "rss_peak_kib": rss.peak, **marks,
@@ -416,7 +420,7 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
     k = len(returned)
     last = max(returned.values(), default=math.nan)
     complete = not waited["capped"] and k == n
-    gather_s = (last - t0) if complete else min(cap_s, time.time() - t0)
+    gather_s = (last - t0) if complete else min(cap_s, float(waited["t_end"]) - t0)
     lag = [returned[i] - finished[i] for i in returned if i in finished]
     before = waited.get("rss_before_kib")
     reg, peak = waited.get("rss_registered_kib"), waited.get("rss_peak_kib")
