@@ -123,6 +123,31 @@ async def db_snapshot(dsn: str) -> DbSnapshot:
     return DbSnapshot(int(row[0]), int(row[1]), parse_lsn(row[2]), time.time())
 
 
+ROW_COUNTERS = ("n_tup_ins", "n_tup_upd", "n_tup_hot_upd", "n_tup_del")
+
+
+async def row_counters(dsn: str, schema: str) -> dict[str, int]:
+    """Rows inserted, updated (``n_tup_hot_upd`` of them HOT) and deleted so far in the tables of
+    ``schema`` (``pg_stat_user_tables``: per schema, so other clients of the server are not
+    counted; published lazily, like the transaction counters)."""
+    async with await psycopg.AsyncConnection.connect(with_app_name(dsn, MONITOR_APP), autocommit=True) as conn:
+        await conn.execute("SELECT pg_stat_clear_snapshot()")
+        cur = await conn.execute(
+            "SELECT " + ", ".join(f"coalesce(sum({c}), 0)::int8" for c in ROW_COUNTERS)
+            + " FROM pg_stat_user_tables WHERE schemaname = %s", (schema,))
+        row = await cur.fetchone()
+    assert row is not None
+    return {c.removeprefix("n_tup_"): int(v) for c, v in zip(ROW_COUNTERS, row, strict=True)}
+
+
+def rows_delta(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """Per counter, plus ``written``: rows inserted + updated + deleted (each one a heap tuple
+    written, before index entries and WAL)."""
+    out = {k: after[k] - before[k] for k in before}
+    out["written"] = out["ins"] + out["upd"] + out["del"]
+    return out
+
+
 async def checkpoint(dsn: str) -> bool:
     """CHECKPOINT before a measurement so runs start from the same WAL state (needs a
     superuser or pg_checkpoint; skipped quietly otherwise)."""

@@ -42,6 +42,8 @@ from .stats import (
     db_snapshot,
     postgres_cpu_s,
     process_cpu_s,
+    row_counters,
+    rows_delta,
     summarize_ms,
     with_app_name,
 )
@@ -68,6 +70,8 @@ class Sizes:
     w5_warmup: int = 100         # ...after this many signals to more flows (not measured)
     w6_parents: int = 20         # parents x children, fanned out with ctx.invoke_all
     w6_children: int = 100
+    w8_flows: int = 5_000        # 3-step flows drained while as many result() calls wait (per shape)
+    w8_cap_s: float = 120.0      # a fan-in shape still waiting this long after its first start fails
     concurrency: int = 32        # the worker engine's concurrency (default; --concurrency overrides per core)
     start_chunk: int = 5_000     # runs per start_many call in the burn-downs
     stall_s: float = 60.0        # no run finished for this long: the workload has hung
@@ -77,7 +81,8 @@ class Sizes:
 FULL = Sizes()
 QUICK = Sizes(
     w1_flows=300, w2_flows=600, w3_seconds=3.0, w4_flows=150, w4_min_s=1.0, w4_max_s=1.5, w4_lead_s=1.5,
-    w3_warmup_s=0.5, w5_flows=100, w5_warmup=25, w6_parents=3, w6_children=10, stall_s=15.0, poll_s=0.05,
+    w3_warmup_s=0.5, w5_flows=100, w5_warmup=25, w6_parents=3, w6_children=10, w8_flows=200, w8_cap_s=30.0,
+    stall_s=15.0, poll_s=0.05,
     concurrency=8,  # a smaller pool: the smoke run shares the server with the rest of the test suite
 )
 
@@ -274,6 +279,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
     the worker engine's application_name.
     """
     start_before = await db_snapshot(env.dsn)
+    start_rows = await row_counters(env.dsn, env.schema)
     start_s = await _start_up_front(env, flow, [None] * n)
     t = time.perf_counter()
     checkpointed = await checkpoint(env.dsn)
@@ -283,6 +289,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
     async with mon:
         await worker.client()  # pool open and schema check happen before the clock starts
         before = await db_snapshot(env.dsn)
+        rows_before = await row_counters(env.dsn, env.schema)
         mon.reset_backends()
         cpu0, pg0 = process_cpu_s(), postgres_cpu_s()
         t0 = time.time()
@@ -295,6 +302,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
         await worker.stop()
         monitor_xacts = mon.queries
     after = await db_snapshot(env.dsn)
+    drain_rows = rows_delta(rows_before, await row_counters(env.dsn, env.schema))
     drain = before.delta(after)
     start_cost = start_before.delta(before)
     end = max(f for _, f in times)
@@ -313,6 +321,9 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
         "drain_wal_bytes": drain["wal_bytes"], "monitor_queries": monitor_xacts,
         "start_xact_commit": start_cost["xact_commit"], "start_wal_bytes": start_cost["wal_bytes"],
         "start_wal_bytes_per_flow": start_cost["wal_bytes"] / n,
+        # rows of the schema's tables written by the drain and by the start (pg_stat_user_tables)
+        "drain_rows": drain_rows, "drain_rows_per_flow": drain_rows["written"] / n,
+        "start_rows": rows_delta(start_rows, rows_before),
         "backends_max": dict(mon.max_backends), "foreign_active_backends_max": mon.max_foreign_active,
         # CPU while draining (until the monitor saw the last run finish): this process (the
         # worker engine, plus the monitor's light polling) and the local PostgreSQL, if visible
@@ -621,6 +632,15 @@ async def w6_fan_out(env: Env) -> dict[str, Any]:
             "parents": sz.w6_parents, "children": sz.w6_children}
 
 
+# -- workload 8: fan-in (benches/fanin.py) -------------------------------------------------------
+async def w8_fan_in(env: Env) -> dict[str, Any]:
+    """Both fan-in shapes at this run's size; imported here on use because benches.fanin builds
+    on this module's Env."""
+    from .fanin import w8_fan_in as run
+
+    return await run(env)
+
+
 # -- the registry the runner reads ------------------------------------------------------------
 @dataclass(frozen=True)
 class Metric:
@@ -659,4 +679,11 @@ WORKLOADS: tuple[Workload, ...] = (
         Metric("connections", "connections held", "lower"),
         Metric("engine_cpu_us_per_step", "engine CPU us/step", "lower"),
         Metric("postgres_cpu_us_per_step", "postgres CPU us/step", "lower", optional=True)), source="w1"),
+    Workload("w8", lambda s: f"fan-in {s.w8_flows:,} x 3 steps, {s.w8_flows:,} result() waiting", w8_fan_in, (
+        Metric("flows_per_s_inproc", "flows/s, waiters in the worker (gather)", "higher"),
+        Metric("ratio_inproc", "gather/db drain, waiters in the worker", "higher"),
+        Metric("connections_inproc", "peak connections, waiters in the worker", "lower"),
+        Metric("flows_per_s_subproc", "flows/s, waiters in a client process (gather)", "higher"),
+        Metric("ratio_subproc", "gather/db drain, waiters in a client process", "higher"),
+        Metric("connections_subproc", "peak connections, waiters in a client process", "lower"))),
 )

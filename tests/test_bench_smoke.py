@@ -43,3 +43,27 @@ def test_quick_bench_reports_every_workload(dsn: str, tmp_path: Path) -> None:
     assert report["machine"]["nproc"] and report["machine"]["postgres"] and report["machine"]["python"]
     assert report["cores"]["python"]["available"] is True
     assert elapsed < 60, f"the quick benchmark took {elapsed:.0f}s; keep it under a minute"
+
+
+def test_fan_in_every_result_is_right(dsn: str, core: str, tmp_path: Path) -> None:
+    """w8 at a tiny N on each core, both shapes: every ``result()`` returns its run's output
+    (not timed: the numbers are benches/fanin.py's business, correctness is CI's)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benches.fanin import main
+
+    out = tmp_path / "fanin.json"
+    n = 60
+    code = main(["--n", str(n), "--concurrency", "4", "--core", core, "--cap", "60", "--dsn", dsn,
+                 "--json", str(out)])
+
+    cells = json.loads(out.read_text())["cells"]
+    assert [c.get("shape") for c in cells] == ["inproc", "subproc"]
+    for cell in cells:
+        assert "error" not in cell, cell["error"]
+        assert cell["complete"] and cell["correct"], (cell["done_line"], cell["errors"], cell["error_samples"],
+                                                      cell["wrong_samples"], cell["db_statuses"])
+        assert cell["returned"] == n and cell["wrong"] == 0 and cell["db_statuses"] == {"done": n}
+        assert cell["connections_by_role"].get("worker", 0) >= 1, cell["connections_by_role"]
+    assert cells[1]["connections_by_role"].get("client", 0) >= 1, cells[1]["connections_by_role"]
+    assert code == 0
