@@ -23,9 +23,13 @@ some N the drain the database sees and the drain the application sees part ways.
 * flows/s as the gather saw it: N / (last ``result()`` returned - first ``start_many`` called);
 * flows/s as the database saw the same drain: N / (last ``runs.finished_at`` - first
   ``steps.created_at``; the first step record is the first moment a claim is visible in the
-  database, a few ms after the claim itself) and the ratio of the two (1.0: the application
-  hears of each result as the database records it; below: it hears late). Load the waiters put
-  on the drain itself slows both rates alike: compare them across shapes and with w1;
+  database, a few ms after the claim itself);
+* ratio: the database's drain time over the application's, both from that first step record
+  to, respectively, the last ``finished_at`` and the last ``result()`` returned (1.0: the
+  application hears of each result as the database records it; below: it hears late). The
+  gather rate also counts the ``start_many`` calls before the first claim, which this leaves
+  out. Load the waiters put on the drain itself slows both alike: compare drains across shapes
+  and with w1;
 * lag: per run, when its ``result()`` returned - its ``finished_at`` (p50/p99/max);
 * the most server connections of this cell's engines seen at once (``pg_stat_activity``
   sampled every 100 ms from a connection of the harness), per process and LISTEN vs pool, and
@@ -394,6 +398,18 @@ async def _db_view(env: Env, tag: str, t0: float, cap_end: float) -> dict[str, A
             "first_step_after_start_s": (first_step - t0) if first_step is not None else None}
 
 
+def _ratio(db: dict[str, Any], last_returned: float) -> float:
+    """The drain's rate as the application saw it over the rate the database saw, both from
+    the first step record: the database's drain ends at the last ``finished_at``, the
+    application's when the last ``result()`` returned. 1.0: the waiters learned each result
+    the moment it was written and did not slow the drain. (Time spent in ``start_many``
+    before the first claim is in the gather rate, not here: the runs were not claimable yet.)"""
+    first, db_s = db["db_first_step"], db["db_s"]
+    if first is None or not db_s or db_s != db_s:
+        return math.nan
+    return float(db_s / (last_returned - first))
+
+
 async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any]:
     """One fan-in drain of ``n`` runs in ``shape`` on ``env``'s core and concurrency; the runs
     are tagged with the shape's name (so two shapes can share a schema). Never raises for a
@@ -432,7 +448,7 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
         "done_line": f"{n:,} of {n:,} in {gather_s:.1f}s" if complete else
         f"{k:,} of {n:,} done after {gather_s:.0f}s" + (", start_many failed" if "start_error" in waited else ""),
         "gather_flows_per_s": gather_rate, **db,
-        "ratio": gather_rate / db["db_flows_per_s"] if db["db_flows_per_s"] and complete else math.nan,
+        "ratio": _ratio(db, last) if complete else math.nan,
         "lag_p50_ms": percentile(lag, 50) * 1000, "lag_p99_ms": percentile(lag, 99) * 1000,
         "lag_max_ms": max(lag) * 1000 if lag else math.nan,
         "peak_connections": conns.engine_peak, "connections_by_role": dict(conns.by_role),

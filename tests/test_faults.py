@@ -187,6 +187,29 @@ async def test_a_start_repeated_after_a_lost_ack_finds_its_own_run(
     assert await rows(dsn, f'SELECT count(*) FROM "{schema_name}".runs') == [(3,)]
 
 
+async def test_a_start_whose_wake_up_fails_after_its_commit_still_succeeds(
+    make_engine: Any, core: str, dsn: str, schema_name: str
+) -> None:
+    """The pure-Python core announces new work in a transaction after the insert's commit; when
+    that one fails (no free connection, say), start_many still returns the runs it made, each
+    once: the announcement is a hint. (The Rust core's relay runs after the call returned.)"""
+    if core != "python":
+        pytest.skip("the Rust core announces new work from its outbox relay, off the caller's path")
+    client = await make_engine(listen=False)
+    inner = client.core.inner
+    real = inner._rows
+
+    async def relay_fails(name: str, *args: Any) -> Any:
+        if name == "relay_notify":
+            raise psycopg.OperationalError("couldn't get a connection after 2.00 sec")
+        return await real(name, *args)
+
+    inner._rows = relay_fails
+    made = await client.handle("waits").start_many([{"input": i} for i in range(3)])
+    assert [m.created for m in made] == [True, True, True]
+    assert await rows(dsn, f'SELECT count(*) FROM "{schema_name}".runs') == [(3,)]
+
+
 async def test_a_signal_repeated_after_a_lost_ack_is_stored_once(
     make_engine: Any, dsn: str, schema_name: str
 ) -> None:

@@ -314,8 +314,14 @@ class PythonCore:
         if not names:
             return
         self.nudge()
-        if self._notify:
+        if not self._notify:
+            return
+        try:
             await self._rows("relay_notify", [f"q {name}" for name in sorted(names)])
+        except psycopg.Error as exc:
+            # the work is committed: a lost wake-up costs other workers a poll interval, while
+            # failing here would tell the caller that runs it created do not exist
+            log.warning("iterflow: could not announce new work (%s); workers find it by polling", exc)
 
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
         row = await self._one("deliver_signal", run_id, name, _j(payload), key)
