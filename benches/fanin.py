@@ -2,17 +2,19 @@
 calls wait for them, all at once, the way an application gathers the runs it started.
 
     python -m benches.fanin [--n 5000,50000] [--concurrency 5,32,512] [--core python,rust]
-                            [--shape inproc,subproc] [--cap SECONDS] [--quick] [--dsn DSN] [--json PATH]
+                            [--shape inproc,subproc,none] [--cap SECONDS] [--quick] [--dsn DSN] [--json PATH]
 
-Two shapes of application:
+Three shapes:
 
 * ``inproc``: the waiters live in the worker's own process: the listening engine starts the runs
   and ``await asyncio.gather(*(handle.result(r.run_id) for r in runs))`` on the same engine,
   so the waiters share the worker's pool and event loop;
 * ``subproc``: the waiters live in a second process (a client-only engine, as in a web server
-  that never listens), the worker in this one.
+  that never listens), the worker in this one;
+* ``none``: the baseline. The same client process starts the runs and nobody calls
+  ``result()``: the drain the others are held against.
 
-The waiting process is a fresh subprocess in both shapes (for ``inproc`` it is the worker too),
+The waiting process is a fresh subprocess in every shape (for ``inproc`` it is the worker too),
 so its memory growth belongs to the cell and not to what earlier cells left allocated.
 
 Why a workload of its own: every other workload reads its outcome from the database, so none
@@ -63,7 +65,7 @@ import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -80,7 +82,8 @@ from .stats import APP_PREFIX, MONITOR_APP, percentile, redact, with_app_name
 from .workloads import FULL, QUICK, Env, WorkloadError
 
 ROOT = Path(__file__).resolve().parents[1]
-SHAPES = ("inproc", "subproc")
+SHAPES = ("inproc", "subproc", "none")
+WAITING_SHAPES = ("inproc", "subproc")
 CORES = ("python", "rust")
 SAMPLE_S = 0.1  # connection and RSS sampling period
 STOP_S = 20.0  # an engine that does not stop within this long after a capped cell is left behind
@@ -155,7 +158,7 @@ class RssPeak:
                 await self._task
 
 
-# -- the waiting side (a subprocess of its own in both shapes) -----------------------------------
+# -- the waiting side (a subprocess of its own in every shape) -----------------------------------
 @dataclass
 class Waits:
     """What the ``result()`` calls of one process saw."""
@@ -186,7 +189,7 @@ async def _await_one(handle: FlowHandle, run_id: str, i: int, waits: Waits) -> N
 
 
 async def start_and_await(handle: FlowHandle, n: int, chunk: int, tag: str, cap_s: float,
-                          rss: RssPeak) -> dict[str, Any]:
+                          rss: RssPeak, drained: Callable[[], Awaitable[bool]] | None = None) -> dict[str, Any]:
     """Start ``n`` runs (``start_many`` in chunks), register one ``result()`` waiter per run as
     soon as its chunk is acknowledged, gather them all; stop at ``cap_s`` after the first start.
     A chunk that fails to start ends the starting (``start_error``); the runs already started
@@ -207,6 +210,10 @@ async def start_and_await(handle: FlowHandle, n: int, chunk: int, tag: str, cap_
                 break
             marks["start_many_s"] += time.perf_counter() - t
             tasks.extend(loop.create_task(_await_one(handle, m.run_id, lo + k, waits)) for k, m in enumerate(made))
+        if drained is not None:  # the baseline: nobody waits, the database says when it is over
+            while not await drained():  # (its end is read from finished_at: a slow look is fine)
+                await asyncio.sleep(0.5)
+            return
         await asyncio.sleep(0)  # every waiter has run up to its first await: registered
         marks["rss_registered_kib"] = rss.note()
         marks["registered_s"] = time.time() - t0
@@ -247,11 +254,25 @@ async def _waiting_process(spec: dict[str, Any]) -> dict[str, Any]:
                 await engine.client()  # pool open and schema checked before the first start
             async with RssPeak() as rss:
                 out = await start_and_await(engine.handle(fanin_flow.name, fanin_flow.version), spec["n"],
-                                            spec["chunk"], spec["tag"], spec["cap_s"], rss)
+                                            spec["chunk"], spec["tag"], spec["cap_s"], rss,
+                                            None if spec.get("wait", True) else _drained(spec))
         finally:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(engine.stop(), STOP_S)
     return {**out, "waiting_log": dict(engine_log.counts)}
+
+
+def _drained(spec: dict[str, Any]) -> Callable[[], Awaitable[bool]]:
+    """For the ``none`` shape: whether the cell's runs are all done, by the harness's own
+    query (no ``result()`` involved): the queue is empty of them (an index-only look, so the
+    baseline is not slowed by a scan of the runs it measures)."""
+    async def check() -> bool:
+        async with await psycopg.AsyncConnection.connect(spec["dsn"], autocommit=True) as conn:
+            cur = await conn.execute(pgsql.SQL("SELECT NOT EXISTS (SELECT 1 FROM {}.queue)")
+                                     .format(pgsql.Identifier(spec["schema"])))
+            row = await cur.fetchone()
+            return bool(row and row[0])
+    return check
 
 
 def waiting_main() -> None:
@@ -426,13 +447,16 @@ async def run_shape(env: Env, shape: str, n: int, cap_s: float) -> dict[str, Any
             else:
                 worker = env.engine("worker", fanin_flow, concurrency=env.concurrency)
                 await worker.listen()  # pool open, schema checked and claiming before the first start
-                waited = await _run_waiting({**spec, "app": env.app("client"), "concurrency": None})
+                waited = await _run_waiting({**spec, "app": env.app("client"), "concurrency": None,
+                                             "wait": shape != "none"})
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(worker.stop(), STOP_S)
     t0 = float(waited["t_first_start"])
     returned = {int(i): float(t) for i, t in waited.pop("returned_at")}
     db = await _db_view(env, tag, t0, t0 + cap_s)
     finished = db.pop("finished")
+    if shape == "none":  # the baseline: the drain's end is the database's, nobody returned
+        returned = dict(finished)
     k = len(returned)
     last = max(returned.values(), default=math.nan)
     complete = not waited["capped"] and k == n
@@ -467,7 +491,7 @@ async def w8_fan_in(env: Env) -> dict[str, Any]:
     """Both shapes at the suite's size and concurrency, one after the other in the run's schema
     (each shape's runs tagged with its name). A cap or a wrong result fails the workload."""
     out: dict[str, Any] = {"flows": env.sizes.w8_flows}
-    for shape in SHAPES:
+    for shape in WAITING_SHAPES:
         cell = await run_shape(env, shape, env.sizes.w8_flows, env.sizes.w8_cap_s)
         if not cell["correct"]:
             raise WorkloadError(f"fan-in {shape}: {cell['done_line']}; errors {cell['errors']} "
@@ -518,7 +542,7 @@ def _num(v: Any, digits: int = 0) -> str:
     return f"{v:,.{max(digits, 2) if abs(v) < 10 and v != int(v) else digits}f}"
 
 
-COLUMNS = ("core", "shape", "N", "conc", "done", "flows/s gather", "flows/s db", "ratio", "lag p50/p99 ms",
+COLUMNS = ("core", "shape", "N", "conc", "done", "flows/s gather", "flows/s db", "ratio", "vs none", "lag p50/p99 ms",
            "peak conns (pool+listen)", "server peak", "RSS MiB reg/peak", "B/waiter", "errors", "correct", "load1")
 
 
@@ -531,6 +555,7 @@ def row(c: dict[str, Any]) -> tuple[str, ...]:
                       if r in by_role or f"{r}-listen" in by_role)
     errors = sum(c["errors"].values())
     return (*head, c["done_line"], _num(c["gather_flows_per_s"]), _num(c["db_flows_per_s"]), _num(c["ratio"], 2),
+            _num(c.get("vs_none"), 2),
             f"{_num(c['lag_p50_ms'])}/{_num(c['lag_p99_ms'])}", f"{c['peak_connections']} ({roles})",
             str(c["server_backends_peak"]),
             f"{_num(c['rss_registered_growth_mib'], 1)}/{_num(c['rss_peak_growth_mib'], 1)}",
@@ -572,7 +597,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default=None, help="comma list of worker concurrencies (default 5,32,512; "
                                                        "5,32 with --quick)")
     p.add_argument("--core", default="python,rust", help="comma list of cores (default python,rust)")
-    p.add_argument("--shape", default=",".join(SHAPES), help="comma list of shapes (default inproc,subproc)")
+    p.add_argument("--shape", default=",".join(SHAPES), help="comma list of shapes (default inproc,subproc,none)")
     p.add_argument("--cap", type=float, default=None, help="seconds per cell from the first start (default 120; "
                                                            "30 with --quick)")
     p.add_argument("--quick", action="store_true", help="small cells (the CI smoke run)")
@@ -601,7 +626,20 @@ async def run_matrix(args: argparse.Namespace, dsn: str) -> list[dict[str, Any]]
               flush=True)
         cells.append(await run_cell(dsn, cell, index, args.cap, args.quick))
         print(table(cells[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+    _against_baseline(cells)
     return cells
+
+
+def _against_baseline(cells: list[dict[str, Any]]) -> None:
+    """``vs_none``: each waiting cell's gather rate over the drain rate, in the database, of
+    the same N, concurrency and core with nobody waiting (the ``none`` shape), when the
+    matrix has it: what awaiting every result costs the application, all told."""
+    base = {(c["n"], c["concurrency"], c["core"]): c.get("db_flows_per_s") for c in cells
+            if c.get("shape") == "none" and c.get("complete")}
+    for c in cells:
+        rate = base.get((c.get("n"), c.get("concurrency"), c.get("core")))
+        if c.get("shape") in WAITING_SHAPES and rate and c.get("complete"):
+            c["vs_none"] = c["gather_flows_per_s"] / rate
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,7 +46,7 @@ def test_quick_bench_reports_every_workload(dsn: str, tmp_path: Path) -> None:
 
 
 def test_fan_in_every_result_is_right(dsn: str, core: str, tmp_path: Path) -> None:
-    """w8 at a tiny N on each core, both shapes: every ``result()`` returns its run's output
+    """w8 at a tiny N on each core, every shape: every ``result()`` returns its run's output
     (not timed: the numbers are benches/fanin.py's business, correctness is CI's)."""
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
@@ -58,7 +58,8 @@ def test_fan_in_every_result_is_right(dsn: str, core: str, tmp_path: Path) -> No
                  "--json", str(out)])
 
     cells = json.loads(out.read_text())["cells"]
-    assert [c.get("shape") for c in cells] == ["inproc", "subproc"]
+    assert [c.get("shape") for c in cells] == ["inproc", "subproc", "none"]
+    assert all(c["vs_none"] > 0 for c in cells[:2]), "the waiting cells are set against the baseline"
     for cell in cells:
         assert "error" not in cell, cell["error"]
         assert cell["complete"] and cell["correct"], (cell["done_line"], cell["errors"], cell["error_samples"],

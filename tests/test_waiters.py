@@ -139,6 +139,19 @@ async def test_wait_wakes_on_a_progress_notification(
     assert await _count(dsn, f'SELECT count(*) FROM "{schema_name}".watches') == 0
 
 
+async def test_stopping_the_engine_ends_its_waiters(make_engine: Any) -> None:
+    """A result() still waiting when its engine stops raises ENGINE_STATE instead of hanging."""
+    await make_engine(gated)
+    client = await make_engine(listen=False)
+    run = await client.handle("gated").start(None)
+    waiting = asyncio.ensure_future(client.handle("gated").result(run.run_id))
+    await asyncio.sleep(0.3)
+    await client.stop()
+    with pytest.raises(iterflow.IterflowError) as info:
+        await asyncio.wait_for(waiting, 5)
+    assert info.value.code == "ENGINE_STATE"
+
+
 async def test_a_thousand_waiters_ride_out_a_server_restart(
     private_server: PrivateServer, core: str
 ) -> None:

@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from .cores.base import Core
-from .errors import IterflowError
+from .errors import EngineStateError, IterflowError
 from .types import TERMINAL
 
 log = logging.getLogger("iterflow")
@@ -138,11 +138,19 @@ class RunWaiters:
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="iterflow-waiters")
 
     async def close(self) -> None:
+        """Stop the collector; a ``result()`` still waiting raises ``ENGINE_STATE`` (nothing
+        would ever resolve it), a ``wait()`` wakes and fails on its next read."""
         for task in (self._changes, self._task):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+        stopped = EngineStateError("the engine stopped while this waited for the run")
+        for futures in self._terminal.values():
+            for fut in futures:
+                if not fut.done():
+                    fut.set_exception(stopped)
+        self._wake_progress(list(self._progress))
 
     # -- the collector ---------------------------------------------------------------------
     async def _collect(self) -> None:
