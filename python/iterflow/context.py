@@ -35,6 +35,7 @@ from .flow import check_name
 from .keys import bases
 from .schemas import Schema
 from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
+from .types import TERMINAL
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -43,7 +44,6 @@ T = TypeVar("T")
 # A name is checked once per process, not at every call that uses it (loops, replays).
 _check_name = lru_cache(maxsize=4096)(check_name)
 
-TERMINAL = ("done", "failed", "canceled")
 # ctx calls whose name comes from user code at the call (invoke names come from flow definitions)
 NAMED_KINDS = ("step", "signal")
 # Loop turns given to sibling branches to replay their recorded calls before new work starts.

@@ -28,10 +28,10 @@ from .errors import IterflowError
 from .flow import define_flow
 from .migrate import migrate
 from .steps import StepArgs
+from .types import TERMINAL
 
 SCHEMA = "iterflow_demo"
 SIGNAL_DELAY = 0.5  # seconds between "the run is waiting" and the carrier's webhook firing
-TERMINAL = ("done", "failed", "canceled")
 
 
 class _Clock:

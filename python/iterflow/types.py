@@ -17,7 +17,6 @@ STATUSES = (
     "done", "failed", "canceled",
 )
 TERMINAL = ("done", "failed", "canceled")
-SIGNAL_KINDS = ("delivered", "buffered", "duplicate", "expired", "invalid_payload", "closed")
 
 
 @dataclass(frozen=True)

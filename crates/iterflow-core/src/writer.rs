@@ -213,16 +213,6 @@ impl Writer {
         }
     }
 
-    /// `enqueue` and wait for the commit.
-    pub async fn submit(
-        &self,
-        run_id: &str,
-        query: &'static str,
-        params: Vec<Param>,
-    ) -> Result<Rows, CoreError> {
-        self.enqueue(run_id, query, params).await
-    }
-
     /// Stop accepting writes; queued ones are still committed by the tasks before they end.
     pub fn close(&self) {
         if let Ok(mut shards) = self.shards.write() {

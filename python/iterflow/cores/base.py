@@ -17,6 +17,9 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
+# start_many is one transaction; statements inside it carry at most this many runs (both cores)
+INSERT_CHUNK = 1000
+
 
 @dataclass(frozen=True)
 class RunSpec:

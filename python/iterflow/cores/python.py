@@ -27,6 +27,7 @@ from ..faults import sqlstate_of
 from ..migrate import check_schema
 from .base import (
     ADMIN_QUERIES,
+    INSERT_CHUNK,
     ClaimedRun,
     Created,
     JsonArg,
@@ -39,8 +40,6 @@ from .base import (
 )
 
 log = logging.getLogger("iterflow")
-# start_many is one transaction; statements inside it carry at most this many runs
-INSERT_CHUNK = 1000
 # Seconds a connection attempt of the engine's own pool keeps retrying (with the pool's
 # backoff) before it gives up; the next checkout starts a new one at once. psycopg_pool's
 # default (5 minutes) backs off to minutes between attempts, so after a database restart the

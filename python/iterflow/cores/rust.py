@@ -29,6 +29,7 @@ from .._core import Pump as _RustPump
 from ..errors import EngineStateError, SchemaMismatch
 from .base import (
     ADMIN_QUERIES,
+    INSERT_CHUNK,
     ClaimedRun,
     Created,
     JsonArg,
@@ -40,8 +41,6 @@ from .base import (
     rows_json,
 )
 
-# start_many is one transaction; statements inside it carry at most this many runs
-INSERT_CHUNK = 1000
 _UTC = UTC
 
 __all__ = ["CoreError", "RustCore"]
