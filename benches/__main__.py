@@ -31,7 +31,7 @@ from psycopg import sql as pgsql
 import iterflow
 
 from . import host
-from .stats import MONITOR_APP, machine_info, median, redact, with_app_name
+from .stats import MONITOR_APP, clean_json, machine_info, median, redact, with_app_name
 from .workloads import FULL, QUICK, WORKLOADS, Env, Sizes, Workload, WorkloadError
 
 CORES = ("python", "rust")
@@ -106,17 +106,6 @@ def core_status(core: str) -> tuple[bool, str | None]:
     except ImportError as exc:
         return False, f"iterflow.cores.rust is not importable ({exc})"
     return True, None
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN/inf become null, tuples become lists, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 async def _drop_schema(dsn: str, schema: str) -> None:
@@ -387,7 +376,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.json_path:
         report["table_text"] = text
         with open(args.json_path, "w", encoding="utf-8") as fh:
-            json.dump(_clean(report), fh, indent=2, default=str)
+            json.dump(clean_json(report), fh, indent=2, default=str)
             fh.write("\n")
         print(f"wrote {args.json_path}")
     return 1 if failed else 0

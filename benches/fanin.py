@@ -78,8 +78,8 @@ import iterflow
 from iterflow import Context, create_engine, define_flow
 from iterflow.handle import FlowHandle
 
-from .stats import APP_PREFIX, MONITOR_APP, percentile, redact, with_app_name
-from .workloads import FULL, QUICK, Env, WorkloadError
+from .stats import APP_PREFIX, MONITOR_APP, clean_json, percentile, redact, with_app_name
+from .workloads import FULL, QUICK, Env, WorkloadError, run_child
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES = ("inproc", "subproc", "none")
@@ -287,24 +287,9 @@ def waiting_main() -> None:
 
 
 async def _run_waiting(spec: dict[str, Any]) -> dict[str, Any]:
-    proc_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import benches.fanin as f; f.waiting_main()",
-        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
-        env=proc_env, cwd=str(ROOT),
-    )
-    try:
-        # the process stops itself at the cap; the margin covers its start-up and engine stop
-        out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), spec["cap_s"] + STOP_S + 60)
-    except BaseException:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        raise
-    if proc.returncode != 0:
-        raise WorkloadError(f"fan-in waiting process exited {proc.returncode}: {err.decode(errors='replace')[-3000:]}")
-    result: dict[str, Any] = json.loads(out)
-    return result
+    # the process stops itself at the cap; the margin covers its start-up and engine stop
+    return await run_child("benches.fanin:waiting_main", spec, "fan-in waiting process",
+                           spec["cap_s"] + STOP_S + 60)
 
 
 # -- the measuring side ----------------------------------------------------------------------------
@@ -676,21 +661,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "iterflow_from": str(Path(iterflow.__file__).parent)},
         "nproc": os.cpu_count(), "table": text, "cells": cells,
     }
-    path.write_text(json.dumps(_clean(report), indent=1, default=str) + "\n", encoding="utf-8")
+    path.write_text(json.dumps(clean_json(report), indent=1, default=str) + "\n", encoding="utf-8")
     print(f"wrote {path}")
     bad = [c for c in cells if "error" in c or (c["complete"] and not c["correct"]) or c.get("wrong")]
     return 1 if bad else 0
-
-
-def _clean(value: Any) -> Any:
-    """JSON-safe: NaN and infinities become null, recursively."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

@@ -327,3 +327,14 @@ async def machine_info(dsn: str) -> dict[str, Any]:
         python_implementation=platform.python_implementation(), postgres=version, postgres_settings=settings,
         loadavg_at_start=os.getloadavg() if hasattr(os, "getloadavg") else None,
     ))
+
+
+def clean_json(value: Any) -> Any:
+    """JSON-safe: NaN/inf become null, tuples become lists, recursively (the reports' writer)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): clean_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [clean_json(v) for v in value]
+    return value

@@ -462,26 +462,34 @@ def loadgen_main() -> None:
     sys.stdout.write(json.dumps(result))
 
 
-async def run_loadgen(env: Env, spec: dict[str, Any]) -> dict[str, Any]:
-    spec = {"dsn": env.dsn, "schema": env.schema, "core": env.core, "app_prefix": env.app(""), **spec}
+async def run_child(entry: str, spec: dict[str, Any], what: str, timeout: float | None = None) -> dict[str, Any]:
+    """Run ``entry`` (``"module:function"`` of this package) in a fresh Python process with
+    ``spec`` as JSON on stdin; its JSON stdout is the result. A benchmark's other process (a
+    load generator, a waiting client) is a real process, so its CPU and memory are its own."""
+    module, function = entry.split(":")
     root = str(Path(__file__).resolve().parents[1])
     proc_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p))
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-c", "import benches.workloads as w; w.loadgen_main()",
+        sys.executable, "-c", f"import {module} as m; m.{function}()",
         stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
         env=proc_env, cwd=root,
     )
     try:
-        out, err = await proc.communicate(json.dumps(spec).encode())
+        out, err = await asyncio.wait_for(proc.communicate(json.dumps(spec).encode()), timeout)
     except BaseException:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         raise
     if proc.returncode != 0:
-        raise WorkloadError(f"load generator exited {proc.returncode}: {err.decode(errors='replace')[-3000:]}")
+        raise WorkloadError(f"{what} exited {proc.returncode}: {err.decode(errors='replace')[-3000:]}")
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+async def run_loadgen(env: Env, spec: dict[str, Any]) -> dict[str, Any]:
+    spec = {"dsn": env.dsn, "schema": env.schema, "core": env.core, "app_prefix": env.app(""), **spec}
+    return await run_child("benches.workloads:loadgen_main", spec, "load generator")
 
 
 # -- workload 3: latency at a fixed arrival rate -------------------------------------------

@@ -12,15 +12,15 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
 from tests import pgbouncer as bouncer_helper
+from tests.engines import engine_builder
 
 import iterflow
-from iterflow import Engine, Flow, create_engine
+from iterflow import Engine
 from iterflow.embedded import database_url
 
 VIA_PGBOUNCER = os.environ.get("ITERFLOW_VIA_PGBOUNCER", "") == "1"
@@ -77,24 +77,9 @@ async def make_engine(
     stopped at teardown. ``listen=False`` gives a client-only engine. Through pgbouncer when
     ``ITERFLOW_VIA_PGBOUNCER=1`` (see the module docstring)."""
     await iterflow.migrate(dsn, schema_name)
-    engines: list[Engine] = []
-    engine_dsn = dsn
+    engine_dsn, defaults = dsn, {"poll_interval": 0.2}
     if VIA_PGBOUNCER:
         engine_dsn = request.getfixturevalue("pgbouncer").dsn
-
-    async def build(*flows: Flow, listen: bool = True, **options: Any) -> Engine:
-        options.setdefault("poll_interval", 0.2)
-        if VIA_PGBOUNCER:
-            options.setdefault("listen_dsn", dsn)
-            options.setdefault("prepared_statements", False)
-        engine = create_engine(engine_dsn, schema=schema_name, core=core, **options)
-        for f in flows:
-            engine.register(f)
-        engines.append(engine)
-        if listen:
-            await engine.listen()
-        return engine
-
-    yield build
-    for engine in reversed(engines):
-        await engine.stop()
+        defaults.update(listen_dsn=dsn, prepared_statements=False)
+    async with engine_builder(engine_dsn, schema_name, core, **defaults) as build:
+        yield build

@@ -8,18 +8,16 @@ The whole engine suite can also run this way: ``ITERFLOW_VIA_PGBOUNCER=1`` (see 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
 from psycopg.conninfo import conninfo_to_dict
+from tests.engines import Build, engine_builder
 from tests.pgbouncer import Bouncer
 
 import iterflow
-from iterflow import Engine, Flow, IterflowError, create_engine, define_flow
-
-Build = Callable[..., Awaitable[Engine]]
+from iterflow import IterflowError, create_engine, define_flow
 
 
 @define_flow("bouncer_child")
@@ -40,21 +38,9 @@ async def bouncer_parent(ctx, n):
 async def pooled(dsn: str, schema_name: str, core: str, pgbouncer: Bouncer) -> AsyncIterator[Build]:
     """Engines whose every statement goes through pgbouncer, LISTEN aside (stopped at teardown)."""
     await iterflow.migrate(dsn, schema_name)
-    engines: list[Engine] = []
-
-    async def build(*flows: Flow, listen: bool = True, **options: Any) -> Engine:
-        options = {"listen_dsn": dsn, "prepared_statements": False, "poll_interval": 0.2, **options}
-        engine = create_engine(pgbouncer.dsn, schema=schema_name, core=core, **options)
-        for f in flows:
-            engine.register(f)
-        engines.append(engine)
-        if listen:
-            await engine.listen()
-        return engine
-
-    yield build
-    for engine in reversed(engines):
-        await engine.stop()
+    async with engine_builder(pgbouncer.dsn, schema_name, core, listen_dsn=dsn, prepared_statements=False,
+                              poll_interval=0.2) as build:
+        yield build
 
 
 def _database(dsn: str) -> str:
