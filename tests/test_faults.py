@@ -115,7 +115,7 @@ async def test_an_abandoned_execution_is_released_and_replayed(
 
     async def flaky(*args: Any) -> Any:
         if faults["left"] > 0:
-            await asyncio.sleep(0.12)
+            await asyncio.sleep(0.2)
             faults["left"] -= 1
             raise lost_ack() if faults["left"] else ConnectionResetError("connection reset by peer")
         return await real(*args)
@@ -368,7 +368,7 @@ async def test_a_stopped_server_raises_database_unavailable_after_the_bound(
             exc = info.value
             assert isinstance(exc, IterflowError) and exc.code == Code.DATABASE_UNAVAILABLE, what
             assert type(exc).__module__ == "iterflow.errors", what
-            assert 0.4 <= elapsed <= 4.0, f"{what}: raised after {elapsed:.2f}s (bound 1.5s)"
+            assert 1.4 <= elapsed <= 4.0, f"{what}: raised after {elapsed:.2f}s (bound 1.5s)"
     finally:
         await opened.stop()
         await fresh.stop()
@@ -392,7 +392,7 @@ async def test_migrate_follows_the_same_fault_rules(private_server: PrivateServe
         t0 = time.monotonic()
         with pytest.raises(DatabaseUnavailable):
             await iterflow.migrate(private_server.dsn, "faults", database_retry_timeout="1s")
-        assert 0.4 <= time.monotonic() - t0 <= 4.0
+        assert 0.95 <= time.monotonic() - t0 <= 4.0, "refused only once the whole bound has passed"
         with pytest.raises(InvalidArgument):
             await iterflow.migrate("host=localhost port", "faults")
     finally:

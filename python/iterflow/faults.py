@@ -158,9 +158,11 @@ async def retrying(
                 raise to_iterflow_error(exc, what) from exc
             if next_delay is None:
                 next_delay = policy.delays()
-            delay = next_delay()
-            if time.monotonic() + delay >= deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise to_iterflow_error(exc, what) from exc
             if on_fault is not None:
                 on_fault(exc)
-            await asyncio.sleep(delay)
+            # The last sleep is cut to the deadline and followed by one more try, so a caller
+            # is refused only once the whole bound has passed (not early, on a long jitter).
+            await asyncio.sleep(min(next_delay(), remaining))
