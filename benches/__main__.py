@@ -31,8 +31,9 @@ from psycopg import sql as pgsql
 import iterflow
 
 from . import host
+from .registry import WORKLOADS, Workload
 from .stats import MONITOR_APP, clean_json, machine_info, median, redact, with_app_name
-from .workloads import FULL, QUICK, WORKLOADS, Env, Sizes, Workload, WorkloadError
+from .workloads import FULL, QUICK, Env, Sizes, WorkloadError
 
 CORES = ("python", "rust")
 log = logging.getLogger("benches")

@@ -3,7 +3,7 @@
 Every workload gets an :class:`Env`: a fresh, migrated schema, the core under test and the
 sizes (full or ``--quick``). It builds its own engines through ``env.engine`` (so they are
 stopped even when the workload fails or times out) and returns a flat dict: the metrics named
-in :data:`WORKLOADS` plus raw detail for the JSON report. A wrong result (a run not ``done``,
+in ``registry.WORKLOADS`` plus raw detail for the JSON report. A wrong result (a run not ``done``,
 a wrong output) or a hang (no progress for ``stall_s``) raises :class:`WorkloadError`: the
 benchmark doubles as an end-to-end check of the engine.
 
@@ -23,7 +23,7 @@ import os
 import random
 import sys
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -638,60 +638,3 @@ async def w6_fan_out(env: Env) -> dict[str, Any]:
     seconds = max(f for _, f in rows) - t0
     return {"seconds": seconds, "children_per_s": sz.w6_parents * sz.w6_children / seconds,
             "parents": sz.w6_parents, "children": sz.w6_children}
-
-
-# -- workload 8: fan-in (benches/fanin.py) -------------------------------------------------------
-async def w8_fan_in(env: Env) -> dict[str, Any]:
-    """Both fan-in shapes at this run's size; imported here on use because benches.fanin builds
-    on this module's Env."""
-    from .fanin import w8_fan_in as run
-
-    return await run(env)
-
-
-# -- the registry the runner reads ------------------------------------------------------------
-@dataclass(frozen=True)
-class Metric:
-    key: str
-    label: str
-    better: str  # "higher" | "lower"
-    optional: bool = False  # may be null (e.g. no local PostgreSQL processes to read CPU time from)
-
-
-@dataclass(frozen=True)
-class Workload:
-    id: str
-    title: Callable[[Sizes], str]
-    run: Callable[[Env], Awaitable[dict[str, Any]]] | None
-    metrics: tuple[Metric, ...]
-    source: str | None = None  # metrics taken from another workload's result (w7 <- w1)
-
-
-WORKLOADS: tuple[Workload, ...] = (
-    Workload("w1", lambda s: f"burn-down {s.w1_flows:,} x 3 steps", w1_burn_down, (
-        Metric("flows_per_s", "flows/s", "higher"), Metric("steps_per_s", "steps/s", "higher"))),
-    Workload("w2", lambda s: f"burn-down {s.w2_flows:,} x 1 step", w2_burn_down, (
-        Metric("flows_per_s", "flows/s", "higher"),)),
-    Workload("w3", lambda s: f"latency @{s.w3_rate:g}/s for {s.w3_seconds:g}s", w3_latency, (
-        Metric("p50_ms", "start->done p50 ms (db)", "lower"), Metric("p99_ms", "start->done p99 ms (db)", "lower"),
-        Metric("client_p50_ms", "start->done p50 ms (client)", "lower"),
-        Metric("client_p99_ms", "start->done p99 ms (client)", "lower"))),
-    Workload("w4", lambda s: f"sleep {s.w4_flows:,}, wake {s.w4_min_s:g}-{s.w4_max_s:g}s after arm", w4_sleep, (
-        Metric("p50_ms", "wake lateness p50 ms", "lower"), Metric("p99_ms", "wake lateness p99 ms", "lower"))),
-    Workload("w5", lambda s: f"signals {s.w5_flows:,} @{s.w5_rate:g}/s", w5_signals, (
-        Metric("p50_ms", "signal->resume p50 ms", "lower"), Metric("p99_ms", "signal->resume p99 ms", "lower"))),
-    Workload("w6", lambda s: f"fan-out {s.w6_parents} x {s.w6_children}", w6_fan_out, (
-        Metric("seconds", "seconds", "lower"),)),
-    Workload("w7", lambda s: "cost (of w1's drain)", None, (
-        Metric("xacts_per_step", "pg xacts/step", "lower"), Metric("wal_bytes_per_step", "WAL bytes/step", "lower"),
-        Metric("connections", "connections held", "lower"),
-        Metric("engine_cpu_us_per_step", "engine CPU us/step", "lower"),
-        Metric("postgres_cpu_us_per_step", "postgres CPU us/step", "lower", optional=True)), source="w1"),
-    Workload("w8", lambda s: f"fan-in {s.w8_flows:,} x 3 steps, {s.w8_flows:,} result() waiting", w8_fan_in, (
-        Metric("flows_per_s_inproc", "flows/s, waiters in the worker (gather)", "higher"),
-        Metric("ratio_inproc", "gather/db drain, waiters in the worker", "higher"),
-        Metric("connections_inproc", "peak connections, waiters in the worker", "lower"),
-        Metric("flows_per_s_subproc", "flows/s, waiters in a client process (gather)", "higher"),
-        Metric("ratio_subproc", "gather/db drain, waiters in a client process", "higher"),
-        Metric("connections_subproc", "peak connections, waiters in a client process", "lower"))),
-)

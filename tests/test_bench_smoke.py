@@ -16,7 +16,7 @@ def test_quick_bench_reports_every_workload(dsn: str, tmp_path: Path) -> None:
     if str(ROOT) not in sys.path:
         sys.path.insert(0, str(ROOT))
     from benches.__main__ import main
-    from benches.workloads import WORKLOADS
+    from benches.registry import WORKLOADS
 
     out = tmp_path / "bench.json"
     started = time.monotonic()

@@ -11,16 +11,17 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
+from . import validate
 from .durations import parse_duration
-from .errors import Code, InvalidArgument
-from .flow import Flow, check_drift, check_name, check_version
-from .keys import base_of, occurrence_of
+from .errors import InvalidArgument
+from .flow import Flow
+from .keys import base_of
 from .schemas import Schema
+from .shape import Shape
 from .steps import StepOptions
 
 if TYPE_CHECKING:
     from .context import Context
-    from .cores.base import StepRecord
 
 
 @dataclass(frozen=True)
@@ -54,34 +55,6 @@ class View:
     """What ``output`` functions receive: ``.input`` is the channel."""
 
     input: Any
-
-
-@dataclass(frozen=True)
-class Shape:
-    """Every cursor-key base the flow can produce: its kind, and how often outside loops."""
-
-    kinds: Mapping[str, str]
-    counts: Mapping[str, int]
-    looped: frozenset[str]
-
-    def check(self, history: Mapping[str, StepRecord]) -> tuple[str, str] | None:
-        """(code, message) when the recorded history no longer fits this shape, else None."""
-        for key, rec in history.items():
-            base = base_of(rec.kind, rec.name)
-            occurrence = occurrence_of(key, rec.kind, rec.name)
-            if occurrence is None:
-                return Code.REPLAY_INCOMPATIBLE_VERSION, f"record {key!r} is not a key of {rec.kind} {rec.name!r}"
-            kind = self.kinds.get(base)
-            if kind is None:
-                return Code.REPLAY_INCOMPATIBLE_VERSION, f"recorded {rec.kind} {base!r} no longer exists in the flow"
-            if kind != rec.kind:
-                return Code.REPLAY_INCOMPATIBLE_VERSION, f"{base!r} was a {rec.kind}, the flow now has a {kind}"
-            if base not in self.looped and occurrence >= self.counts.get(base, 0):
-                return (
-                    Code.REPLAY_NON_DETERMINISTIC,
-                    f"recorded occurrence {occurrence + 1} of {base!r}; the flow now has {self.counts.get(base, 0)}",
-                )
-        return None
 
 
 def _shape(stages: tuple[Any, ...]) -> Shape:
@@ -120,7 +93,7 @@ class FlowBuilder:
     _signals: Mapping[str, Schema | None] = field(default_factory=dict)
 
     def version(self, n: int) -> FlowBuilder:
-        check_version(n)
+        validate.version(n)
         if self._version is not None and n < self._version:
             raise InvalidArgument("version", f"{n} is lower than the version already set ({self._version})")
         return replace(self, _version=n)
@@ -129,7 +102,7 @@ class FlowBuilder:
         return replace(self, _input=Schema.of(schema))
 
     def step(self, name: str, fn: Callable[..., Any], **options: Any) -> FlowBuilder:
-        check_name(name, "step")
+        validate.name(name, "step")
         if not callable(fn):
             raise InvalidArgument("fn", f"step {name!r} needs a callable")
         StepOptions.build(**options)  # validate now, not at the first run
@@ -142,7 +115,7 @@ class FlowBuilder:
 
     def signal(self, name: str, schema: Any = None, timeout: Any = None,
                merge: Callable[[Any, Any], Any] | None = None) -> FlowBuilder:
-        check_name(name, "signal")
+        validate.name(name, "signal")
         if timeout is not None:
             parse_duration(timeout, field="timeout")
         sch = Schema.of(schema)
@@ -174,7 +147,7 @@ class FlowBuilder:
         return Flow(
             name=self.name, version=self._version or 1, body=body, input_schema=self._input,
             signal_schemas={k: v for k, v in self._signals.items() if v is not None},
-            shape=_shape(stages), drift=check_drift(drift),
+            shape=_shape(stages), drift=validate.drift(drift),
         )
 
 
@@ -196,4 +169,4 @@ async def _run(ctx: Context, stages: tuple[Any, ...], channel: Any) -> Any:
 
 def flow(name: str) -> FlowBuilder:
     """Start a builder flow named ``name``."""
-    return FlowBuilder(check_name(name, "name"))
+    return FlowBuilder(validate.name(name, "name"))

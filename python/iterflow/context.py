@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache
@@ -31,7 +31,6 @@ from .errors import (
     LimitExceeded,
     SuspendRun,
 )
-from .flow import check_name
 from .keys import bases
 from .schemas import Schema
 from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
@@ -42,7 +41,7 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 # A name is checked once per process, not at every call that uses it (loops, replays).
-_check_name = lru_cache(maxsize=4096)(check_name)
+_check_name = lru_cache(maxsize=4096)(validate.name)
 
 # ctx calls whose name comes from user code at the call (invoke names come from flow definitions)
 NAMED_KINDS = ("step", "signal")
@@ -61,7 +60,8 @@ class Suspension:
 class Context:
     """The ``ctx`` a body receives. One per execution attempt of a run."""
 
-    def __init__(self, run: ClaimedRun, runtime: Runtime, *, body_flow: bool) -> None:
+    def __init__(self, run: ClaimedRun, runtime: Runtime, *, body_flow: bool,
+                 signal_schemas: Mapping[str, Schema] | None = None) -> None:
         self.run_id = run.run_id
         self.attempt = run.attempts
         self.flow_name = run.name
@@ -70,6 +70,7 @@ class Context:
         self._rt = runtime
         self.default_step_timeout = runtime.default_step_timeout
         self._check_kinds = body_flow
+        self._signal_schemas = signal_schemas or {}  # the flow's declared payload schemas
         self._history = run.history
         self._visited: set[str] = set()
         # recorded calls (logs aside) not yet reached by this replay: the drift gate has
@@ -99,7 +100,7 @@ class Context:
     def _next(self, kind: str, name: str) -> tuple[str, int, StepRecord | None]:
         self._guard()
         if type(name) is not str:
-            check_name(name, kind)  # raises: names are strings
+            validate.name(name, kind)  # raises: names are strings
         base, old_base = bases(kind, name)
         n = self._counters.get(base, 0)
         self._counters[base] = n + 1
@@ -405,7 +406,7 @@ class Context:
     async def signal(self, name: str, *, schema: Any = None, timeout: Any = None) -> Any:
         """Wait for the next signal ``name`` (single consumer); SIGNAL_TIMEOUT when it expires."""
         key, seq, rec = self._next("signal", name)
-        schema_ = Schema.of(schema) if schema is not None else self._rt.signal_schema(self._run, name)
+        schema_ = Schema.of(schema) if schema is not None else self._signal_schemas.get(name)
         if rec is not None and rec.status == "done":
             self._advance(rec.finished_at)
             return self._signal_value(rec.result, rec.error, schema_, name)

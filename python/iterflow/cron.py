@@ -16,10 +16,10 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from . import validate
 from .cores.base import Core, JsonArg, RunSpec
 from .durations import parse_duration
 from .errors import InvalidArgument
-from .flow import check_name
 from .runtime import Runtime
 
 # A backfill never starts more than this many runs for one cron in one tick.
@@ -61,7 +61,7 @@ def define(
     overlap: str = "skip", jitter: Any = None, backfill: Any = None,
 ) -> Cron:
     """Validate everything at definition, so a bad expression fails at deploy, not at 3 a.m."""
-    check_name(name, "name")
+    validate.name(name, "name")
     if not isinstance(schedule, str) or _fields(schedule) not in (5, 6) or not croniter.is_valid(
         schedule, second_at_beginning=_fields(schedule) == 6
     ):

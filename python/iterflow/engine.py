@@ -30,7 +30,7 @@ from .errors import (
     ValidationFailed,
 )
 from .faults import RetryPolicy
-from .flow import DRIFT_MODES, Flow, check_name, check_version
+from .flow import Flow
 from .handle import FlowHandle
 from .observe import HOOKS, Hooks
 from .runtime import Runtime
@@ -188,7 +188,7 @@ class Engine:
         concurrency = validate.integer(concurrency, "concurrency", 1, MAX_CONCURRENCY)
         max_connections = validate.integer(max_connections, "max_connections", *CONNECTIONS_RANGE)
         max_run_attempts = validate.integer(max_run_attempts, "max_run_attempts", 1, MAX_RUN_ATTEMPTS)
-        if not isinstance(drift, str) or drift not in DRIFT_MODES:
+        if not isinstance(drift, str) or drift not in validate.DRIFT_MODES:
             raise InvalidArgument("drift", f"must be 'park' or 'fail', got {validate.show(drift)}")
         lease_td = _duration_in(lease, "lease", *LEASE_RANGE)
         poll = _duration_in(poll_interval, "poll_interval", *POLL_RANGE).total_seconds() \
@@ -217,6 +217,7 @@ class Engine:
             core=self.core, limits=limits, hooks=Hooks(metrics, self.log), log=self.log,
             default_step_timeout=default_step_timeout, max_run_attempts=max_run_attempts, drift=drift,
         )
+        self.flows: dict[tuple[str, int], Flow] = {}  # the registry: what this process can execute
         self._handles: dict[tuple[str, int], FlowHandle] = {}
         self.crons: dict[str, cron.Cron] = {}
         self._crons_registered = False
@@ -234,9 +235,9 @@ class Engine:
         if self._worker is not None:
             raise EngineStateError(f"register({flow.ref}) after listen(): register every flow before listening")
         key = (flow.name, flow.version)
-        if key in self.runtime.flows:
+        if key in self.flows:
             raise EngineStateError(f"{flow.ref} is already registered")
-        self.runtime.flows[key] = flow
+        self.flows[key] = flow
         handle = FlowHandle(self, flow.name, flow.version, flow.input_schema, flow)
         self._handles[key] = handle
         return handle
@@ -244,7 +245,7 @@ class Engine:
     def define_cron(self, name: str, schedule: str, flow: Flow | FlowHandle, input: Any = None, *,
                     timezone: str = "UTC", overlap: str = "skip", jitter: Any = None, backfill: Any = None) -> None:
         """Start ``flow`` on a schedule (docs/operations.md §6). Define before ``listen()``; workers fire it."""
-        check_name(name, "name")
+        validate.name(name, "name")
         if self._worker is not None:
             raise EngineStateError(f"define_cron({name!r}) after listen(): define crons before listening")
         if name in self.crons:
@@ -275,7 +276,7 @@ class Engine:
     def handle(self, name: str, version: int = 1, input_schema: Any = None) -> FlowHandle:
         """An enqueue-only handle: start and await a flow whose body lives on other processes."""
         # checked before the lookup: True == 1, so (name, True) would find version 1's handle
-        registered = self._handles.get((check_name(name, "name"), check_version(version)))
+        registered = self._handles.get((validate.name(name, "name"), validate.version(version)))
         if registered is not None:
             return registered
         return FlowHandle(self, name, version, Schema.of(input_schema))
@@ -285,7 +286,7 @@ class Engine:
         """The blocking client API, for code without an event loop (created on first use)."""
         with self._sync_lock:
             if self._sync is None:
-                self._sync = SyncEngine(self)
+                self._sync = SyncEngine(self.clone_client())
             return self._sync
 
     def clone_client(self) -> Engine:
@@ -298,7 +299,7 @@ class Engine:
         if options["dsn"] is None:
             options["dsn"] = pool if isinstance(pool, str) else getattr(pool, "conninfo", None)
         clone = Engine(**options)
-        clone.runtime.flows.update(self.runtime.flows)
+        clone.flows.update(self.flows)
         for key, handle in self._handles.items():
             clone._handles[key] = FlowHandle(clone, handle.name, handle.version, handle.input_schema, handle.flow)
         return clone
@@ -325,13 +326,13 @@ class Engine:
         if self._worker is not None:
             return
         core = await self.client()
-        if not self.runtime.flows:
+        if not self.flows:
             self.log.warning("iterflow: listen() with no registered flows; this process will execute nothing")
         s = self.settings
         self._startup_warnings()
         await self._register_crons(core)
         self._worker = Worker(
-            self.runtime, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
+            self.runtime, self.flows, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
             reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout, retention=self.retention,
             cron_tick=self.fire_crons if self.crons else None, notify=bool(self._options["notify"]),
         )
@@ -393,7 +394,7 @@ class Engine:
         if rid is None:
             raise RunNotFound(run_id)
         run_id = rid
-        name = check_name(name, "name")
+        name = validate.name(name, "name")
         idempotency_key = validate.idempotency_key(idempotency_key)
         core = await self.client()
         schema = await self._declared_signal_schema(core, run_id, name)
@@ -440,12 +441,12 @@ class Engine:
         return "buffered", ""
 
     async def _declared_signal_schema(self, core: Core, run_id: str, name: str) -> Schema | None:
-        if not any(name in f.signal_schemas for f in self.runtime.flows.values()):
+        if not any(name in f.signal_schemas for f in self.flows.values()):
             return None
         row = await core.get_run(run_id)
         if row is None:
             raise RunNotFound(run_id)
-        flow = self.runtime.flows.get((row["name"], row["version"]))
+        flow = self.flows.get((row["name"], row["version"]))
         return flow.signal_schemas.get(name) if flow is not None else None
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
@@ -597,7 +598,7 @@ class Engine:
 
     def _strands(self, detail: dict[str, Any]) -> tuple[str, str] | None:
         run = detail["run"]
-        flow = self.runtime.flows.get((run["name"], run["version"]))
+        flow = self.flows.get((run["name"], run["version"]))
         if flow is None:
             return Code.FLOW_UNKNOWN, f"no body registered for {run['name']}@{run['version']}"
         if flow.shape is None:
@@ -611,7 +612,7 @@ class Engine:
         return {
             "core": self.core.name, "open": self._open, "listening": worker is not None,
             "paused": bool(worker and worker.paused), "active_runs": len(worker.active) if worker else 0,
-            "flows": sorted(f"{n}@{v}" for n, v in self.runtime.flows),
+            "flows": sorted(f"{n}@{v}" for n, v in self.flows),
         }
 
 

@@ -5,21 +5,20 @@ from __future__ import annotations
 import contextlib
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import validate
 from .cores.base import Core, RunSpec
 from .durations import MAX_DURATION, parse_duration
 from .errors import Code, InvalidArgument, IterflowError, RunCanceled, RunFailed, RunNotFound
-from .flow import check_name, check_version
 from .schemas import Schema
-from .sync import SyncHandle
 from .types import TERMINAL, StartResult, StartSpec, run_id_of
 
 if TYPE_CHECKING:
-    from .engine import Engine
     from .flow import Flow
+    from .runtime import Runtime
+    from .waiters import WaiterRegistry
 
 # Seconds a wait() watch lives unrenewed (renewed at half-life while its waiter waits).
 WATCH_TTL = 600.0
@@ -27,16 +26,47 @@ WATCH_TTL = 600.0
 # their transaction is theirs); autovacuum would get there too, but up to a minute later.
 ANALYZE_AFTER = 1000
 MAX_WAIT = MAX_DURATION.total_seconds()
+T = TypeVar("T")
+
+
+class CoroutineRunner(Protocol):
+    """Runs a coroutine to its end for a plain thread (the blocking facade's loop, sync.py)."""
+
+    def run(self, coro: Coroutine[Any, Any, T]) -> T: ...
+
+
+class BlockingHandles(Protocol):
+    """What ``FlowHandle.sync`` asks of ``engine.sync``: the blocking handle of a flow."""
+
+    def handle(self, name: str, version: int = 1, input_schema: Any = None) -> SyncHandle: ...
+
+
+class HandleOwner(Protocol):
+    """What a ``FlowHandle`` needs from the engine that made it (``Engine`` is one).
+
+    A protocol, not the class: the engine makes handles, so this module names only what a
+    handle uses (docs/architecture.md §1)."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+
+    @property
+    def waiters(self) -> WaiterRegistry: ...
+
+    @property
+    def sync(self) -> BlockingHandles: ...
+
+    async def client(self) -> Core: ...
 
 
 class FlowHandle:
     """Starts and awaits runs. Enqueue-only handles (``engine.handle``) need no body."""
 
-    def __init__(self, engine: Engine, name: str, version: int, input_schema: Schema | None,
+    def __init__(self, engine: HandleOwner, name: str, version: int, input_schema: Schema | None,
                  flow: Flow | None = None) -> None:
         self._engine = engine
-        self.name = check_name(name, "name")
-        self.version = check_version(version)
+        self.name = validate.name(name, "name")
+        self.version = validate.version(version)
         self.input_schema = input_schema
         self.flow = flow
 
@@ -180,3 +210,23 @@ def _outcome(run_id: str, row: dict[str, Any]) -> Any:
     if row["status"] == "canceled":
         raise RunCanceled(run_id, str(error.get("message") or row.get("cancel_reason") or "canceled"))
     raise RunFailed(run_id, str(error.get("code") or Code.STEP_FAILED), str(error.get("message") or ""), error)
+
+
+class SyncHandle:
+    """``handle.sync``: ``start``/``start_many``/``result``/``wait``, blocking."""
+
+    def __init__(self, runner: CoroutineRunner, handle: FlowHandle) -> None:
+        self._runner = runner
+        self._handle = handle
+
+    def start(self, input: Any = None, **options: Any) -> StartResult:
+        return self._runner.run(self._handle.start(input, **options))
+
+    def start_many(self, items: Sequence[Any], **options: Any) -> list[StartResult]:
+        return self._runner.run(self._handle.start_many(items, **options))
+
+    def result(self, run_id: str, *, timeout: float | None = None) -> Any:
+        return self._runner.run(self._handle.result(run_id, timeout=timeout))
+
+    def wait(self, run_id: str, **options: Any) -> None:
+        self._runner.run(self._handle.wait(run_id, **options))

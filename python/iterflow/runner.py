@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -23,6 +24,7 @@ from .errors import (
     IterflowError,
     SuspendRun,
 )
+from .flow import Flow
 from .runtime import Runtime
 from .steps import error_record
 
@@ -38,9 +40,10 @@ def _error(code: str, message: str) -> dict[str, Any]:
 class Execution:
     """Drives one claimed run; ``ctx`` is exposed so the worker can abort it (cancel, lease lost)."""
 
-    def __init__(self, run: ClaimedRun, rt: Runtime) -> None:
+    def __init__(self, run: ClaimedRun, rt: Runtime, flows: Mapping[tuple[str, int], Flow]) -> None:
         self.run = run
         self.rt = rt
+        self.flows = flows
         self.ctx: Context | None = None
         self.cancel_reason: str | None = run.cancel_reason
         self.lease_lost = False
@@ -79,7 +82,7 @@ class Execution:
                 Code.RUN_ATTEMPTS_EXHAUSTED,
                 f"run was claimed {run.attempts} times without finishing (max_run_attempts={rt.max_run_attempts})",
             ))
-        flow = rt.flows.get((run.name, run.version))
+        flow = self.flows.get((run.name, run.version))
         if flow is None:
             return await self._park(Code.FLOW_UNKNOWN, f"no body registered for {run.name}@{run.version}")
         if flow.shape is not None:
@@ -93,9 +96,9 @@ class Execution:
         }):
             return await self._replay(flow)
 
-    async def _replay(self, flow: Any) -> str:
+    async def _replay(self, flow: Flow) -> str:
         run, rt = self.run, self.rt
-        ctx = self.ctx = Context(run, rt, body_flow=flow.shape is None)
+        ctx = self.ctx = Context(run, rt, body_flow=flow.shape is None, signal_schemas=flow.signal_schemas)
         ctx.cancel_reason, ctx.lease_lost = self.cancel_reason, self.lease_lost
         started = time.monotonic()
         try:

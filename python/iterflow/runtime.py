@@ -1,4 +1,8 @@
-"""What replay needs from the engine, in one object: the core, limits, hooks and registry."""
+"""What replay needs from the engine, in one object: the core, limits, hooks and defaults.
+
+The registry of flows is not here: it is the engine's (``Engine.flows``), handed to the worker,
+so that the execution layer below the flow definitions never refers to them.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -17,8 +21,7 @@ from .observe import Hooks
 from .schemas import Schema
 
 if TYPE_CHECKING:
-    from .cores.base import ClaimedRun, Core
-    from .flow import Flow
+    from .cores.base import Core
 
 
 def new_id() -> str:
@@ -38,13 +41,8 @@ class Runtime:
     default_step_timeout: timedelta | None
     max_run_attempts: int
     drift: str
-    flows: dict[tuple[str, int], Flow] = field(default_factory=dict)
 
     new_id = staticmethod(new_id)
-
-    def signal_schema(self, run: ClaimedRun, name: str) -> Schema | None:
-        flow = self.flows.get((run.name, run.version))
-        return flow.signal_schemas.get(name) if flow is not None else None
 
     def encode_input(self, flow: Any, value: Any) -> str:
         """Validate against the flow's input schema, then encode within ``max_input_bytes``."""

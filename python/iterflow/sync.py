@@ -9,17 +9,47 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Mapping, Sequence
 from concurrent.futures import Future
-from typing import TYPE_CHECKING, Any, TypeVar
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
+
+from .handle import FlowHandle, SyncHandle
 
 if TYPE_CHECKING:
     from .cores.base import RunFilter
-    from .engine import Engine
-    from .handle import FlowHandle
-    from .types import RetryResult, RunDetail, RunPage, SignalResult, StartResult
+    from .types import RetryResult, RunDetail, RunPage, SignalResult
 
 T = TypeVar("T")
+
+
+class Client(Protocol):
+    """The client calls of ``Engine`` the blocking facade forwards (engine.py implements it).
+
+    A protocol, not the class: the engine builds its facade, so this module names only what it
+    calls (docs/architecture.md §1)."""
+
+    def handle(self, name: str, version: int = 1, input_schema: Any = None) -> FlowHandle: ...
+
+    async def signal(self, run_id: str, name: str, payload: Any = None, *,
+                     idempotency_key: str | None = None) -> SignalResult: ...
+
+    async def cancel(self, run_id: str, reason: str | None = None) -> None: ...
+
+    async def retry(self, run_id: str) -> RetryResult: ...
+
+    async def status(self, run_id: str) -> RunDetail | None: ...
+
+    async def list_runs(self, *, name: str | None = None, status: str | Sequence[str] | None = None,
+                        tag: str | None = None, since: datetime | None = None, until: datetime | None = None,
+                        limit: int = 50, cursor: str | None = None) -> RunPage: ...
+
+    async def cancel_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000,
+                          reason: str | None = None) -> int: ...
+
+    async def retry_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000) -> int: ...
+
+    async def stop(self) -> None: ...
 
 
 class _LoopThread:
@@ -42,15 +72,16 @@ class _LoopThread:
 class SyncEngine:
     """``engine.sync``: the client calls of ``Engine``, blocking."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, client: Client) -> None:
+        """``client`` is the engine's private clone (``Engine.clone_client``): its pool belongs to this loop."""
         self._thread = _LoopThread()
-        self._client = engine.clone_client()
+        self._client = client
 
     def _run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self._thread.run(coro)
 
     def handle(self, name: str, version: int = 1, input_schema: Any = None) -> SyncHandle:
-        return SyncHandle(self, self._client.handle(name, version, input_schema))
+        return SyncHandle(self._thread, self._client.handle(name, version, input_schema))
 
     def signal(self, run_id: str, name: str, payload: Any = None, *,
                idempotency_key: str | None = None) -> SignalResult:
@@ -78,23 +109,3 @@ class SyncEngine:
         """Close the private client and its thread (also done at interpreter exit)."""
         self._run(self._client.stop())
         self._thread.close()
-
-
-class SyncHandle:
-    """``handle.sync``: ``start``/``start_many``/``result``/``wait``, blocking."""
-
-    def __init__(self, owner: SyncEngine, handle: FlowHandle) -> None:
-        self._owner = owner
-        self._handle = handle
-
-    def start(self, input: Any = None, **options: Any) -> StartResult:
-        return self._owner._run(self._handle.start(input, **options))
-
-    def start_many(self, items: Sequence[Any], **options: Any) -> list[StartResult]:
-        return self._owner._run(self._handle.start_many(items, **options))
-
-    def result(self, run_id: str, *, timeout: float | None = None) -> Any:
-        return self._owner._run(self._handle.result(run_id, timeout=timeout))
-
-    def wait(self, run_id: str, **options: Any) -> None:
-        self._owner._run(self._handle.wait(run_id, **options))

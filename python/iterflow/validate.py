@@ -29,6 +29,7 @@ MAX_KEY_BYTES = 1000
 MAX_TAGS = 64
 MAX_REASON_BYTES = 1000
 MAX_VERSION = 2**31 - 1  # the ``version`` column is an int4
+DRIFT_MODES = ("park", "fail")
 
 
 def show(value: object, width: int = 60) -> str:
@@ -61,6 +62,32 @@ def text(value: Any, field: str, *, max_chars: int | None = None, max_bytes: int
     if max_bytes is not None and size > max_bytes:
         raise InvalidArgument(field, f"is {size} bytes (UTF-8), over the limit of {max_bytes}")
     return value
+
+
+def name(value: Any, field: str) -> str:
+    """Names become cursor keys, index entries and NOTIFY payloads: 1 to ``MAX_NAME_CHARS``
+    characters of valid UTF-8 without NUL, not blank. Any other character is fine: cursor keys
+    encode ``:`` and ``%`` (keys.py), so no name can produce another call's key."""
+    value = text(value, field, max_chars=MAX_NAME_CHARS)
+    if not value.strip():
+        raise InvalidArgument(field, f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def version(value: Any) -> int:
+    """A positive int that fits the ``version`` column (int4)."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_VERSION:
+        raise InvalidArgument("version", f"must be an int from 1 to {MAX_VERSION:,}, got {show(value)}")
+    return value
+
+
+def drift(value: Any) -> str | None:
+    """``None`` (the engine's default) or one of ``DRIFT_MODES`` (docs/replay.md §6)."""
+    if value is None:
+        return None
+    if value not in DRIFT_MODES:
+        raise InvalidArgument("drift", f"must be 'park' or 'fail', got {value!r}")
+    return str(value)
 
 
 def idempotency_key(value: Any, field: str = "idempotency_key") -> str | None:

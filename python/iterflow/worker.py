@@ -11,12 +11,13 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import timedelta
 from typing import Any
 
 from .config import Retention
 from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
+from .flow import Flow
 from .runner import Execution
 from .runtime import Runtime
 
@@ -35,11 +36,12 @@ MAX_SWEEP = 5.0
 
 class Worker:
     def __init__(
-        self, rt: Runtime, *, concurrency: int, lease: timedelta, poll_interval: float,
-        reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
+        self, rt: Runtime, flows: Mapping[tuple[str, int], Flow], *, concurrency: int, lease: timedelta,
+        poll_interval: float, reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
         cron_tick: Callable[[], Awaitable[int]] | None = None, notify: bool = True,
     ) -> None:
         self.rt = rt
+        self.flows = flows
         self.concurrency = concurrency
         self.lease_ms = int(lease.total_seconds() * 1000)
         self.poll_interval = poll_interval
@@ -65,7 +67,7 @@ class Worker:
 
     @property
     def names(self) -> list[str]:
-        return sorted({name for name, _ in self.rt.flows})
+        return sorted({name for name, _ in self.flows})
 
     async def start(self) -> None:
         await self.rt.core.listen()
@@ -179,7 +181,7 @@ class Worker:
         return self._due_at
 
     def _spawn(self, run: Any) -> None:
-        execution = Execution(run, self.rt)
+        execution = Execution(run, self.rt, self.flows)
         task = asyncio.get_running_loop().create_task(self._execute(execution), name=f"iterflow-run-{run.run_id}")
         self.active[run.run_id] = (execution, task)
 
