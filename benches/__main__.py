@@ -29,6 +29,7 @@ import psycopg
 from psycopg import sql as pgsql
 
 import iterflow
+from iterflow.embedded import database_url
 
 from . import host
 from .registry import WORKLOADS, Workload
@@ -335,12 +336,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.dsn:
-        dsn = args.dsn
-    else:
-        from iterflow.embedded import database_url
-
-        dsn = database_url()
+    dsn = database_url(args.dsn)
     sizes = QUICK if args.quick else FULL
     timeout = args.timeout or (60.0 if args.quick else 900.0)
     report = asyncio.run(run_all(args, dsn, sizes, timeout))

@@ -76,6 +76,7 @@ from psycopg import sql as pgsql
 
 import iterflow
 from iterflow import Context, create_engine, define_flow
+from iterflow.embedded import database_url
 from iterflow.handle import FlowHandle
 
 from .stats import APP_PREFIX, MONITOR_APP, clean_json, percentile, redact, with_app_name
@@ -637,12 +638,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for lg in quiet:
         lg.propagate = False  # counted per cell (EngineLog) and kept in the JSON
     try:
-        if args.dsn:
-            dsn = args.dsn
-        else:
-            from iterflow.embedded import database_url
-
-            dsn = database_url()
+        dsn = database_url(args.dsn)
         started = datetime.now(UTC)
         cells = asyncio.run(run_matrix(args, dsn))
     finally:

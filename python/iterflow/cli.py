@@ -29,9 +29,10 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from .errors import DatabaseError, DatabaseUnavailable, IterflowError, RunNotFound
+from .embedded import database_url
+from .errors import DatabaseError, DatabaseUnavailable, EmbeddedUnavailable, IterflowError, RunNotFound
 from .sql import validate_schema_name
-from .types import STATUSES, TERMINAL
+from .types import STATUSES, TERMINAL, require_run_id
 
 MAX_CELL = 60
 # How long a command retries a database fault before it fails (the engine default is 30s).
@@ -70,29 +71,16 @@ def _redact(dsn: str) -> str:
 
 
 def _resolve_dsn(explicit: str | None) -> str:
-    if explicit:
-        return explicit
-    env = os.environ.get("DATABASE_URL")
-    if env:
-        return env
-    from .embedded import embedded_url
-
+    """``--dsn``, else ``embedded.database_url``; no database at all is a usage error (exit 2)."""
     try:
-        url = embedded_url()
-    except ImportError as exc:
-        raise UsageError(
-            f"no --dsn and no $DATABASE_URL, and the embedded Postgres is unavailable ({exc})"
-        ) from None
-    print(f"using embedded Postgres at {url}", file=sys.stderr)
-    return url
+        return database_url(explicit, announce=lambda line: print(line, file=sys.stderr))
+    except EmbeddedUnavailable as exc:
+        raise UsageError(exc.message) from None
 
 
 def _check_run_id(run_id: str) -> str:
     """A run id that is not a UUID cannot exist: report it as not found (exit 1), not a DB error."""
-    try:
-        uuid.UUID(run_id)
-    except ValueError:
-        raise RunNotFound(run_id) from None
+    require_run_id(run_id)
     return run_id
 
 

@@ -33,7 +33,16 @@ from .errors import (
 )
 from .keys import bases
 from .schemas import Schema
-from .steps import AbortToken, StepArgs, StepOptions, call_step, error_record, in_step, raise_recorded
+from .steps import (
+    AbortToken,
+    StepArgs,
+    StepOptions,
+    call_step,
+    error_record,
+    in_step,
+    make_error,
+    raise_recorded,
+)
 from .types import TERMINAL
 
 if TYPE_CHECKING:
@@ -414,8 +423,7 @@ class Context:
         until = rec.deadline if rec is not None else (
             to_deadline(timeout, now, field="timeout") if timeout is not None else None
         )
-        timeout_error = {"code": Code.SIGNAL_TIMEOUT, "message": f"signal {name!r} timed out",
-                         "traceback": None, "cause": None}
+        timeout_error = make_error(Code.SIGNAL_TIMEOUT, f"signal {name!r} timed out")
         replay = rec is not None
         self._begin(replay)
         try:
@@ -504,7 +512,7 @@ class Context:
             elif self._spawned + len(calls) > limits.max_children_per_run:
                 code, msg = Code.INVOKE_FANOUT_EXCEEDED, f"more than {limits.max_children_per_run} children"
             if code is not None:
-                err = {"code": code, "message": msg, "traceback": None, "cause": None}
+                err = make_error(code, msg)
                 rec = StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "done")
                 stored = await self._record(rec, None, codec.dumps(err))
                 self._history[key] = _as_record(rec, stored)
@@ -538,11 +546,10 @@ class Context:
             result, error = codec.dumps(rec.child_output), None
         else:
             child_err = rec.child_error or {}
-            error = codec.dumps({
-                "code": child_err.get("code") or Code.STEP_FAILED,
-                "message": f"child {rec.child_id} {rec.child_status}: {child_err.get('message', '')}",
-                "traceback": None, "cause": None,
-            })
+            error = codec.dumps(make_error(
+                child_err.get("code") or Code.STEP_FAILED,
+                f"child {rec.child_id} {rec.child_status}: {child_err.get('message', '')}",
+            ))
             result = None
         done = StepRecord(rec.key, rec.seq, "invoke", rec.name, "done", child_id=rec.child_id)
         stored = await self._record(done, result, error)

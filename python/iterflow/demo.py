@@ -13,7 +13,6 @@ demo never drops or rewrites anything, so running it against a database you use 
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 import uuid
@@ -23,8 +22,9 @@ from typing import Any
 
 from .builder import flow
 from .context import Context
+from .embedded import database_url
 from .engine import Engine, create_engine
-from .errors import IterflowError
+from .errors import EmbeddedUnavailable, IterflowError
 from .flow import define_flow
 from .migrate import migrate
 from .steps import StepArgs
@@ -184,19 +184,6 @@ def _print_timeline(detail: Any, out: Callable[[str], None]) -> None:
                 f"(finished {_fmt_time(child['finished_at'], origin)})")
 
 
-def _resolve_dsn(dsn: str | None, out: Callable[[str], None]) -> str:
-    if dsn:
-        return dsn
-    env = os.environ.get("DATABASE_URL")
-    if env:
-        return env
-    from .embedded import embedded_url
-
-    url = embedded_url()
-    out(f"using embedded Postgres at {url}")
-    return url
-
-
 async def run_demo(dsn: str | None = None, *, out: Callable[[str], None] | None = None) -> int:
     """Run the demo; returns a process exit code (0 when the order was fulfilled)."""
     if out is None:
@@ -204,10 +191,9 @@ async def run_demo(dsn: str | None = None, *, out: Callable[[str], None] | None 
             print(line, flush=True)
     assert out is not None
     try:
-        url = _resolve_dsn(dsn, out)
-    except ImportError as exc:
-        print(f"error: no DATABASE_URL and the embedded Postgres is unavailable ({exc}); "
-              "install pgserver or set DATABASE_URL", file=sys.stderr)
+        url = database_url(dsn, announce=out)
+    except EmbeddedUnavailable as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
         return 1
     clock = _Clock(out)
     version = await migrate(url, SCHEMA)

@@ -7,7 +7,8 @@ process exits, so the next process (the next test run, the next demo) reuses it 
 milliseconds instead of paying ``initdb`` + start again. The server listens on a Unix socket
 inside the data directory only (no TCP port), with trust authentication.
 
-This module prints and logs nothing itself: callers say "using embedded Postgres at ...".
+This module prints and logs nothing itself: callers pass ``announce`` to say "using embedded
+Postgres at ..." where their output goes (stderr for the CLI, the demo's own output).
 ``python -m iterflow.embedded`` prints the DSN, for scripts: ``export DATABASE_URL=$(...)``.
 """
 
@@ -15,7 +16,10 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+
+from .errors import EmbeddedUnavailable
 
 __all__ = ["database_url", "embedded_url", "pgdata_dir"]
 
@@ -46,12 +50,29 @@ def embedded_url() -> str:
     return str(server.get_uri())
 
 
-def database_url() -> str:
-    """``$DATABASE_URL`` if set (and non-empty), else the embedded server's DSN."""
+def database_url(explicit: str | None = None, *, announce: Callable[[str], None] | None = None) -> str:
+    """``explicit`` if given, else ``$DATABASE_URL`` if set (and non-empty), else the embedded
+    server's DSN, which ``announce`` is told about. The one DSN resolution of the package (the
+    CLI, the demo, the tests and the benchmarks use it).
+
+    Raises ``EmbeddedUnavailable`` (an ``ImportError``) when the embedded server is needed and
+    ``pgserver`` is not installed.
+    """
+    if explicit:
+        return explicit
     url = os.environ.get("DATABASE_URL")
     if url:
         return url
-    return embedded_url()
+    try:
+        url = embedded_url()
+    except ImportError as exc:
+        raise EmbeddedUnavailable(
+            f"no DSN given and no $DATABASE_URL, and the embedded Postgres is unavailable ({exc}); "
+            "set DATABASE_URL or install iterflow[embedded]"
+        ) from None
+    if announce is not None:
+        announce(f"using embedded Postgres at {url}")
+    return url
 
 
 def main() -> None:

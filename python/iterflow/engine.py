@@ -48,6 +48,7 @@ from .types import (
     SignalResult,
     decode_cursor,
     encode_cursor,
+    require_run_id,
     run_id_of,
 )
 from .waiters import WaiterRegistry
@@ -390,10 +391,7 @@ class Engine:
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
                      idempotency_key: str | None = None) -> SignalResult:
         """Deliver a signal (docs/signals.md); validated at delivery when the flow declared a schema."""
-        rid = run_id_of(run_id)
-        if rid is None:
-            raise RunNotFound(run_id)
-        run_id = rid
+        run_id = require_run_id(run_id)
         name = validate.name(name, "name")
         idempotency_key = validate.idempotency_key(idempotency_key)
         core = await self.client()
@@ -451,10 +449,7 @@ class Engine:
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
         """Cancel a run and all its live descendants (sticky; a no-op on a terminal run)."""
-        rid = run_id_of(run_id)
-        if rid is None:
-            raise RunNotFound(run_id)
-        run_id = rid
+        run_id = require_run_id(run_id)
         reason = validate.reason(reason) or "canceled"
         core = await self.client()
         count = await core.cancel(run_id, reason)

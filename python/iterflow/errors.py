@@ -90,6 +90,15 @@ class CoreUnavailable(IterflowError, RuntimeError):
         super().__init__(Code.CORE_UNAVAILABLE, message)
 
 
+class EmbeddedUnavailable(IterflowError, ImportError):
+    """No DSN was given, ``$DATABASE_URL`` is unset and the embedded Postgres cannot start
+    (``pgserver``, the ``[embedded]`` extra, is not installed). An ``ImportError`` too, as the
+    missing optional dependency it is."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(Code.DATABASE_UNAVAILABLE, message)
+
+
 class SchemaMismatch(IterflowError, RuntimeError):
     """The database schema is missing or older than this engine; the message says the fix."""
 

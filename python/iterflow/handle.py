@@ -13,7 +13,7 @@ from .cores.base import Core, RunSpec
 from .durations import MAX_DURATION, parse_duration
 from .errors import Code, InvalidArgument, IterflowError, RunCanceled, RunFailed, RunNotFound
 from .schemas import Schema
-from .types import TERMINAL, StartResult, StartSpec, run_id_of
+from .types import TERMINAL, StartResult, StartSpec, require_run_id
 
 if TYPE_CHECKING:
     from .flow import Flow
@@ -120,9 +120,7 @@ class FlowHandle:
 
         Waiting costs nothing per waiter: every ``result()`` of the process shares one LISTEN
         connection and batched reads (see ``waiters.py``)."""
-        rid = run_id_of(run_id)
-        if rid is None:
-            raise RunNotFound(run_id)
+        rid = require_run_id(run_id)
         _check_timeout(timeout)
         core = await self._engine.client()
         row = await self._engine.waiters.here(core).terminal(rid, timeout)
@@ -140,9 +138,7 @@ class FlowHandle:
             raise InvalidArgument("step", "pass exactly one of step= or signal=")
         validate.lookup(step, "step")
         validate.lookup(signal, "signal")
-        rid = run_id_of(run_id)
-        if rid is None:
-            raise RunNotFound(run_id)
+        rid = require_run_id(run_id)
         _check_timeout(timeout)
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout

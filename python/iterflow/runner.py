@@ -26,15 +26,11 @@ from .errors import (
 )
 from .flow import Flow
 from .runtime import Runtime
-from .steps import error_record
+from .steps import error_record, make_error
 
 PARK_RECHECK = timedelta(minutes=1)
 # How many loop turns sibling branches get to reach their next ctx call before a suspension.
 SETTLE_TURNS = 5
-
-
-def _error(code: str, message: str) -> dict[str, Any]:
-    return {"code": code, "message": message, "traceback": None, "cause": None}
 
 
 class Execution:
@@ -74,11 +70,11 @@ class Execution:
     async def _checked(self) -> str:
         run, rt = self.run, self.rt
         if self.cancel_reason is not None:
-            return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason))
+            return await self._finish("canceled", None, make_error(Code.RUN_CANCELED, self.cancel_reason))
         if run.parent_status in ("failed", "canceled"):
-            return await self._finish("canceled", None, _error(Code.RUN_CANCELED, f"parent {run.parent_status}"))
+            return await self._finish("canceled", None, make_error(Code.RUN_CANCELED, f"parent {run.parent_status}"))
         if run.attempts > rt.max_run_attempts:
-            return await self._finish("failed", None, _error(
+            return await self._finish("failed", None, make_error(
                 Code.RUN_ATTEMPTS_EXHAUSTED,
                 f"run was claimed {run.attempts} times without finishing (max_run_attempts={rt.max_run_attempts})",
             ))
@@ -147,7 +143,7 @@ class Execution:
         return await self._finish("done", encoded, None)
 
     async def _cancel(self) -> str:
-        return await self._finish("canceled", None, _error(Code.RUN_CANCELED, self.cancel_reason or "canceled"))
+        return await self._finish("canceled", None, make_error(Code.RUN_CANCELED, self.cancel_reason or "canceled"))
 
     def _abandon(self, exc: BaseException) -> str:
         self.abandoned = exc
@@ -194,7 +190,7 @@ class Execution:
 
     async def _drift(self, mode: str | None, code: str, message: str) -> str:
         if (mode or self.rt.drift) == "fail":
-            return await self._finish("failed", None, _error(code, message))
+            return await self._finish("failed", None, make_error(code, message))
         return await self._park(code, message)
 
 

@@ -245,13 +245,20 @@ async def _await(fn: Callable[..., Awaitable[Any]], call_args: tuple[Any, ...]) 
     return result
 
 
+def make_error(code: str, message: str, *, traceback: str | None = None,
+               cause: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """The durable ``{code, message, traceback, cause}`` record every failure is stored as
+    (docs/guide.md §5); one builder, so every writer stores the same four keys."""
+    return {"code": code, "message": message, "traceback": traceback, "cause": cause}
+
+
 def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> dict[str, Any]:
-    """The durable ``{code, message, traceback, cause}`` of a failure (docs/guide.md §5)."""
+    """The durable record of an exception (``make_error``), its text made storable."""
     if isinstance(exc, FlowRuntimeError) and exc.recorded is not None:
         # a step's stored failure re-raised by replay: keep the original
         recorded = exc.recorded
-        return {"code": exc.code, "message": str(recorded.get("message") or ""),
-                "traceback": recorded.get("traceback"), "cause": recorded.get("cause")}
+        return make_error(exc.code, str(recorded.get("message") or ""),
+                          traceback=recorded.get("traceback"), cause=recorded.get("cause"))
     code = exc.code if isinstance(exc, IterflowError) else default_code
     message = exc.message if isinstance(exc, IterflowError) else f"{type(exc).__name__}: {exc}"
     causes: list[dict[str, str]] = []
@@ -259,12 +266,11 @@ def error_record(exc: BaseException, default_code: str = Code.STEP_FAILED) -> di
     while seen is not None and len(causes) < 20:
         causes.append({"type": type(seen).__name__, "message": _storable(str(seen))})
         seen = seen.__cause__
-    return {
-        "code": _storable(code),
-        "message": _storable(message),
-        "traceback": _storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]),
-        "cause": causes or None,
-    }
+    return make_error(
+        _storable(code), _storable(message),
+        traceback=_storable("".join(traceback.format_exception(type(exc), exc, exc.__traceback__))[-8000:]),
+        cause=causes or None,
+    )
 
 
 def _storable(text: str) -> str:

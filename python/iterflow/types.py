@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, RunNotFound
 
 STATUSES = (
     "pending", "running", "sleeping", "awaiting_signal", "awaiting_child", "retrying", "parked",
@@ -170,6 +170,15 @@ def run_id_of(value: object) -> str | None:
     if not isinstance(value, str) or len(value) != 36 or not _RUN_ID.fullmatch(value):
         return None
     return str.lower(value)
+
+
+def require_run_id(value: object) -> str:
+    """``run_id_of(value)``, or ``RunNotFound``: a malformed id names no run, so calls that act
+    on one run report it as not found before any query."""
+    rid = run_id_of(value)
+    if rid is None:
+        raise RunNotFound(str(value))
+    return rid
 
 
 def is_run_id(value: object) -> bool:

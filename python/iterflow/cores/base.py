@@ -12,7 +12,7 @@ encoding happens once in Python; they come back decoded.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
@@ -142,6 +142,16 @@ class RunFilter:
 
     def is_empty(self) -> bool:
         return all(v is None for v in (self.name, self.statuses, self.tag, self.since, self.until))
+
+
+def filter_args(flt: RunFilter, instant: Callable[[datetime | None], datetime | None] | None = None,
+                ) -> tuple[Any, ...]:
+    """A filter's parameters of ``list_runs`` and ``select_runs_by_filter``, in statement order
+    (name, statuses, tag, since, until), for both cores; ``instant`` converts the two datetimes
+    (the Rust binding takes them in UTC)."""
+    statuses = list(flt.statuses) if flt.statuses is not None else None
+    since, until = (flt.since, flt.until) if instant is None else (instant(flt.since), instant(flt.until))
+    return (flt.name, statuses, flt.tag, since, until)
 
 
 class Core(Protocol):

@@ -36,6 +36,7 @@ from .base import (
     RunSpec,
     StepRecord,
     StoredStep,
+    filter_args,
     rows_json,
 )
 
@@ -362,12 +363,12 @@ class PythonCore:
         async with self._stmt() as cur:
             await cur.execute(
                 self._q["list_runs"],
-                (*_filter_args(flt), cursor[0] if cursor else None, cursor[1] if cursor else None, limit),
+                (*filter_args(flt), cursor[0] if cursor else None, cursor[1] if cursor else None, limit),
             )
             return _dicts(cur, await cur.fetchall())
 
     async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
-        rows = await self._rows("select_runs_by_filter", *_filter_args(flt), limit)
+        rows = await self._rows("select_runs_by_filter", *filter_args(flt), limit)
         return [str(r[0]) for r in rows]
 
     async def purge(self, run_ids: Sequence[str]) -> int:
@@ -599,11 +600,6 @@ def _breaks_connection(exc: BaseException) -> bool:
     if state is not None:
         return state[:2] == "08" or state.startswith("57P")
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
-
-
-def _filter_args(flt: RunFilter) -> tuple[Any, ...]:
-    statuses = list(flt.statuses) if flt.statuses is not None else None
-    return (flt.name, statuses, flt.tag, flt.since, flt.until)
 
 
 def _claimed(row: tuple[Any, ...]) -> ClaimedRun:

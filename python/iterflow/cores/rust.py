@@ -38,6 +38,7 @@ from .base import (
     RunSpec,
     StepRecord,
     StoredStep,
+    filter_args,
     rows_json,
 )
 
@@ -266,11 +267,11 @@ class RustCore:
     ) -> list[dict[str, Any]]:
         return await self._run(  # type: ignore[no-any-return]
             self._c.list_runs,
-            *_filter_args(flt), _utc(cursor[0]) if cursor else None, cursor[1] if cursor else None, limit,
+            *filter_args(flt, _utc), _utc(cursor[0]) if cursor else None, cursor[1] if cursor else None, limit,
         )
 
     async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
-        return await self._run(self._c.select_runs, *_filter_args(flt), limit)  # type: ignore[no-any-return]
+        return await self._run(self._c.select_runs, *filter_args(flt, _utc), limit)  # type: ignore[no-any-return]
 
     async def purge(self, run_ids: Sequence[str]) -> int:
         return int(await self._run(self._c.purge, list(run_ids)))
@@ -382,8 +383,3 @@ def _param(value: Any) -> Any:
     if isinstance(value, (tuple, set, frozenset)):
         return list(value)
     return value
-
-
-def _filter_args(flt: RunFilter) -> tuple[Any, ...]:
-    statuses = list(flt.statuses) if flt.statuses is not None else None
-    return (flt.name, statuses, flt.tag, _utc(flt.since), _utc(flt.until))
