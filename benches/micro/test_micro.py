@@ -26,7 +26,7 @@ from iterflow.config import Limits
 from iterflow.context import Context
 from iterflow.cores.base import ClaimedRun, StepRecord
 from iterflow.observe import Hooks
-from iterflow.runtime import Runtime
+from iterflow.services import ExecutionServices
 from iterflow.types import decode_cursor, encode_cursor
 
 STEPS = 100
@@ -37,9 +37,9 @@ def _noop() -> None:
     return None
 
 
-def _runtime() -> Runtime:
+def _services() -> ExecutionServices:
     log = logging.getLogger("benches.micro")
-    return Runtime(core=None, limits=Limits(), hooks=Hooks(None, log), log=log,  # type: ignore[arg-type]
+    return ExecutionServices(core=None, limits=Limits(), hooks=Hooks(None, log), log=log,  # type: ignore[arg-type]
                    default_step_timeout=None, max_run_attempts=100, drift="park")
 
 
@@ -79,7 +79,7 @@ EXPECTED = sum(range(STEPS))
 
 
 def test_replay_100_steps_define_flow(benchmark: Any) -> None:
-    rt, history = _runtime(), _history()
+    rt, history = _services(), _history()
 
     def replay() -> int:
         ctx = Context(_claimed(history), rt, body_flow=True)
@@ -94,7 +94,7 @@ def test_replay_100_steps_builder(benchmark: Any) -> None:
         b = b.step(f"s{i}", _noop)
     built = b.build()
     assert built.shape is not None
-    rt, history = _runtime(), _history()
+    rt, history = _services(), _history()
 
     def replay() -> Any:
         assert built.shape is not None and built.shape.check(history) is None
@@ -119,7 +119,7 @@ def test_codec_encode(benchmark: Any, name: str, value: Any) -> None:
 
 def test_cursor_keys_100_calls(benchmark: Any) -> None:
     """Keys for 100 ctx calls over 10 names (so 90 of them carry an ``:n`` occurrence suffix)."""
-    rt, run = _runtime(), _claimed({})
+    rt, run = _services(), _claimed({})
     names = [f"step{i % 10}" for i in range(STEPS)]
 
     def keys() -> str:

@@ -46,7 +46,7 @@ from .steps import (
 from .types import TERMINAL
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from .services import ExecutionServices
 
 T = TypeVar("T")
 # A name is checked once per process, not at every call that uses it (loops, replays).
@@ -69,15 +69,15 @@ class Suspension:
 class Context:
     """The ``ctx`` a body receives. One per execution attempt of a run."""
 
-    def __init__(self, run: ClaimedRun, runtime: Runtime, *, body_flow: bool,
+    def __init__(self, run: ClaimedRun, services: ExecutionServices, *, body_flow: bool,
                  signal_schemas: Mapping[str, Schema] | None = None) -> None:
         self.run_id = run.run_id
         self.attempt = run.attempts
         self.flow_name = run.name
         self.flow_version = run.version
         self._run = run
-        self._rt = runtime
-        self.default_step_timeout = runtime.default_step_timeout
+        self._services = services
+        self.default_step_timeout = services.default_step_timeout
         self._check_kinds = body_flow
         self._signal_schemas = signal_schemas or {}  # the flow's declared payload schemas
         self._history = run.history
@@ -267,7 +267,7 @@ class Context:
             raise SuspendRun() from None
 
     def _record(self, rec: StepRecord, result: str | None, error: str | None) -> Awaitable[StoredStep]:
-        return self._io(self._rt.core.record_step(self.run_id, rec, result, error))
+        return self._io(self._services.core.record_step(self.run_id, rec, result, error))
 
     def clock(self) -> datetime:
         """Database time estimate: the claim's ``now()`` plus local monotonic elapsed time."""
@@ -289,7 +289,7 @@ class Context:
     # -- steps -------------------------------------------------------------------------------
     async def step(self, name: str, fn: Callable[..., Any], **options: Any) -> Any:
         """Run ``fn`` once (memoized by cursor key); see docs/guide.md §2 ("Steps") for the options."""
-        opts = StepOptions.cached(options, self._rt.default_step_timeout)
+        opts = StepOptions.cached(options, self._services.default_step_timeout)
         return await self.run_step(name, fn, opts, None)
 
     async def run_step(self, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any) -> Any:
@@ -315,24 +315,24 @@ class Context:
         token = AbortToken()
         self._tokens.add(token)
         start = time.monotonic()
-        span = self._rt.hooks.span(f"iterflow.step {name}", lambda: {
+        span = self._services.hooks.span(f"iterflow.step {name}", lambda: {
             "iterflow.run_id": self.run_id, "iterflow.step": name, "iterflow.attempt": attempt,
         })
         try:
             with span:
                 value = await call_step(fn, StepArgs(channel, token, attempt), opts.timeout)
             encoded = codec.encode(
-                value, field="step result", limit=self._rt.limits.max_step_result_bytes,
+                value, field="step result", limit=self._services.limits.max_step_result_bytes,
                 code=Code.STEP_RESULT_TOO_LARGE,
             )
-            self._rt.hooks.emit("step_finished", "ok", time.monotonic() - start)
+            self._services.hooks.emit("step_finished", "ok", time.monotonic() - start)
             return _Ok(encoded)
         except (SuspendRun, DriftDetected):
             raise
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and self.cancel_reason is None:
                 raise
-            self._rt.hooks.emit("step_finished", "error", time.monotonic() - start)
+            self._services.hooks.emit("step_finished", "error", time.monotonic() - start)
             return _Err(exc)
         finally:
             self._tokens.discard(token)
@@ -350,7 +350,7 @@ class Context:
         error = error_record(exc)
         if terminal:
             stored = await self._record(rec, None, codec.dumps(error))
-            self._rt.log.warning(
+            self._services.log.warning(
                 "step %s failed: %s", key, error["message"], extra={"run_id": self.run_id, "step": key}
             )
             return stored
@@ -429,7 +429,7 @@ class Context:
         try:
             if rec is None:
                 await self._gate("signal", key)
-            outcome, payload, at = await self._io(self._rt.core.resolve_signal(
+            outcome, payload, at = await self._io(self._services.core.resolve_signal(
                 self.run_id, key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
             ))
             if outcome == "none" and rec is None and until is not None:
@@ -504,7 +504,7 @@ class Context:
         return [o.value for o in outputs]
 
     async def _spawn(self, calls: Sequence[Any]) -> None:
-        limits = self._rt.limits
+        limits = self._services.limits
         for flow, _inp, _ikey, _tags, key, seq, _rec in calls:
             code, msg = None, ""
             if self._run.depth + 1 > limits.max_invoke_depth:
@@ -520,14 +520,14 @@ class Context:
         for flow, inp, ikey, tags, key, seq, _rec in calls:
             if key in self._history:
                 continue
-            encoded = self._rt.encode_input(flow, inp)
+            encoded = self._services.encode_input(flow, inp)
             specs.append(RunSpec(
-                id=self._rt.new_id(), name=flow.name, version=flow.version, input=encoded,
+                id=self._services.new_id(), name=flow.name, version=flow.version, input=encoded,
                 idempotency_key=ikey, tags=tags, parent_id=self.run_id, parent_key=key, depth=self._run.depth + 1,
             ))
             recs.append(StepRecord(key, seq, "invoke", f"{flow.name}@{flow.version}", "waiting"))
         if specs:
-            created = await self._io(self._rt.core.spawn_children(self.run_id, recs, specs))
+            created = await self._io(self._services.core.spawn_children(self.run_id, recs, specs))
             self._spawned += len(specs)
             for rec, made in zip(recs, created, strict=True):
                 rec.child_id, rec.child_status = made.run_id, made.status
@@ -565,7 +565,7 @@ class Context:
         if rec is not None:
             return
         payload = codec.encode({"message": message, **data}, field="log data", limit=None, code=Code.STEP_FAILED)
-        self._rt.log.info(message, extra={"run_id": self.run_id, "flow": self.flow_name, "data": data})
+        self._services.log.info(message, extra={"run_id": self.run_id, "flow": self.flow_name, "data": data})
         write = asyncio.get_running_loop().create_task(self._record_log(key, seq, payload))
         self._log_writes.add(write)
         write.add_done_callback(self._log_writes.discard)
@@ -580,7 +580,8 @@ class Context:
 
     async def _record_log(self, key: str, seq: int, payload: str) -> None:
         try:
-            await self._rt.core.record_step(self.run_id, StepRecord(key, seq, "log", "log", "done"), payload, None)
+            rec = StepRecord(key, seq, "log", "log", "done")
+            await self._services.core.record_step(self.run_id, rec, payload, None)
         except (DatabaseError, EngineStateError) as exc:  # (a background write: nobody to raise to)
             self._abandon(exc)
         finally:

@@ -20,7 +20,7 @@ from . import validate
 from .cores.base import Core, JsonArg, RunSpec
 from .durations import parse_duration
 from .errors import InvalidArgument
-from .runtime import Runtime
+from .services import ExecutionServices
 
 # A backfill never starts more than this many runs for one cron in one tick.
 MAX_BACKFILL = 1000
@@ -57,7 +57,7 @@ def next_fire(schedule: str, tz: str, moment: datetime) -> datetime:
 
 
 def define(
-    runtime: Runtime, name: str, schedule: str, flow: Any, input: Any, *, timezone: str = "UTC",
+    services: ExecutionServices, name: str, schedule: str, flow: Any, input: Any, *, timezone: str = "UTC",
     overlap: str = "skip", jitter: Any = None, backfill: Any = None,
 ) -> Cron:
     """Validate everything at definition, so a bad expression fails at deploy, not at 3 a.m."""
@@ -78,7 +78,7 @@ def define(
         raise InvalidArgument("flow", "pass a Flow or a FlowHandle")
     return Cron(
         name=name, schedule=schedule, timezone=timezone, flow_name=flow.name, flow_version=flow.version,
-        input=runtime.encode_input(flow, input), overlap=overlap,
+        input=services.encode_input(flow, input), overlap=overlap,
         jitter=parse_duration(jitter, field="jitter") if jitter is not None else None,
         backfill=parse_duration(backfill, field="backfill") if backfill is not None else None,
     )
@@ -111,7 +111,7 @@ def occurrences(cron: Cron, first_due: datetime, now: datetime) -> list[datetime
     return due
 
 
-async def tick(core: Core, runtime: Runtime, crons: dict[str, Cron], now: datetime | None = None) -> int:
+async def tick(core: Core, services: ExecutionServices, crons: dict[str, Cron], now: datetime | None = None) -> int:
     """Start the runs of every due cron defined here; returns how many runs were created."""
     if not crons:
         return 0
@@ -119,11 +119,11 @@ async def tick(core: Core, runtime: Runtime, crons: dict[str, Cron], now: dateti
     for row in await core.admin_query("due_crons", sorted(crons), now):
         cron = crons.get(row["name"])
         if cron is not None:
-            created += await _fire(core, runtime, cron, row["next_fire_at"], row["now"])
+            created += await _fire(core, services, cron, row["next_fire_at"], row["now"])
     return created
 
 
-async def _fire(core: Core, runtime: Runtime, cron: Cron, first_due: datetime, now: datetime) -> int:
+async def _fire(core: Core, services: ExecutionServices, cron: Cron, first_due: datetime, now: datetime) -> int:
     created = 0
     fired = occurrences(cron, first_due, now)
     for moment in fired:
@@ -133,7 +133,7 @@ async def _fire(core: Core, runtime: Runtime, cron: Cron, first_due: datetime, n
                 continue
         jitter_ms = int(random.uniform(0, cron.jitter.total_seconds()) * 1000) if cron.jitter else 0
         spec = RunSpec(
-            id=runtime.new_id(), name=cron.flow_name, version=cron.flow_version, input=cron.input,
+            id=services.new_id(), name=cron.flow_name, version=cron.flow_version, input=cron.input,
             idempotency_key=f"cron:{cron.name}:{moment.astimezone(UTC).isoformat()}",
             tags=(cron.tag,), delay_ms=jitter_ms,
         )

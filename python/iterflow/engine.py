@@ -33,8 +33,8 @@ from .faults import RetryPolicy
 from .flow import Flow
 from .handle import FlowHandle
 from .observe import HOOKS, Hooks
-from .runtime import Runtime
 from .schemas import Schema
+from .services import ExecutionServices
 from .sql import validate_schema_name
 from .sync import SyncEngine
 from .types import (
@@ -214,7 +214,7 @@ class Engine:
                        listen_dsn, prepared_statements),
             RetryPolicy(timeout=retry_timeout), self.log,
         )
-        self.runtime = Runtime(
+        self.services = ExecutionServices(
             core=self.core, limits=limits, hooks=Hooks(metrics, self.log), log=self.log,
             default_step_timeout=default_step_timeout, max_run_attempts=max_run_attempts, drift=drift,
         )
@@ -251,7 +251,7 @@ class Engine:
             raise EngineStateError(f"define_cron({name!r}) after listen(): define crons before listening")
         if name in self.crons:
             raise EngineStateError(f"cron {name!r} is already defined")
-        self.crons[name] = cron.define(self.runtime, name, schedule, flow, input, timezone=timezone,
+        self.crons[name] = cron.define(self.services, name, schedule, flow, input, timezone=timezone,
                                        overlap=overlap, jitter=jitter, backfill=backfill)
 
     async def list_crons(self) -> list[dict[str, Any]]:
@@ -272,7 +272,7 @@ class Engine:
         core = await self.client()
         if not self._crons_registered:
             await self._register_crons(core)
-        return await cron.tick(core, self.runtime, self.crons, now)
+        return await cron.tick(core, self.services, self.crons, now)
 
     def handle(self, name: str, version: int = 1, input_schema: Any = None) -> FlowHandle:
         """An enqueue-only handle: start and await a flow whose body lives on other processes."""
@@ -333,7 +333,7 @@ class Engine:
         self._startup_warnings()
         await self._register_crons(core)
         self._worker = Worker(
-            self.runtime, self.flows, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
+            self.services, self.flows, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
             reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout, retention=self.retention,
             cron_tick=self.fire_crons if self.crons else None, notify=bool(self._options["notify"]),
         )
@@ -355,7 +355,7 @@ class Engine:
                 "iterflow: pool max_size=%d is smaller than concurrency=%d; runs will queue for connections",
                 pool_max, self.settings.concurrency,
             )
-        if self.runtime.default_step_timeout is None:
+        if self.services.default_step_timeout is None:
             self.log.warning("iterflow: no default_step_timeout; a hung step holds its slot until it returns")
         if self.retention.runs_older_than is None and self.retention.events_older_than is None:
             self.log.warning("iterflow: no retention configured; finished runs are kept forever")
@@ -385,7 +385,7 @@ class Engine:
     def resume(self) -> None:
         if self._worker is not None:
             self._worker.paused = False
-            self._worker.wake()
+            self._worker.nudge()
 
     # -- client calls ------------------------------------------------------------------------------
     async def signal(self, run_id: str, name: str, payload: Any = None, *,
@@ -400,9 +400,9 @@ class Engine:
             try:
                 schema.validate(payload, code=Code.SIGNAL_PAYLOAD_INVALID, what=f"signal {name!r} payload")
             except ValidationFailed as exc:
-                self.runtime.hooks.emit("signal_delivered", "invalid_payload")
+                self.services.hooks.emit("signal_delivered", "invalid_payload")
                 return SignalResult("invalid_payload", issues=tuple(exc.issues))
-        encoded = codec.encode(payload, field="payload", limit=self.runtime.limits.max_signal_payload_bytes,
+        encoded = codec.encode(payload, field="payload", limit=self.services.limits.max_signal_payload_bytes,
                                code=Code.SIGNAL_PAYLOAD_TOO_LARGE)
         # without a key of the caller's, one is made up: a delivery the core repeats after its
         # commit went unacknowledged (the connection dropped) then finds its own row
@@ -416,7 +416,7 @@ class Engine:
             # signal, and so may a `closed` (the run took the signal and finished before the
             # repeat): what became of it is read back
             kind, cursor_key = await self._own_delivery(core, run_id, name, key) or (kind, cursor_key)
-        self.runtime.hooks.emit("signal_delivered", kind)
+        self.services.hooks.emit("signal_delivered", kind)
         return SignalResult(kind, cursor_key or None)
 
     @staticmethod

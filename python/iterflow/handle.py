@@ -17,7 +17,7 @@ from .types import TERMINAL, StartResult, StartSpec, require_run_id
 
 if TYPE_CHECKING:
     from .flow import Flow
-    from .runtime import Runtime
+    from .services import ExecutionServices
     from .waiters import WaiterRegistry
 
 # Seconds a wait() watch lives unrenewed (renewed at half-life while its waiter waits).
@@ -48,7 +48,7 @@ class HandleOwner(Protocol):
     handle uses (docs/architecture.md §1)."""
 
     @property
-    def runtime(self) -> Runtime: ...
+    def services(self) -> ExecutionServices: ...
 
     @property
     def waiters(self) -> WaiterRegistry: ...
@@ -80,13 +80,13 @@ class FlowHandle:
 
     def _spec(self, item: StartSpec, index: int | None = None) -> RunSpec:
         where = "" if index is None else f"items[{index}]."
-        rt = self._engine.runtime
+        services = self._engine.services
         key = validate.idempotency_key(item.idempotency_key, f"{where}idempotency_key")
         tags = validate.tags(item.tags, f"{where}tags")
         priority = validate.integer(item.priority, f"{where}priority", -(2**31), 2**31 - 1)
         delay = parse_duration(item.delay, field=f"{where}delay") if item.delay is not None else None
         return RunSpec(
-            id=rt.new_id(), name=self.name, version=self.version, input=rt.encode_input(self, item.input),
+            id=services.new_id(), name=self.name, version=self.version, input=services.encode_input(self, item.input),
             idempotency_key=key, tags=tags, priority=priority,
             delay_ms=int(delay.total_seconds() * 1000) if delay else 0,
         )

@@ -25,7 +25,7 @@ from .errors import (
     SuspendRun,
 )
 from .flow import Flow
-from .runtime import Runtime
+from .services import ExecutionServices
 from .steps import error_record, make_error
 
 PARK_RECHECK = timedelta(minutes=1)
@@ -36,9 +36,9 @@ SETTLE_TURNS = 5
 class Execution:
     """Drives one claimed run; ``ctx`` is exposed so the worker can abort it (cancel, lease lost)."""
 
-    def __init__(self, run: ClaimedRun, rt: Runtime, flows: Mapping[tuple[str, int], Flow]) -> None:
+    def __init__(self, run: ClaimedRun, services: ExecutionServices, flows: Mapping[tuple[str, int], Flow]) -> None:
         self.run = run
-        self.rt = rt
+        self.services = services
         self.flows = flows
         self.ctx: Context | None = None
         self.cancel_reason: str | None = run.cancel_reason
@@ -68,15 +68,16 @@ class Execution:
             return self._abandon(exc)
 
     async def _checked(self) -> str:
-        run, rt = self.run, self.rt
+        run, services = self.run, self.services
         if self.cancel_reason is not None:
             return await self._finish("canceled", None, make_error(Code.RUN_CANCELED, self.cancel_reason))
         if run.parent_status in ("failed", "canceled"):
             return await self._finish("canceled", None, make_error(Code.RUN_CANCELED, f"parent {run.parent_status}"))
-        if run.attempts > rt.max_run_attempts:
+        if run.attempts > services.max_run_attempts:
             return await self._finish("failed", None, make_error(
                 Code.RUN_ATTEMPTS_EXHAUSTED,
-                f"run was claimed {run.attempts} times without finishing (max_run_attempts={rt.max_run_attempts})",
+                f"run was claimed {run.attempts} times without finishing "
+                f"(max_run_attempts={services.max_run_attempts})",
             ))
         flow = self.flows.get((run.name, run.version))
         if flow is None:
@@ -85,16 +86,16 @@ class Execution:
             mismatch = flow.shape.check(run.history)
             if mismatch is not None:
                 return await self._drift(flow.drift, *mismatch)
-        rt.hooks.emit("run_started")
-        with rt.hooks.span(f"iterflow.run {run.name}", lambda: {
+        services.hooks.emit("run_started")
+        with services.hooks.span(f"iterflow.run {run.name}", lambda: {
             "iterflow.run_id": run.run_id, "iterflow.flow": run.name, "iterflow.version": run.version,
             "iterflow.attempt": run.attempts,
         }):
             return await self._replay(flow)
 
     async def _replay(self, flow: Flow) -> str:
-        run, rt = self.run, self.rt
-        ctx = self.ctx = Context(run, rt, body_flow=flow.shape is None, signal_schemas=flow.signal_schemas)
+        run, services = self.run, self.services
+        ctx = self.ctx = Context(run, services, body_flow=flow.shape is None, signal_schemas=flow.signal_schemas)
         ctx.cancel_reason, ctx.lease_lost = self.cancel_reason, self.lease_lost
         started = time.monotonic()
         try:
@@ -121,7 +122,7 @@ class Execution:
             if ctx.decided:  # user code turned the suspend into an error: the run still suspends
                 return await self._suspend(ctx.suspensions)
             err = error_record(exc)
-            rt.hooks.emit("run_failed", err["code"])
+            services.hooks.emit("run_failed", err["code"])
             return await self._finish("failed", None, err)
         if ctx.abandoned is not None:
             return self._abandon(ctx.abandoned)
@@ -139,7 +140,7 @@ class Execution:
         except Exception as exc:  # noqa: BLE001 - an output that cannot be stored fails the run at
             # once: every replay would produce it again, so retrying only burns attempts
             return await self._finish("failed", None, error_record(_unstorable(exc)))
-        rt.hooks.emit("run_completed", time.monotonic() - started)
+        services.hooks.emit("run_completed", time.monotonic() - started)
         return await self._finish("done", encoded, None)
 
     async def _cancel(self) -> str:
@@ -150,7 +151,7 @@ class Execution:
         return "abandoned"
 
     async def _finish(self, status: str, output: str | None, error: dict[str, Any] | None) -> str:
-        ok = await self.rt.core.finish(
+        ok = await self.services.core.finish(
             self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
         )
         return status if ok else "fenced"
@@ -171,25 +172,25 @@ class Execution:
                 signals[s.waiting["name"]] = s.waiting["key"]
                 seqs[s.waiting["name"]] = s.waiting["seq"]
         waiting = dict(chosen.waiting, signals=signals, signal_seqs=seqs)
-        ok = await self.rt.core.suspend(
+        ok = await self.services.core.suspend(
             self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
             chosen.wake_at, None if progress else 0,
         )
-        self.rt.hooks.emit("run_suspended", chosen.status)
+        self.services.hooks.emit("run_suspended", chosen.status)
         return chosen.status if ok else "fenced"
 
     async def _park(self, code: str, message: str) -> str:
         waiting = {"kind": "parked", "code": code, "reason": message}
-        self.rt.log.warning("parking run %s: %s", self.run.run_id, message, extra={"run_id": self.run.run_id})
-        await self.rt.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
-        ok = await self.rt.core.suspend(
+        self.services.log.warning("parking run %s: %s", self.run.run_id, message, extra={"run_id": self.run.run_id})
+        await self.services.core.add_event(self.run.run_id, "parked", codec.dumps(waiting))
+        ok = await self.services.core.suspend(
             self.run.run_id, self.run.lease_token, "parked", codec.dumps(waiting),
             self.run.db_now + PARK_RECHECK, -1,
         )
         return "parked" if ok else "fenced"
 
     async def _drift(self, mode: str | None, code: str, message: str) -> str:
-        if (mode or self.rt.drift) == "fail":
+        if (mode or self.services.drift) == "fail":
             return await self._finish("failed", None, make_error(code, message))
         return await self._park(code, message)
 

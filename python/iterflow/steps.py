@@ -48,9 +48,9 @@ class AbortToken:
     def fire(self, reason: str) -> None:
         if self.reason is None:
             self.reason = reason
-            self._loop.call_soon_threadsafe(self._wake)
+            self._loop.call_soon_threadsafe(self._release_waiters)
 
-    def _wake(self) -> None:
+    def _release_waiters(self) -> None:
         if self._event is not None:
             self._event.set()
 

@@ -52,7 +52,7 @@ class Harness:
         await core.admin_query("shift_time", int(delta.total_seconds() * 1000))
         self._advanced += delta
         await self.engine.fire_crons()
-        self._wake()
+        self._nudge_worker()
         await self.drain()
 
     async def advance_to_next_wake(self) -> timedelta | None:
@@ -75,7 +75,7 @@ class Harness:
                 raise TimeoutError(f"work did not drain within {self.timeout}s")
             busy = self.engine.health()["active_runs"] or await self.engine.pending_work()
             quiet = 0 if busy else quiet + 1
-            self._wake()
+            self._nudge_worker()
             await asyncio.sleep(0.005)
 
     async def settle(self, handle: FlowHandle, run_id: str) -> Any:
@@ -101,10 +101,10 @@ class Harness:
     def _has_timer(detail: RunDetail) -> bool:
         return any(t.get("ready_at") or t.get("deadline") for t in detail.timers)
 
-    def _wake(self) -> None:
+    def _nudge_worker(self) -> None:
         worker = self.engine._worker
         if worker is not None:
-            worker.wake()
+            worker.nudge()
 
 
 def _explain(detail: RunDetail) -> str:

@@ -97,7 +97,7 @@ class RunWaiters:
         fut: asyncio.Future[dict[str, Any] | None] = asyncio.get_running_loop().create_future()
         self._terminal.setdefault(run_id, set()).add(fut)
         self._fresh.add(run_id)
-        self._wake()
+        self._kick_collector()
         try:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
@@ -118,7 +118,7 @@ class RunWaiters:
         """Registered before the caller's first read, so no change after that read is missed."""
         waiter = Progress()
         self._progress.setdefault(run_id, set()).add(waiter)
-        self._wake()
+        self._kick_collector()
         try:
             yield waiter
         finally:
@@ -132,7 +132,7 @@ class RunWaiters:
             if not entries:
                 del table[run_id]
 
-    def _wake(self) -> None:
+    def _kick_collector(self) -> None:
         self._kick.set()
         if self._task is None or self._task.done():
             self._task = asyncio.get_running_loop().create_task(self._collect(), name="iterflow-waiters")

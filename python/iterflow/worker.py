@@ -19,7 +19,7 @@ from .config import Retention
 from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
 from .flow import Flow
 from .runner import Execution
-from .runtime import Runtime
+from .services import ExecutionServices
 
 log = logging.getLogger("iterflow")
 # How often due crons are checked: the lateness bound of a cron fire.
@@ -36,11 +36,11 @@ MAX_SWEEP = 5.0
 
 class Worker:
     def __init__(
-        self, rt: Runtime, flows: Mapping[tuple[str, int], Flow], *, concurrency: int, lease: timedelta,
+        self, services: ExecutionServices, flows: Mapping[tuple[str, int], Flow], *, concurrency: int, lease: timedelta,
         poll_interval: float, reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
         cron_tick: Callable[[], Awaitable[int]] | None = None, notify: bool = True,
     ) -> None:
-        self.rt = rt
+        self.services = services
         self.flows = flows
         self.concurrency = concurrency
         self.lease_ms = int(lease.total_seconds() * 1000)
@@ -53,7 +53,7 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
-        self._wake = asyncio.Event()  # a slot freed up (or stop): see _wait_for_slot
+        self._may_claim = asyncio.Event()  # a slot freed up, a nudge, or stop: see _wait_for_slot
         self._full = False
         self._due_checked = -DUE_RECHECK
         self._due_at: float | None = None  # loop time of the earliest timer seen at that check
@@ -70,8 +70,8 @@ class Worker:
         return sorted({name for name, _ in self.flows})
 
     async def start(self) -> None:
-        await self.rt.core.listen()
-        await self.rt.core.requeue_parked(self.names)
+        await self.services.core.listen()
+        await self.services.core.requeue_parked(self.names)
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._claim_loop(), name="iterflow-claim"),
@@ -81,20 +81,20 @@ class Worker:
         if self.cron_tick is not None:
             self._tasks.append(loop.create_task(self._cron_loop(), name="iterflow-cron"))
 
-    def wake(self) -> None:
+    def nudge(self) -> None:
         """New work may be ready (a local timer, a cron fire, a call in this process): claim now
         instead of at the next notification or poll."""
-        self._wake.set()
-        self.rt.core.nudge()
+        self._may_claim.set()
+        self.services.core.nudge()
 
-    def wake_at(self, delay: float) -> None:
+    def nudge_after(self, delay: float) -> None:
         """Local timer: claim again when a run this process suspended becomes due."""
-        asyncio.get_running_loop().call_later(max(delay, 0.0), self.wake)
+        asyncio.get_running_loop().call_later(max(delay, 0.0), self.nudge)
 
     async def stop(self) -> None:
         """Stop claiming, let in-flight runs finish until the deadline, then abort them."""
         self._stopping = True
-        self.wake()
+        self.nudge()
         for task in self._tasks[:1]:
             # a claim in flight finishes (its runs join the ones drained below); cancelling it
             # could strand runs it leased until their leases expire
@@ -122,7 +122,7 @@ class Worker:
         if not leases:
             return
         try:
-            await self.rt.core.admin_query(
+            await self.services.core.admin_query(
                 "release_leases", [run_id for run_id, _ in leases], [token for _, token in leases]
             )
         except Exception as exc:  # noqa: BLE001 - the leases then expire as after a crash
@@ -140,7 +140,7 @@ class Worker:
                 wait = None
                 continue
             try:
-                runs = await self.rt.core.claim(names, free, self.owner, self.lease_ms, wait)
+                runs = await self.services.core.claim(names, free, self.owner, self.lease_ms, wait)
             except Exception as exc:  # noqa: BLE001 - a database hiccup must not kill the loop
                 log.warning("iterflow claim failed: %r", exc)
                 await asyncio.sleep(min(self.poll_interval, 1.0))
@@ -152,11 +152,11 @@ class Worker:
 
     async def _wait_for_slot(self) -> None:
         """Every slot is busy (or claiming is paused): until one frees up, or a poll interval."""
-        self._wake.clear()
+        self._may_claim.clear()
         self._full = True
         try:
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+                await asyncio.wait_for(self._may_claim.wait(), self.poll_interval)
         finally:
             self._full = False
 
@@ -175,13 +175,13 @@ class Worker:
         stale = now - self._due_checked >= DUE_RECHECK
         if stale or (self._due_at is not None and self._due_at <= now):
             with contextlib.suppress(Exception):
-                due = await self.rt.core.next_due(names)
+                due = await self.services.core.next_due(names)
                 self._due_checked = now
                 self._due_at = None if due is None else now + due
         return self._due_at
 
     def _spawn(self, run: Any) -> None:
-        execution = Execution(run, self.rt, self.flows)
+        execution = Execution(run, self.services, self.flows)
         task = asyncio.get_running_loop().create_task(self._execute(execution), name=f"iterflow-run-{run.run_id}")
         self.active[run.run_id] = (execution, task)
 
@@ -192,7 +192,7 @@ class Worker:
             status = await execution.execute()
             abandoned = status == "abandoned"
             if status in ("sleeping", "retrying", "awaiting_signal"):
-                self._schedule_local_wake(execution)
+                self._nudge_at_timer(execution)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -204,11 +204,11 @@ class Worker:
             if entry is not None and entry[0] is execution:
                 del self.active[run_id]
             if self._full:
-                self._wake.set()
+                self._may_claim.set()
             elif not self.notify:
                 # no notification tells this worker that what the run just wrote made work
                 # ready (a wake during its lease re-queued it, its last child woke a parent)
-                self.rt.core.nudge()
+                self.services.core.nudge()
         if abandoned:
             await self._release_abandoned(execution)
 
@@ -223,7 +223,7 @@ class Worker:
         give_up = loop.time() + self.lease_ms / 1000  # by then the lease has run out anyway
         while True:
             try:
-                await self.rt.core.admin_query("release_leases", [run_id], [token])
+                await self.services.core.admin_query("release_leases", [run_id], [token])
                 break
             except EngineStateError:  # the engine stopped meanwhile: the lease runs out
                 return
@@ -233,9 +233,9 @@ class Worker:
                                 run_id, exc, max(give_up - loop.time(), 0.0), extra={"run_id": run_id})
                     return
                 await asyncio.sleep(0.5)
-        self.wake()
+        self.nudge()
 
-    def _schedule_local_wake(self, execution: Execution) -> None:
+    def _nudge_at_timer(self, execution: Execution) -> None:
         ctx = execution.ctx
         if ctx is None:
             return
@@ -243,7 +243,7 @@ class Worker:
         if times:
             delay = (min(times) - ctx.clock()).total_seconds()
             if delay < self.poll_interval * 4:
-                self.wake_at(delay)
+                self.nudge_after(delay)
 
     def abort_local(self, run_id: str, reason: str) -> None:
         """engine.cancel in this process: fire the run's abort tokens at once."""
@@ -258,7 +258,7 @@ class Worker:
             await asyncio.sleep(interval)
             leases = [(rid, ex.run.lease_token) for rid, (ex, _) in self.active.items()]
             try:
-                states = await self.rt.core.heartbeat(leases, self.lease_ms)
+                states = await self.services.core.heartbeat(leases, self.lease_ms)
             except Exception as exc:  # noqa: BLE001
                 log.warning("iterflow lease renewal failed: %r", exc)
                 continue
@@ -281,16 +281,16 @@ class Worker:
         since_prune = self.retention.schedule.total_seconds()  # prune soon after start, then on schedule
         while True:
             try:
-                if await self.rt.core.expire_leases(500):
-                    self.wake()
+                if await self.services.core.expire_leases(500):
+                    self.nudge()
                 if since_prune >= self.retention.schedule.total_seconds():
                     since_prune = 0.0
                     await self._prune()
                 if self.reconcile_interval is not None and since_reconcile >= self.reconcile_interval:
                     since_reconcile = 0.0
-                    counts = await self.rt.core.reconcile(int(self.lease_ms * 2))
+                    counts = await self.services.core.reconcile(int(self.lease_ms * 2))
                     if counts is not None:
-                        self.rt.hooks.emit("reconciler_sweep", counts)
+                        self.services.hooks.emit("reconciler_sweep", counts)
             except Exception as exc:  # noqa: BLE001
                 log.warning("iterflow maintenance failed: %r", exc)
             await asyncio.sleep(interval)
@@ -302,7 +302,7 @@ class Worker:
         while True:
             try:
                 if await self.cron_tick():
-                    self.wake()
+                    self.nudge()
             except Exception as exc:  # noqa: BLE001 - a failed tick is retried at the next one
                 log.warning("iterflow cron tick failed: %r", exc)
             await asyncio.sleep(CRON_TICK)
@@ -311,7 +311,7 @@ class Worker:
         r = self.retention
         if r.events_older_than is None and r.runs_older_than is None:
             return
-        counts = await self.rt.core.prune(_ms(r.events_older_than), _ms(r.runs_older_than), 1000)
+        counts = await self.services.core.prune(_ms(r.events_older_than), _ms(r.runs_older_than), 1000)
         if counts:
             log.info("iterflow retention pruned %s", counts)
 

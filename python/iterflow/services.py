@@ -1,7 +1,10 @@
-"""What replay needs from the engine, in one object: the core, limits, hooks and defaults.
+"""``ExecutionServices``: what executing a run needs from its engine, in one object.
 
-The registry of flows is not here: it is the engine's (``Engine.flows``), handed to the worker,
-so that the execution layer below the flow definitions never refers to them.
+The core (the retry layer over the chosen core), the limits, the metrics hooks, the logger, the
+engine's defaults, run-id minting and input encoding: a bundle of services, built once by the
+engine and shared by the worker, each ``Execution`` and each ``Context``. The registry of flows
+is not here: it is the engine's (``Engine.flows``), handed to the worker, so that the execution
+layer below the flow definitions never refers to them (docs/architecture.md §1).
 """
 
 from __future__ import annotations
@@ -33,7 +36,9 @@ def new_id() -> str:
 
 
 @dataclass
-class Runtime:
+class ExecutionServices:
+    """What executing a run needs from its engine (the module docstring says why one object)."""
+
     core: Core
     limits: Limits
     hooks: Hooks
