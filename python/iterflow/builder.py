@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from . import validate
-from .durations import parse_duration
+from .durations import DeadlineLike, DurationLike, parse_duration
 from .errors import InvalidArgument
 from .flow import Flow
 from .keys import base_of
@@ -108,12 +108,12 @@ class FlowBuilder:
         StepOptions.build(**options)  # validate now, not at the first run
         return replace(self, _stages=(*self._stages, _Step(name, fn, options)))
 
-    def sleep(self, duration: Any) -> FlowBuilder:
+    def sleep(self, duration: DeadlineLike) -> FlowBuilder:
         if not isinstance(duration, datetime):
             parse_duration(duration, field="sleep")
         return replace(self, _stages=(*self._stages, _Sleep(duration)))
 
-    def signal(self, name: str, schema: Any = None, timeout: Any = None,
+    def signal(self, name: str, schema: Any = None, timeout: DurationLike | None = None,
                merge: Callable[[Any, Any], Any] | None = None) -> FlowBuilder:
         validate.name(name, "signal")
         if timeout is not None:

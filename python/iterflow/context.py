@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from . import codec, validate
 from .cores.base import ClaimedRun, RunSpec, StepRecord, StoredStep
+from .durations import DeadlineLike, DurationLike
 from .durations import deadline as to_deadline
 from .errors import (
     Code,
@@ -46,7 +47,7 @@ from .steps import (
 from .types import TERMINAL
 
 if TYPE_CHECKING:
-    from .services import ExecutionServices
+    from .services import ExecutionServices, FlowRef
 
 T = TypeVar("T")
 # A name is checked once per process, not at every call that uses it (loops, replays).
@@ -371,7 +372,7 @@ class Context:
         return rec.result
 
     # -- waits ------------------------------------------------------------------------------------
-    async def sleep(self, duration: Any) -> None:
+    async def sleep(self, duration: DeadlineLike) -> None:
         """Durable sleep; the deadline is pinned on first execution, so replays agree on it."""
         await self._sleep(lambda now: to_deadline(duration, now, field="duration"))
 
@@ -412,7 +413,7 @@ class Context:
                 return
         await self._suspend(Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True))
 
-    async def signal(self, name: str, *, schema: Any = None, timeout: Any = None) -> Any:
+    async def signal(self, name: str, *, schema: Any = None, timeout: DurationLike | None = None) -> Any:
         """Wait for the next signal ``name`` (single consumer); SIGNAL_TIMEOUT when it expires."""
         key, seq, rec = self._next("signal", name)
         schema_ = Schema.of(schema) if schema is not None else self._signal_schemas.get(name)
@@ -459,7 +460,7 @@ class Context:
             raise FlowRuntimeError(Code.SIGNAL_PAYLOAD_INVALID, str(exc), non_retryable=True) from exc
 
     # -- children --------------------------------------------------------------------------------
-    async def invoke(self, flow: Any, input: Any = None, *, idempotency_key: str | None = None,
+    async def invoke(self, flow: FlowRef, input: Any = None, *, idempotency_key: str | None = None,
                      tags: Sequence[str] = ()) -> Any:
         """Run a child flow and return its output (a failed child raises with its code)."""
         (out,) = await self._invoke_many([(flow, input, validate.idempotency_key(idempotency_key),

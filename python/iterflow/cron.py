@@ -20,7 +20,7 @@ from . import validate
 from .cores.base import Core, JsonArg, RunSpec
 from .durations import parse_duration
 from .errors import InvalidArgument
-from .services import ExecutionServices
+from .services import ExecutionServices, FlowRef
 
 # A backfill never starts more than this many runs for one cron in one tick.
 MAX_BACKFILL = 1000
@@ -53,11 +53,12 @@ def _fields(schedule: str) -> int:
 def next_fire(schedule: str, tz: str, moment: datetime) -> datetime:
     """The first fire time strictly after ``moment``, in UTC (DST handled in the cron's zone)."""
     it = croniter(schedule, moment.astimezone(ZoneInfo(tz)), second_at_beginning=_fields(schedule) == 6)
-    return it.get_next(datetime).astimezone(UTC)
+    fire: datetime = it.get_next(datetime)  # (croniter is untyped)
+    return fire.astimezone(UTC)
 
 
 def define(
-    services: ExecutionServices, name: str, schedule: str, flow: Any, input: Any, *, timezone: str = "UTC",
+    services: ExecutionServices, name: str, schedule: str, flow: FlowRef, input: Any, *, timezone: str = "UTC",
     overlap: str = "skip", jitter: Any = None, backfill: Any = None,
 ) -> Cron:
     """Validate everything at definition, so a bad expression fails at deploy, not at 3 a.m."""

@@ -11,7 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -20,7 +20,7 @@ from . import codec, cron, validate
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
 from .cores.resilient import ResilientCore
-from .durations import MAX_DURATION, format_duration, parse_duration
+from .durations import MAX_DURATION, DurationLike, format_duration, parse_duration
 from .errors import (
     Code,
     CoreUnavailable,
@@ -130,7 +130,7 @@ def _pick_core(core: str, dsn: str | None, pool: Any, schema: str, size: int, no
                     raise InvalidArgument("pool", "the Rust core opens its own pool: pass a DSN, not a psycopg pool")
             else:
                 log.info("iterflow: using the Rust core")
-                return RustCore(dsn or pool, schema=schema, pool_size=size, notify=notify,  # type: ignore[return-value]
+                return RustCore(dsn or pool, schema=schema, pool_size=size, notify=notify,
                                 listen_dsn=listen_dsn, prepared_statements=prepared_statements)
     from .cores.python import ACQUIRE_TIMEOUT, PythonCore
 
@@ -183,7 +183,7 @@ class Engine:
         self.schema = validate_schema_name(schema)
         if logger is not None and not isinstance(logger, (logging.Logger, logging.LoggerAdapter)):
             raise InvalidArgument("logger", f"must be a logging.Logger (or LoggerAdapter), got {validate.show(logger)}")
-        self.log = cast(logging.Logger, logger) if logger is not None else logging.getLogger("iterflow")
+        self.log = logger if logger is not None else logging.getLogger("iterflow")
         notify = validate.flag(notify, "notify")
         reconciler = validate.flag(reconciler, "reconciler")
         concurrency = validate.integer(concurrency, "concurrency", 1, MAX_CONCURRENCY)
@@ -531,7 +531,8 @@ class Engine:
         core = await self.client()
         return await core.reconcile(int(self.settings.lease.total_seconds() * 2000))
 
-    async def prune(self, *, events_older_than: Any = None, runs_older_than: Any = None,
+    async def prune(self, *, events_older_than: DurationLike | None = None,
+                    runs_older_than: DurationLike | None = None,
                     batch: int = 1000) -> dict[str, int] | None:
         """Delete old events and terminal runs, in batches; None if another process is pruning."""
         cutoffs = [

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from . import validate
 from .cores.base import Core, RunSpec
-from .durations import MAX_DURATION, parse_duration
+from .durations import MAX_DURATION, DurationLike, parse_duration
 from .errors import Code, InvalidArgument, IterflowError, RunCanceled, RunFailed, RunNotFound
 from .schemas import Schema
 from .types import TERMINAL, StartResult, StartSpec, require_run_id
@@ -92,7 +92,7 @@ class FlowHandle:
         )
 
     async def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
-                    delay: Any = None, priority: int = 0, conn: Any = None) -> StartResult:
+                    delay: DurationLike | None = None, priority: int = 0, conn: Any = None) -> StartResult:
         """Create a run (or return the existing one for this idempotency key).
 
         With ``conn`` the run is written inside the caller's open transaction: it commits or
@@ -215,14 +215,17 @@ class SyncHandle:
         self._runner = runner
         self._handle = handle
 
-    def start(self, input: Any = None, **options: Any) -> StartResult:
-        return self._runner.run(self._handle.start(input, **options))
+    def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
+              delay: DurationLike | None = None, priority: int = 0, conn: Any = None) -> StartResult:
+        return self._runner.run(self._handle.start(input, idempotency_key=idempotency_key, tags=tags, delay=delay,
+                                                   priority=priority, conn=conn))
 
-    def start_many(self, items: Sequence[Any], **options: Any) -> list[StartResult]:
-        return self._runner.run(self._handle.start_many(items, **options))
+    def start_many(self, items: Sequence[Any], *, conn: Any = None) -> list[StartResult]:
+        return self._runner.run(self._handle.start_many(items, conn=conn))
 
     def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         return self._runner.run(self._handle.result(run_id, timeout=timeout))
 
-    def wait(self, run_id: str, **options: Any) -> None:
-        self._runner.run(self._handle.wait(run_id, **options))
+    def wait(self, run_id: str, *, step: str | None = None, signal: str | None = None,
+             timeout: float | None = None) -> None:
+        self._runner.run(self._handle.wait(run_id, step=step, signal=signal, timeout=timeout))

@@ -15,7 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
 from .config import Limits
@@ -25,6 +25,20 @@ from .schemas import Schema
 
 if TYPE_CHECKING:
     from .cores.base import Core
+
+
+class FlowRef(Protocol):
+    """What starting a run of a flow needs from it: a ``Flow`` or a ``FlowHandle`` (``ctx.invoke``,
+    ``handle.start``, crons); a protocol, so this layer need not import either."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def version(self) -> int: ...
+
+    @property
+    def input_schema(self) -> Schema | None: ...
 
 
 def new_id() -> str:
@@ -49,7 +63,7 @@ class ExecutionServices:
 
     new_id = staticmethod(new_id)
 
-    def encode_input(self, flow: Any, value: Any) -> str:
+    def encode_input(self, flow: FlowRef, value: Any) -> str:
         """Validate against the flow's input schema, then encode within ``max_input_bytes``."""
         schema: Schema | None = getattr(flow, "input_schema", None)
         if schema is not None:

@@ -96,13 +96,16 @@ class SyncEngine:
     def status(self, run_id: str) -> RunDetail | None:
         return self._run(self._client.status(run_id))
 
-    def list_runs(self, **filters: Any) -> RunPage:
-        return self._run(self._client.list_runs(**filters))
+    def list_runs(self, *, name: str | None = None, status: str | Sequence[str] | None = None,
+                  tag: str | None = None, since: datetime | None = None, until: datetime | None = None,
+                  limit: int = 50, cursor: str | None = None) -> RunPage:
+        return self._run(self._client.list_runs(name=name, status=status, tag=tag, since=since, until=until,
+                                                limit=limit, cursor=cursor))
 
-    def cancel_many(self, filter: dict[str, Any] | RunFilter, limit: int = 1000) -> int:
+    def cancel_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000) -> int:
         return self._run(self._client.cancel_many(filter, limit))
 
-    def retry_many(self, filter: dict[str, Any] | RunFilter, limit: int = 1000) -> int:
+    def retry_many(self, filter: Mapping[str, Any] | RunFilter, limit: int = 1000) -> int:
         return self._run(self._client.retry_many(filter, limit))
 
     def close(self) -> None:

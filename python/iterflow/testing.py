@@ -17,7 +17,7 @@ from datetime import UTC, datetime, timedelta
 from types import TracebackType
 from typing import Any
 
-from .durations import parse_duration
+from .durations import DurationLike, parse_duration
 from .engine import Engine
 from .handle import FlowHandle
 from .types import TERMINAL, RunDetail
@@ -45,7 +45,7 @@ class Harness:
         """Virtual now: real time plus everything advanced so far."""
         return datetime.now(UTC) + self._advanced
 
-    async def advance(self, duration: Any) -> None:
+    async def advance(self, duration: DurationLike) -> None:
         """Let ``duration`` pass for every timer, then run what became due until idle."""
         delta = parse_duration(duration, field="duration")
         core = await self.engine.client()

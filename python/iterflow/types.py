@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .durations import DurationLike
 from .errors import InvalidArgument, RunNotFound
 
 STATUSES = (
@@ -43,7 +44,7 @@ class StartSpec:
     input: Any = None
     idempotency_key: str | None = None
     tags: Sequence[str] = ()
-    delay: Any = None
+    delay: DurationLike | None = None
     priority: int = 0
 
     @classmethod

@@ -38,7 +38,7 @@ def show(value: object, width: int = 60) -> str:
     return text if len(text) <= width else f"{text[:width]}... ({len(text)} chars)"
 
 
-def text(value: Any, field: str, *, max_chars: int | None = None, max_bytes: int | None = None,
+def text(value: object, field: str, *, max_chars: int | None = None, max_bytes: int | None = None,
          allow_empty: bool = False) -> str:
     """``value`` as a plain ``str`` PostgreSQL can store, within the given limits."""
     if not isinstance(value, str):
@@ -64,7 +64,7 @@ def text(value: Any, field: str, *, max_chars: int | None = None, max_bytes: int
     return value
 
 
-def name(value: Any, field: str) -> str:
+def name(value: object, field: str) -> str:
     """Names become cursor keys, index entries and NOTIFY payloads: 1 to ``MAX_NAME_CHARS``
     characters of valid UTF-8 without NUL, not blank. Any other character is fine: cursor keys
     encode ``:`` and ``%`` (keys.py), so no name can produce another call's key."""
