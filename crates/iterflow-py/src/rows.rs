@@ -7,7 +7,6 @@
 //! (`Resolved`, `ChangedRuns`, `QueryResult`). tests/test_seam.py compares all three sides.
 //! JSON columns are decoded here, on the loop thread, so Python receives ready values.
 
-use chrono::{DateTime, Utc};
 use iterflow_core::core::{self as core, RunDetail};
 use iterflow_core::listener::Changes;
 use iterflow_core::value::{Rows, Val};
@@ -182,42 +181,54 @@ pyclass_answer!(
     Changed => ChangedRuns
 );
 
+/// A string as Python, made once: fields holding Python objects are read by plain member
+/// descriptors, so a read in cores/rust.py converts nothing.
+fn pystr(py: Python<'_>, s: &str) -> Py<PyString> {
+    PyString::new(py, s).unbind()
+}
+
+/// An optional value as Python (`None` when absent), made once (see [`pystr`]).
+fn pyobj<'py, T: IntoPyObject<'py>>(py: Python<'py>, v: T) -> PyResult<Py<PyAny>> {
+    v.into_py_any(py)
+}
+
 /// One memoized ctx call of a claimed run's history (cores/base.py `StepRecord`).
 #[pyclass(frozen, get_all, module = "iterflow._core")]
 pub(crate) struct StepRecord {
-    key: String,
+    key: Py<PyString>,
     seq: i64,
-    kind: String,
-    name: String,
-    status: String,
+    kind: Py<PyString>,
+    name: Py<PyString>,
+    status: Py<PyString>,
     result: Py<PyAny>,
     error: Py<PyAny>,
     attempts: i64,
-    deadline: Option<DateTime<Utc>>,
-    child_id: Option<String>,
-    child_status: Option<String>,
+    /// `datetime | None`, like every optional field below
+    deadline: Py<PyAny>,
+    child_id: Py<PyAny>,
+    child_status: Py<PyAny>,
     child_output: Py<PyAny>,
     child_error: Py<PyAny>,
-    finished_at: Option<DateTime<Utc>>,
+    finished_at: Py<PyAny>,
 }
 
 impl StepRecord {
     fn build(py: Python<'_>, s: core::StepRow) -> PyResult<Self> {
         Ok(StepRecord {
-            key: s.key,
+            key: pystr(py, &s.key),
             seq: s.seq,
-            kind: s.kind,
-            name: s.name,
-            status: s.status,
+            kind: pystr(py, &s.kind),
+            name: pystr(py, &s.name),
+            status: pystr(py, &s.status),
             result: opt_json(py, s.result)?,
             error: opt_json(py, s.error)?,
             attempts: s.attempts,
-            deadline: s.deadline,
-            child_id: s.child_id,
-            child_status: s.child_status,
+            deadline: pyobj(py, s.deadline)?,
+            child_id: pyobj(py, s.child_id)?,
+            child_status: pyobj(py, s.child_status)?,
             child_output: opt_json(py, s.child_output)?,
             child_error: opt_json(py, s.child_error)?,
-            finished_at: s.finished_at,
+            finished_at: pyobj(py, s.finished_at)?,
         })
     }
 }
@@ -225,42 +236,42 @@ impl StepRecord {
 /// A leased run with its history (cores/base.py `ClaimedRun`).
 #[pyclass(frozen, get_all, module = "iterflow._core")]
 pub(crate) struct ClaimedRun {
-    run_id: String,
+    run_id: Py<PyString>,
     lease_token: i64,
-    name: String,
+    name: Py<PyString>,
     version: i64,
     input: Py<PyAny>,
     attempts: i64,
-    cancel_reason: Option<String>,
-    parent_id: Option<String>,
+    cancel_reason: Py<PyAny>,
+    parent_id: Py<PyAny>,
     depth: i64,
-    created_at: DateTime<Utc>,
-    parent_status: Option<String>,
-    db_now: DateTime<Utc>,
-    history: Vec<Py<StepRecord>>,
+    created_at: Py<PyAny>,
+    parent_status: Py<PyAny>,
+    db_now: Py<PyAny>,
+    /// `list[StepRecord]`
+    history: Py<PyList>,
 }
 
 impl ClaimedRun {
     fn build(py: Python<'_>, r: core::Claimed) -> PyResult<Self> {
-        let history = r
-            .history
-            .into_iter()
-            .map(|s| Py::new(py, StepRecord::build(py, s)?))
-            .collect::<PyResult<_>>()?;
+        let history = PyList::empty(py);
+        for s in r.history {
+            history.append(Bound::new(py, StepRecord::build(py, s)?)?)?;
+        }
         Ok(ClaimedRun {
-            run_id: r.run_id,
+            run_id: pystr(py, &r.run_id),
             lease_token: r.lease_token,
-            name: r.name,
+            name: pystr(py, &r.name),
             version: r.version,
             input: opt_json(py, r.input)?,
             attempts: r.attempts,
-            cancel_reason: r.cancel_reason,
-            parent_id: r.parent_id,
+            cancel_reason: pyobj(py, r.cancel_reason)?,
+            parent_id: pyobj(py, r.parent_id)?,
             depth: r.depth,
-            created_at: r.created_at,
-            parent_status: r.parent_status,
-            db_now: r.db_now,
-            history,
+            created_at: pyobj(py, r.created_at)?,
+            parent_status: pyobj(py, r.parent_status)?,
+            db_now: pyobj(py, r.db_now)?,
+            history: history.unbind(),
         })
     }
 }
@@ -268,21 +279,21 @@ impl ClaimedRun {
 /// What `record_step` left in the database (cores/base.py `StoredStep`).
 #[pyclass(frozen, get_all, module = "iterflow._core")]
 pub(crate) struct StoredStep {
-    status: String,
+    status: Py<PyString>,
     result: Py<PyAny>,
     error: Py<PyAny>,
     written: bool,
-    finished_at: Option<DateTime<Utc>>,
+    finished_at: Py<PyAny>,
 }
 
 impl StoredStep {
     fn build(py: Python<'_>, s: core::Stored) -> PyResult<Self> {
         Ok(StoredStep {
-            status: s.status,
+            status: pystr(py, &s.status),
             result: opt_json(py, s.result)?,
             error: opt_json(py, s.error)?,
             written: s.written,
-            finished_at: s.finished_at,
+            finished_at: pyobj(py, s.finished_at)?,
         })
     }
 }
@@ -290,17 +301,17 @@ impl StoredStep {
 /// The outcome of `resolve_signal`: `outcome` is "signal", "timeout" or "none".
 #[pyclass(frozen, get_all, module = "iterflow._core")]
 pub(crate) struct Resolved {
-    outcome: String,
+    outcome: Py<PyString>,
     payload: Py<PyAny>,
-    at: DateTime<Utc>,
+    at: Py<PyAny>,
 }
 
 impl Resolved {
     fn build(py: Python<'_>, r: core::Resolved) -> PyResult<Self> {
         Ok(Resolved {
-            outcome: r.outcome,
+            outcome: pystr(py, &r.outcome),
             payload: opt_json(py, r.payload)?,
-            at: r.at,
+            at: pyobj(py, r.at)?,
         })
     }
 }

@@ -3,10 +3,10 @@
 Same behaviour and return types as ``cores/python.py``; the hot path differs: step records,
 suspensions, completions, events and signal resolutions are group-committed by a writer task,
 claims fetch the history in the same statement, and one LISTEN connection serves every
-waiter of the process. Importing this module raises
-ImportError when the extension is missing (``create_engine(core="auto")`` relies on that).
-The extension's values are named classes typed in ``iterflow/_core.pyi``; this module turns
-them into the protocol's types of ``cores/base.py`` by field name.
+waiter of the process. Importing this module raises ImportError when the extension is missing
+(``create_engine(core="auto")`` relies on that). The extension's values are named classes
+typed in ``iterflow/_core.pyi``; this module turns them into the protocol's types of
+``cores/base.py`` by field name.
 
 Tuning knobs for benchmarks (environment): ``ITERFLOW_RUST_WRITER_SHARDS`` (concurrent
 group-commit transactions, default 1; 2 doubles the transactions per step, which costs more
@@ -17,10 +17,12 @@ database CPU than it saves in commit waits on a small machine) and ``ITERFLOW_RU
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from operator import attrgetter
 from typing import Any, Concatenate, ParamSpec
 
 from .. import _core, sql  # _core: ImportError when the extension is not built
@@ -47,6 +49,17 @@ _UTC = UTC
 _P = ParamSpec("_P")
 # A binding of ``_core.Core``: takes the pump and a ticket, answers through the pump.
 _Call = Callable[Concatenate[_RustPump, int, _P], None]
+
+
+def _fields_of(cls: type[Any], *, but: str = "") -> attrgetter[Any]:
+    """Reads the fields of ``cls`` (a protocol dataclass) by name from its extension twin, in
+    the dataclass's order: one C call per row on the hot path, no positional contract."""
+    return attrgetter(*(f.name for f in dataclasses.fields(cls) if f.name != but))
+
+
+_RUN_FIELDS = _fields_of(ClaimedRun, but="history")
+_STEP_FIELDS = _fields_of(StepRecord)
+_STORED_FIELDS = _fields_of(StoredStep)
 
 __all__ = ["CoreError", "RustCore", "check_connection"]
 
@@ -308,8 +321,7 @@ class RustCore:
             self._c.record_step, run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, result, error, rec.attempts,
             _utc(rec.deadline), rec.child_id,
         )
-        return StoredStep(status=s.status, result=s.result, error=s.error, written=s.written,
-                          finished_at=s.finished_at)
+        return StoredStep(*_STORED_FIELDS(s))
 
     async def spawn_children(
         self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
@@ -394,21 +406,10 @@ async def check_connection(dsn: str) -> str:
 
 
 def _claimed(run: _core.ClaimedRun) -> ClaimedRun:
-    """The protocol's ``ClaimedRun`` from the extension's, field by field."""
-    return ClaimedRun(
-        run_id=run.run_id, lease_token=run.lease_token, name=run.name, version=run.version, input=run.input,
-        attempts=run.attempts, cancel_reason=run.cancel_reason, parent_id=run.parent_id, depth=run.depth,
-        created_at=run.created_at, parent_status=run.parent_status, db_now=run.db_now,
-        history={s.key: _step(s) for s in run.history},
-    )
-
-
-def _step(s: _core.StepRecord) -> StepRecord:
-    return StepRecord(
-        key=s.key, seq=s.seq, kind=s.kind, name=s.name, status=s.status, result=s.result, error=s.error,
-        attempts=s.attempts, deadline=s.deadline, child_id=s.child_id, child_status=s.child_status,
-        child_output=s.child_output, child_error=s.child_error, finished_at=s.finished_at,
-    )
+    """The protocol's ``ClaimedRun`` from the extension's, field by field (by name)."""
+    claimed = ClaimedRun(*_RUN_FIELDS(run))
+    claimed.history = {s.key: StepRecord(*_STEP_FIELDS(s)) for s in run.history}
+    return claimed
 
 
 def _created(made: list[_core.Created], specs: Sequence[RunSpec]) -> list[Created]:
