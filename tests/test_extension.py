@@ -1,4 +1,5 @@
-"""The Rust extension ``iterflow._core`` loads, matches the package version and reaches Postgres."""
+"""The Rust extension ``iterflow._core`` loads, matches the package version and reaches Postgres
+(``check_connection`` answers through the pump, like every call of the extension)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from iterflow import _core
+from iterflow.cores.rust import check_connection
 
 PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
 
@@ -23,36 +25,36 @@ def test_version_matches_pyproject() -> None:
 
 
 async def test_check_connection_returns_server_version(dsn: str) -> None:
-    version = await _core.check_connection(dsn)
+    version = await check_connection(dsn)
     assert isinstance(version, str)
     assert version[:1].isdigit(), version
 
 
 async def test_unreachable_server_raises_database_error() -> None:
     with pytest.raises(_core.CoreError) as info:
-        await _core.check_connection("host=127.0.0.1 port=1 user=postgres connect_timeout=5")
+        await check_connection("host=127.0.0.1 port=1 user=postgres connect_timeout=5")
     assert info.value.code == "DATABASE_ERROR"
     assert str(info.value).startswith("DATABASE_ERROR: ")
 
 
 async def test_malformed_dsn_raises_invalid_argument() -> None:
     with pytest.raises(_core.CoreError) as info:
-        await _core.check_connection("postgresql://[::1")
+        await check_connection("postgresql://[::1")
     assert info.value.code == "INVALID_ARGUMENT"
 
 
 async def test_concurrent_calls_share_one_runtime(dsn: str) -> None:
-    versions = await asyncio.gather(*(_core.check_connection(dsn) for _ in range(8)))
+    versions = await asyncio.gather(*(check_connection(dsn) for _ in range(8)))
     assert len(set(versions)) == 1
 
 
 _FORK_SCRIPT = textwrap.dedent(
     """
     import asyncio, os, sys
-    from iterflow import _core
+    from iterflow.cores.rust import check_connection
 
     async def check(dsn):
-        return await _core.check_connection(dsn)  # needs a running loop
+        return await check_connection(dsn)  # needs a running loop
 
     dsn, use_before_fork = sys.argv[1], sys.argv[2] == "1"
     if use_before_fork:

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -17,7 +17,6 @@ use crate::outbox::{relay, Outbox};
 use crate::pool::{parse_dsn, run, Pool, Prepared};
 use crate::queries::Queries;
 use crate::value::{Param, Rows, Val};
-use crate::wheel::TimerWheel;
 use crate::writer::{Coalesce, Writer, WriterCounts};
 use crate::CoreError;
 
@@ -41,8 +40,6 @@ pub struct CoreOptions {
     pub writer_shards: usize,
     /// Most ops in one group-commit transaction.
     pub max_batch: usize,
-    /// Suspensions due within this horizon are fired by the in-memory timer wheel.
-    pub wheel_horizon: Duration,
     /// Where the LISTEN connection goes (None: `dsn`). Behind a pooler in transaction mode,
     /// `dsn` is the pooler and this the server itself (docs/operations.md, "Behind PgBouncer").
     pub listen_dsn: Option<String>,
@@ -61,7 +58,6 @@ impl CoreOptions {
             application_name: "iterflow".into(),
             writer_shards: 1,
             max_batch: 256,
-            wheel_horizon: Duration::from_secs(60),
             listen_dsn: None,
             prepared_statements: true,
         }
@@ -183,7 +179,19 @@ impl Filter {
 pub struct Resolved {
     pub outcome: String,
     pub payload: Option<String>,
-    pub at: Option<DateTime<Utc>>,
+    pub at: DateTime<Utc>,
+}
+
+/// Everything `run_detail` shows of one run, read in one snapshot: the run's row and the
+/// rows of its steps, signals, children, events and timer.
+#[derive(Debug, Clone)]
+pub struct RunDetail {
+    pub run: Rows,
+    pub steps: Rows,
+    pub signals: Rows,
+    pub children: Rows,
+    pub events: Rows,
+    pub timer: Rows,
 }
 
 /// Counts of one reconcile sweep.
@@ -207,27 +215,9 @@ struct Inner {
     listener: OnceLock<Listener>,
     /// Set by `close`: no listener starts after it.
     closed: AtomicBool,
-    wheel: TimerWheel<()>,
     outbox: Arc<Outbox>,
     outbox_task: Option<JoinHandle<()>>,
     notify: bool,
-    /// Estimated database clock minus local clock, in microseconds (from claims' `now()`).
-    clock_offset_us: AtomicI64,
-    horizon: Duration,
-}
-
-impl Inner {
-    /// Local instant at which database time `at` arrives (None when beyond the horizon).
-    fn local_deadline(&self, at: DateTime<Utc>) -> Option<tokio::time::Instant> {
-        let offset = chrono::Duration::microseconds(self.clock_offset_us.load(Ordering::Relaxed));
-        let db_now = Utc::now() + offset;
-        let delay = (at - db_now).to_std().unwrap_or(Duration::ZERO);
-        if delay > self.horizon {
-            return None;
-        }
-        // a millisecond late rather than early: an early claim finds nothing due
-        Some(tokio::time::Instant::now() + delay + Duration::from_millis(1))
-    }
 }
 
 impl Drop for Inner {
@@ -356,8 +346,6 @@ impl Core {
             }
             lconfig
         });
-        let wheel_hub = hub.clone();
-        let wheel = TimerWheel::spawn(opts.wheel_horizon, move |()| wheel_hub.wake_work());
         let outbox_task = opts
             .notify
             .then(|| tokio::spawn(relay(pool.clone(), outbox.clone())));
@@ -371,12 +359,9 @@ impl Core {
                 listen_config,
                 listener: OnceLock::new(),
                 closed: AtomicBool::new(false),
-                wheel,
                 outbox,
                 outbox_task,
                 notify: opts.notify,
-                clock_offset_us: AtomicI64::new(0),
-                horizon: opts.wheel_horizon,
             }),
         })
     }
@@ -415,11 +400,6 @@ impl Core {
 
     pub fn writer_stats(&self) -> WriterCounts {
         self.inner.writer.stats()
-    }
-
-    /// Timers waiting in the wheel.
-    pub fn timers_pending(&self) -> usize {
-        self.inner.wheel.len()
     }
 
     /// Start the LISTEN connection (when `notify` is on and it is not started yet); it stays
@@ -635,9 +615,9 @@ impl Core {
             .await
     }
 
-    /// `[run, steps, signals, children, events, timer]`, pipelined in one round trip; None
-    /// when the run does not exist.
-    pub async fn run_detail(&self, run_id: &str) -> Result<Option<Vec<Rows>>, CoreError> {
+    /// The run and its steps, signals, children, events and timer, pipelined in one round
+    /// trip; None when the run does not exist.
+    pub async fn run_detail(&self, run_id: &str) -> Result<Option<RunDetail>, CoreError> {
         check_uuid("run_id", run_id)?;
         let names = [
             "get_run",
@@ -663,11 +643,22 @@ impl Core {
         }
         conn.client.batch_execute("COMMIT").await?;
         conn.clean();
-        let parts = results.into_iter().collect::<Result<Vec<_>, _>>()?;
-        if parts[0].rows.is_empty() {
+        let [run, steps, signals, children, events, timer]: [Rows; 6] = results
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()?
+            .try_into()
+            .map_err(|_| CoreError::InvalidArgument("run_detail: one result per part".into()))?;
+        if run.rows.is_empty() {
             return Ok(None);
         }
-        Ok(Some(parts))
+        Ok(Some(RunDetail {
+            run,
+            steps,
+            signals,
+            children,
+            events,
+            timer,
+        }))
     }
 
     pub async fn list_runs(
@@ -757,7 +748,6 @@ impl Core {
         owner: &str,
         lease_ms: i64,
     ) -> impl Future<Output = Result<Vec<Claimed>, CoreError>> + Send + 'static {
-        let local_before = Utc::now();
         let pending = self.inner.claimer.enqueue(
             "",
             "claim_with_history",
@@ -768,10 +758,8 @@ impl Core {
                 Param::Int(lease_ms),
             ],
         );
-        let inner = self.inner.clone();
         async move {
             let rows = pending.await?;
-            let local_after = Utc::now();
             let mut runs: Vec<Claimed> = Vec::new();
             let mut steps: Vec<(String, StepRow)> = Vec::new();
             for r in &rows.rows {
@@ -814,11 +802,6 @@ impl Core {
                     ));
                 }
             }
-            if let Some(first) = runs.first() {
-                let mid = local_before + (local_after - local_before) / 2;
-                let offset = (first.db_now - mid).num_microseconds().unwrap_or(0);
-                inner.clock_offset_us.store(offset, Ordering::Relaxed);
-            }
             let index: HashMap<String, usize> = runs
                 .iter()
                 .enumerate()
@@ -831,6 +814,23 @@ impl Core {
             }
             Ok(runs)
         }
+    }
+
+    /// [`Core::claim`], after first waiting up to `wait` until new work may be ready (see
+    /// [`Core::wait_for_work`]): the claim starts on the runtime the moment the wake-up
+    /// arrives. Not cancellable in effect: a claim that started reports the runs it leased.
+    pub async fn claim_when_ready(
+        &self,
+        names: &[String],
+        limit: i64,
+        owner: &str,
+        lease_ms: i64,
+        wait: Option<Duration>,
+    ) -> Result<Vec<Claimed>, CoreError> {
+        if let Some(wait) = wait {
+            self.wait_for_work(wait).await;
+        }
+        self.claim(names, limit, owner, lease_ms).await
     }
 
     fn step_params(run_id: &str, rec: &StepWrite) -> Vec<Param> {
@@ -946,12 +946,13 @@ impl Core {
             Ok(Resolved {
                 outcome: text(&r[0]).unwrap_or_default(),
                 payload: json(&r[1]),
-                at: r[2].as_ts(),
+                at: r[2].as_ts().unwrap_or_default(),
             })
         }
     }
 
-    /// Park a leased run (fenced by its token); near wake-ups go on the local timer wheel.
+    /// Park a leased run (fenced by its token). Its wake-up is the database's `ready_at`; the
+    /// worker that suspended it wakes itself for a near one (docs/architecture.md §4).
     pub fn suspend(
         &self,
         run_id: &str,
@@ -972,16 +973,7 @@ impl Core {
             ]
         });
         let pending = self.write(run_id, "suspend_run", params);
-        let inner = self.inner.clone();
-        async move {
-            let ok = pending.await?.scalar().as_bool().unwrap_or(false);
-            if ok {
-                if let Some(at) = wake_at.and_then(|w| inner.local_deadline(w)) {
-                    inner.wheel.schedule(at, ());
-                }
-            }
-            Ok(ok)
-        }
+        async move { Ok(pending.await?.scalar().as_bool().unwrap_or(false)) }
     }
 
     /// Make a run terminal (fenced by `token` when given).

@@ -7,7 +7,6 @@
 //! - [`queries`]: the named statements of `python/iterflow/sql/queries.sql`, rendered per schema;
 //! - [`writer`]: group commit of step records, suspensions, completions and events;
 //! - [`listener`]: one LISTEN connection fanned out to every waiter in the process;
-//! - [`wheel`]: in-memory timers for near-term wake-ups;
 //! - [`outbox`]: wake-up notifications sent after the commits they announce;
 //! - [`core`]: the core protocol (`python/iterflow/cores/base.py`) on top of them.
 
@@ -18,7 +17,6 @@ pub mod outbox;
 pub mod pool;
 pub mod queries;
 pub mod value;
-pub mod wheel;
 pub mod writer;
 
 pub use crate::core::{Core, CoreOptions};

@@ -4,14 +4,12 @@
 mod common;
 
 use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use iterflow_core::core::{Filter, InsertChunk, StepWrite};
 use iterflow_core::queries::MIGRATIONS;
 use iterflow_core::value::{Param, Val};
-use iterflow_core::wheel::TimerWheel;
 use iterflow_core::{Core, CoreError, CoreOptions};
 use serde_json::json;
 
@@ -97,61 +95,6 @@ fn done_step(key: &str, result: &str) -> StepWrite {
     }
 }
 
-// -- the timer wheel (no database) --------------------------------------------------------
-
-#[tokio::test]
-async fn the_wheel_fires_in_deadline_order_on_time() {
-    let fired: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
-    let sink = fired.clone();
-    let wheel = TimerWheel::spawn(Duration::from_secs(60), move |i: u32| {
-        sink.lock().unwrap().push((i, Instant::now()))
-    });
-    let start = Instant::now();
-    let base = tokio::time::Instant::now();
-    // scheduled out of order; 3 and 4 share a deadline (insertion order breaks the tie)
-    for (i, ms) in [(5u32, 250u64), (1, 20), (3, 120), (4, 120), (2, 60), (0, 0)] {
-        assert!(wheel.schedule(base + Duration::from_millis(ms), i));
-    }
-    assert!(
-        !wheel.schedule_in(Duration::from_secs(120), 99),
-        "beyond the horizon"
-    );
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    let fired = fired.lock().unwrap().clone();
-    let order: Vec<u32> = fired.iter().map(|(i, _)| *i).collect();
-    assert_eq!(order, vec![0, 1, 2, 3, 4, 5]);
-    for (i, at) in &fired {
-        let want = [0u64, 20, 60, 120, 120, 250][*i as usize];
-        let got = at.duration_since(start).as_millis() as u64;
-        assert!(got >= want, "timer {i} fired early: {got}ms < {want}ms");
-        assert!(
-            got <= want + 25,
-            "timer {i} fired late: {got}ms vs {want}ms"
-        );
-    }
-    assert!(wheel.is_empty());
-}
-
-#[tokio::test]
-async fn an_earlier_timer_rearms_the_wheel() {
-    let fired: Arc<Mutex<Vec<(u32, Instant)>>> = Arc::default();
-    let sink = fired.clone();
-    let wheel = TimerWheel::spawn(Duration::from_secs(60), move |i: u32| {
-        sink.lock().unwrap().push((i, Instant::now()))
-    });
-    let start = Instant::now();
-    wheel.schedule_in(Duration::from_secs(30), 1);
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    wheel.schedule_in(Duration::from_millis(30), 2);
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let fired = fired.lock().unwrap().clone();
-    assert_eq!(fired.len(), 1);
-    assert_eq!(fired[0].0, 2);
-    let ms = fired[0].1.duration_since(start).as_millis();
-    assert!((40..=70).contains(&ms), "fired at {ms}ms");
-    assert_eq!(wheel.len(), 1);
-}
-
 // -- the SQL of each operation -------------------------------------------------------------
 
 #[tokio::test]
@@ -214,8 +157,8 @@ async fn client_operations_with(named: bool) {
     assert!(core.get_run(&new_id()).await.unwrap().is_none());
     assert!(core.get_run("nope").await.is_err());
     let detail = core.run_detail(&made[1].run_id).await.unwrap().unwrap();
-    assert_eq!(detail.len(), 6);
-    assert_eq!(detail[5].rows.len(), 1, "one queue row");
+    assert_eq!(detail.run.rows.len(), 1);
+    assert_eq!(detail.timer.rows.len(), 1, "one queue row");
     assert!(core.run_detail(&new_id()).await.unwrap().is_none());
     let page = core.list_runs(&Filter::default(), 2, None).await.unwrap();
     assert_eq!(page.rows.len(), 2);
@@ -408,9 +351,8 @@ async fn worker_operations_with(named: bool) {
         ("done", Some("1"))
     );
 
-    // a sleep: the wheel wakes wait_for_work on time
+    // a sleep: not due before its wake-up, due after it (the worker's own timer claims it then)
     let wake = Utc::now() + chrono::Duration::milliseconds(150);
-    let t0 = Instant::now();
     assert!(core
         .suspend(
             &run.run_id,
@@ -422,19 +364,11 @@ async fn worker_operations_with(named: bool) {
         )
         .await
         .unwrap());
-    assert!(core.timers_pending() >= 1);
-    core.wait_for_work(Duration::from_secs(5)).await; // consumes any earlier wake
-    if t0.elapsed() < Duration::from_millis(100) {
-        core.wait_for_work(Duration::from_secs(5)).await;
-    }
-    let waited = t0.elapsed();
-    assert!(
-        waited >= Duration::from_millis(140),
-        "woke early: {waited:?}"
-    );
-    assert!(waited < Duration::from_millis(400), "woke late: {waited:?}");
+    let early = core.claim(&names("w"), 10, "me", 30_000).await.unwrap();
+    assert!(early.is_empty(), "claimed before its wake-up");
+    tokio::time::sleep(Duration::from_millis(200)).await;
     let due = core.claim(&names("w"), 10, "me", 30_000).await.unwrap();
-    assert_eq!(due.len(), 1, "the sleeping run is due when the wheel fires");
+    assert_eq!(due.len(), 1, "the sleeping run is due after its wake-up");
     let run = &due[0];
 
     // finish (fenced), retry of a failed run
@@ -535,8 +469,8 @@ async fn spawn_children_writes_children_and_waiting_records_together() {
     assert_eq!(ids(&kids), ids(&again));
     assert!(kids.iter().all(|c| c.created) && again.iter().all(|c| !c.created));
     let detail = core.run_detail(parent).await.unwrap().unwrap();
-    assert_eq!(detail[1].rows.len(), 3, "waiting records");
-    assert_eq!(detail[3].rows.len(), 3, "children");
+    assert_eq!(detail.steps.rows.len(), 3, "waiting records");
+    assert_eq!(detail.children.rows.len(), 3, "children");
     core.close().await;
     drop_schema(&url, &schema).await;
 }

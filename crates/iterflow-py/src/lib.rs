@@ -1,34 +1,36 @@
 //! `iterflow._core`: thin PyO3 bindings over `iterflow-core`.
 //!
-//! Every call runs as a Rust future on ONE process-wide tokio runtime (see [`runtime`]). The
-//! `Core` methods take a ticket of a [`Pump`]: the result is queued there and the Python side
-//! (python/iterflow/cores/rust.py `_Pump`) drains finished calls on its event loop, so runtime
-//! threads never take the GIL; only `check_connection` is awaited through
-//! pyo3-async-runtimes. Each call crosses the boundary once: arguments in, one Python value out
-//! (JSON columns decoded with `json.loads`, timestamps as aware `datetime`, uuids as
-//! `uuid.UUID` in dict rows and as `str` where the protocol wants ids).
+//! Every call runs as a Rust future on ONE process-wide tokio runtime (see [`runtime`]) and
+//! crosses the boundary through one bridge, the [`Pump`]: a call takes a ticket and returns at
+//! once, its result is queued there, and the Python side (python/iterflow/cores/rust.py
+//! `_Pump`) drains finished calls on its event loop, so runtime threads never take the GIL.
+//! Each call crosses once: arguments in, one Python value out, made by its [`Answer`] impl
+//! (rows.rs): named frozen pyclasses for rows, JSON columns decoded with `json.loads`,
+//! timestamps as aware `datetime`. The typed face of this module is python/iterflow/_core.pyi.
 
-// The methods mirror the Python protocol's signatures (plus the pump ticket).
+// The methods mirror the Python protocol's signatures (plus the pump and its ticket).
 #![allow(clippy::too_many_arguments)]
+
+mod rows;
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::Write;
 use std::os::fd::FromRawFd;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex, Once, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use iterflow_core::core::{Filter, InsertChunk, StepWrite};
-use iterflow_core::value::{Param, Rows, Val};
+use iterflow_core::value::Param;
 use pyo3::create_exception;
 use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
 use pyo3::prelude::*;
-use pyo3::sync::PyOnceLock;
-use pyo3::types::{PyDateTime, PyDict, PyList, PyString, PyTuple};
-use pyo3::IntoPyObjectExt;
+use pyo3::types::{PyDateTime, PyDict, PyList, PyString};
+
+use crate::rows::{Answer, Changed, FirstRow, Pruned, QueryRows};
 
 create_exception!(
     iterflow._core,
@@ -47,7 +49,6 @@ struct OwnedRuntime {
 }
 
 static RUNTIME: OnceLock<Result<OwnedRuntime, String>> = OnceLock::new();
-static HANDED_TO_PYO3: Once = Once::new();
 
 /// The one tokio runtime of this process, created on first use.
 ///
@@ -82,16 +83,6 @@ fn runtime() -> PyResult<&'static tokio::runtime::Runtime> {
             std::process::id()
         )));
     }
-    // pyo3-async-runtimes drives `future_into_py` futures on its own global runtime; make
-    // that ours. This is the only code in this library that touches its runtime, so the
-    // hand-over cannot lose a race against its lazily built default.
-    HANDED_TO_PYO3.call_once(|| {
-        let handed = pyo3_async_runtimes::tokio::init_with_runtime(&owned.runtime);
-        debug_assert!(
-            handed.is_ok(),
-            "pyo3-async-runtimes built its own runtime first"
-        );
-    });
     Ok(&owned.runtime)
 }
 
@@ -141,22 +132,6 @@ fn bounded(what: &str, value: usize, max: usize) -> PyResult<usize> {
 const MAX_WRITER_SHARDS: usize = 1024;
 /// Most ops in one group-commit transaction.
 const MAX_BATCH: usize = 1_000_000;
-
-/// Await `fut` on the runtime as a Python awaitable (pyo3-async-runtimes); convert its value
-/// with `conv` (holding the GIL) when done. Used only off the hot path: every completion takes
-/// the GIL from a runtime thread, which costs ~100us of hand-over when the loop is busy.
-fn awaitable<'py, F, T, C>(py: Python<'py>, fut: F, conv: C) -> PyResult<Bound<'py, PyAny>>
-where
-    F: Future<Output = Result<T, iterflow_core::CoreError>> + Send + 'static,
-    T: Send + 'static,
-    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
-{
-    runtime()?;
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        let value = fut.await.map_err(to_py_err)?;
-        Python::attach(|py| conv(py, value).map(Bound::unbind))
-    })
-}
 
 /// A finished call waiting for the loop thread: its value is converted there, holding the GIL.
 type Done = Box<dyn for<'py> FnOnce(Python<'py>) -> PyResult<Bound<'py, PyAny>> + Send>;
@@ -255,34 +230,37 @@ impl Pump {
     }
 }
 
-/// Queue `fut` to run on the runtime at the pump's next `flush`; its result (converted by
-/// `conv` on the loop thread) is delivered through `pump` under `ticket`.
-fn spawn<F, T, C>(pump: &Pump, ticket: u64, fut: F, conv: C) -> PyResult<()>
+/// The result of a call as the pump's finished entry: converted by its [`Answer`] on the
+/// loop thread.
+fn done<T: Answer>(result: Result<T, iterflow_core::CoreError>) -> Done {
+    Box::new(move |py| match result {
+        Ok(value) => value.answer(py),
+        Err(err) => Err(to_py_err(err)),
+    })
+}
+
+/// Queue `fut` to run on the runtime at the pump's next `flush`; its answer is delivered
+/// through `pump` under `ticket`.
+fn spawn<F, T>(pump: &Pump, ticket: u64, fut: F) -> PyResult<()>
 where
     F: Future<Output = Result<T, iterflow_core::CoreError>> + Send + 'static,
-    T: Send + 'static,
-    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
+    T: Answer,
 {
     runtime()?;
     let inner = pump.inner.clone();
     let call: Queued = Box::pin(async move {
         let result = fut.await;
-        let done: Done = Box::new(move |py| match result {
-            Ok(value) => conv(py, value),
-            Err(err) => Err(to_py_err(err)),
-        });
-        inner.push(ticket, done);
+        inner.push(ticket, done(result));
     });
     pump.inner.queued.lock().expect("pump lock").push(call);
     Ok(())
 }
 
 /// `spawn` for calls Python may cancel (waits): the task is aborted on `Pump.cancel`.
-fn spawn_cancellable<T, F, C>(pump: &Pump, ticket: u64, fut: F, conv: C) -> PyResult<()>
+fn spawn_cancellable<F, T>(pump: &Pump, ticket: u64, fut: F) -> PyResult<()>
 where
-    T: Send + 'static,
     F: Future<Output = Result<T, iterflow_core::CoreError>> + Send + 'static,
-    C: for<'a> FnOnce(Python<'a>, T) -> PyResult<Bound<'a, PyAny>> + Send + 'static,
+    T: Answer,
 {
     let rt = runtime()?;
     let inner = pump.inner.clone();
@@ -291,76 +269,20 @@ where
     let task = rt.spawn(async move {
         let result = fut.await;
         inner.aborts.lock().expect("pump lock").remove(&ticket);
-        let done: Done = Box::new(move |py| match result {
-            Ok(value) => conv(py, value),
-            Err(err) => Err(to_py_err(err)),
-        });
-        inner.push(ticket, done);
+        inner.push(ticket, done(result));
     });
     aborts.insert(ticket, task.abort_handle());
     Ok(())
 }
 
-fn none(py: Python<'_>) -> Bound<'_, PyAny> {
-    py.None().into_bound(py)
-}
-
-static JSON_LOADS: PyOnceLock<Py<PyAny>> = PyOnceLock::new();
-
-fn json_loads<'py>(py: Python<'py>, text: &str) -> PyResult<Bound<'py, PyAny>> {
-    let loads = JSON_LOADS.get_or_try_init(py, || {
-        Ok::<_, PyErr>(py.import("json")?.getattr("loads")?.unbind())
-    })?;
-    loads.bind(py).call1((text,))
-}
-
-fn opt_json<'py>(py: Python<'py>, text: Option<&str>) -> PyResult<Bound<'py, PyAny>> {
-    match text {
-        // most step results are `null`: skip the json.loads call
-        Some("null") | None => Ok(none(py)),
-        Some(t) => json_loads(py, t),
-    }
-}
-
-fn opt_ts<'py>(py: Python<'py>, t: Option<DateTime<Utc>>) -> PyResult<Bound<'py, PyAny>> {
-    match t {
-        Some(t) => t.into_bound_py_any(py),
-        None => Ok(none(py)),
-    }
-}
-
-/// One column value as Python; `ids_as_str` turns uuids into `str`.
-fn val<'py>(py: Python<'py>, v: &Val, ids_as_str: bool) -> PyResult<Bound<'py, PyAny>> {
-    Ok(match v {
-        Val::Null => none(py),
-        Val::Bool(b) => b.into_bound_py_any(py)?,
-        Val::Int(i) => i.into_bound_py_any(py)?,
-        Val::Float(f) => f.into_bound_py_any(py)?,
-        Val::Text(s) => PyString::new(py, s).into_any(),
-        Val::Json(s) => json_loads(py, s)?,
-        Val::Ts(t) => t.into_bound_py_any(py)?,
-        Val::Uuid(u) if ids_as_str => PyString::new(py, &u.to_string()).into_any(),
-        Val::Uuid(u) => u.into_bound_py_any(py)?,
-        Val::Interval(secs) => {
-            chrono::Duration::microseconds((secs * 1e6) as i64).into_bound_py_any(py)?
-        }
-        Val::TextArray(items) => PyList::new(py, items)?.into_any(),
-    })
-}
-
-/// Rows as a list of dicts keyed by column name (like the psycopg core's rows).
-fn dicts<'py>(py: Python<'py>, rows: &Rows) -> PyResult<Bound<'py, PyList>> {
-    let keys: Vec<Bound<'py, PyString>> =
-        rows.columns.iter().map(|c| PyString::new(py, c)).collect();
-    let out = PyList::empty(py);
-    for row in &rows.rows {
-        let d = PyDict::new(py);
-        for (k, v) in keys.iter().zip(row) {
-            d.set_item(k, val(py, v, false)?)?;
-        }
-        out.append(d)?;
-    }
-    Ok(out)
+/// One binding: run `$call` (an expression over `$core`, a clone of this binding's core,
+/// giving a future of a `Result<impl Answer, CoreError>`) on the runtime through `$pump`.
+/// Arguments the call borrows are moved into the future first.
+macro_rules! call {
+    ($self:ident, $pump:ident, $ticket:ident, |$core:ident| $call:expr) => {{
+        let $core = $self.core.clone();
+        spawn($pump, $ticket, async move { $call.await })
+    }};
 }
 
 fn utc(ob: &Bound<'_, PyAny>) -> PyResult<DateTime<Utc>> {
@@ -436,17 +358,6 @@ fn chunks(items: Vec<(String, String, usize)>) -> Vec<InsertChunk> {
         .collect()
 }
 
-fn created_list(
-    py: Python<'_>,
-    made: Vec<iterflow_core::core::Created>,
-) -> PyResult<Bound<'_, PyAny>> {
-    let out = PyList::empty(py);
-    for c in made {
-        out.append((c.run_id, c.status, c.created))?;
-    }
-    Ok(out.into_any())
-}
-
 fn filter(
     name: Option<String>,
     statuses: Option<Vec<String>>,
@@ -472,7 +383,7 @@ fn secs(timeout: f64) -> Duration {
     Duration::from_secs_f64(timeout.clamp(0.0, 1e9))
 }
 
-/// The Rust core of one engine: a pool, a group-commit writer, a listener and a timer wheel.
+/// The Rust core of one engine: a pool, a group-commit writer and a listener.
 #[pyclass(frozen, module = "iterflow._core")]
 struct Core {
     core: iterflow_core::Core,
@@ -482,7 +393,6 @@ struct Core {
 impl Core {
     #[new]
     #[pyo3(signature = (dsn, schema, pool_size=10, notify=true, application_name="iterflow".to_string(), writer_shards=1, max_batch=256, listen_dsn=None, prepared_statements=true))]
-    #[allow(clippy::too_many_arguments)]
     fn new(
         dsn: String,
         schema: String,
@@ -508,7 +418,7 @@ impl Core {
         Ok(Core { core })
     }
 
-    /// Counters: writer batching, listener state, pool and timers (for tests and benches).
+    /// Counters: writer batching, listener state and pool (for tests and benches).
     fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let w = self.core.writer_stats();
         let d = PyDict::new(py);
@@ -521,7 +431,6 @@ impl Core {
         d.set_item("listening", self.core.listening())?;
         d.set_item("pool_size", self.core.pool().size())?;
         d.set_item("pool_idle", self.core.pool().idle_count())?;
-        d.set_item("timers", self.core.timers_pending())?;
         d.set_item(
             "notifications",
             self.core
@@ -533,57 +442,31 @@ impl Core {
     }
 
     fn close(&self, pump: &Pump, ticket: u64) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move {
-                core.close().await;
-                Ok(())
-            },
-            |py, ()| Ok(none(py)),
-        )
+        call!(self, pump, ticket, |core| async {
+            core.close().await;
+            Ok(())
+        })
     }
 
-    fn check_schema<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        need: i64,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.check_schema(need).await },
-            |py, ()| Ok(none(py)),
-        )
+    fn check_schema(&self, pump: &Pump, ticket: u64, need: i64) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.check_schema(need))
     }
 
     /// `chunks`: [(rows_json, find_json, n)], `wake`: flow names of runs ready now.
-    fn insert_runs<'py>(
+    fn insert_runs(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         chunks_: Vec<(String, String, usize)>,
         wake: Vec<String>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let chunks = chunks(chunks_);
-        spawn(
-            pump,
-            ticket,
-            async move { core.insert_runs(&chunks, wake).await },
-            created_list,
-        )
+        call!(self, pump, ticket, |core| core.insert_runs(&chunks, wake))
     }
 
     #[pyo3(signature = (pump, ticket, run_id, name, payload, key))]
-    fn deliver_signal<'py>(
+    fn deliver_signal(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
@@ -591,214 +474,90 @@ impl Core {
         payload: Option<String>,
         key: Option<String>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.deliver_signal(&run_id, &name, payload, key).await },
-            |py, kind| kind.into_bound_py_any(py),
-        )
+        call!(self, pump, ticket, |core| core
+            .deliver_signal(&run_id, &name, payload, key))
     }
 
-    fn cancel<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        run_id: String,
-        reason: String,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.cancel(&run_id, &reason).await },
-            |py, n| n.into_bound_py_any(py),
-        )
+    fn cancel(&self, pump: &Pump, ticket: u64, run_id: String, reason: String) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.cancel(&run_id, &reason))
     }
 
-    fn retry<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        run_id: String,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.retry(&run_id).await },
-            |py, k| k.into_bound_py_any(py),
-        )
+    fn retry(&self, pump: &Pump, ticket: u64, run_id: String) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.retry(&run_id))
     }
 
-    fn get_run<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        run_id: String,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.get_run(&run_id).await },
-            |py, rows| match rows {
-                Some(rows) => Ok(dicts(py, &rows)?.get_item(0)?),
-                None => Ok(none(py)),
-            },
-        )
+    fn get_run(&self, pump: &Pump, ticket: u64, run_id: String) -> PyResult<()> {
+        call!(self, pump, ticket, |core| async {
+            Ok(core.get_run(&run_id).await?.map(FirstRow))
+        })
     }
 
-    fn run_detail<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        run_id: String,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.run_detail(&run_id).await },
-            |py, parts| {
-                let Some(parts) = parts else {
-                    return Ok(none(py));
-                };
-                let d = PyDict::new(py);
-                d.set_item("run", dicts(py, &parts[0])?.get_item(0)?)?;
-                for (key, rows) in ["steps", "signals", "children", "events", "timer"]
-                    .iter()
-                    .zip(&parts[1..])
-                {
-                    d.set_item(*key, dicts(py, rows)?)?;
-                }
-                Ok(d.into_any())
-            },
-        )
+    fn run_detail(&self, pump: &Pump, ticket: u64, run_id: String) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.run_detail(&run_id))
     }
 
     #[pyo3(signature = (pump, ticket, name, statuses, tag, since, until, cursor_at, cursor_id, limit))]
-    fn list_runs<'py>(
+    fn list_runs(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         name: Option<String>,
         statuses: Option<Vec<String>>,
         tag: Option<String>,
-        since: Option<&Bound<'py, PyAny>>,
-        until: Option<&Bound<'py, PyAny>>,
-        cursor_at: Option<&Bound<'py, PyAny>>,
+        since: Option<&Bound<'_, PyAny>>,
+        until: Option<&Bound<'_, PyAny>>,
+        cursor_at: Option<&Bound<'_, PyAny>>,
         cursor_id: Option<String>,
         limit: i64,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let flt = filter(name, statuses, tag, since, until)?;
         let cursor = match (opt_utc(cursor_at)?, cursor_id) {
             (Some(at), Some(id)) => Some((at, id)),
             _ => None,
         };
-        spawn(
-            pump,
-            ticket,
-            async move { core.list_runs(&flt, limit, cursor).await },
-            |py, rows| Ok(dicts(py, &rows)?.into_any()),
-        )
+        call!(self, pump, ticket, |core| core.list_runs(&flt, limit, cursor))
     }
 
     #[pyo3(signature = (pump, ticket, name, statuses, tag, since, until, limit))]
-    fn select_runs<'py>(
+    fn select_runs(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         name: Option<String>,
         statuses: Option<Vec<String>>,
         tag: Option<String>,
-        since: Option<&Bound<'py, PyAny>>,
-        until: Option<&Bound<'py, PyAny>>,
+        since: Option<&Bound<'_, PyAny>>,
+        until: Option<&Bound<'_, PyAny>>,
         limit: i64,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let flt = filter(name, statuses, tag, since, until)?;
-        spawn(
-            pump,
-            ticket,
-            async move { core.select_runs(&flt, limit).await },
-            |py, ids| ids.into_bound_py_any(py),
-        )
+        call!(self, pump, ticket, |core| core.select_runs(&flt, limit))
     }
 
-    fn purge<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        run_ids: Vec<String>,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.purge(&run_ids).await },
-            |py, n| n.into_bound_py_any(py),
-        )
+    fn purge(&self, pump: &Pump, ticket: u64, run_ids: Vec<String>) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.purge(&run_ids))
     }
 
-    /// -> (run ids that may have changed, whether any run may have, whether LISTEN is up);
-    /// waits up to `timeout` seconds for a change. Cancellable.
-    fn changed_runs<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        timeout: f64,
-    ) -> PyResult<()> {
+    /// -> `ChangedRuns`; waits up to `timeout` seconds for a change. Cancellable.
+    fn changed_runs(&self, pump: &Pump, ticket: u64, timeout: f64) -> PyResult<()> {
         let core = self.core.clone();
-        spawn_cancellable(
-            pump,
-            ticket,
-            async move { Ok(core.changed_runs(secs(timeout)).await) },
-            |py, (changes, listening)| {
-                (changes.ids, changes.everything, listening).into_bound_py_any(py)
-            },
-        )
+        spawn_cancellable(pump, ticket, async move {
+            let (changes, listening) = core.changed_runs(secs(timeout)).await;
+            Ok(Changed { changes, listening })
+        })
     }
 
     /// The `wait_runs` rows (one per id, in one statement) as dicts.
-    fn wait_runs<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        run_ids: Vec<String>,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.wait_runs(&run_ids).await },
-            |py, rows| Ok(dicts(py, &rows)?.into_any()),
-        )
+    fn wait_runs(&self, pump: &Pump, ticket: u64, run_ids: Vec<String>) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.wait_runs(&run_ids))
     }
 
-    /// -> [((run_id, token, name, version, input, attempts, cancel_reason, parent_id, depth,
-    /// created_at, parent_status, db_now), [(key, seq, kind, name, status, result, error,
-    /// attempts, deadline, child_id, child_status, child_output, child_error, finished_at)])]
-    ///
-    /// With `wait` (seconds), first wait until new work may be ready (a notification, a timer
-    /// of the wheel, a `nudge`) or that long: the claim then starts on the runtime the moment
-    /// the wake-up arrives, not after the event loop got round to it. Not cancellable: a claim
-    /// that started always reports the runs it leased.
+    /// -> [`ClaimedRun`]; with `wait` (seconds), first waits until new work may be ready
+    /// (`iterflow_core::Core::claim_when_ready`). Not cancellable: a claim that started
+    /// always reports the runs it leased.
     #[pyo3(signature = (pump, ticket, names, limit, owner, lease_ms, wait=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn claim<'py>(
+    fn claim(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         names: Vec<String>,
@@ -807,70 +566,19 @@ impl Core {
         lease_ms: i64,
         wait: Option<f64>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move {
-                if let Some(wait) = wait {
-                    core.wait_for_work(secs(wait)).await;
-                }
-                core.claim(&names, limit, &owner, lease_ms).await
-            },
-            |py, runs| {
-                let out = PyList::empty(py);
-                for r in runs {
-                    let head = PyTuple::new(
-                        py,
-                        [
-                            PyString::new(py, &r.run_id).into_any(),
-                            r.lease_token.into_bound_py_any(py)?,
-                            PyString::new(py, &r.name).into_any(),
-                            r.version.into_bound_py_any(py)?,
-                            opt_json(py, r.input.as_deref())?,
-                            r.attempts.into_bound_py_any(py)?,
-                            r.cancel_reason.into_bound_py_any(py)?,
-                            r.parent_id.into_bound_py_any(py)?,
-                            r.depth.into_bound_py_any(py)?,
-                            r.created_at.into_bound_py_any(py)?,
-                            r.parent_status.into_bound_py_any(py)?,
-                            r.db_now.into_bound_py_any(py)?,
-                        ],
-                    )?;
-                    let hist = PyList::empty(py);
-                    for s in r.history {
-                        hist.append(PyTuple::new(
-                            py,
-                            [
-                                PyString::new(py, &s.key).into_any(),
-                                s.seq.into_bound_py_any(py)?,
-                                PyString::new(py, &s.kind).into_any(),
-                                PyString::new(py, &s.name).into_any(),
-                                PyString::new(py, &s.status).into_any(),
-                                opt_json(py, s.result.as_deref())?,
-                                opt_json(py, s.error.as_deref())?,
-                                s.attempts.into_bound_py_any(py)?,
-                                opt_ts(py, s.deadline)?,
-                                s.child_id.into_bound_py_any(py)?,
-                                s.child_status.into_bound_py_any(py)?,
-                                opt_json(py, s.child_output.as_deref())?,
-                                opt_json(py, s.child_error.as_deref())?,
-                                opt_ts(py, s.finished_at)?,
-                            ],
-                        )?)?;
-                    }
-                    out.append((head, hist))?;
-                }
-                Ok(out.into_any())
-            },
-        )
+        call!(self, pump, ticket, |core| core.claim_when_ready(
+            &names,
+            limit,
+            &owner,
+            lease_ms,
+            wait.map(secs)
+        ))
     }
 
-    /// -> (status, result, error, written, finished_at)
+    /// -> `StoredStep`
     #[pyo3(signature = (pump, ticket, run_id, key, seq, kind, name, status, result, error, attempts, deadline, child_id))]
-    fn record_step<'py>(
+    fn record_step(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
@@ -882,10 +590,9 @@ impl Core {
         result: Option<String>,
         error: Option<String>,
         attempts: i64,
-        deadline: Option<&Bound<'py, PyAny>>,
+        deadline: Option<&Bound<'_, PyAny>>,
         child_id: Option<String>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let rec = StepWrite {
             key,
             seq,
@@ -898,25 +605,12 @@ impl Core {
             deadline: opt_utc(deadline)?,
             child_id,
         };
-        spawn(pump, ticket, core.record_step(&run_id, &rec), |py, s| {
-            Ok(PyTuple::new(
-                py,
-                [
-                    PyString::new(py, &s.status).into_any(),
-                    opt_json(py, s.result.as_deref())?,
-                    opt_json(py, s.error.as_deref())?,
-                    s.written.into_bound_py_any(py)?,
-                    opt_ts(py, s.finished_at)?,
-                ],
-            )?
-            .into_any())
-        })
+        spawn(pump, ticket, self.core.record_step(&run_id, &rec))
     }
 
     /// `records`: [(key, seq, kind, name)] waiting records, one per child, in order.
-    fn spawn_children<'py>(
+    fn spawn_children(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
@@ -924,7 +618,6 @@ impl Core {
         chunks_: Vec<(String, String, usize)>,
         wake: Vec<String>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let recs: Vec<StepWrite> = records
             .into_iter()
             .map(|(key, seq, kind, name)| StepWrite {
@@ -937,18 +630,13 @@ impl Core {
             })
             .collect();
         let chunks = chunks(chunks_);
-        spawn(
-            pump,
-            ticket,
-            async move { core.spawn_children(&run_id, &recs, &chunks, wake).await },
-            created_list,
-        )
+        call!(self, pump, ticket, |core| core
+            .spawn_children(&run_id, &recs, &chunks, wake))
     }
 
-    /// -> (outcome, payload, at)
-    fn resolve_signal<'py>(
+    /// -> `Resolved`
+    fn resolve_signal(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
@@ -958,52 +646,34 @@ impl Core {
         deadline_passed: bool,
         timeout_error: String,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            core.resolve_signal(&run_id, &key, seq, &name, deadline_passed, &timeout_error),
-            |py, r| {
-                Ok(PyTuple::new(
-                    py,
-                    [
-                        PyString::new(py, &r.outcome).into_any(),
-                        opt_json(py, r.payload.as_deref())?,
-                        opt_ts(py, r.at)?,
-                    ],
-                )?
-                .into_any())
-            },
-        )
+        let fut =
+            self.core
+                .resolve_signal(&run_id, &key, seq, &name, deadline_passed, &timeout_error);
+        spawn(pump, ticket, fut)
     }
 
     #[pyo3(signature = (pump, ticket, run_id, token, status, waiting, wake_at, attempts_delta))]
-    fn suspend<'py>(
+    fn suspend(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
         token: i64,
         status: String,
         waiting: String,
-        wake_at: Option<&Bound<'py, PyAny>>,
+        wake_at: Option<&Bound<'_, PyAny>>,
         attempts_delta: Option<i64>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let wake_at = opt_utc(wake_at)?;
-        spawn(
-            pump,
-            ticket,
-            core.suspend(&run_id, token, &status, &waiting, wake_at, attempts_delta),
-            |py, ok| ok.into_bound_py_any(py),
-        )
+        let fut = self
+            .core
+            .suspend(&run_id, token, &status, &waiting, wake_at, attempts_delta);
+        spawn(pump, ticket, fut)
     }
 
     #[pyo3(signature = (pump, ticket, run_id, token, status, output, error))]
-    fn finish<'py>(
+    fn finish(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
@@ -1012,104 +682,43 @@ impl Core {
         output: Option<String>,
         error: Option<String>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            core.finish(&run_id, token, &status, output, error),
-            |py, ok| ok.into_bound_py_any(py),
-        )
+        let fut = self.core.finish(&run_id, token, &status, output, error);
+        spawn(pump, ticket, fut)
     }
 
     #[pyo3(signature = (pump, ticket, run_id, kind, data))]
-    fn add_event<'py>(
+    fn add_event(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         run_id: String,
         kind: String,
         data: Option<String>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            core.add_event(&run_id, &kind, data),
-            |py, ()| Ok(none(py)),
-        )
+        spawn(pump, ticket, self.core.add_event(&run_id, &kind, data))
     }
 
-    /// -> [(run_id, held, cancel_reason)]
-    fn heartbeat<'py>(
+    /// -> [`LeaseState`]
+    fn heartbeat(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         leases: Vec<(String, i64)>,
         lease_ms: i64,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.heartbeat(&leases, lease_ms).await },
-            |py, states| {
-                let out = PyList::empty(py);
-                for s in states {
-                    out.append((s.run_id, s.held, s.cancel_reason))?;
-                }
-                Ok(out.into_any())
-            },
-        )
+        call!(self, pump, ticket, |core| core.heartbeat(&leases, lease_ms))
     }
 
-    fn expire_leases<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        limit: i64,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.expire_leases(limit).await },
-            |py, n| n.into_bound_py_any(py),
-        )
+    fn expire_leases(&self, pump: &Pump, ticket: u64, limit: i64) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.expire_leases(limit))
     }
 
-    fn next_due<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        names: Vec<String>,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.next_due(&names).await },
-            |py, s| s.into_bound_py_any(py),
-        )
+    fn next_due(&self, pump: &Pump, ticket: u64, names: Vec<String>) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.next_due(&names))
     }
 
-    fn requeue_parked<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        names: Vec<String>,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.requeue_parked(&names).await },
-            |py, n| n.into_bound_py_any(py),
-        )
+    fn requeue_parked(&self, pump: &Pump, ticket: u64, names: Vec<String>) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.requeue_parked(&names))
     }
 
     /// Open the LISTEN connection now rather than at the first wait (a worker calls this as
@@ -1126,107 +735,57 @@ impl Core {
     }
 
     /// -> {"lost", "parents", "orphans"} or None when another process holds the lock.
-    fn reconcile<'py>(
-        &self,
-        _py: Python<'py>,
-        pump: &Pump,
-        ticket: u64,
-        stale_ms: i64,
-    ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.reconcile(stale_ms).await },
-            |py, r| {
-                let Some(r) = r else { return Ok(none(py)) };
-                let d = PyDict::new(py);
-                d.set_item("lost", r.lost)?;
-                d.set_item("parents", r.parents)?;
-                d.set_item("orphans", r.orphans)?;
-                Ok(d.into_any())
-            },
-        )
+    fn reconcile(&self, pump: &Pump, ticket: u64, stale_ms: i64) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core.reconcile(stale_ms))
     }
 
     /// -> {"events", "runs"} or None when another process holds the retention lock.
     #[pyo3(signature = (pump, ticket, events_ms, runs_ms, batch))]
-    fn prune<'py>(
+    fn prune(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         events_ms: Option<i64>,
         runs_ms: Option<i64>,
         batch: i64,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.prune(events_ms, runs_ms, batch).await },
-            |py, r| {
-                let Some((events, runs)) = r else {
-                    return Ok(none(py));
-                };
-                let d = PyDict::new(py);
-                d.set_item("events", events)?;
-                d.set_item("runs", runs)?;
-                Ok(d.into_any())
-            },
-        )
+        call!(self, pump, ticket, |core| async {
+            let pruned = core.prune(events_ms, runs_ms, batch).await?;
+            Ok(pruned.map(|(events, runs)| Pruned { events, runs }))
+        })
     }
 
     #[pyo3(signature = (pump, ticket, names))]
-    fn pending_work<'py>(
+    fn pending_work(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         names: Option<Vec<String>>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
-        spawn(
-            pump,
-            ticket,
-            async move { core.pending_work(names.as_deref()).await },
-            |py, n| n.into_bound_py_any(py),
-        )
+        call!(self, pump, ticket, |core| core.pending_work(names.as_deref()))
     }
 
-    /// Any named statement -> (rows as dicts, rowcount, has_columns).
-    fn query<'py>(
+    /// Any named statement -> `QueryResult`.
+    fn query(
         &self,
-        _py: Python<'py>,
         pump: &Pump,
         ticket: u64,
         name: String,
-        params: Vec<Bound<'py, PyAny>>,
+        params: Vec<Bound<'_, PyAny>>,
     ) -> PyResult<()> {
-        let core = self.core.clone();
         let params = params.iter().map(param).collect::<PyResult<Vec<_>>>()?;
-        spawn(
-            pump,
-            ticket,
-            async move { core.query(&name, &params).await },
-            |py, rows| {
-                let has_columns = !rows.columns.is_empty();
-                Ok((dicts(py, &rows)?, rows.affected, has_columns)
-                    .into_pyobject(py)?
-                    .into_any())
-            },
-        )
+        call!(self, pump, ticket, |core| async {
+            Ok(QueryRows(core.query(&name, &params).await?))
+        })
     }
 }
 
-/// `await check_connection(dsn) -> str`: connect, run `SHOW server_version`, return it.
+/// Connect to `dsn`, run `SHOW server_version` and answer it (through `pump`, like a call).
 #[pyfunction]
-fn check_connection(py: Python<'_>, dsn: String) -> PyResult<Bound<'_, PyAny>> {
-    awaitable(
-        py,
-        async move { iterflow_core::pool::check_connection(&dsn).await },
-        |py, v| v.into_bound_py_any(py),
-    )
+fn check_connection(pump: &Pump, ticket: u64, dsn: String) -> PyResult<()> {
+    spawn(pump, ticket, async move {
+        iterflow_core::pool::check_connection(&dsn).await
+    })
 }
 
 #[pymodule]
@@ -1236,6 +795,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Core>()?;
     m.add_class::<Json>()?;
     m.add_class::<Pump>()?;
+    rows::register(m)?;
     m.add_function(wrap_pyfunction!(check_connection, m)?)?;
     Ok(())
 }

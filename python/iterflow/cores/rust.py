@@ -2,9 +2,11 @@
 
 Same behaviour and return types as ``cores/python.py``; the hot path differs: step records,
 suspensions, completions, events and signal resolutions are group-committed by a writer task,
-claims fetch the history in the same statement, one LISTEN connection serves every waiter of
-the process, and near-term timers fire from an in-memory wheel. Importing this module raises
-ImportError when the extension is missing (``create_engine(core="auto")`` relies on that).
+claims fetch the history in the same statement, and one LISTEN connection serves every
+waiter of the process. Importing this module raises ImportError when the extension is missing
+(``create_engine(core="auto")`` relies on that). The extension's values are named classes
+typed in ``iterflow/_core.pyi``; this module turns them into the protocol's types of
+``cores/base.py`` by field name.
 
 Tuning knobs for benchmarks (environment): ``ITERFLOW_RUST_WRITER_SHARDS`` (concurrent
 group-commit transactions, default 1; 2 doubles the transactions per step, which costs more
@@ -15,14 +17,16 @@ database CPU than it saves in commit waits on a small machine) and ``ITERFLOW_RU
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from operator import attrgetter
+from typing import Any, Concatenate, ParamSpec
 
-from .. import sql
-from .._core import Core as _RustCore  # ImportError when the extension is not built
+from .. import _core, sql  # _core: ImportError when the extension is not built
+from .._core import Core as _RustCore
 from .._core import CoreError
 from .._core import Json as _Json
 from .._core import Pump as _RustPump
@@ -43,8 +47,22 @@ from .base import (
 )
 
 _UTC = UTC
+_P = ParamSpec("_P")
+# A binding of ``_core.Core``: takes the pump and a ticket, answers through the pump.
+_Call = Callable[Concatenate[_RustPump, int, _P], None]
 
-__all__ = ["CoreError", "RustCore"]
+
+def _fields_of(cls: type[Any], *, but: str = "") -> attrgetter[Any]:
+    """Reads the fields of ``cls`` (a protocol dataclass) by name from its extension twin, in
+    the dataclass's order: one C call per row on the hot path, no positional contract."""
+    return attrgetter(*(f.name for f in dataclasses.fields(cls) if f.name != but))
+
+
+_RUN_FIELDS = _fields_of(ClaimedRun, but="history")
+_STEP_FIELDS = _fields_of(StepRecord)
+_STORED_FIELDS = _fields_of(StoredStep)
+
+__all__ = ["CoreError", "RustCore", "check_connection"]
 
 
 def _utc(value: datetime | None) -> datetime | None:
@@ -99,13 +117,13 @@ class _Pump:
         loop.add_reader(self._r, self._ready)
         self.closed = False
 
-    def call(self, method: Any, *args: Any) -> tuple[int, asyncio.Future[Any]]:
+    def call(self, method: _Call[_P], *args: _P.args, **kwargs: _P.kwargs) -> tuple[int, asyncio.Future[Any]]:
         self._next += 1
         ticket = self._next
         fut = self.loop.create_future()
         self._waiting[ticket] = fut
         try:
-            method(self.rust, ticket, *args)
+            method(self.rust, ticket, *args, **kwargs)
         except BaseException:
             del self._waiting[ticket]
             raise
@@ -162,7 +180,7 @@ class RustCore:
         self._application_name = application_name
         self._listen_dsn = listen_dsn
         self._prepared_statements = prepared_statements
-        self._core: Any = None
+        self._core: _RustCore | None = None
         self._pump: _Pump | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -196,14 +214,15 @@ class RustCore:
             pump = self._pump = _Pump(loop)
         return pump
 
-    def _run(self, method: Any, *args: Any) -> asyncio.Future[Any]:
-        """Start ``method`` on the runtime now; the future resolves on this loop."""
-        return self._pump_here().call(method, *args)[1]
+    def _run(self, method: _Call[_P], *args: _P.args, **kwargs: _P.kwargs) -> asyncio.Future[Any]:
+        """Start ``method`` on the runtime now; the future resolves on this loop with the
+        value the method's docstring in ``_core.pyi`` names."""
+        return self._pump_here().call(method, *args, **kwargs)[1]
 
-    async def _wait(self, method: Any, *args: Any) -> Any:
+    async def _wait(self, method: _Call[_P], *args: _P.args, **kwargs: _P.kwargs) -> Any:
         """A cancellable call: cancelling the awaiting task aborts it on the runtime."""
         pump = self._pump_here()
-        ticket, fut = pump.call(method, *args)
+        ticket, fut = pump.call(method, *args, **kwargs)
         try:
             return await fut
         except asyncio.CancelledError:
@@ -211,7 +230,7 @@ class RustCore:
             raise
 
     @property
-    def _c(self) -> Any:
+    def _c(self) -> _RustCore:
         if self._core is None:
             raise EngineStateError("the engine is stopped (its core is not open)")
         return self._core
@@ -241,11 +260,8 @@ class RustCore:
                 return await asyncio.to_thread(insert_sync, self._q, RawCursor(conn), specs)
             return await insert_async(self._q, AsyncRawCursor(conn), specs)
         wake = sorted({s.name for s in specs if s.delay_ms <= 0})
-        made = await self._run(self._c.insert_runs, _chunks(specs), wake)
-        # a run found by its own id was written by this very start (repeated after its commit
-        # landed unacknowledged): created, as the first attempt would have said
-        return [Created(run_id, status, created or run_id == spec.id)
-                for (run_id, status, created), spec in zip(made, specs, strict=True)]
+        made: list[_core.Created] = await self._run(self._c.insert_runs, _chunks(specs), wake)
+        return _created(made, specs)
 
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
         return str(await self._run(self._c.deliver_signal, run_id, name, payload, key))
@@ -257,21 +273,27 @@ class RustCore:
         return str(await self._run(self._c.retry, run_id))
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
-        return await self._run(self._c.get_run, run_id)  # type: ignore[no-any-return]
+        row: dict[str, Any] | None = await self._run(self._c.get_run, run_id)
+        return row
 
     async def run_detail(self, run_id: str) -> dict[str, Any] | None:
-        return await self._run(self._c.run_detail, run_id)  # type: ignore[no-any-return]
+        detail: dict[str, Any] | None = await self._run(self._c.run_detail, run_id)
+        return detail
 
     async def list_runs(
         self, flt: RunFilter, limit: int, cursor: tuple[datetime, str] | None
     ) -> list[dict[str, Any]]:
-        return await self._run(  # type: ignore[no-any-return]
-            self._c.list_runs,
-            *filter_args(flt, _utc), _utc(cursor[0]) if cursor else None, cursor[1] if cursor else None, limit,
+        name, statuses, tag, since, until = filter_args(flt, _utc)
+        rows: list[dict[str, Any]] = await self._run(
+            self._c.list_runs, name, statuses, tag, since, until,
+            _utc(cursor[0]) if cursor else None, cursor[1] if cursor else None, limit,
         )
+        return rows
 
     async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
-        return await self._run(self._c.select_runs, *filter_args(flt, _utc), limit)  # type: ignore[no-any-return]
+        name, statuses, tag, since, until = filter_args(flt, _utc)
+        ids: list[str] = await self._run(self._c.select_runs, name, statuses, tag, since, until, limit)
+        return ids
 
     async def purge(self, run_ids: Sequence[str]) -> int:
         return int(await self._run(self._c.purge, list(run_ids)))
@@ -281,49 +303,43 @@ class RustCore:
             self._c.listen()
 
     async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
-        ids, everything, listening = await self._wait(self._c.changed_runs, float(timeout))
-        return list(ids), bool(everything), bool(listening)
+        changed: _core.ChangedRuns = await self._wait(self._c.changed_runs, float(timeout))
+        return changed.run_ids, changed.everything, changed.listening
 
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
-        return await self._run(self._c.wait_runs, list(run_ids))  # type: ignore[no-any-return]
+        rows: list[dict[str, Any]] = await self._run(self._c.wait_runs, list(run_ids))
+        return rows
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(
         self, names: Sequence[str], limit: int, owner: str, lease_ms: int, wait: float | None = None
     ) -> list[ClaimedRun]:
-        rows = await self._run(self._c.claim, list(names), limit, owner, lease_ms, wait)
-        runs = []
-        for head, history in rows:
-            run = ClaimedRun(*head)
-            for rec in history:
-                run.history[rec[0]] = StepRecord(*rec)
-            runs.append(run)
-        return runs
+        runs: list[_core.ClaimedRun] = await self._run(self._c.claim, list(names), limit, owner, lease_ms, wait)
+        return [_claimed(run) for run in runs]
 
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
-        row = await self._run(
+        s: _core.StoredStep = await self._run(
             self._c.record_step, run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, result, error, rec.attempts,
             _utc(rec.deadline), rec.child_id,
         )
-        return StoredStep(*row)
+        return StoredStep(*_STORED_FIELDS(s))
 
     async def spawn_children(
         self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
     ) -> list[Created]:
         recs = [(r.key, r.seq, r.kind, r.name) for r in records]
-        made = await self._run(
+        made: list[_core.Created] = await self._run(
             self._c.spawn_children, run_id, recs, _chunks(children), sorted({c.name for c in children})
         )
-        return [Created(rid, status, created or rid == spec.id)
-                for (rid, status, created), spec in zip(made, children, strict=True)]
+        return _created(made, children)
 
     async def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
     ) -> tuple[str, Any, datetime]:
-        outcome, payload, at = await self._run(
+        r: _core.Resolved = await self._run(
             self._c.resolve_signal, run_id, key, seq, name, deadline_passed, timeout_error
         )
-        return outcome, payload, at
+        return r.outcome, r.payload, r.at
 
     async def suspend(
         self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
@@ -340,14 +356,17 @@ class RustCore:
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         if not leases:
             return []
-        rows = await self._run(self._c.heartbeat, [(r, int(t)) for r, t in leases], lease_ms)
-        return [LeaseState(run_id, held, reason) for run_id, held, reason in rows]
+        states: list[_core.LeaseState] = await self._run(
+            self._c.heartbeat, [(r, int(t)) for r, t in leases], lease_ms
+        )
+        return [LeaseState(run_id=s.run_id, held=s.held, cancel_reason=s.cancel_reason) for s in states]
 
     async def expire_leases(self, limit: int) -> int:
         return int(await self._run(self._c.expire_leases, limit))
 
     async def next_due(self, names: Sequence[str]) -> float | None:
-        return await self._run(self._c.next_due, list(names))  # type: ignore[no-any-return]
+        due: float | None = await self._run(self._c.next_due, list(names))
+        return due
 
     async def requeue_parked(self, names: Sequence[str]) -> int:
         return int(await self._run(self._c.requeue_parked, list(names)))
@@ -357,7 +376,8 @@ class RustCore:
             self._core.nudge()
 
     async def prune(self, events_ms: int | None, runs_ms: int | None, batch: int) -> dict[str, int] | None:
-        return await self._run(self._c.prune, events_ms, runs_ms, batch)  # type: ignore[no-any-return]
+        pruned: dict[str, int] | None = await self._run(self._c.prune, events_ms, runs_ms, batch)
+        return pruned
 
     async def pending_work(self, names: Sequence[str] | None) -> int:
         return int(await self._run(self._c.pending_work, list(names) if names is not None else None))
@@ -366,13 +386,38 @@ class RustCore:
         if name not in ADMIN_QUERIES:
             raise ValueError(f"not an admin statement: {name}")
         args = [_param(p) for p in params]
-        rows, rowcount, has_columns = await self._run(self._c.query, name, args)
-        if not has_columns:
-            return [{"rowcount": rowcount}]
-        return rows  # type: ignore[no-any-return]
+        result: _core.QueryResult = await self._run(self._c.query, name, args)
+        if not result.has_columns:
+            return [{"rowcount": result.rowcount}]
+        return result.rows
 
     async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
-        return await self._run(self._c.reconcile, stale_ms)  # type: ignore[no-any-return]
+        counts: dict[str, int] | None = await self._run(self._c.reconcile, stale_ms)
+        return counts
+
+
+async def check_connection(dsn: str) -> str:
+    """Connect to ``dsn``, run ``SHOW server_version`` and return it (a one-off pump)."""
+    pump = _Pump(asyncio.get_running_loop())
+    try:
+        version: str = await pump.call(_core.check_connection, dsn)[1]
+        return version
+    finally:
+        pump.close()
+
+
+def _claimed(run: _core.ClaimedRun) -> ClaimedRun:
+    """The protocol's ``ClaimedRun`` from the extension's, field by field (by name)."""
+    claimed = ClaimedRun(*_RUN_FIELDS(run))
+    claimed.history = {s.key: StepRecord(*_STEP_FIELDS(s)) for s in run.history}
+    return claimed
+
+
+def _created(made: list[_core.Created], specs: Sequence[RunSpec]) -> list[Created]:
+    # a run found by its own id was written by this very start (repeated after its commit
+    # landed unacknowledged): created, as the first attempt would have said
+    return [Created(run_id=c.run_id, status=c.status, created=c.created or c.run_id == spec.id)
+            for c, spec in zip(made, specs, strict=True)]
 
 
 def _param(value: Any) -> Any:
