@@ -17,9 +17,13 @@ PACKAGES = {"iterflow": ROOT / "python" / "iterflow", "benches": ROOT / "benches
 
 
 def _modules(package: str, root: Path) -> dict[str, Path]:
-    """Every ``.py`` module of the package by dotted name (``pkg.sub.mod``; ``pkg.sub`` for ``__init__``)."""
+    """Every module of the package by dotted name (``pkg.sub.mod``; ``pkg.sub`` for ``__init__``):
+    its ``.py`` files, and the compiled extension through its ``.pyi`` stub (a leaf that must be
+    told apart from the package, or ``from .. import _core`` would read as importing ``__init__``)."""
     found = {}
-    for path in sorted(root.rglob("*.py")):
+    for path in sorted([*root.rglob("*.py"), *root.rglob("*.pyi")]):
+        if path.suffix == ".pyi" and path.with_suffix(".py").exists():
+            continue
         parts = [package, *path.relative_to(root).with_suffix("").parts]
         if parts[-1] == "__init__":
             parts.pop()
@@ -92,6 +96,7 @@ def test_graph_sees_every_kind_of_import() -> None:
     graph = import_graph("iterflow", PACKAGES["iterflow"])
     assert "iterflow.errors" in graph["iterflow.validate"]
     assert "iterflow.cores.base" in graph["iterflow.cores.python"]
+    assert "iterflow._core" in graph["iterflow.cores.rust"] and "iterflow" not in graph["iterflow.cores.rust"]
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
 
