@@ -345,7 +345,7 @@ class PythonCore:
         async with self._tx() as cur:
             # one snapshot for every part: a run claimed between two of these reads (the claim
             # consumes its signals) must not show up as still waiting with consumed signals
-            await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            await cur.execute(self._q["read_snapshot"])
             await cur.execute(self._q["get_run"], (run_id,))
             run = _dict_one(cur, await cur.fetchone())
             if run is None:

@@ -1,0 +1,140 @@
+-- iterflow schema, version 6: each transition is written once. Idempotent, like every migration.
+--
+-- Finishing a run was written twice: the finish_run function, and a statement of its own for
+-- the Rust core's group commit (finish_run_many in queries.sql) that repeated it for many runs
+-- at once, wake_run's insert included. Consuming a signal was written twice too: in
+-- resolve_signal, and in the claim (claim_with_history), which consumes the signals a woken
+-- run waits for. Now finish_runs is the one definition of finishing (finish_run is its one-row
+-- use, finish_run_many a call of it), and take_signal the one definition of consuming a
+-- signal (resolve_signal and the claim call it). Behaviour is unchanged.
+
+-- Make runs terminal: the arrays hold, per run, the run, its lease token (NULL: no lease to
+-- check), its status, output and error; no run twice. With a lease token the caller must still
+-- hold the lease (fencing: a stale worker's completion is a no-op). Returns, per run, its
+-- 1-based position and whether it was finished here. Consequences commit with it: live
+-- children of a run that failed or was canceled are canceled, parents are woken, waiters
+-- notified.
+CREATE OR REPLACE FUNCTION {schema}.finish_runs(
+    p_runs uuid[], p_tokens bigint[], p_statuses text[], p_outputs jsonb[], p_errors jsonb[]
+) RETURNS TABLE (ord bigint, finished boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_finished bigint[];
+    v_failed uuid[];
+    v_parents uuid[];
+BEGIN
+    -- Lock order is runs rows (by id, so concurrent batches agree), then queue rows, as
+    -- deliver_signal and cancel_tree take them: the reverse deadlocks with a signal delivered
+    -- while the run finishes.
+    PERFORM 1 FROM {schema}.runs WHERE id = ANY (p_runs) ORDER BY id FOR UPDATE;
+    WITH x AS (
+        SELECT * FROM unnest(p_runs, p_tokens, p_statuses, p_outputs, p_errors)
+                 WITH ORDINALITY AS x(run_id, token, status, output, error, pos)
+    ), fenced AS (
+        -- lease tokens are unique, so a token in the set identifies its run's lease
+        DELETE FROM {schema}.queue
+         WHERE run_id = ANY (p_runs)
+           AND (lease_token = ANY (p_tokens)
+                OR run_id = ANY (ARRAY(SELECT x.run_id FROM x WHERE x.token IS NULL)))
+        RETURNING run_id
+    ), done_here AS (
+        UPDATE {schema}.runs r
+           SET status = x.status, output = x.output, error = x.error, waiting = NULL,
+               updated_at = now(), finished_at = now()
+          FROM x
+         WHERE r.id = x.run_id AND r.status NOT IN ('done', 'failed', 'canceled')
+           AND (x.token IS NULL OR x.run_id = ANY (ARRAY(SELECT f.run_id FROM fenced f)))
+        RETURNING r.id, r.parent_id, x.status, x.pos, {schema}.wakeup('d ' || r.id::text)
+    )
+    SELECT array_agg(d.pos), array_agg(d.id) FILTER (WHERE d.status <> 'done'),
+           array_agg(DISTINCT d.parent_id) FILTER (WHERE d.parent_id IS NOT NULL)
+      INTO v_finished, v_failed, v_parents
+      FROM done_here d;
+    IF v_failed IS NOT NULL THEN
+        PERFORM {schema}.cancel_tree(c.id, coalesce(p.error->>'message', 'parent ' || p.status))
+           FROM {schema}.runs c JOIN {schema}.runs p ON p.id = c.parent_id
+          WHERE c.parent_id = ANY (v_failed) AND c.status NOT IN ('done', 'failed', 'canceled');
+    END IF;
+    IF v_parents IS NOT NULL THEN
+        -- a parent that finished here too is terminal now: wake_run leaves it alone
+        PERFORM {schema}.wake_run(p) FROM unnest(v_parents) AS p;
+    END IF;
+    RETURN QUERY
+        SELECT i.pos, i.pos = ANY (coalesce(v_finished, '{}'))
+          FROM generate_series(1::bigint, cardinality(p_runs)) AS i(pos);
+END $$;
+
+-- Make one run terminal: finish_runs for one run.
+CREATE OR REPLACE FUNCTION {schema}.finish_run(
+    p_run uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN (SELECT f.finished
+              FROM {schema}.finish_runs(ARRAY[p_run], ARRAY[p_token], ARRAY[p_status],
+                                        ARRAY[p_output], ARRAY[p_error]) f);
+END $$;
+
+-- Consume the oldest unconsumed signal `p_name` of a run for its wait at cursor key `p_key`
+-- (cursor seq `p_seq`), and record it as that wait's final record, which is returned; no row
+-- when none is queued. The caller holds the run's row lock (resolve_signal, the claim), so a
+-- delivery serializes with it, and has checked that the wait has no final record yet.
+CREATE OR REPLACE FUNCTION {schema}.take_signal(p_run uuid, p_key text, p_seq integer, p_name text)
+RETURNS SETOF {schema}.steps
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_sig record;
+    v_step {schema}.steps;
+BEGIN
+    SELECT s.id, s.payload INTO v_sig FROM {schema}.signals s
+     WHERE s.run_id = p_run AND s.name = p_name AND s.consumed_at IS NULL
+     ORDER BY s.id LIMIT 1;
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    UPDATE {schema}.signals SET consumed_at = now(), consumed_by = p_key WHERE id = v_sig.id;
+    INSERT INTO {schema}.steps AS s (run_id, key, seq, kind, name, status, result, finished_at)
+    VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', v_sig.payload, now())
+    ON CONFLICT (run_id, key) DO UPDATE
+       SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL
+    RETURNING s.* INTO v_step;
+    RETURN NEXT v_step;
+END $$;
+
+-- Resolve a signal wait at replay: consume the oldest unconsumed entry of that name, or,
+-- when the pinned deadline has passed and none arrived, record the timeout. Returns
+-- ('signal', payload), ('timeout', NULL) or ('none', NULL). The stored record is final.
+CREATE OR REPLACE FUNCTION {schema}.resolve_signal(
+    p_run uuid, p_key text, p_seq integer, p_name text, p_deadline_passed boolean,
+    p_timeout_error jsonb, OUT outcome text, OUT payload jsonb, OUT at timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_sig record;
+BEGIN
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    at := now();
+    SELECT s.status, s.result, s.error, s.finished_at INTO v_sig FROM {schema}.steps s
+     WHERE s.run_id = p_run AND s.key = p_key AND s.status = 'done';
+    IF FOUND THEN
+        outcome := CASE WHEN v_sig.error IS NULL THEN 'signal' ELSE 'timeout' END;
+        payload := v_sig.result;
+        at := v_sig.finished_at;
+        RETURN;
+    END IF;
+    SELECT t.result INTO v_sig FROM {schema}.take_signal(p_run, p_key, p_seq, p_name) t;
+    IF FOUND THEN
+        outcome := 'signal';
+        payload := v_sig.result;
+    ELSIF p_deadline_passed THEN
+        INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, error, finished_at)
+        VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', p_timeout_error, now())
+        ON CONFLICT (run_id, key) DO UPDATE
+           SET status = 'done', error = excluded.error, finished_at = now();
+        outcome := 'timeout';
+    ELSE
+        outcome := 'none';
+    END IF;
+END $$;
+
+INSERT INTO {schema}.schema_version (version) VALUES (6) ON CONFLICT DO NOTHING;
