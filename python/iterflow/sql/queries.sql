@@ -438,7 +438,7 @@ SELECT to_regclass($1) IS NOT NULL
 -- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
 -- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
 -- A claimed run that suspended on signals (`waiting.signal_seqs`: name -> cursor seq, beside
--- `waiting.signals`: name -> key) has them resolved here by take_signal, as resolve_signal
+-- `waiting.signals`: name -> key) has them resolved here by take_signals, as resolve_signal
 -- does at replay: the oldest unconsumed entry of each name is consumed and recorded, and the
 -- record comes back with the history, so a woken run resumes without another durable write
 -- first. A wait with no signal queued yet is left to resolve_signal.
@@ -465,16 +465,14 @@ WITH c AS (
               r.created_at,
               (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
 ), got AS (
-    -- take_signal consumes and records each one (the check for a final record sits here so
-    -- that it is probed by both key columns; as a join it was planned as a scan of every
-    -- run's record of that key)
-    SELECT t.* FROM c
-     CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
-     CROSS JOIN LATERAL {schema}.take_signal(c.run_id, w.value, (c.was->'signal_seqs'->>w.key)::int,
-                                             w.key) t
-     WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key
-       AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
-                        WHERE d.run_id = c.run_id AND d.key = w.value AND d.status = 'done')
+    -- every signal wait of the claimed runs, resolved in one call (none: no call)
+    SELECT t.* FROM (
+           SELECT array_agg(c.run_id) AS runs, array_agg(w.value) AS keys,
+                  array_agg((c.was->'signal_seqs'->>w.key)::int) AS seqs, array_agg(w.key) AS names
+             FROM c CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
+            WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key) a
+     CROSS JOIN LATERAL {schema}.take_signals(a.runs, a.keys, a.seqs, a.names) t
+     WHERE a.runs IS NOT NULL
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,

@@ -400,30 +400,42 @@ BEGIN
     RETURN 'buffered';
 END $$;
 
--- Consume the oldest unconsumed signal `p_name` of a run for its wait at cursor key `p_key`
--- (cursor seq `p_seq`), and record it as that wait's final record, which is returned; no row
--- when none is queued. The caller holds the run's row lock (resolve_signal, the claim), so a
--- delivery serializes with it, and has checked that the wait has no final record yet.
-CREATE OR REPLACE FUNCTION {schema}.take_signal(p_run uuid, p_key text, p_seq integer, p_name text)
-RETURNS SETOF {schema}.steps
+-- Consume signals for waits: per wait (the arrays hold its run, cursor key, cursor seq and
+-- signal name), the oldest unconsumed signal of that name is consumed and recorded as the
+-- wait's final record, unless the wait has one already. Returns the records written; a wait
+-- with no signal queued has none. The caller holds the runs' row locks (resolve_signal, the
+-- claim), so a delivery serializes with it.
+CREATE OR REPLACE FUNCTION {schema}.take_signals(
+    p_runs uuid[], p_keys text[], p_seqs integer[], p_names text[]
+) RETURNS SETOF {schema}.steps
 LANGUAGE plpgsql AS $$
-DECLARE
-    v_sig record;
-    v_step {schema}.steps;
 BEGIN
-    SELECT s.id, s.payload INTO v_sig FROM {schema}.signals s
-     WHERE s.run_id = p_run AND s.name = p_name AND s.consumed_at IS NULL
-     ORDER BY s.id LIMIT 1;
-    IF NOT FOUND THEN
-        RETURN;
-    END IF;
-    UPDATE {schema}.signals SET consumed_at = now(), consumed_by = p_key WHERE id = v_sig.id;
-    INSERT INTO {schema}.steps AS s (run_id, key, seq, kind, name, status, result, finished_at)
-    VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', v_sig.payload, now())
-    ON CONFLICT (run_id, key) DO UPDATE
-       SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL
-    RETURNING s.* INTO v_step;
-    RETURN NEXT v_step;
+    RETURN QUERY
+    WITH x AS (
+        SELECT * FROM unnest(p_runs, p_keys, p_seqs, p_names) AS x(run_id, key, seq, name)
+    ), pick AS (
+        SELECT x.run_id, x.key, x.seq, x.name, g.id AS signal_id, g.payload
+          FROM x
+         CROSS JOIN LATERAL (
+               -- (the check for a final record sits in here so that it is probed by both key
+               -- columns; as a join it was planned as a scan of every run's record of that key)
+               SELECT u.id, u.payload FROM {schema}.signals u
+                WHERE u.run_id = x.run_id AND u.name = x.name AND u.consumed_at IS NULL
+                  AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
+                                   WHERE d.run_id = x.run_id AND d.key = x.key AND d.status = 'done')
+                ORDER BY u.id LIMIT 1) g
+    ), used AS (
+        UPDATE {schema}.signals u SET consumed_at = now(), consumed_by = pick.key
+          FROM pick WHERE u.id = pick.signal_id
+    ), got AS (
+        INSERT INTO {schema}.steps AS s (run_id, key, seq, kind, name, status, result, finished_at)
+        SELECT pick.run_id, pick.key, pick.seq, 'signal', pick.name, 'done', pick.payload, now()
+          FROM pick
+        ON CONFLICT (run_id, key) DO UPDATE
+           SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL
+        RETURNING s.*
+    )
+    SELECT * FROM got;
 END $$;
 
 -- Resolve a signal wait at replay: consume the oldest unconsumed entry of that name, or,
@@ -447,7 +459,8 @@ BEGIN
         at := v_sig.finished_at;
         RETURN;
     END IF;
-    SELECT t.result INTO v_sig FROM {schema}.take_signal(p_run, p_key, p_seq, p_name) t;
+    SELECT t.result INTO v_sig
+      FROM {schema}.take_signals(ARRAY[p_run], ARRAY[p_key], ARRAY[p_seq], ARRAY[p_name]) t;
     IF FOUND THEN
         outcome := 'signal';
         payload := v_sig.result;
