@@ -75,7 +75,3 @@ def schema_sql() -> str:
 def latest_version() -> int:
     return migrations()[-1][0]
 
-
-def channel(schema: str) -> str:
-    """The LISTEN/NOTIFY channel of one schema (one per schema, so test schemas never mix)."""
-    return f"iterflow.{schema}"

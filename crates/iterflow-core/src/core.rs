@@ -430,13 +430,10 @@ impl Core {
         if self.inner.closed.load(Ordering::Acquire) {
             return;
         }
-        if let Some(config) = &self.inner.listen_config {
+        let listen = self.inner.queries.get("listen");
+        if let (Some(config), Ok(listen)) = (&self.inner.listen_config, listen) {
             self.inner.listener.get_or_init(|| {
-                Listener::spawn(
-                    config.clone(),
-                    self.inner.queries.channel(),
-                    self.inner.hub.clone(),
-                )
+                Listener::spawn(config.clone(), listen.to_string(), self.inner.hub.clone())
             });
         }
     }

@@ -123,11 +123,6 @@ impl Queries {
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
-
-    /// The LISTEN/NOTIFY channel of this schema.
-    pub fn channel(&self) -> String {
-        format!("iterflow.{}", self.schema)
-    }
 }
 
 #[cfg(test)]
@@ -152,9 +147,15 @@ mod tests {
             "record_step",
             "finish_run",
             "relay_notify",
+            "listen",
+            "batch_defer_notify",
+            "batch_skip_flush",
+            "batch_collected",
+            "read_snapshot",
         ] {
             assert!(q.contains(name), "{name}");
         }
+        assert_eq!(q.get("listen").unwrap(), "LISTEN \"iterflow.wf\"");
         let notify = q.get("relay_notify").unwrap();
         assert!(notify.contains("'iterflow.wf'"), "{notify}");
         assert!(!q.get("claim_with_history").unwrap().contains("{schema}"));

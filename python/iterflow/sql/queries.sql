@@ -44,6 +44,11 @@ SELECT x.ord, r.id, r.status
     OR (x.parent_id IS NOT NULL AND r.parent_id = x.parent_id AND r.parent_key = x.parent_key)
     OR (x.id IS NOT NULL AND r.id = x.id)
 
+-- name: listen
+-- The one statement of each core's LISTEN connection: the schema's channel carries wake-ups
+-- (`q <flow>`), finishes (`d <run id>`) and progress of watched runs (`p <run id>`).
+LISTEN "iterflow.{schema_raw}"
+
 -- name: relay_notify
 -- Wake-ups (`q <flow>`, `d <run id>`) sent after the commit of the work they announce (the
 -- Rust core's outbox relay, the Python core's starts).
