@@ -4,9 +4,28 @@
 -- the Rust core's group commit (finish_run_many in queries.sql) that repeated it for many runs
 -- at once, wake_run's insert included. Consuming a signal was written twice too: in
 -- resolve_signal, and in the claim (claim_with_history), which consumes the signals a woken
--- run waits for. Now finish_runs is the one definition of finishing (finish_run is its one-row
--- use, finish_run_many a call of it), and take_signals the one definition of consuming a
--- signal (resolve_signal calls it for one wait, the claim for every wait of the runs it claims). Behaviour is unchanged.
+-- run waits for. Now each has one definition, for many rows, whose one-row use is the old
+-- function: finish_runs (finish_run; finish_run_many calls it), wake_runs (wake_run) and
+-- take_signals (resolve_signal calls it for one wait, the claim for every wait of the runs it
+-- claims). Behaviour is unchanged.
+
+-- Wake live runs now: a signal arrived, a child finished, or a run was canceled. Works
+-- whether or not a run is queued or leased (a leased run sees `woken` when it suspends).
+CREATE OR REPLACE FUNCTION {schema}.wake_runs(p_runs uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
+    SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
+     WHERE r.id = ANY (p_runs) AND r.status NOT IN ('done', 'failed', 'canceled')
+    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now());
+END $$;
+
+-- Wake one live run: wake_runs for one run.
+CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM {schema}.wake_runs(ARRAY[p_run]);
+END $$;
 
 -- Make runs terminal: the arrays hold, per run, the run, its lease token (NULL: no lease to
 -- check), its status, output and error; no run twice. With a lease token the caller must still
@@ -56,8 +75,8 @@ BEGIN
           WHERE c.parent_id = ANY (v_failed) AND c.status NOT IN ('done', 'failed', 'canceled');
     END IF;
     IF v_parents IS NOT NULL THEN
-        -- a parent that finished here too is terminal now: wake_run leaves it alone
-        PERFORM {schema}.wake_run(p) FROM unnest(v_parents) AS p;
+        -- a parent that finished here too is terminal now: wake_runs leaves it alone
+        PERFORM {schema}.wake_runs(v_parents);
     END IF;
     RETURN QUERY
         SELECT i.pos, i.pos = ANY (coalesce(v_finished, '{}'))

@@ -190,15 +190,22 @@ BEGIN
     END IF;
 END $$;
 
--- Wake a live run now: a signal arrived, a child finished, or it was canceled. Works
--- whether or not the run is queued or leased (a leased run sees `woken` when it suspends).
+-- Wake live runs now: a signal arrived, a child finished, or a run was canceled. Works
+-- whether or not a run is queued or leased (a leased run sees `woken` when it suspends).
+CREATE OR REPLACE FUNCTION {schema}.wake_runs(p_runs uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
+    SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
+     WHERE r.id = ANY (p_runs) AND r.status NOT IN ('done', 'failed', 'canceled')
+    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now());
+END $$;
+
+-- Wake one live run: wake_runs for one run.
 CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at, woken)
-    SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
-     WHERE r.id = p_run AND r.status NOT IN ('done', 'failed', 'canceled')
-    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST({schema}.queue.ready_at, now());
+    PERFORM {schema}.wake_runs(ARRAY[p_run]);
 END $$;
 
 -- Make runs terminal: the arrays hold, per run, the run, its lease token (NULL: no lease to
@@ -249,8 +256,8 @@ BEGIN
           WHERE c.parent_id = ANY (v_failed) AND c.status NOT IN ('done', 'failed', 'canceled');
     END IF;
     IF v_parents IS NOT NULL THEN
-        -- a parent that finished here too is terminal now: wake_run leaves it alone
-        PERFORM {schema}.wake_run(p) FROM unnest(v_parents) AS p;
+        -- a parent that finished here too is terminal now: wake_runs leaves it alone
+        PERFORM {schema}.wake_runs(v_parents);
     END IF;
     RETURN QUERY
         SELECT i.pos, i.pos = ANY (coalesce(v_finished, '{}'))
