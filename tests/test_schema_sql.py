@@ -117,3 +117,12 @@ def test_the_comparison_sees_drift(dsn, schema_name, other_schema, drift):
         assert differences(catalog(conn, schema_name), catalog(conn, other_schema)) == []
         conn.execute(sql.render_migration(DRIFTS[drift], other_schema).encode())
         assert differences(catalog(conn, schema_name), catalog(conn, other_schema)) != []
+
+
+def test_an_entry_sends_its_statement_without_its_leading_comments():
+    queries = sql.queries("wf")
+    assert queries["batch_begin"] == (
+        "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
+    )
+    assert queries["listen"] == 'LISTEN "iterflow.wf"'
+    assert not any(text.lstrip().startswith("--") for text in queries.values())

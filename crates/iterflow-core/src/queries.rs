@@ -148,10 +148,8 @@ mod tests {
             "finish_run",
             "relay_notify",
             "listen",
-            "batch_defer_notify",
-            "batch_skip_flush",
-            "batch_collected",
             "read_snapshot",
+            "migrate_lock",
         ] {
             assert!(q.contains(name), "{name}");
         }
@@ -164,16 +162,33 @@ mod tests {
             .unwrap()
             .contains("\"wf\".queue"));
         assert!(!q.get("claim_with_history").unwrap().contains("-- name:"));
-        assert!(q.get("claim_with_history").unwrap().starts_with("WITH c AS ("));
-        assert_eq!(
-            q.get("batch_begin").unwrap(),
-            "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off"
-        );
+        assert!(q
+            .get("claim_with_history")
+            .unwrap()
+            .starts_with("WITH c AS ("));
+        // what the writer sends (joined by "; ") is the statement text alone, as before these
+        // were named entries
+        for (name, sent) in [
+            (
+                "batch_begin",
+                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off",
+            ),
+            ("batch_defer_notify", "SET LOCAL iterflow.defer_notify = on"),
+            ("batch_skip_flush", "SET LOCAL synchronous_commit = off"),
+            (
+                "batch_collected",
+                "SELECT current_setting('iterflow.notify', true)",
+            ),
+        ] {
+            assert_eq!(q.get(name).unwrap(), sent);
+        }
     }
 
     #[test]
     fn leading_comment_lines_are_not_sent() {
-        let parsed = parse("-- name: a\n-- why\n  -- more\nSELECT 1 -- kept\n-- kept too\n\n-- name: b\n-- only\n");
+        let parsed = parse(
+            "-- name: a\n-- why\n  -- more\nSELECT 1 -- kept\n-- kept too\n\n-- name: b\n-- only\n",
+        );
         assert_eq!(
             parsed,
             vec![
