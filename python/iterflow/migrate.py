@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import psycopg
+from psycopg import AsyncRawCursor
 from psycopg.conninfo import conninfo_to_dict
 
 from . import sql
@@ -33,7 +34,7 @@ async def migrate(dsn: str, schema: str = "workflow", *, database_retry_timeout:
 
 async def _apply(dsn: str, schema: str) -> None:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=False) as conn:
-        await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"iterflow.migrate.{schema}",))
+        await AsyncRawCursor(conn).execute(sql.queries(schema)["migrate_lock"], (f"iterflow.migrate.{schema}",))
         for _version, text in sql.migrations():
             await conn.execute(sql.render_migration(text, schema).encode())
         await conn.commit()
@@ -50,12 +51,12 @@ def schema_mismatch_message(schema: str, found: int) -> str:
 
 async def check_schema(conn: psycopg.AsyncConnection[Any], schema: str) -> None:
     """Raise SCHEMA_MISMATCH, with the command that fixes it, if the schema is missing or old."""
-    exists = await (
-        await conn.execute("SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".schema_version',))
-    ).fetchone()
+    queries = sql.queries(schema)
+    cur = AsyncRawCursor(conn)
+    exists = await (await cur.execute(queries["schema_exists"], (f'"{schema}".schema_version',))).fetchone()
     found = 0
     if exists and exists[0]:
-        row = await (await conn.execute(sql.queries(schema)["schema_version"].encode())).fetchone()
+        row = await (await cur.execute(queries["schema_version"])).fetchone()
         found = int(row[0]) if row else 0
     if found < sql.latest_version():
         raise SchemaMismatch(schema_mismatch_message(schema, found))

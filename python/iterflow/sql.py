@@ -1,7 +1,9 @@
 """The SQL both cores send, loaded once from ``sql/queries.sql`` and the migrations.
 
 Keeping the text in ``.sql`` files (not Python strings) lets the Rust core embed the very same
-statements; the schema name is the only thing formatted in, and only after validation.
+statements; the schema name is the only thing formatted in, and only after validation. The
+migrations are how a database gets the schema; ``sql/schema.sql`` is the same schema as one
+file to read, kept equal to them by ``tests/test_schema_sql.py`` (docs/architecture.md).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from .errors import InvalidArgument
 
 _IDENT = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
+_LEADING_COMMENTS = re.compile(r"\A(?:[ \t]*--[^\n]*(?:\n|\Z))*")
 
 
 def validate_schema_name(schema: str) -> str:
@@ -29,11 +32,17 @@ def _render(text: str, schema: str) -> str:
     return text.replace("{schema_raw}", schema).replace("{schema}", f'"{schema}"')
 
 
+def _statement(body: str) -> str:
+    """An entry's text without its leading comment lines: they document the entry for readers
+    of queries.sql; the server gets the statement alone (as ``queries.rs`` does)."""
+    return _LEADING_COMMENTS.sub("", body.strip()).strip()
+
+
 @lru_cache(maxsize=1)
 def _raw_queries() -> dict[str, str]:
     text = (resources.files("iterflow") / "sql" / "queries.sql").read_text(encoding="utf-8")
     parts = _HEADER.split(text)
-    return {name: body.strip() for name, body in zip(parts[1::2], parts[2::2], strict=True)}
+    return {name: _statement(body) for name, body in zip(parts[1::2], parts[2::2], strict=True)}
 
 
 @lru_cache(maxsize=16)
@@ -58,10 +67,11 @@ def render_migration(text: str, schema: str) -> str:
     return _render(text, validate_schema_name(schema))
 
 
+def schema_sql() -> str:
+    """The raw text of ``sql/schema.sql``: the schema the migrations build, as one file."""
+    return (resources.files("iterflow") / "sql" / "schema.sql").read_text(encoding="utf-8")
+
+
 def latest_version() -> int:
     return migrations()[-1][0]
 
-
-def channel(schema: str) -> str:
-    """The LISTEN/NOTIFY channel of one schema (one per schema, so test schemas never mix)."""
-    return f"iterflow.{schema}"

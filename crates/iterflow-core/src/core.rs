@@ -279,15 +279,16 @@ fn any_params(_: &[Param]) -> bool {
     true
 }
 
-/// A `finish_run` by the lease holder ending in `done`: no children to cancel.
+/// A `finish_run` by the lease holder ending in `done`, the common finish, is what the writer
+/// batches into `finish_run_many` (both are the function `finish_runs`); rarer ones go alone.
 fn leased_done(params: &[Param]) -> bool {
     matches!(params, [_, Param::Int(_), Param::Text(status), ..] if status == "done")
 }
 
 type BoxFut<'a> = Pin<Box<dyn Future<Output = Result<Rows, CoreError>> + Send + 'a>>;
 
-/// Opens a read of several statements that must agree with each other.
-const SNAPSHOT: &str = "BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY";
+/// Makes a transaction's reads agree with each other (one snapshot).
+const SNAPSHOT: &str = "read_snapshot";
 
 /// Run several prepared statements on one connection, pipelined (one round trip); results in
 /// order.
@@ -409,13 +410,10 @@ impl Core {
         if self.inner.closed.load(Ordering::Acquire) {
             return;
         }
-        if let Some(config) = &self.inner.listen_config {
+        let listen = self.inner.queries.get("listen");
+        if let (Some(config), Ok(listen)) = (&self.inner.listen_config, listen) {
             self.inner.listener.get_or_init(|| {
-                Listener::spawn(
-                    config.clone(),
-                    self.inner.queries.channel(),
-                    self.inner.hub.clone(),
-                )
+                Listener::spawn(config.clone(), listen.to_string(), self.inner.hub.clone())
             });
         }
     }
@@ -636,7 +634,8 @@ impl Core {
         // one snapshot for every part: a run claimed between two of these reads (which consumes
         // its signals as it leases it) must not show up as still waiting with consumed signals
         conn.begin_dirty();
-        conn.client.batch_execute(SNAPSHOT).await?;
+        let begin = format!("BEGIN; {}", self.inner.queries.get(SNAPSHOT)?);
+        conn.client.batch_execute(&begin).await?;
         let results = pipeline(&conn.client, &work).await;
         if results.iter().any(Result::is_err) {
             conn.discard(); // a connection that saw an error is not reused

@@ -146,9 +146,10 @@ pub struct Listener {
 }
 
 impl Listener {
-    pub fn spawn(config: Config, channel: String, hub: Arc<Hub>) -> Listener {
+    /// `listen`: the `LISTEN` statement to run on each connection (`listen` in queries.sql).
+    pub fn spawn(config: Config, listen: String, hub: Arc<Hub>) -> Listener {
         Listener {
-            task: tokio::spawn(listen_forever(config, channel, hub)),
+            task: tokio::spawn(listen_forever(config, listen, hub)),
         }
     }
 
@@ -170,10 +171,10 @@ const FIRST_RETRY: Duration = Duration::from_millis(100);
 /// the server little (a refused connect, or a quick "starting up" answer).
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
-async fn listen_forever(config: Config, channel: String, hub: Arc<Hub>) {
+async fn listen_forever(config: Config, listen: String, hub: Arc<Hub>) {
     let mut delay = FIRST_RETRY;
     loop {
-        let was_up = listen_once(&config, &channel, &hub).await.is_ok();
+        let was_up = listen_once(&config, &listen, &hub).await.is_ok();
         hub.set_connected(false);
         if was_up {
             delay = FIRST_RETRY;
@@ -185,7 +186,7 @@ async fn listen_forever(config: Config, channel: String, hub: Arc<Hub>) {
 
 async fn listen_once(
     config: &Config,
-    channel: &str,
+    listen: &str,
     hub: &Arc<Hub>,
 ) -> Result<(), tokio_postgres::Error> {
     let (client, mut connection) = config.connect(NoTls).await?;
@@ -201,8 +202,7 @@ async fn listen_once(
         }
         let _ = done_tx.send(());
     });
-    let quoted = channel.replace('"', "\"\"");
-    let listened = client.batch_execute(&format!("LISTEN \"{quoted}\"")).await;
+    let listened = client.batch_execute(listen).await;
     if let Err(err) = listened {
         driver.abort();
         return Err(err);

@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0003_hot_run_updates.sql"),
     include_str!("../../../python/iterflow/migrations/0004_signal_delivery.sql"),
     include_str!("../../../python/iterflow/migrations/0005_watches.sql"),
+    include_str!("../../../python/iterflow/migrations/0006_transitions_once.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.
@@ -42,7 +43,18 @@ pub fn render(text: &str, schema: &str) -> String {
         .replace("{schema}", &format!("\"{schema}\""))
 }
 
-/// Split `queries.sql` on its `-- name: x` header lines (a header is a whole line).
+/// An entry's text without its leading comment lines: they document the entry for readers of
+/// `queries.sql`; the server gets the statement alone (as `sql.py` does).
+fn statement(body: &str) -> String {
+    let mut rest = body.trim();
+    while rest.trim_start_matches([' ', '\t']).starts_with("--") {
+        rest = rest.split_once('\n').map_or("", |(_, tail)| tail);
+    }
+    rest.trim().to_string()
+}
+
+/// Split `queries.sql` on its `-- name: x` header lines (a header is a whole line); each
+/// entry's text is its statement (see [`statement`]).
 pub fn parse(text: &str) -> Vec<(String, String)> {
     let mut out: Vec<(String, String)> = Vec::new();
     let mut current: Option<(String, String)> = None;
@@ -56,7 +68,7 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
         match header {
             Some(name) => {
                 if let Some((n, body)) = current.take() {
-                    out.push((n, body.trim().to_string()));
+                    out.push((n, statement(&body)));
                 }
                 current = Some((name, String::new()));
             }
@@ -68,7 +80,7 @@ pub fn parse(text: &str) -> Vec<(String, String)> {
         }
     }
     if let Some((n, body)) = current.take() {
-        out.push((n, body.trim().to_string()));
+        out.push((n, statement(&body)));
     }
     out
 }
@@ -111,11 +123,6 @@ impl Queries {
     pub fn contains(&self, name: &str) -> bool {
         self.by_name.contains_key(name)
     }
-
-    /// The LISTEN/NOTIFY channel of this schema.
-    pub fn channel(&self) -> String {
-        format!("iterflow.{}", self.schema)
-    }
 }
 
 #[cfg(test)]
@@ -140,9 +147,13 @@ mod tests {
             "record_step",
             "finish_run",
             "relay_notify",
+            "listen",
+            "read_snapshot",
+            "migrate_lock",
         ] {
             assert!(q.contains(name), "{name}");
         }
+        assert_eq!(q.get("listen").unwrap(), "LISTEN \"iterflow.wf\"");
         let notify = q.get("relay_notify").unwrap();
         assert!(notify.contains("'iterflow.wf'"), "{notify}");
         assert!(!q.get("claim_with_history").unwrap().contains("{schema}"));
@@ -151,5 +162,39 @@ mod tests {
             .unwrap()
             .contains("\"wf\".queue"));
         assert!(!q.get("claim_with_history").unwrap().contains("-- name:"));
+        assert!(q
+            .get("claim_with_history")
+            .unwrap()
+            .starts_with("WITH c AS ("));
+        // what the writer sends (joined by "; ") is the statement text alone, as before these
+        // were named entries
+        for (name, sent) in [
+            (
+                "batch_begin",
+                "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off",
+            ),
+            ("batch_defer_notify", "SET LOCAL iterflow.defer_notify = on"),
+            ("batch_skip_flush", "SET LOCAL synchronous_commit = off"),
+            (
+                "batch_collected",
+                "SELECT current_setting('iterflow.notify', true)",
+            ),
+        ] {
+            assert_eq!(q.get(name).unwrap(), sent);
+        }
+    }
+
+    #[test]
+    fn leading_comment_lines_are_not_sent() {
+        let parsed = parse(
+            "-- name: a\n-- why\n  -- more\nSELECT 1 -- kept\n-- kept too\n\n-- name: b\n-- only\n",
+        );
+        assert_eq!(
+            parsed,
+            vec![
+                ("a".to_string(), "SELECT 1 -- kept\n-- kept too".to_string()),
+                ("b".to_string(), String::new()),
+            ]
+        );
     }
 }

@@ -39,24 +39,16 @@ use crate::pool::{run, Pool, PooledConn, Prepared};
 use crate::value::{Param, Rows, Val};
 use crate::CoreError;
 
-/// Opens every writer transaction. Its statements find rows by key, so they run on cached
-/// generic plans that must never scan a table: a plan is cached when a connection first runs
-/// its statement (perhaps while the tables were nearly empty) and kept until the next ANALYZE,
-/// while the tables grow. Under the default plan cache mode the claim (whose LIMIT a generic
-/// plan cannot see) and the multi-row statements (whose array lengths it cannot see) would be
-/// planned again on every execution, which costs more than running them.
-const BEGIN: &str =
-    "BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off";
+/// Opens every writer transaction: `BEGIN` and the planner options its statements need
+/// (`queries.sql` says why each is set).
+const BEGIN: &str = "batch_begin";
 /// Appended to [`BEGIN`] by a writer with an [`Outbox`]: the transition functions collect their
 /// wake-ups in `iterflow.notify` instead of sending them, and the relay sends them after the
 /// commit.
-const DEFER_NOTIFY: &str = "; SET LOCAL iterflow.defer_notify = on";
-/// Appended to the `BEGIN` of a batch of claims only. A claim is the one write that need not be
-/// durable when it resolves: if a crash loses it, the run is simply claimed again (at least
-/// once), and any durable commit after it (the run's first step record, a delivery that saw it)
-/// flushes it too, the WAL being one sequence. Skipping the flush wait takes a WAL flush off
-/// the critical path of every start and wake-up.
-const NO_FLUSH: &str = "; SET LOCAL synchronous_commit = off";
+const DEFER_NOTIFY: &str = "batch_defer_notify";
+/// Appended to the `BEGIN` of a batch of claims only: it commits without waiting for the WAL
+/// flush (`queries.sql` says why a claim may).
+const NO_FLUSH: &str = "batch_skip_flush";
 /// Statements whose batches may commit without waiting for the flush (see [`NO_FLUSH`]).
 const MAY_SKIP_FLUSH: &[&str] = &["claim_with_history"];
 /// Statements whose wake-ups go out with the commit, not through the relay: a signal
@@ -65,7 +57,7 @@ const MAY_SKIP_FLUSH: &[&str] = &["claim_with_history"];
 /// flush is not contended by the writers of other processes, which defer theirs.)
 const NOTIFY_AT_COMMIT: &[&str] = &["deliver_signal"];
 /// Read just before `COMMIT`: the wake-ups collected by this transaction.
-const COLLECTED: &str = "SELECT current_setting('iterflow.notify', true)";
+const COLLECTED: &str = "batch_collected";
 
 /// The multi-row form of a statement. The ops of a batch that use `single` and pass
 /// `accepts` are sent as one `many` statement instead, at most one op per run (so a run's ops
@@ -428,8 +420,8 @@ fn split(rows: Rows, n: usize) -> Vec<Rows> {
 
 /// The wake-ups this transaction collected; None when there are none or the read failed (the
 /// batch failed then too, or, if it did not, the workers' poll makes up for the lost hints).
-async fn collected_wakeups(client: &tokio_postgres::Client) -> Option<String> {
-    let messages = client.simple_query(COLLECTED).await.ok()?;
+async fn collected_wakeups(client: &tokio_postgres::Client, query: &str) -> Option<String> {
+    let messages = client.simple_query(query).await.ok()?;
     messages.into_iter().find_map(|m| match m {
         SimpleQueryMessage::Row(row) => row.get(0).filter(|t| !t.is_empty()).map(str::to_string),
         _ => None,
@@ -447,6 +439,7 @@ async fn together(
     stats: &WriterStats,
     outbox: Option<&Outbox>,
 ) -> Result<Vec<Result<Rows, CoreError>>, CoreError> {
+    let queries = pool.queries().clone();
     let mut conn: PooledConn = pool.get().await?;
     let singles: Vec<&str> = batch.iter().map(|op| op.query).collect();
     conn.prepare_all(&singles).await?;
@@ -476,14 +469,18 @@ async fn together(
     stats
         .statements
         .fetch_add(units.len() as u64, Ordering::Relaxed);
-    let mut begin_sql = BEGIN.to_string();
+    // one simple query, one round trip: BEGIN and the SET LOCALs that apply, joined by "; "
+    let mut begin_sql = queries.get(BEGIN)?.to_string();
     let outbox = outbox.filter(|_| !batch.iter().any(|op| NOTIFY_AT_COMMIT.contains(&op.query)));
     if outbox.is_some() {
-        begin_sql.push_str(DEFER_NOTIFY);
+        begin_sql.push_str("; ");
+        begin_sql.push_str(queries.get(DEFER_NOTIFY)?);
     }
     if batch.iter().all(|op| MAY_SKIP_FLUSH.contains(&op.query)) {
-        begin_sql.push_str(NO_FLUSH);
+        begin_sql.push_str("; ");
+        begin_sql.push_str(queries.get(NO_FLUSH)?);
     }
+    let collected_sql = queries.get(COLLECTED)?;
     conn.begin_dirty();
     let (begun, early, collected, committed) = {
         let client = &conn.client;
@@ -503,7 +500,7 @@ async fn together(
             .collect();
         let mut collect = Box::pin(async move {
             match outbox {
-                Some(_) => collected_wakeups(client).await,
+                Some(_) => collected_wakeups(client, collected_sql).await,
                 None => None,
             }
         });

@@ -108,9 +108,9 @@ class Listener:
     Reconnects with backoff.
     """
 
-    def __init__(self, dsn: str, channel: str, changes: ChangeLog, application_name: str | None = None) -> None:
+    def __init__(self, dsn: str, listen: str, changes: ChangeLog, application_name: str | None = None) -> None:
         self._dsn = dsn
-        self._channel = channel
+        self._listen = listen
         self._connect_args: dict[str, Any] = {"application_name": application_name} if application_name else {}
         self._changes = changes
         self._work = asyncio.Event()
@@ -133,7 +133,7 @@ class Listener:
         while True:
             try:
                 async with await AsyncConnection.connect(self._dsn, autocommit=True, **self._connect_args) as conn:
-                    await conn.execute(f'LISTEN "{self._channel}"')
+                    await conn.execute(self._listen.encode())
                     self.connected.set()
                     delay = 0.1
                     self._work.set()  # anything may have happened while we were away
@@ -236,7 +236,7 @@ class PythonCore:
             return
         dsn = await self._listen_dsn()  # (may yield: another caller may have started it since)
         if self._listener is None and not self._closed:
-            self._listener = Listener(dsn, sql.channel(self.schema), self._changes, self._app_names[1])
+            self._listener = Listener(dsn, self._q["listen"], self._changes, self._app_names[1])
             self._listener.start()
 
     async def close(self) -> None:
@@ -346,7 +346,7 @@ class PythonCore:
         async with self._tx() as cur:
             # one snapshot for every part: a run claimed between two of these reads (the claim
             # consumes its signals) must not show up as still waiting with consumed signals
-            await cur.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            await cur.execute(self._q["read_snapshot"])
             await cur.execute(self._q["get_run"], (run_id,))
             run = _dict_one(cur, await cur.fetchone())
             if run is None:

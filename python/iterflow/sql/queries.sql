@@ -1,5 +1,9 @@
 -- Every statement both cores send, by name. `{schema}` is the quoted schema name,
--- `{schema_raw}` the validated bare name; parameters are native $n placeholders.
+-- `{schema_raw}` the validated bare name; parameters are native $n placeholders. The comment
+-- lines that open an entry document it and are not sent (sql.py, queries.rs); the rest of its
+-- text is sent as it stands. The code adds only bare transaction control (BEGIN, COMMIT,
+-- ROLLBACK, or psycopg's own); the tables and the functions these statements call are in
+-- schema.sql (built by the migrations).
 
 -- name: schema_version
 SELECT coalesce(max(version), 0) FROM {schema}.schema_version
@@ -40,6 +44,11 @@ SELECT x.ord, r.id, r.status
     OR (x.parent_id IS NOT NULL AND r.parent_id = x.parent_id AND r.parent_key = x.parent_key)
     OR (x.id IS NOT NULL AND r.id = x.id)
 
+-- name: listen
+-- The one statement of each core's LISTEN connection: the schema's channel carries wake-ups
+-- (`q <flow>`), finishes (`d <run id>`) and progress of watched runs (`p <run id>`).
+LISTEN "iterflow.{schema_raw}"
+
 -- name: relay_notify
 -- Wake-ups (`q <flow>`, `d <run id>`) sent after the commit of the work they announce (the
 -- Rust core's outbox relay, the Python core's starts).
@@ -47,6 +56,47 @@ SELECT x.ord, r.id, r.status
 -- would hold the lock every notifying commit of the database takes in turn.
 SELECT set_config('synchronous_commit', 'off', true), pg_notify('iterflow.{schema_raw}', p)
   FROM unnest($1::text[]) AS p
+
+-- name: batch_begin
+-- Opens every transaction of the Rust core's group-commit writer (writer.rs), in one round
+-- trip with whichever of batch_defer_notify and batch_skip_flush apply (joined by "; ").
+-- Its statements find rows by key, so they run on cached generic plans that must never scan
+-- a table. plan_cache_mode = force_generic_plan: under the default mode the claim (whose
+-- LIMIT a generic plan cannot see) and the multi-row statements (whose array lengths it
+-- cannot see) would be planned again on every execution, which costs more than running them.
+-- enable_seqscan = off: a plan is cached when a connection first runs its statement (perhaps
+-- while the tables were nearly empty) and kept until the next ANALYZE, while the tables grow.
+BEGIN; SET LOCAL plan_cache_mode = force_generic_plan; SET LOCAL enable_seqscan = off
+
+-- name: batch_defer_notify
+-- Appended to batch_begin by a writer with an outbox (outbox.rs): wakeup() collects the
+-- transaction's wake-ups in `iterflow.notify` instead of sending them (migration 0002), and
+-- the relay sends them after the commit (relay_notify), so the commit does not hold the
+-- database-wide notify lock through its WAL flush.
+SET LOCAL iterflow.defer_notify = on
+
+-- name: batch_skip_flush
+-- Appended to batch_begin for a batch of claims only. A claim is the one write that need not
+-- be durable when it resolves: if a crash loses it, the run is simply claimed again (at least
+-- once), and any durable commit after it (the run's first step record, a delivery that saw
+-- it) flushes it too, the WAL being one sequence. Skipping the flush wait takes a WAL flush
+-- off the critical path of every start and wake-up.
+SET LOCAL synchronous_commit = off
+
+-- name: batch_collected
+-- Read just before a deferring writer's COMMIT: the wake-ups its transaction collected.
+SELECT current_setting('iterflow.notify', true)
+
+-- name: read_snapshot
+-- Run detail: the reads of one run's parts must agree with each other (a run claimed between
+-- two of them consumes its signals as it leases it and must not show up as still waiting with
+-- consumed signals), so they share one snapshot.
+SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY
+
+-- name: migrate_lock
+-- Held by `iterflow migrate` for its one transaction ($1: `iterflow.migrate.<schema>`), so a
+-- fleet starting at once applies each migration once.
+SELECT pg_advisory_xact_lock(hashtext($1))
 
 -- name: record_step
 -- First writer of a final record wins; a later writer gets the stored row back instead.
@@ -111,39 +161,10 @@ SELECT x.ord, s.status, s.result, s.error, false, s.finished_at
 SELECT {schema}.finish_run($1, $2, $3, $4, $5)
 
 -- name: finish_run_many
--- finish_run for many leased runs finishing 'done' at once (the Rust core's group commit;
--- other outcomes cancel children, which stays in the function): each parameter is the array
+-- finish_run for many runs at once (the Rust core's group commit): each parameter is the array
 -- of that finish_run parameter, no run twice. Returns `ord` (1-based position) and whether
--- that run was finished, as finish_run does; the same locks in the same order (runs rows,
--- then queue rows), the same consequences (parents woken, waiters notified).
-WITH x AS (
-    SELECT * FROM unnest($1::uuid[], $2::bigint[], $3::text[], $4::jsonb[], $5::jsonb[])
-             WITH ORDINALITY AS x(run_id, token, status, output, error, ord)
-), locked AS (
-    SELECT id FROM {schema}.runs WHERE id = ANY ($1::uuid[]) ORDER BY id FOR UPDATE
-), fenced AS (
-    -- lease tokens are unique, so a token in the set identifies its run's lease
-    DELETE FROM {schema}.queue
-     WHERE run_id = ANY (ARRAY(SELECT id FROM locked)) AND lease_token = ANY ($2::bigint[])
-    RETURNING run_id
-), finished AS (
-    UPDATE {schema}.runs r
-       SET status = x.status, output = x.output, error = x.error, waiting = NULL,
-           updated_at = now(), finished_at = now()
-      FROM x
-     WHERE r.id = x.run_id AND x.run_id = ANY (ARRAY(SELECT run_id FROM fenced))
-       AND r.status NOT IN ('done', 'failed', 'canceled')
-    RETURNING r.id, r.parent_id, x.ord, {schema}.wakeup('d ' || r.id::text)
-), woken AS (
-    -- wake_run of each parent, once per parent; one finishing here has nothing to wake
-    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
-    SELECT p.id, p.name, p.priority, now(), true FROM {schema}.runs p
-     WHERE p.id = ANY (ARRAY(SELECT DISTINCT parent_id FROM finished WHERE parent_id IS NOT NULL))
-       AND p.id <> ALL (ARRAY(SELECT id FROM finished))
-       AND p.status NOT IN ('done', 'failed', 'canceled')
-    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now())
-)
-SELECT x.ord, f.ord IS NOT NULL AS finish_run FROM x LEFT JOIN finished f ON f.ord = x.ord
+-- that run was finished, as finish_run does. Both are the one function finish_runs.
+SELECT ord, finished FROM {schema}.finish_runs($1, $2, $3, $4, $5)
 
 -- name: suspend_run
 SELECT {schema}.suspend_run($1, $2, $3, $4, $5, $6)
@@ -422,10 +443,10 @@ SELECT to_regclass($1) IS NOT NULL
 -- The runs row is locked too, and a busy one skipped, never waited for: deliver_signal and
 -- cancel_tree lock the runs row, then the queue row; waiting here would deadlock with them.
 -- A claimed run that suspended on signals (`waiting.signal_seqs`: name -> cursor seq, beside
--- `waiting.signals`: name -> key) has them resolved here as resolve_signal would at replay:
--- the oldest unconsumed entry of each name is consumed and recorded, and the record comes
--- back with the history, so a woken run resumes without another durable write first. A
--- signal whose delivery committed after this statement's snapshot is left to resolve_signal.
+-- `waiting.signals`: name -> key) has them resolved here by take_signals, as resolve_signal
+-- does at replay: the oldest unconsumed entry of each name is consumed and recorded, and the
+-- record comes back with the history, so a woken run resumes without another durable write
+-- first. A wait with no signal queued yet is left to resolve_signal.
 WITH c AS (
     SELECT wq.run_id, wr.waiting AS was
       FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
@@ -448,30 +469,15 @@ WITH c AS (
     RETURNING r.id, r.name, r.version, r.input, r.attempts, r.cancel_reason, r.parent_id, r.depth,
               r.created_at,
               (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
-), pick AS (
-    SELECT c.run_id, w.key AS name, w.value AS key, (c.was->'signal_seqs'->>w.key)::int AS seq,
-           g.id AS signal_id, g.payload
-      FROM c
-     CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
-     CROSS JOIN LATERAL (
-           -- (the check for a final record sits in here so that it is probed by both key
-           -- columns; as a join it was planned as a scan of every run's record of that key)
-           SELECT u.id, u.payload FROM {schema}.signals u
-            WHERE u.run_id = c.run_id AND u.name = w.key AND u.consumed_at IS NULL
-              AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
-                               WHERE d.run_id = c.run_id AND d.key = w.value AND d.status = 'done')
-            ORDER BY u.id LIMIT 1) g
-     WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key
-), used AS (
-    UPDATE {schema}.signals u SET consumed_at = now(), consumed_by = pick.key
-      FROM pick WHERE u.id = pick.signal_id
 ), got AS (
-    INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, result, finished_at)
-    SELECT run_id, key, seq, 'signal', name, 'done', payload, now() FROM pick
-    ON CONFLICT (run_id, key) DO UPDATE
-       SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL
-    RETURNING run_id, key, seq, kind, name, status, result, error, attempts, deadline, child_id,
-              finished_at
+    -- every signal wait of the claimed runs, resolved in one call (none: no call)
+    SELECT t.* FROM (
+           SELECT array_agg(c.run_id) AS runs, array_agg(w.value) AS keys,
+                  array_agg((c.was->'signal_seqs'->>w.key)::int) AS seqs, array_agg(w.key) AS names
+             FROM c CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
+            WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key) a
+     CROSS JOIN LATERAL {schema}.take_signals(a.runs, a.keys, a.seqs, a.names) t
+     WHERE a.runs IS NOT NULL
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,

@@ -1,0 +1,511 @@
+-- The iterflow schema as it is now (version 6), in one file: every table, index and function,
+-- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
+-- bare one, as in the migrations.
+--
+-- This file is the picture to read and review; it is not how a database gets the schema.
+-- Databases are created and upgraded by the migrations (migrations/000N_*.sql, applied in
+-- order by `iterflow migrate`), which never change once released. A change to the schema is a
+-- new migration plus the same change here: tests/test_schema_sql.py applies all migrations to
+-- one fresh schema and this file to another and fails unless the two are identical (tables,
+-- columns, defaults, constraints, indexes, storage options, sequences, and every function's
+-- definition as PostgreSQL prints it). See docs/architecture.md, "Database".
+
+CREATE SCHEMA {schema};
+
+-- ---------------------------------------------------------------------------------------
+-- Tables
+-- ---------------------------------------------------------------------------------------
+
+CREATE TABLE {schema}.schema_version (
+    version    int PRIMARY KEY,
+    applied_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- One row per run, forever (until retention prunes terminal runs).
+-- status: pending | running | sleeping | awaiting_signal | awaiting_child | retrying | parked
+--         | done | failed | canceled
+-- Room on each page (fillfactor) keeps a live run's status changes HOT updates: no column an
+-- index covers changes while a run is live (migration 0003).
+CREATE TABLE {schema}.runs (
+    id              uuid PRIMARY KEY,
+    name            text        NOT NULL,
+    version         int         NOT NULL,
+    idempotency_key text,
+    status          text        NOT NULL,
+    input           jsonb,
+    output          jsonb,
+    error           jsonb,
+    tags            text[]      NOT NULL DEFAULT '{}',
+    priority        int         NOT NULL DEFAULT 0,
+    attempts        int         NOT NULL DEFAULT 0,
+    parent_id       uuid,
+    parent_key      text,
+    depth           int         NOT NULL DEFAULT 1,
+    -- why a live run is not moving: {"kind": "signal"|"sleep"|"child"|"retry"|"parked", ...}
+    waiting         jsonb,
+    cancel_reason   text,
+    created_at      timestamptz NOT NULL DEFAULT now(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    finished_at     timestamptz
+) WITH (fillfactor = 80);
+
+CREATE UNIQUE INDEX runs_idempotency
+    ON {schema}.runs (name, version, idempotency_key) WHERE idempotency_key IS NOT NULL;
+CREATE UNIQUE INDEX runs_parent_key
+    ON {schema}.runs (parent_id, parent_key) WHERE parent_id IS NOT NULL;
+CREATE INDEX runs_created ON {schema}.runs (created_at DESC, id DESC);
+CREATE INDEX runs_name_created ON {schema}.runs (name, created_at DESC, id DESC);
+CREATE INDEX runs_tags ON {schema}.runs USING gin (tags);
+-- terminal runs (retention, listing by finish); live ones through runs_live
+CREATE INDEX runs_finished ON {schema}.runs (finished_at) WHERE finished_at IS NOT NULL;
+CREATE INDEX runs_live ON {schema}.runs (created_at) WHERE finished_at IS NULL;
+
+-- The work queue: a row exists only while a live run has something to do at `ready_at`
+-- (start, retry backoff, sleep deadline, signal-timeout deadline, a wake-up). Timers are
+-- rows whose ready_at is in the future. A finished or indefinitely waiting run has no row,
+-- so the table stays as small as the live work.
+CREATE TABLE {schema}.queue (
+    run_id      uuid PRIMARY KEY REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    flow_name   text        NOT NULL,
+    priority    int         NOT NULL DEFAULT 0,
+    ready_at    timestamptz NOT NULL DEFAULT now(),
+    -- set by every wake-up (signal, child finished, cancel); a suspend that finds it set
+    -- re-queues the run at once instead of waiting, so a wake during a lease is never lost.
+    woken       boolean     NOT NULL DEFAULT false,
+    lease_owner text,
+    lease_token bigint,
+    lease_until timestamptz
+) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0,
+        autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 200);
+
+CREATE INDEX queue_ready
+    ON {schema}.queue (priority DESC, ready_at) WHERE lease_until IS NULL;
+CREATE INDEX queue_leased
+    ON {schema}.queue (lease_until) WHERE lease_until IS NOT NULL;
+
+-- lease tokens fence a stale worker's writes (finish_runs, suspend_run, heartbeat)
+CREATE SEQUENCE {schema}.lease_tokens;
+
+-- Memoized ctx calls. `key` is the cursor key; `seq` the call index in the body (drift check).
+-- status: done (result or error stored, final) | attempt (a failed attempt, will retry)
+--         | waiting (a pinned deadline / spawned child, not yet resolved)
+CREATE TABLE {schema}.steps (
+    run_id      uuid        NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    key         text        NOT NULL,
+    seq         int         NOT NULL,
+    kind        text        NOT NULL,
+    name        text        NOT NULL,
+    status      text        NOT NULL,
+    result      jsonb,
+    error       jsonb,
+    attempts    int         NOT NULL DEFAULT 0,
+    deadline    timestamptz,
+    child_id    uuid,
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    finished_at timestamptz,
+    PRIMARY KEY (run_id, key)
+);
+
+-- Per-run signal inbox, single consumer. Idempotency keys are kept for the life of the run.
+CREATE TABLE {schema}.signals (
+    id              bigserial PRIMARY KEY,
+    run_id          uuid        NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    name            text        NOT NULL,
+    payload         jsonb,
+    idempotency_key text,
+    received_at     timestamptz NOT NULL DEFAULT now(),
+    consumed_at     timestamptz,
+    consumed_by     text
+);
+CREATE INDEX signals_unconsumed
+    ON {schema}.signals (run_id, name, id) WHERE consumed_at IS NULL;
+CREATE UNIQUE INDEX signals_idempotency
+    ON {schema}.signals (run_id, idempotency_key) WHERE idempotency_key IS NOT NULL;
+
+-- Notable moments of a run (failures, retries, parking, cancel, ctx.log). Not written per
+-- successful step: that is what `steps` is for, and every row here costs WAL.
+CREATE TABLE {schema}.events (
+    id      bigserial PRIMARY KEY,
+    run_id  uuid        NOT NULL REFERENCES {schema}.runs (id) ON DELETE CASCADE,
+    at      timestamptz NOT NULL DEFAULT now(),
+    kind    text        NOT NULL,
+    data    jsonb
+);
+CREATE INDEX events_run ON {schema}.events (run_id, id);
+CREATE INDEX events_at ON {schema}.events (at);
+
+CREATE TABLE {schema}.crons (
+    name          text PRIMARY KEY,
+    schedule      text        NOT NULL,
+    timezone      text        NOT NULL DEFAULT 'UTC',
+    flow_name     text        NOT NULL,
+    flow_version  int         NOT NULL,
+    input         jsonb,
+    overlap       text        NOT NULL DEFAULT 'skip',
+    jitter_ms     bigint,
+    backfill_ms   bigint,
+    next_fire_at  timestamptz NOT NULL,
+    last_fire_at  timestamptz,
+    updated_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- Waiters watching a run's progress (`wait(step=...)`, `wait(signal=...)`): while a watch
+-- lives, a step record written for the run or a signal delivered to it sends `p <run id>`
+-- (record_step, record_step_many and deliver_signal in queries.sql; docs/signals.md).
+CREATE TABLE {schema}.watches (
+    run_id     uuid        NOT NULL,
+    watcher    uuid        NOT NULL,
+    expires_at timestamptz NOT NULL,
+    PRIMARY KEY (run_id, watcher)
+);
+
+-- ---------------------------------------------------------------------------------------
+-- Functions. The state transitions that touch several rows live here so both cores run the
+-- same logic in one round trip, and so a transition can never be half applied. Each is
+-- written once; the statements of queries.sql call them.
+-- ---------------------------------------------------------------------------------------
+
+-- For autoscalers: how much work is claimable now (ready queue rows + due crons).
+CREATE OR REPLACE FUNCTION {schema}.pending_work(names text[] DEFAULT NULL) RETURNS bigint
+LANGUAGE sql STABLE AS $$
+    SELECT (SELECT count(*) FROM {schema}.queue q
+             WHERE q.lease_until IS NULL AND q.ready_at <= now()
+               AND (names IS NULL OR q.flow_name = ANY (names)))
+         + (SELECT count(*) FROM {schema}.crons c
+             WHERE c.next_fire_at <= now() AND (names IS NULL OR c.flow_name = ANY (names)))
+$$;
+
+-- Send a wake-up (`q <flow>`, `d <run id>`, `p <run id>`) on the schema's channel, or, in a
+-- transaction that set `iterflow.defer_notify` to `on`, collect it in `iterflow.notify`
+-- (records separated by chr(30)) for the Rust core's relay to send after the commit: a
+-- notifying commit holds a database-wide lock until its WAL flush (migration 0002).
+CREATE OR REPLACE FUNCTION {schema}.wakeup(p_payload text) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    IF current_setting('iterflow.defer_notify', true) = 'on' THEN
+        PERFORM set_config('iterflow.notify',
+                           coalesce(current_setting('iterflow.notify', true), '') || p_payload || chr(30), true);
+    ELSE
+        PERFORM pg_notify('iterflow.{schema_raw}', p_payload);
+    END IF;
+END $$;
+
+-- Wake live runs now: a signal arrived, a child finished, or a run was canceled. Works
+-- whether or not a run is queued or leased (a leased run sees `woken` when it suspends).
+CREATE OR REPLACE FUNCTION {schema}.wake_runs(p_runs uuid[]) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
+    SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
+     WHERE r.id = ANY (p_runs) AND r.status NOT IN ('done', 'failed', 'canceled')
+    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now());
+END $$;
+
+-- Wake one live run: wake_runs for one run.
+CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM {schema}.wake_runs(ARRAY[p_run]);
+END $$;
+
+-- Make runs terminal: the arrays hold, per run, the run, its lease token (NULL: no lease to
+-- check), its status, output and error; no run twice. With a lease token the caller must still
+-- hold the lease (fencing: a stale worker's completion is a no-op). Returns, per run, its
+-- 1-based position and whether it was finished here. Consequences commit with it: live
+-- children of a run that failed or was canceled are canceled, parents are woken, waiters
+-- notified. The group commit's finish_run_many calls it with many runs.
+CREATE OR REPLACE FUNCTION {schema}.finish_runs(
+    p_runs uuid[], p_tokens bigint[], p_statuses text[], p_outputs jsonb[], p_errors jsonb[]
+) RETURNS TABLE (ord bigint, finished boolean)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_finished bigint[];
+    v_failed uuid[];
+    v_parents uuid[];
+BEGIN
+    -- Lock order is runs rows (by id, so concurrent batches agree), then queue rows, as
+    -- deliver_signal and cancel_tree take them: the reverse deadlocks with a signal delivered
+    -- while the run finishes.
+    PERFORM 1 FROM {schema}.runs WHERE id = ANY (p_runs) ORDER BY id FOR UPDATE;
+    WITH x AS (
+        SELECT * FROM unnest(p_runs, p_tokens, p_statuses, p_outputs, p_errors)
+                 WITH ORDINALITY AS x(run_id, token, status, output, error, pos)
+    ), fenced AS (
+        -- lease tokens are unique, so a token in the set identifies its run's lease
+        DELETE FROM {schema}.queue
+         WHERE run_id = ANY (p_runs)
+           AND (lease_token = ANY (p_tokens)
+                OR run_id = ANY (ARRAY(SELECT x.run_id FROM x WHERE x.token IS NULL)))
+        RETURNING run_id
+    ), done_here AS (
+        UPDATE {schema}.runs r
+           SET status = x.status, output = x.output, error = x.error, waiting = NULL,
+               updated_at = now(), finished_at = now()
+          FROM x
+         WHERE r.id = x.run_id AND r.status NOT IN ('done', 'failed', 'canceled')
+           AND (x.token IS NULL OR x.run_id = ANY (ARRAY(SELECT f.run_id FROM fenced f)))
+        RETURNING r.id, r.parent_id, x.status, x.pos, {schema}.wakeup('d ' || r.id::text)
+    )
+    SELECT array_agg(d.pos), array_agg(d.id) FILTER (WHERE d.status <> 'done'),
+           array_agg(DISTINCT d.parent_id) FILTER (WHERE d.parent_id IS NOT NULL)
+      INTO v_finished, v_failed, v_parents
+      FROM done_here d;
+    IF v_failed IS NOT NULL THEN
+        PERFORM {schema}.cancel_tree(c.id, coalesce(p.error->>'message', 'parent ' || p.status))
+           FROM {schema}.runs c JOIN {schema}.runs p ON p.id = c.parent_id
+          WHERE c.parent_id = ANY (v_failed) AND c.status NOT IN ('done', 'failed', 'canceled');
+    END IF;
+    IF v_parents IS NOT NULL THEN
+        -- a parent that finished here too is terminal now: wake_runs leaves it alone
+        PERFORM {schema}.wake_runs(v_parents);
+    END IF;
+    RETURN QUERY
+        SELECT i.pos, i.pos = ANY (coalesce(v_finished, '{}'))
+          FROM generate_series(1::bigint, cardinality(p_runs)) AS i(pos);
+END $$;
+
+-- Make one run terminal: finish_runs for one run.
+CREATE OR REPLACE FUNCTION {schema}.finish_run(
+    p_run uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN (SELECT f.finished
+              FROM {schema}.finish_runs(ARRAY[p_run], ARRAY[p_token], ARRAY[p_status],
+                                        ARRAY[p_output], ARRAY[p_error]) f);
+END $$;
+
+-- Cancel a run and every live descendant. Unleased runs become `canceled` at once; a run
+-- leased by a worker keeps running until that worker sees `cancel_reason` (heartbeat or its
+-- next write) and finishes it, which fires the step's abort token there. Returns how many
+-- runs were canceled or flagged.
+CREATE OR REPLACE FUNCTION {schema}.cancel_tree(p_run uuid, p_reason text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid;
+    v_count integer := 0;
+    v_leased boolean;
+BEGIN
+    FOR v_id IN
+        WITH RECURSIVE tree(id) AS (
+            SELECT id FROM {schema}.runs WHERE id = p_run
+            UNION ALL
+            SELECT c.id FROM {schema}.runs c JOIN tree t ON c.parent_id = t.id
+        )
+        SELECT r.id FROM {schema}.runs r JOIN tree USING (id)
+         WHERE r.status NOT IN ('done', 'failed', 'canceled')
+         ORDER BY r.depth DESC
+         FOR UPDATE OF r
+    LOOP
+        UPDATE {schema}.runs SET cancel_reason = coalesce(cancel_reason, p_reason), updated_at = now()
+         WHERE id = v_id;
+        SELECT lease_until IS NOT NULL AND lease_until > now() INTO v_leased
+          FROM {schema}.queue WHERE run_id = v_id;
+        IF coalesce(v_leased, false) THEN
+            UPDATE {schema}.queue SET woken = true WHERE run_id = v_id;
+        ELSE
+            PERFORM {schema}.finish_run(v_id, NULL, 'canceled', NULL,
+                jsonb_build_object('code', 'RUN_CANCELED', 'message', coalesce(p_reason, 'canceled'),
+                                   'traceback', NULL, 'cause', NULL));
+        END IF;
+        v_count := v_count + 1;
+    END LOOP;
+    RETURN v_count;
+END $$;
+
+-- Park a leased run until `p_wake_at` (NULL = until woken) with a reason a human can read.
+-- A wake that arrived during the lease re-queues it at once. p_attempts_delta NULL marks
+-- forward progress (sleep, signal and child waits), which resets the poison-pill counter.
+CREATE OR REPLACE FUNCTION {schema}.suspend_run(
+    p_run uuid, p_token bigint, p_status text, p_waiting jsonb, p_wake_at timestamptz,
+    p_attempts_delta integer
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_woken boolean;
+BEGIN
+    -- runs row first, then queue row: see finish_run
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    SELECT woken INTO v_woken FROM {schema}.queue
+     WHERE run_id = p_run AND lease_token = p_token FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF v_woken OR p_wake_at IS NOT NULL THEN
+        UPDATE {schema}.queue
+           SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, woken = false,
+               ready_at = CASE WHEN v_woken THEN now() ELSE p_wake_at END
+         WHERE run_id = p_run;
+    ELSE
+        DELETE FROM {schema}.queue WHERE run_id = p_run;
+    END IF;
+    UPDATE {schema}.runs
+       SET status = p_status, waiting = p_waiting, updated_at = now(),
+           attempts = CASE WHEN p_attempts_delta IS NULL THEN 0 ELSE attempts + p_attempts_delta END
+     WHERE id = p_run;
+    IF v_woken OR p_wake_at <= now() THEN
+        PERFORM {schema}.wakeup('q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
+    END IF;
+    RETURN true;
+END $$;
+
+-- Deliver a signal (docs/signals.md). Locks the run row so delivery and a timeout decision
+-- (resolve_signal) serialize: whichever commits first wins, and nothing is lost. A delivery
+-- answers `delivered` only when its own payload is the one the waiting run will consume.
+CREATE OR REPLACE FUNCTION {schema}.deliver_signal(
+    p_run uuid, p_name text, p_payload jsonb, p_key text
+) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_status text;
+    v_waiting jsonb;
+    v_last record;
+    v_key text;
+BEGIN
+    SELECT status, waiting INTO v_status, v_waiting FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'not_found';
+    END IF;
+    IF v_status IN ('done', 'failed', 'canceled') THEN
+        RETURN 'closed';
+    END IF;
+    IF p_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM {schema}.signals WHERE run_id = p_run AND idempotency_key = p_key
+    ) THEN
+        RETURN 'duplicate';
+    END IF;
+    -- a suspended run lists every signal any of its branches waits for, with the cursor key;
+    -- the wait is this payload's only if no earlier payload of that name is still queued
+    v_key := CASE WHEN v_status <> 'running' THEN v_waiting->'signals'->>p_name END;
+    IF v_key IS NOT NULL AND EXISTS (
+        SELECT 1 FROM {schema}.signals WHERE run_id = p_run AND name = p_name AND consumed_at IS NULL
+    ) THEN
+        INSERT INTO {schema}.signals (run_id, name, payload, idempotency_key)
+        VALUES (p_run, p_name, p_payload, p_key);
+        RETURN 'buffered';
+    END IF;
+    IF v_key IS NULL THEN
+        SELECT status, error INTO v_last FROM {schema}.steps
+         WHERE run_id = p_run AND kind = 'signal' AND name = p_name
+         ORDER BY seq DESC LIMIT 1;
+        IF FOUND AND v_last.status = 'done' AND v_last.error->>'code' = 'SIGNAL_TIMEOUT' THEN
+            RETURN 'expired';
+        END IF;
+    END IF;
+    INSERT INTO {schema}.signals (run_id, name, payload, idempotency_key)
+    VALUES (p_run, p_name, p_payload, p_key);
+    IF v_key IS NOT NULL THEN
+        PERFORM {schema}.wake_run(p_run);
+        PERFORM {schema}.wakeup('q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
+        RETURN 'delivered ' || v_key;
+    END IF;
+    IF v_status = 'running' THEN
+        -- the run may be about to wait for this very name: make its suspend re-queue it
+        PERFORM {schema}.wake_run(p_run);
+    END IF;
+    RETURN 'buffered';
+END $$;
+
+-- Consume signals for waits: per wait (the arrays hold its run, cursor key, cursor seq and
+-- signal name), the oldest unconsumed signal of that name is consumed and recorded as the
+-- wait's final record, unless the wait has one already. Returns the records written; a wait
+-- with no signal queued has none. The caller holds the runs' row locks (resolve_signal, the
+-- claim), so a delivery serializes with it.
+CREATE OR REPLACE FUNCTION {schema}.take_signals(
+    p_runs uuid[], p_keys text[], p_seqs integer[], p_names text[]
+) RETURNS SETOF {schema}.steps
+LANGUAGE plpgsql AS $$
+BEGIN
+    RETURN QUERY
+    WITH x AS (
+        SELECT * FROM unnest(p_runs, p_keys, p_seqs, p_names) AS x(run_id, key, seq, name)
+    ), pick AS (
+        SELECT x.run_id, x.key, x.seq, x.name, g.id AS signal_id, g.payload
+          FROM x
+         CROSS JOIN LATERAL (
+               -- (the check for a final record sits in here so that it is probed by both key
+               -- columns; as a join it was planned as a scan of every run's record of that key)
+               SELECT u.id, u.payload FROM {schema}.signals u
+                WHERE u.run_id = x.run_id AND u.name = x.name AND u.consumed_at IS NULL
+                  AND NOT EXISTS (SELECT 1 FROM {schema}.steps d
+                                   WHERE d.run_id = x.run_id AND d.key = x.key AND d.status = 'done')
+                ORDER BY u.id LIMIT 1) g
+    ), used AS (
+        UPDATE {schema}.signals u SET consumed_at = now(), consumed_by = pick.key
+          FROM pick WHERE u.id = pick.signal_id
+    ), got AS (
+        INSERT INTO {schema}.steps AS s (run_id, key, seq, kind, name, status, result, finished_at)
+        SELECT pick.run_id, pick.key, pick.seq, 'signal', pick.name, 'done', pick.payload, now()
+          FROM pick
+        ON CONFLICT (run_id, key) DO UPDATE
+           SET status = 'done', result = excluded.result, finished_at = now(), deadline = NULL
+        RETURNING s.*
+    )
+    SELECT * FROM got;
+END $$;
+
+-- Resolve a signal wait at replay: consume the oldest unconsumed entry of that name, or,
+-- when the pinned deadline has passed and none arrived, record the timeout. Returns
+-- ('signal', payload), ('timeout', NULL) or ('none', NULL). The stored record is final.
+CREATE OR REPLACE FUNCTION {schema}.resolve_signal(
+    p_run uuid, p_key text, p_seq integer, p_name text, p_deadline_passed boolean,
+    p_timeout_error jsonb, OUT outcome text, OUT payload jsonb, OUT at timestamptz
+)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_sig record;
+BEGIN
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    at := now();
+    SELECT s.status, s.result, s.error, s.finished_at INTO v_sig FROM {schema}.steps s
+     WHERE s.run_id = p_run AND s.key = p_key AND s.status = 'done';
+    IF FOUND THEN
+        outcome := CASE WHEN v_sig.error IS NULL THEN 'signal' ELSE 'timeout' END;
+        payload := v_sig.result;
+        at := v_sig.finished_at;
+        RETURN;
+    END IF;
+    SELECT t.result INTO v_sig
+      FROM {schema}.take_signals(ARRAY[p_run], ARRAY[p_key], ARRAY[p_seq], ARRAY[p_name]) t;
+    IF FOUND THEN
+        outcome := 'signal';
+        payload := v_sig.result;
+    ELSIF p_deadline_passed THEN
+        INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, error, finished_at)
+        VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', p_timeout_error, now())
+        ON CONFLICT (run_id, key) DO UPDATE
+           SET status = 'done', error = excluded.error, finished_at = now();
+        outcome := 'timeout';
+    ELSE
+        outcome := 'none';
+    END IF;
+END $$;
+
+-- Put a failed run back to work (engine.retry, docs/guide.md §3): successful records kept, failed ones dropped.
+CREATE OR REPLACE FUNCTION {schema}.retry_run(p_run uuid) RETURNS text
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_run record;
+BEGIN
+    SELECT id, name, priority, status INTO v_run FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN 'missing';
+    END IF;
+    IF v_run.status <> 'failed' THEN
+        RETURN 'not_failed';
+    END IF;
+    DELETE FROM {schema}.steps
+     WHERE run_id = p_run AND (status <> 'done' OR (error IS NOT NULL AND kind = 'step'));
+    UPDATE {schema}.runs
+       SET status = 'pending', attempts = 0, error = NULL, output = NULL, finished_at = NULL,
+           waiting = NULL, cancel_reason = NULL, updated_at = now()
+     WHERE id = p_run;
+    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
+    VALUES (p_run, v_run.name, v_run.priority, now())
+    ON CONFLICT (run_id) DO UPDATE SET ready_at = now(), lease_owner = NULL, lease_token = NULL,
+        lease_until = NULL;
+    INSERT INTO {schema}.events (run_id, kind) VALUES (p_run, 'retried');
+    PERFORM {schema}.wakeup('q ' || v_run.name);
+    RETURN 'queued';
+END $$;
