@@ -148,8 +148,9 @@ def _wait_until_up(bouncer: Bouncer) -> None:
             with psycopg.connect(bouncer.dsn, prepare_threshold=None, connect_timeout=2) as conn:
                 conn.execute("SELECT 1", prepare=False)
             return
-        except psycopg.OperationalError:
+        except psycopg.OperationalError as exc:
             if time.monotonic() > deadline:
+                log = bouncer.log.read_text()  # before stop(), which removes the directory
                 bouncer.stop()
-                raise RuntimeError(f"pgbouncer did not come up:\n{bouncer.log.read_text()}") from None
+                raise RuntimeError(f"pgbouncer did not come up (last error: {exc}):\n{log}") from None
             time.sleep(0.05)
