@@ -31,9 +31,11 @@ COUNTERPARTS = {
     "StoredStep": base.StoredStep,
     "Created": base.Created,
     "LeaseState": base.LeaseState,
+    "Resolved": base.Resolved,
+    "ChangedRuns": base.ChangedRuns,
 }
-# row classes typed by the stub alone (the protocol answers them as tuples or dicts)
-STUB_ONLY = {"Resolved", "ChangedRuns", "QueryResult"}
+# row classes typed by the stub alone (the protocol answers admin_query's rows as dicts)
+STUB_ONLY = {"QueryResult"}
 
 
 def _stub_classes() -> dict[str, ast.ClassDef]:
@@ -139,10 +141,12 @@ async def test_claim_builds_the_protocol_types(rust: RustCore) -> None:
 async def test_resolve_changes_query_and_detail(rust: RustCore) -> None:
     run_id = await _one_run(rust)
     [run] = await rust.claim(["seam"], 10, "me", 60_000)
-    outcome, payload, at = await rust.resolve_signal(run_id, "s", 0, "go", False, json.dumps({"t": 1}))
-    assert (outcome, payload) == ("none", None) and isinstance(at, datetime)
+    resolved = await rust.resolve_signal(run_id, "s", 0, "go", False, json.dumps({"t": 1}))
+    assert isinstance(resolved, base.Resolved)
+    assert (resolved.outcome, resolved.payload) == ("none", None) and isinstance(resolved.at, datetime)
     changed = await rust._wait(rust._c.changed_runs, 0.0)
     assert isinstance(changed, _core.ChangedRuns) and isinstance(changed.listening, bool)
+    assert await rust.changed_runs(0.0) == base.ChangedRuns([], everything=False, listening=False)
     result = await rust._run(rust._c.query, "release_leases", [[run_id], [run.lease_token]])
     assert isinstance(result, _core.QueryResult)
     assert result.has_columns is True and result.rowcount == len(result.rows) == 1

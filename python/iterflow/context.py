@@ -430,18 +430,18 @@ class Context:
         try:
             if rec is None:
                 await self._gate("signal", key)
-            outcome, payload, at = await self._io(self._services.core.resolve_signal(
+            resolved = await self._io(self._services.core.resolve_signal(
                 self.run_id, key, seq, name, until is not None and until <= now, codec.dumps(timeout_error)
             ))
-            if outcome == "none" and rec is None and until is not None:
+            if resolved.outcome == "none" and rec is None and until is not None:
                 await self._record(StepRecord(key, seq, "signal", name, "waiting", deadline=until), None, None)
         finally:
             self._end(replay)
-        if outcome != "none":
-            self._advance(at)
-        if outcome == "signal":
-            return self._signal_value(payload, None, schema_, name)
-        if outcome == "timeout":
+        if resolved.outcome != "none":
+            self._advance(resolved.at)
+        if resolved.outcome == "signal":
+            return self._signal_value(resolved.payload, None, schema_, name)
+        if resolved.outcome == "timeout":
             return self._signal_value(None, timeout_error, schema_, name)
         waiting = {"kind": "signal", "name": name, "key": key, "seq": seq,
                    "until": until.isoformat() if until else None}

@@ -31,7 +31,7 @@ import weakref
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
-from .cores.base import Core
+from .cores.base import ChangedRuns, Core
 from .errors import EngineStateError, IterflowError
 from .types import TERMINAL
 
@@ -79,7 +79,7 @@ class RunWaiters:
         self._fresh: set[str] = set()
         self._kick = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self._changes: asyncio.Task[tuple[list[str], bool, bool]] | None = None
+        self._changes: asyncio.Task[ChangedRuns] | None = None
         self._listening = True
         self._last_full = time.monotonic()
         self.status: dict[str, str] = {}  # the last status seen of each waited-for run
@@ -191,11 +191,12 @@ class RunWaiters:
             return set(), False
         task, self._changes = self._changes, None
         try:
-            ids, everything, self._listening = task.result()
+            changed = task.result()
         except IterflowError as exc:
             log.warning("iterflow: waiting for run changes failed (%s); reading every waited-for run", exc)
             return set(), True
-        return set(ids), everything
+        self._listening = changed.listening
+        return set(changed.run_ids), changed.everything
 
     async def _sleep(self) -> None:
         """Until the change log answers, a new waiter registers, or the safety read is due."""

@@ -261,6 +261,37 @@ fn check_uuid(what: &str, s: &str) -> Result<(), CoreError> {
         .map_err(|_| CoreError::InvalidArgument(format!("{what}: {s:?} is not a UUID")))
 }
 
+/// The columns of `claim_with_history` that [`Core::claim`] reads, named in the order it
+/// binds their positions.
+const CLAIM_COLUMNS: [&str; 26] = [
+    "kind",
+    "run_id",
+    "lease_token",
+    "name",
+    "version",
+    "input",
+    "attempts",
+    "cancel_reason",
+    "parent_id",
+    "depth",
+    "created_at",
+    "parent_status",
+    "db_now",
+    "key",
+    "seq",
+    "step_kind",
+    "status",
+    "result",
+    "error",
+    "step_attempts",
+    "deadline",
+    "child_id",
+    "child_status",
+    "child_output",
+    "child_error",
+    "finished_at",
+];
+
 /// The writes the group-commit writer sends many at a time (see queries.sql).
 const COALESCE: &[Coalesce] = &[
     Coalesce {
@@ -485,12 +516,13 @@ impl Core {
             let rows = conn
                 .query("insert_runs", &[Param::Json(chunk.rows_json.clone())])
                 .await?;
+            let [ord, id] = rows.columns_of("insert_runs", ["ord", "id"])?;
             let mut made: HashMap<i64, Created> = HashMap::new();
             for r in &rows.rows {
                 made.insert(
-                    int(&r[0]),
+                    int(&r[ord]),
                     Created {
-                        run_id: text(&r[1]).unwrap_or_default(),
+                        run_id: text(&r[id]).unwrap_or_default(),
                         status: "pending".into(),
                         created: true,
                     },
@@ -503,10 +535,12 @@ impl Core {
                         &[Param::Json(chunk.find_json.clone())],
                     )
                     .await?;
+                let [ord, id, status] =
+                    found.columns_of("find_existing_runs", ["ord", "id", "status"])?;
                 for r in &found.rows {
-                    made.entry(int(&r[0])).or_insert_with(|| Created {
-                        run_id: text(&r[1]).unwrap_or_default(),
-                        status: text(&r[2]).unwrap_or_default(),
+                    made.entry(int(&r[ord])).or_insert_with(|| Created {
+                        run_id: text(&r[id]).unwrap_or_default(),
+                        status: text(&r[status]).unwrap_or_default(),
                         created: false,
                     });
                 }
@@ -567,7 +601,11 @@ impl Core {
             ]
         });
         let rows = self.write(run_id, "deliver_signal", params).await?;
-        Ok(text(&rows.scalar()).unwrap_or_default())
+        let [answer] = rows.columns_of("deliver_signal", ["deliver_signal"])?;
+        Ok(rows
+            .first()
+            .and_then(|r| text(&r[answer]))
+            .unwrap_or_default())
     }
 
     pub async fn cancel(&self, run_id: &str, reason: &str) -> Result<i64, CoreError> {
@@ -690,7 +728,8 @@ impl Core {
             .pool
             .query("select_runs_by_filter", &params)
             .await?;
-        Ok(rows.rows.iter().filter_map(|r| text(&r[0])).collect())
+        let [id] = rows.columns_of("select_runs_by_filter", ["id"])?;
+        Ok(rows.rows.iter().filter_map(|r| text(&r[id])).collect())
     }
 
     pub async fn purge(&self, run_ids: &[String]) -> Result<u64, CoreError> {
@@ -759,44 +798,50 @@ impl Core {
         );
         async move {
             let rows = pending.await?;
+            let [
+                kind, run_id, lease_token, name, version, input, attempts, cancel_reason,
+                parent_id, depth, created_at, parent_status, db_now,
+                key, seq, step_kind, status, result, error, step_attempts, deadline,
+                child_id, child_status, child_output, child_error, finished_at,
+            ] = rows.columns_of("claim_with_history", CLAIM_COLUMNS)?;
             let mut runs: Vec<Claimed> = Vec::new();
             let mut steps: Vec<(String, StepRow)> = Vec::new();
             for r in &rows.rows {
-                let run_id = text(&r[1]).unwrap_or_default();
-                if r[0].as_str() == Some("run") {
+                let id = text(&r[run_id]).unwrap_or_default();
+                if r[kind].as_str() == Some("run") {
                     runs.push(Claimed {
-                        run_id,
-                        lease_token: int(&r[2]),
-                        name: text(&r[3]).unwrap_or_default(),
-                        version: int(&r[4]),
-                        input: json(&r[5]),
-                        attempts: int(&r[6]),
-                        cancel_reason: text(&r[7]),
-                        parent_id: text(&r[8]),
-                        depth: int(&r[9]),
-                        created_at: r[10].as_ts().unwrap_or_default(),
-                        parent_status: text(&r[11]),
-                        db_now: r[12].as_ts().unwrap_or_default(),
+                        run_id: id,
+                        lease_token: int(&r[lease_token]),
+                        name: text(&r[name]).unwrap_or_default(),
+                        version: int(&r[version]),
+                        input: json(&r[input]),
+                        attempts: int(&r[attempts]),
+                        cancel_reason: text(&r[cancel_reason]),
+                        parent_id: text(&r[parent_id]),
+                        depth: int(&r[depth]),
+                        created_at: r[created_at].as_ts().unwrap_or_default(),
+                        parent_status: text(&r[parent_status]),
+                        db_now: r[db_now].as_ts().unwrap_or_default(),
                         history: Vec::new(),
                     });
                 } else {
                     steps.push((
-                        run_id,
+                        id,
                         StepRow {
-                            key: text(&r[13]).unwrap_or_default(),
-                            seq: int(&r[14]),
-                            kind: text(&r[15]).unwrap_or_default(),
-                            name: text(&r[3]).unwrap_or_default(),
-                            status: text(&r[16]).unwrap_or_default(),
-                            result: json(&r[17]),
-                            error: json(&r[18]),
-                            attempts: int(&r[19]),
-                            deadline: r[20].as_ts(),
-                            child_id: text(&r[21]),
-                            child_status: text(&r[22]),
-                            child_output: json(&r[23]),
-                            child_error: json(&r[24]),
-                            finished_at: r[25].as_ts(),
+                            key: text(&r[key]).unwrap_or_default(),
+                            seq: int(&r[seq]),
+                            kind: text(&r[step_kind]).unwrap_or_default(),
+                            name: text(&r[name]).unwrap_or_default(),
+                            status: text(&r[status]).unwrap_or_default(),
+                            result: json(&r[result]),
+                            error: json(&r[error]),
+                            attempts: int(&r[step_attempts]),
+                            deadline: r[deadline].as_ts(),
+                            child_id: text(&r[child_id]),
+                            child_status: text(&r[child_status]),
+                            child_output: json(&r[child_output]),
+                            child_error: json(&r[child_error]),
+                            finished_at: r[finished_at].as_ts(),
                         },
                     ));
                 }
@@ -861,12 +906,16 @@ impl Core {
             let r = rows
                 .first()
                 .ok_or_else(|| CoreError::InvalidArgument("record_step returned no row".into()))?;
+            let [status, result, error, written, finished_at] = rows.columns_of(
+                "record_step",
+                ["status", "result", "error", "written", "finished_at"],
+            )?;
             Ok(Stored {
-                status: text(&r[0]).unwrap_or_default(),
-                result: json(&r[1]),
-                error: json(&r[2]),
-                written: r[3].as_bool().unwrap_or(false),
-                finished_at: r[4].as_ts(),
+                status: text(&r[status]).unwrap_or_default(),
+                result: json(&r[result]),
+                error: json(&r[error]),
+                written: r[written].as_bool().unwrap_or(false),
+                finished_at: r[finished_at].as_ts(),
             })
         }
     }
@@ -942,10 +991,12 @@ impl Core {
             let r = rows.first().ok_or_else(|| {
                 CoreError::InvalidArgument("resolve_signal returned no row".into())
             })?;
+            let [outcome, payload, at] =
+                rows.columns_of("resolve_signal", ["outcome", "payload", "at"])?;
             Ok(Resolved {
-                outcome: text(&r[0]).unwrap_or_default(),
-                payload: json(&r[1]),
-                at: r[2].as_ts().unwrap_or_default(),
+                outcome: text(&r[outcome]).unwrap_or_default(),
+                payload: json(&r[payload]),
+                at: r[at].as_ts().unwrap_or_default(),
             })
         }
     }
@@ -1048,13 +1099,15 @@ impl Core {
                 ],
             )
             .await?;
+        let [run_id, held, cancel_reason] =
+            rows.columns_of("heartbeat", ["run_id", "held", "cancel_reason"])?;
         Ok(rows
             .rows
             .iter()
             .map(|r| LeaseState {
-                run_id: text(&r[0]).unwrap_or_default(),
-                held: r[1].as_bool().unwrap_or(false),
-                cancel_reason: text(&r[2]),
+                run_id: text(&r[run_id]).unwrap_or_default(),
+                held: r[held].as_bool().unwrap_or(false),
+                cancel_reason: text(&r[cancel_reason]),
             })
             .collect())
     }

@@ -9,6 +9,8 @@ use chrono::{DateTime, Utc};
 use tokio_postgres::types::{FromSql, IsNull, Kind, ToSql, Type};
 use uuid::Uuid;
 
+use crate::CoreError;
+
 type BoxError = Box<dyn Error + Sync + Send>;
 
 /// A statement parameter; encoded according to the placeholder's server-side type.
@@ -285,7 +287,60 @@ impl Rows {
             .unwrap_or(Val::Null)
     }
 
-    pub fn col(&self, name: &str) -> Option<usize> {
-        self.columns.iter().position(|c| c == name)
+    /// Where the columns `names` sit in this result of `statement`: looked up once per
+    /// result, so rows are then read by plain indexing with no per-row name lookup, and no
+    /// reader depends on the column order of queries.sql (docs/architecture.md §5). A column
+    /// the result lacks is SCHEMA_MISMATCH naming it and the statement, not a panic.
+    pub fn columns_of<const N: usize>(
+        &self,
+        statement: &str,
+        names: [&str; N],
+    ) -> Result<[usize; N], CoreError> {
+        let mut at = [0; N];
+        for (slot, name) in at.iter_mut().zip(names) {
+            *slot = self.columns.iter().position(|c| c == name).ok_or_else(|| {
+                CoreError::SchemaMismatch(format!(
+                    "statement `{statement}` returned no column `{name}` (its columns: {})",
+                    self.columns.join(", ")
+                ))
+            })?;
+        }
+        Ok(at)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rows(columns: &[&str]) -> Rows {
+        Rows {
+            columns: columns.iter().map(|c| c.to_string()).collect(),
+            ..Rows::default()
+        }
+    }
+
+    #[test]
+    fn columns_are_found_by_name_in_the_order_asked() {
+        let r = rows(&["ord", "id", "status"]);
+        assert_eq!(
+            r.columns_of("find_existing_runs", ["status", "ord"])
+                .unwrap(),
+            [2, 0]
+        );
+        assert_eq!(r.columns_of("find_existing_runs", []).unwrap(), [0usize; 0]);
+    }
+
+    #[test]
+    fn a_missing_column_names_itself_and_the_statement() {
+        let err = rows(&["ord", "id"])
+            .columns_of("insert_runs", ["id", "status"])
+            .unwrap_err();
+        assert_eq!(err.code(), "SCHEMA_MISMATCH");
+        let text = err.to_string();
+        assert!(
+            text.contains("`insert_runs`") && text.contains("`status`"),
+            "{text}"
+        );
     }
 }

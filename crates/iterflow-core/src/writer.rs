@@ -36,7 +36,7 @@ use tokio_postgres::SimpleQueryMessage;
 
 use crate::outbox::Outbox;
 use crate::pool::{run, Pool, PooledConn, Prepared};
-use crate::value::{Param, Rows, Val};
+use crate::value::{Param, Rows};
 use crate::CoreError;
 
 /// Opens every writer transaction: `BEGIN` and the planner options its statements need
@@ -62,8 +62,8 @@ const COLLECTED: &str = "batch_collected";
 /// The multi-row form of a statement. The ops of a batch that use `single` and pass
 /// `accepts` are sent as one `many` statement instead, at most one op per run (so a run's ops
 /// keep their order, and no row is touched twice by one statement). Parameter `i` of `many` is
-/// the array of parameter `i` of its ops; each row it returns starts with `ord`, the 1-based
-/// position of its op, followed by what `single` returns for that op.
+/// the array of parameter `i` of its ops; each row it returns has a column `ord`, the 1-based
+/// position of its op, beside the columns `single` returns for that op.
 #[derive(Debug, Clone, Copy)]
 pub struct Coalesce {
     pub single: &'static str,
@@ -396,26 +396,29 @@ fn columns(batch: &[WriteOp], ops: &[usize]) -> Vec<Param> {
         .collect()
 }
 
-/// The rows of each of `n` ops from a multi-row statement's rows (`ord` first, see
-/// [`Coalesce`]).
-fn split(rows: Rows, n: usize) -> Vec<Rows> {
+/// The rows of each of `n` ops from the rows of the multi-row statement `many`, by their
+/// `ord` column (see [`Coalesce`]), which each op's rows then lack.
+fn split(rows: Rows, n: usize, many: &str) -> Result<Vec<Rows>, CoreError> {
+    let [ord] = rows.columns_of(many, ["ord"])?;
+    let mut columns = rows.columns;
+    columns.remove(ord);
     let mut out = vec![
         Rows {
-            columns: rows.columns.iter().skip(1).cloned().collect(),
+            columns,
             ..Rows::default()
         };
         n
     ];
     for mut row in rows.rows {
-        let ord = row.first().and_then(Val::as_i64).unwrap_or(0);
-        let slot = usize::try_from(ord - 1).ok().and_then(|o| out.get_mut(o));
+        let at = row[ord].as_i64().unwrap_or(0);
+        let slot = usize::try_from(at - 1).ok().and_then(|o| out.get_mut(o));
         if let Some(slot) = slot {
-            row.remove(0);
+            row.remove(ord);
             slot.rows.push(row);
             slot.affected += 1;
         }
     }
-    out
+    Ok(out)
 }
 
 /// The wake-ups this transaction collected; None when there are none or the read failed (the
@@ -562,8 +565,17 @@ async fn together(
             Ok(rows) => {
                 let unit = &units[u];
                 if unit.many {
-                    for (&i, rows) in unit.ops.iter().zip(split(rows, unit.ops.len())) {
-                        out[i] = Some(Ok(rows));
+                    match split(rows, unit.ops.len(), unit.query) {
+                        Ok(parts) => {
+                            for (&i, rows) in unit.ops.iter().zip(parts) {
+                                out[i] = Some(Ok(rows));
+                            }
+                        }
+                        Err(e) => {
+                            for &i in &unit.ops {
+                                out[i] = Some(Err(e.clone()));
+                            }
+                        }
                     }
                 } else {
                     out[unit.ops[0]] = Some(Ok(rows));

@@ -147,13 +147,12 @@ async fn client_operations_with(named: bool) {
 
     // reads
     let run = core.get_run(&made[0].run_id).await.unwrap().unwrap();
-    let status = run.col("status").unwrap();
+    let [id, status, input] = run
+        .columns_of("get_run", ["id", "status", "input"])
+        .unwrap();
     assert_eq!(run.rows[0][status], Val::Text("pending".into()));
-    assert_eq!(
-        run.rows[0][run.col("input").unwrap()],
-        Val::Json("{\"n\": 0}".into())
-    );
-    assert!(matches!(run.rows[0][0], Val::Uuid(_)));
+    assert_eq!(run.rows[0][input], Val::Json("{\"n\": 0}".into()));
+    assert!(matches!(run.rows[0][id], Val::Uuid(_)));
     assert!(core.get_run(&new_id()).await.unwrap().is_none());
     assert!(core.get_run("nope").await.is_err());
     let detail = core.run_detail(&made[1].run_id).await.unwrap().unwrap();

@@ -3,8 +3,8 @@
 //!
 //! Rows are frozen pyclasses with named fields, read by attribute in cores/rust.py; each has a
 //! Python counterpart of the same field names (cores/base.py `ClaimedRun`, `StepRecord`,
-//! `StoredStep`, `Created`, `LeaseState`) or is typed in python/iterflow/_core.pyi only
-//! (`Resolved`, `ChangedRuns`, `QueryResult`). tests/test_seam.py compares all three sides.
+//! `StoredStep`, `Resolved`, `Created`, `LeaseState`, `ChangedRuns`) or is typed in
+//! python/iterflow/_core.pyi only (`QueryResult`). tests/test_seam.py compares all three sides.
 //! JSON columns are decoded here, on the loop thread, so Python receives ready values.
 
 use iterflow_core::core::{self as core, RunDetail};

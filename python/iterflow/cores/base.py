@@ -131,6 +131,26 @@ class LeaseState:
 
 
 @dataclass(frozen=True)
+class Resolved:
+    """What ``resolve_signal`` did: ``outcome`` "signal" (consumed ``payload``), "timeout" (the
+    deadline passed; recorded) or "none" (nothing yet); ``at`` is the database's time of it."""
+
+    outcome: str
+    payload: Any
+    at: datetime
+
+
+@dataclass(frozen=True)
+class ChangedRuns:
+    """``changed_runs``' answer: the runs that may have changed; ``everything``: changes may
+    have been missed, re-read them all; ``listening``: whether LISTEN is up."""
+
+    run_ids: list[str]
+    everything: bool
+    listening: bool
+
+
+@dataclass(frozen=True)
 class RunFilter:
     """Bulk-operation and listing filter; all None means "everything" and is refused for bulk."""
 
@@ -182,12 +202,12 @@ class Core(Protocol):
         run opens it too; until then a process that only starts runs and sends signals holds
         no LISTEN connection and is not woken by every notification of the schema."""
         ...
-    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
-        """``(run ids, everything, listening)``: the runs that may have changed (became
-        terminal, or a watched run made progress) since the last call, waiting up to
-        ``timeout`` seconds for one. ``everything``: changes may have been missed (the LISTEN
-        connection came back), re-read them all. ``listening``: whether LISTEN is up; without
-        it only this process's own finishes are logged. One consumer (waiters.py)."""
+    async def changed_runs(self, timeout: float) -> ChangedRuns:
+        """The runs that may have changed (became terminal, or a watched run made progress)
+        since the last call, waiting up to ``timeout`` seconds for one. ``everything``: changes
+        may have been missed (the LISTEN connection came back), re-read them all.
+        ``listening``: whether LISTEN is up; without it only this process's own finishes are
+        logged. One consumer (waiters.py)."""
         ...
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The ``wait_runs`` rows of ``run_ids`` (one statement, one row per id)."""
@@ -210,8 +230,8 @@ class Core(Protocol):
     ) -> list[Created]: ...
     async def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
-    ) -> tuple[str, Any, datetime]:
-        """('signal', payload, at) | ('timeout', None, at) | ('none', None, at)."""
+    ) -> Resolved:
+        """Outcome 'signal' (with its payload), 'timeout' or 'none' (payload None)."""
         ...
     async def suspend(
         self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,

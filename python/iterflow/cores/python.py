@@ -11,27 +11,30 @@ import contextlib
 import inspect
 import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor, RawCursor
+from psycopg import AsyncConnection, AsyncRawCursor, Column, RawCursor
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from .. import sql
-from ..errors import EngineStateError, InvalidArgument
+from ..errors import EngineStateError, InvalidArgument, SchemaMismatch
 from ..faults import sqlstate_of
 from ..migrate import check_schema
 from .base import (
     ADMIN_QUERIES,
     INSERT_CHUNK,
+    ChangedRuns,
     ClaimedRun,
     Created,
     JsonArg,
     LeaseState,
+    Resolved,
     RunFilter,
     RunSpec,
     StepRecord,
@@ -276,13 +279,29 @@ class PythonCore:
             yield AsyncRawCursor(conn)
 
     async def _rows(self, name: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Statement ``name``'s rows, for callers that read none of their columns."""
         async with self._stmt() as cur:
             await cur.execute(self._q[name], params)
             return await cur.fetchall() if cur.description else []
 
-    async def _one(self, name: str, *params: Any) -> tuple[Any, ...] | None:
-        rows = await self._rows(name, *params)
-        return rows[0] if rows else None
+    async def _read(self, name: str, columns: Sequence[str], *params: Any) -> list[tuple[Any, ...]]:
+        """Statement ``name``'s rows, each as the values of ``columns`` in that order."""
+        async with self._stmt() as cur:
+            await cur.execute(self._q[name], params)
+            pick = Columns(name, cur.description).getter(*columns)
+            return [pick(row) for row in await cur.fetchall()]
+
+    async def _read_one(self, name: str, columns: Sequence[str], *params: Any) -> tuple[Any, ...]:
+        """The values of ``columns`` in the one row statement ``name`` returns."""
+        rows = await self._read(name, columns, *params)
+        assert rows, f"{name} returned no row"
+        return rows[0]
+
+    async def _scalar(self, name: str, *params: Any) -> Any:
+        """The one value statement ``name`` returns (see ``_value``)."""
+        async with self._stmt() as cur:
+            await cur.execute(self._q[name], params)
+            return await _value(cur, name)
 
     async def check_schema(self) -> None:
         async with self._conn() as conn:
@@ -324,18 +343,14 @@ class PythonCore:
             log.warning("iterflow: could not announce new work (%s); workers find it by polling", exc)
 
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
-        row = await self._one("deliver_signal", run_id, name, _j(payload), key)
-        assert row is not None
-        return str(row[0])
+        (answer,) = await self._read_one("deliver_signal", ("deliver_signal",), run_id, name, _j(payload), key)
+        return str(answer)
 
     async def cancel(self, run_id: str, reason: str) -> int:
-        row = await self._one("cancel_tree", run_id, reason)
-        return int(row[0]) if row else 0
+        return int(await self._scalar("cancel_tree", run_id, reason) or 0)
 
     async def retry(self, run_id: str) -> str:
-        row = await self._one("retry_run", run_id)
-        assert row is not None
-        return str(row[0])
+        return str(await self._scalar("retry_run", run_id))
 
     async def get_run(self, run_id: str) -> dict[str, Any] | None:
         async with self._stmt() as cur:
@@ -368,19 +383,19 @@ class PythonCore:
             return _dicts(cur, await cur.fetchall())
 
     async def select_runs(self, flt: RunFilter, limit: int) -> list[str]:
-        rows = await self._rows("select_runs_by_filter", *filter_args(flt), limit)
-        return [str(r[0]) for r in rows]
+        rows = await self._read("select_runs_by_filter", ("id",), *filter_args(flt), limit)
+        return [str(id_) for (id_,) in rows]
 
     async def purge(self, run_ids: Sequence[str]) -> int:
         async with self._stmt() as cur:
             await cur.execute(self._q["purge_runs"], (list(run_ids),))
             return cur.rowcount
 
-    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
+    async def changed_runs(self, timeout: float) -> ChangedRuns:
         await self.listen()
         listening = self._listener is not None and self._listener.connected.is_set()
         ids, everything = await self._changes.next(timeout if listening else min(timeout, 0.25))
-        return ids, everything, listening
+        return ChangedRuns(ids, everything, listening)
 
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         async with self._stmt() as cur:
@@ -393,20 +408,26 @@ class PythonCore:
     ) -> list[ClaimedRun]:
         if wait is not None:
             await self._wait_for_work(wait)
-        rows = await self._rows("claim_with_history", list(names), limit, owner, lease_ms)
-        by_id = {str(row[1]): _claimed(row) for row in rows if row[0] == "run"}
+        async with self._stmt() as cur:
+            await cur.execute(self._q["claim_with_history"], (list(names), limit, owner, lease_ms))
+            columns = Columns("claim_with_history", cur.description)
+            rows = await cur.fetchall()
+        kind, run_id = columns.at("kind"), columns.at("run_id")
+        run_of, step_of = columns.getter(*_RUN_COLUMNS), columns.getter(*_STEP_COLUMNS)
+        by_id = {str(row[run_id]): _claimed(run_of(row)) for row in rows if row[kind] == "run"}
         for row in rows:
-            if row[0] == "step":
-                by_id[str(row[1])].history[row[13]] = _step_record(row)
+            if row[kind] == "step":
+                step = _step_record(step_of(row))
+                by_id[str(row[run_id])].history[step.key] = step
         return list(by_id.values())
 
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
-        row = await self._one(
-            "record_step", run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, _j(result), _j(error),
+        status, stored, stored_error, written, finished_at = await self._read_one(
+            "record_step", ("status", "result", "error", "written", "finished_at"),
+            run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, _j(result), _j(error),
             rec.attempts, rec.deadline, rec.child_id,
         )
-        assert row is not None
-        return StoredStep(row[0], row[1], row[2], bool(row[3]), row[4])
+        return StoredStep(status, stored, stored_error, bool(written), finished_at)
 
     async def spawn_children(
         self, run_id: str, records: Sequence[StepRecord], children: Sequence[RunSpec]
@@ -423,21 +444,21 @@ class PythonCore:
 
     async def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
-    ) -> tuple[str, Any, datetime]:
-        row = await self._one("resolve_signal", run_id, key, seq, name, deadline_passed, _j(timeout_error))
-        assert row is not None
-        return str(row[0]), row[1], row[2]
+    ) -> Resolved:
+        outcome, payload, at = await self._read_one(
+            "resolve_signal", ("outcome", "payload", "at"),
+            run_id, key, seq, name, deadline_passed, _j(timeout_error),
+        )
+        return Resolved(str(outcome), payload, at)
 
     async def suspend(
         self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
         attempts_delta: int | None,
     ) -> bool:
-        row = await self._one("suspend_run", run_id, token, status, _j(waiting), wake_at, attempts_delta)
-        return bool(row and row[0])
+        return bool(await self._scalar("suspend_run", run_id, token, status, _j(waiting), wake_at, attempts_delta))
 
     async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
-        row = await self._one("finish_run", run_id, token, status, _j(output), _j(error))
-        finished = bool(row and row[0])
+        finished = bool(await self._scalar("finish_run", run_id, token, status, _j(output), _j(error)))
         if finished:
             self._changes.add(run_id)  # this process's waiters need no round trip
         return finished
@@ -448,17 +469,17 @@ class PythonCore:
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         if not leases:
             return []
-        rows = await self._rows("heartbeat", [r for r, _ in leases], [t for _, t in leases], lease_ms)
-        return [LeaseState(str(r[0]), bool(r[1]), r[2]) for r in rows]
+        rows = await self._read(
+            "heartbeat", ("run_id", "held", "cancel_reason"), [r for r, _ in leases], [t for _, t in leases], lease_ms
+        )
+        return [LeaseState(str(run_id), bool(held), cancel_reason) for run_id, held, cancel_reason in rows]
 
     async def expire_leases(self, limit: int) -> int:
         return len(await self._rows("expire_leases", limit))
 
     async def next_due(self, names: Sequence[str]) -> float | None:
-        row = await self._one("next_due", list(names))
-        if row is None or row[0] is None:
-            return None
-        return float(row[0].total_seconds())
+        due = await self._scalar("next_due", list(names))
+        return None if due is None else float(due.total_seconds())
 
     async def requeue_parked(self, names: Sequence[str]) -> int:
         async with self._stmt() as cur:
@@ -488,8 +509,7 @@ class PythonCore:
         pooler in transaction mode keeps it (docs/operations.md, "Behind PgBouncer")."""
         async with self._tx() as lock:
             await lock.execute(self._q["try_lock"], (f"iterflow.retention.{self.schema}",))
-            row = await lock.fetchone()
-            if not row or not row[0]:
+            if not await _value(lock, "try_lock"):
                 return None
             async with self._conn() as conn:
                 return await self._prune_batches(conn, events_ms, runs_ms, batch)
@@ -509,8 +529,7 @@ class PythonCore:
         return counts
 
     async def pending_work(self, names: Sequence[str] | None) -> int:
-        row = await self._one("pending_work", list(names) if names is not None else None)
-        return int(row[0]) if row else 0
+        return int(await self._scalar("pending_work", list(names) if names is not None else None) or 0)
 
     async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
         if name not in ADMIN_QUERIES:
@@ -525,8 +544,7 @@ class PythonCore:
     async def reconcile(self, stale_ms: int) -> dict[str, int] | None:
         async with self._tx() as cur:
             await cur.execute(self._q["try_lock"], (f"iterflow.reconcile.{self.schema}",))
-            row = await cur.fetchone()
-            if not row or not row[0]:
+            if not await _value(cur, "try_lock"):
                 return None
             counts = {}
             for part in ("lost", "parents", "orphans"):
@@ -545,12 +563,12 @@ async def insert_async(queries: dict[str, str], cur: AsyncRawCursor[Any], specs:
             out += await insert_async(queries, cur, specs[i:i + INSERT_CHUNK])
         return out
     await cur.execute(queries["insert_runs"], (_JsonText(rows_json(specs)),))
-    inserted = {row[0]: str(row[1]) for row in await cur.fetchall()}
+    inserted = _inserted(cur.description, await cur.fetchall())
     missing = [i for i in range(len(specs)) if i not in inserted]
     existing: dict[int, tuple[str, str]] = {}
     if missing:
         await cur.execute(queries["find_existing_runs"], (_find_args(specs, missing),))
-        existing = {row[0]: (str(row[1]), row[2]) for row in await cur.fetchall()}
+        existing = _existing(cur.description, await cur.fetchall())
     return _merge_created(specs, inserted, existing)
 
 
@@ -560,13 +578,25 @@ def insert_sync(queries: dict[str, str], cur: RawCursor[Any], specs: Sequence[Ru
         return [c for i in range(0, len(specs), INSERT_CHUNK)
                 for c in insert_sync(queries, cur, specs[i:i + INSERT_CHUNK])]
     cur.execute(queries["insert_runs"], (_JsonText(rows_json(specs)),))
-    inserted = {row[0]: str(row[1]) for row in cur.fetchall()}
+    inserted = _inserted(cur.description, cur.fetchall())
     missing = [i for i in range(len(specs)) if i not in inserted]
     existing: dict[int, tuple[str, str]] = {}
     if missing:
         cur.execute(queries["find_existing_runs"], (_find_args(specs, missing),))
-        existing = {row[0]: (str(row[1]), row[2]) for row in cur.fetchall()}
+        existing = _existing(cur.description, cur.fetchall())
     return _merge_created(specs, inserted, existing)
+
+
+def _inserted(description: Sequence[Column] | None, rows: list[tuple[Any, ...]]) -> dict[int, str]:
+    """``insert_runs`` rows: the id of each run it created, by its position in the batch."""
+    pick = Columns("insert_runs", description).getter("ord", "id")
+    return {ord_: str(id_) for ord_, id_ in map(pick, rows)}
+
+
+def _existing(description: Sequence[Column] | None, rows: list[tuple[Any, ...]]) -> dict[int, tuple[str, str]]:
+    """``find_existing_runs`` rows: the id and status of each run found, by its position."""
+    pick = Columns("find_existing_runs", description).getter("ord", "id", "status")
+    return {ord_: (str(id_), status) for ord_, id_, status in map(pick, rows)}
 
 
 def _find_args(specs: Sequence[RunSpec], missing: Sequence[int]) -> _JsonText:
@@ -602,21 +632,75 @@ def _breaks_connection(exc: BaseException) -> bool:
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
 
 
-def _claimed(row: tuple[Any, ...]) -> ClaimedRun:
-    """A 'run' row of claim_with_history."""
+class Columns:
+    """Where the columns of one statement's result sit, from its ``cursor.description``: looked
+    up once per result, so its rows are then read by index, with no name lookup per row and no
+    reader depending on the column order of queries.sql (docs/architecture.md §5). A column the
+    result lacks is SCHEMA_MISMATCH naming it and the statement."""
+
+    def __init__(self, statement: str, description: Sequence[Column] | None) -> None:
+        self._statement = statement
+        self._at = {column.name: i for i, column in enumerate(description or ())}
+
+    def _lacking(self, what: str) -> SchemaMismatch:
+        return SchemaMismatch(
+            f"statement `{self._statement}` returned {what} (its columns: {', '.join(self._at)})"
+        )
+
+    def at(self, name: str) -> int:
+        """The position of column ``name``."""
+        try:
+            return self._at[name]
+        except KeyError:
+            raise self._lacking(f"no column `{name}`") from None
+
+    def getter(self, *names: str) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
+        """Reads the values of ``names`` from a row, in that order: one C call per row."""
+        positions = [self.at(name) for name in names]
+        if len(positions) == 1:  # itemgetter of one item returns the value, not a 1-tuple
+            only = positions[0]
+            return lambda row: (row[only],)
+        return itemgetter(*positions)
+
+    def single(self) -> None:
+        """Checks that the result has exactly one column (a statement read as one value)."""
+        if len(self._at) != 1:
+            raise self._lacking(f"{len(self._at)} columns where one value was expected")
+
+
+async def _value(cur: AsyncRawCursor[Any], statement: str) -> Any:
+    """The value of a statement that returns one (``SELECT fn(...)``: one column, which
+    queries.sql leaves unnamed), just executed on ``cur``; None when it returned no row."""
+    Columns(statement, cur.description).single()
+    row = await cur.fetchone()
+    return None if row is None else row[0]
+
+
+# The claim_with_history columns of a 'run' row and of a 'step' row, named in the order
+# ``_claimed`` and ``_step_record`` unpack them.
+_RUN_COLUMNS = ("run_id", "lease_token", "name", "version", "input", "attempts", "cancel_reason", "parent_id",
+                "depth", "created_at", "parent_status", "db_now")
+_STEP_COLUMNS = ("key", "seq", "step_kind", "name", "status", "result", "error", "step_attempts", "deadline",
+                 "child_id", "child_status", "child_output", "child_error", "finished_at")
+
+
+def _claimed(values: tuple[Any, ...]) -> ClaimedRun:
+    """A 'run' row of claim_with_history, read by ``_RUN_COLUMNS``."""
+    (run_id, token, name, version, input_, attempts, cancel_reason, parent_id, depth, created_at, parent_status,
+     db_now) = values
     return ClaimedRun(
-        run_id=str(row[1]), lease_token=int(row[2]), name=row[3], version=row[4], input=row[5],
-        attempts=row[6], cancel_reason=row[7], parent_id=str(row[8]) if row[8] else None, depth=row[9],
-        created_at=row[10], parent_status=row[11], db_now=row[12],
+        str(run_id), int(token), name, version, input_, attempts, cancel_reason,
+        str(parent_id) if parent_id else None, depth, created_at, parent_status, db_now,
     )
 
 
-def _step_record(row: tuple[Any, ...]) -> StepRecord:
-    """A 'step' row of claim_with_history."""
+def _step_record(values: tuple[Any, ...]) -> StepRecord:
+    """A 'step' row of claim_with_history, read by ``_STEP_COLUMNS``."""
+    (key, seq, kind, name, status, result, error, attempts, deadline, child_id, child_status, child_output,
+     child_error, finished_at) = values
     return StepRecord(
-        key=row[13], seq=row[14], kind=row[15], name=row[3], status=row[16], result=row[17], error=row[18],
-        attempts=row[19], deadline=row[20], child_id=str(row[21]) if row[21] else None,
-        child_status=row[22], child_output=row[23], child_error=row[24], finished_at=row[25],
+        key, seq, kind, name, status, result, error, attempts, deadline, str(child_id) if child_id else None,
+        child_status, child_output, child_error, finished_at,
     )
 
 

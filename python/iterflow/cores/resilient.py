@@ -43,7 +43,18 @@ from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
 from ..faults import RetryPolicy, is_transient, retrying, to_iterflow_error
-from .base import ClaimedRun, Core, Created, LeaseState, RunFilter, RunSpec, StepRecord, StoredStep
+from .base import (
+    ChangedRuns,
+    ClaimedRun,
+    Core,
+    Created,
+    LeaseState,
+    Resolved,
+    RunFilter,
+    RunSpec,
+    StepRecord,
+    StoredStep,
+)
 
 T = TypeVar("T")
 # What a retried call returns: its coroutine, awaited by the caller (no frame of its own here)
@@ -151,7 +162,7 @@ class ResilientCore:
     async def listen(self) -> None:
         await self._once("listen", self.inner.listen)
 
-    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
+    async def changed_runs(self, timeout: float) -> ChangedRuns:
         """A hint, never the truth: a fault ends the wait early, asking the caller to re-read
         everything it waits for (a read that is retried)."""
         try:
@@ -162,7 +173,7 @@ class ResilientCore:
             if not is_transient(exc):
                 raise to_iterflow_error(exc, "changed_runs") from exc
             await asyncio.sleep(min(timeout, 0.1))
-            return [], True, False
+            return ChangedRuns([], everything=True, listening=False)
 
     def wait_runs(self, run_ids: Sequence[str]) -> Call[list[dict[str, Any]]]:
         return self._retry("wait_runs", self.inner.wait_runs, run_ids)
@@ -192,7 +203,7 @@ class ResilientCore:
 
     def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
-    ) -> Call[tuple[str, Any, datetime]]:
+    ) -> Call[Resolved]:
         return self._retry("resolve_signal", self.inner.resolve_signal,
                            run_id, key, seq, name, deadline_passed, timeout_error)
 

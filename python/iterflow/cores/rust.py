@@ -34,10 +34,12 @@ from ..errors import EngineStateError, SchemaMismatch
 from .base import (
     ADMIN_QUERIES,
     INSERT_CHUNK,
+    ChangedRuns,
     ClaimedRun,
     Created,
     JsonArg,
     LeaseState,
+    Resolved,
     RunFilter,
     RunSpec,
     StepRecord,
@@ -61,6 +63,8 @@ def _fields_of(cls: type[Any], *, but: str = "") -> attrgetter[Any]:
 _RUN_FIELDS = _fields_of(ClaimedRun, but="history")
 _STEP_FIELDS = _fields_of(StepRecord)
 _STORED_FIELDS = _fields_of(StoredStep)
+_RESOLVED_FIELDS = _fields_of(Resolved)
+_CHANGED_FIELDS = _fields_of(ChangedRuns)
 
 __all__ = ["CoreError", "RustCore", "check_connection"]
 
@@ -302,9 +306,9 @@ class RustCore:
         if self._core is not None:
             self._c.listen()
 
-    async def changed_runs(self, timeout: float) -> tuple[list[str], bool, bool]:
+    async def changed_runs(self, timeout: float) -> ChangedRuns:
         changed: _core.ChangedRuns = await self._wait(self._c.changed_runs, float(timeout))
-        return changed.run_ids, changed.everything, changed.listening
+        return ChangedRuns(*_CHANGED_FIELDS(changed))
 
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = await self._run(self._c.wait_runs, list(run_ids))
@@ -335,11 +339,11 @@ class RustCore:
 
     async def resolve_signal(
         self, run_id: str, key: str, seq: int, name: str, deadline_passed: bool, timeout_error: str
-    ) -> tuple[str, Any, datetime]:
+    ) -> Resolved:
         r: _core.Resolved = await self._run(
             self._c.resolve_signal, run_id, key, seq, name, deadline_passed, timeout_error
         )
-        return r.outcome, r.payload, r.at
+        return Resolved(*_RESOLVED_FIELDS(r))
 
     async def suspend(
         self, run_id: str, token: int, status: str, waiting: str, wake_at: datetime | None,
