@@ -6,7 +6,7 @@ from __future__ import annotations
 import psycopg
 import pytest
 
-from iterflow.cores.python import Columns
+from iterflow.cores.pg import Columns
 from iterflow.errors import Code, SchemaMismatch
 
 

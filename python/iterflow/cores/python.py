@@ -9,26 +9,22 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from operator import itemgetter
 from typing import Any
 
 import psycopg
-from psycopg import AsyncConnection, AsyncRawCursor, Column, RawCursor
+from psycopg import AsyncConnection, AsyncRawCursor
 from psycopg.conninfo import conninfo_to_dict
-from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
 from .. import sql
-from ..errors import EngineStateError, InvalidArgument, SchemaMismatch
+from ..errors import EngineStateError, InvalidArgument
 from ..faults import sqlstate_of
 from ..migrate import check_schema
 from .base import (
     ADMIN_QUERIES,
-    INSERT_CHUNK,
     ChangedRuns,
     ClaimedRun,
     Created,
@@ -40,8 +36,8 @@ from .base import (
     StepRecord,
     StoredStep,
     filter_args,
-    rows_json,
 )
+from .pg import Columns, JsonText, insert_async, insert_on_connection
 
 log = logging.getLogger("iterflow")
 # Seconds a connection attempt of the engine's own pool keeps retrying (with the pool's
@@ -55,15 +51,8 @@ RECONNECT_TIMEOUT = 2.0
 ACQUIRE_TIMEOUT = 2.0
 
 
-class _JsonText(Jsonb):
-    """Already-encoded JSON: sent as jsonb without a second encode."""
-
-    def __init__(self, text: str) -> None:
-        super().__init__(text, dumps=lambda s: s)
-
-
-def _j(text: str | None) -> _JsonText | None:
-    return None if text is None else _JsonText(text)
+def _j(text: str | None) -> JsonText | None:
+    return None if text is None else JsonText(text)
 
 
 # Most run ids the change log holds; past it, it forgets them and asks for a full re-read.
@@ -316,15 +305,10 @@ class PythonCore:
                 created = await self._insert_async(cur, specs)
             await self._notify_work({s.name for s in specs if s.delay_ms <= 0})
             return created
-        if isinstance(conn, psycopg.Connection):
-            return await asyncio.to_thread(self._insert_sync, RawCursor(conn), specs)
-        return await self._insert_async(AsyncRawCursor(conn), specs)
+        return await insert_on_connection(self._q, conn, specs)
 
     async def _insert_async(self, cur: AsyncRawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
         return await insert_async(self._q, cur, specs)
-
-    def _insert_sync(self, cur: RawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
-        return insert_sync(self._q, cur, specs)
 
     async def _notify_work(self, names: set[str]) -> None:
         """After the commit of new work: this process's worker claims at once (with or without
@@ -534,7 +518,7 @@ class PythonCore:
     async def admin_query(self, name: str, *params: Any) -> list[dict[str, Any]]:
         if name not in ADMIN_QUERIES:
             raise ValueError(f"not an admin statement: {name}")
-        args = tuple(_JsonText(p.text) if isinstance(p, JsonArg) else p for p in params)
+        args = tuple(JsonText(p.text) if isinstance(p, JsonArg) else p for p in params)
         async with self._stmt() as cur:
             await cur.execute(self._q[name], args)
             if cur.description is None:
@@ -554,74 +538,6 @@ class PythonCore:
             return counts
 
 
-async def insert_async(queries: dict[str, str], cur: AsyncRawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
-    """Create runs on a caller's async cursor (chunked statements, no transaction of its own).
-    Shared with the Rust core, which cannot write on a caller's psycopg connection."""
-    if len(specs) > INSERT_CHUNK:
-        out: list[Created] = []
-        for i in range(0, len(specs), INSERT_CHUNK):
-            out += await insert_async(queries, cur, specs[i:i + INSERT_CHUNK])
-        return out
-    await cur.execute(queries["insert_runs"], (_JsonText(rows_json(specs)),))
-    inserted = _inserted(cur.description, await cur.fetchall())
-    missing = [i for i in range(len(specs)) if i not in inserted]
-    existing: dict[int, tuple[str, str]] = {}
-    if missing:
-        await cur.execute(queries["find_existing_runs"], (_find_args(specs, missing),))
-        existing = _existing(cur.description, await cur.fetchall())
-    return _merge_created(specs, inserted, existing)
-
-
-def insert_sync(queries: dict[str, str], cur: RawCursor[Any], specs: Sequence[RunSpec]) -> list[Created]:
-    """``insert_async`` on a caller's blocking cursor."""
-    if len(specs) > INSERT_CHUNK:
-        return [c for i in range(0, len(specs), INSERT_CHUNK)
-                for c in insert_sync(queries, cur, specs[i:i + INSERT_CHUNK])]
-    cur.execute(queries["insert_runs"], (_JsonText(rows_json(specs)),))
-    inserted = _inserted(cur.description, cur.fetchall())
-    missing = [i for i in range(len(specs)) if i not in inserted]
-    existing: dict[int, tuple[str, str]] = {}
-    if missing:
-        cur.execute(queries["find_existing_runs"], (_find_args(specs, missing),))
-        existing = _existing(cur.description, cur.fetchall())
-    return _merge_created(specs, inserted, existing)
-
-
-def _inserted(description: Sequence[Column] | None, rows: list[tuple[Any, ...]]) -> dict[int, str]:
-    """``insert_runs`` rows: the id of each run it created, by its position in the batch."""
-    pick = Columns("insert_runs", description).getter("ord", "id")
-    return {ord_: str(id_) for ord_, id_ in map(pick, rows)}
-
-
-def _existing(description: Sequence[Column] | None, rows: list[tuple[Any, ...]]) -> dict[int, tuple[str, str]]:
-    """``find_existing_runs`` rows: the id and status of each run found, by its position."""
-    pick = Columns("find_existing_runs", description).getter("ord", "id", "status")
-    return {ord_: (str(id_), status) for ord_, id_, status in map(pick, rows)}
-
-
-def _find_args(specs: Sequence[RunSpec], missing: Sequence[int]) -> _JsonText:
-    return _JsonText(json.dumps([
-        {"ord": i, "id": specs[i].id, "name": specs[i].name, "version": specs[i].version,
-         "idempotency_key": specs[i].idempotency_key, "parent_id": specs[i].parent_id,
-         "parent_key": specs[i].parent_key}
-        for i in missing
-    ]))
-
-
-def _merge_created(
-    specs: Sequence[RunSpec], inserted: dict[int, str], existing: dict[int, tuple[str, str]]
-) -> list[Created]:
-    out = []
-    for i in range(len(specs)):
-        if i in inserted:
-            out.append(Created(inserted[i], "pending", True))
-        else:
-            run_id, status = existing[i]
-            # found by its own id: a start repeated after its commit landed unacknowledged
-            out.append(Created(run_id, status, run_id == specs[i].id))
-    return out
-
-
 def _breaks_connection(exc: BaseException) -> bool:
     """Whether ``exc`` leaves the connection unusable: it broke (no SQLSTATE) or the server
     ended the session (57P01-57P05, class 08). (A call cancelled mid-statement leaves it
@@ -630,42 +546,6 @@ def _breaks_connection(exc: BaseException) -> bool:
     if state is not None:
         return state[:2] == "08" or state.startswith("57P")
     return isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError, OSError))
-
-
-class Columns:
-    """Where the columns of one statement's result sit, from its ``cursor.description``: looked
-    up once per result, so its rows are then read by index, with no name lookup per row and no
-    reader depending on the column order of queries.sql (docs/architecture.md §5). A column the
-    result lacks is SCHEMA_MISMATCH naming it and the statement."""
-
-    def __init__(self, statement: str, description: Sequence[Column] | None) -> None:
-        self._statement = statement
-        self._at = {column.name: i for i, column in enumerate(description or ())}
-
-    def _lacking(self, what: str) -> SchemaMismatch:
-        return SchemaMismatch(
-            f"statement `{self._statement}` returned {what} (its columns: {', '.join(self._at)})"
-        )
-
-    def at(self, name: str) -> int:
-        """The position of column ``name``."""
-        try:
-            return self._at[name]
-        except KeyError:
-            raise self._lacking(f"no column `{name}`") from None
-
-    def getter(self, *names: str) -> Callable[[Sequence[Any]], tuple[Any, ...]]:
-        """Reads the values of ``names`` from a row, in that order: one C call per row."""
-        positions = [self.at(name) for name in names]
-        if len(positions) == 1:  # itemgetter of one item returns the value, not a 1-tuple
-            only = positions[0]
-            return lambda row: (row[only],)
-        return itemgetter(*positions)
-
-    def single(self) -> None:
-        """Checks that the result has exactly one column (a statement read as one value)."""
-        if len(self._at) != 1:
-            raise self._lacking(f"{len(self._at)} columns where one value was expected")
 
 
 async def _value(cur: AsyncRawCursor[Any], statement: str) -> Any:

@@ -47,6 +47,7 @@ from .base import (
     filter_args,
     rows_json,
 )
+from .pg import insert_on_connection
 
 _UTC = UTC
 _P = ParamSpec("_P")
@@ -253,16 +254,8 @@ class RustCore:
     async def insert_runs(self, specs: Sequence[RunSpec], conn: Any = None) -> list[Created]:
         if not specs:
             return []
-        if conn is not None:
-            # the caller's transaction lives on a psycopg connection: write through it
-            import psycopg
-            from psycopg import AsyncRawCursor, RawCursor
-
-            from .python import insert_async, insert_sync
-
-            if isinstance(conn, psycopg.Connection):
-                return await asyncio.to_thread(insert_sync, self._q, RawCursor(conn), specs)
-            return await insert_async(self._q, AsyncRawCursor(conn), specs)
+        if conn is not None:  # the caller's transaction lives on a psycopg connection
+            return await insert_on_connection(self._q, conn, specs)
         wake = sorted({s.name for s in specs if s.delay_ms <= 0})
         made: list[_core.Created] = await self._run(self._c.insert_runs, _chunks(specs), wake)
         return _created(made, specs)
