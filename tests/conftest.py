@@ -35,9 +35,10 @@ def dsn() -> str:
 @pytest.fixture(scope="session")
 def pgbouncer(dsn: str) -> Iterator[bouncer_helper.Bouncer]:
     """A pgbouncer (transaction mode) in front of the test database, for the whole session;
-    skips the test where the binary is not installed."""
-    if bouncer_helper.binary() is None:
-        pytest.skip(bouncer_helper.MISSING)
+    skips the test where pgbouncer cannot run (see ``unusable``)."""
+    reason = bouncer_helper.unusable(dsn)
+    if reason is not None:
+        pytest.skip(reason)
     bouncer = bouncer_helper.start(dsn)
     yield bouncer
     bouncer.stop()

@@ -3,8 +3,10 @@
 
 ``start(dsn)`` writes a config to a temporary directory, starts ``pgbouncer`` on a free
 127.0.0.1 port, waits until it accepts connections and returns a :class:`Bouncer`; the
-session fixture in ``conftest.py`` stops it at the end. Without the binary, the tests that
-need it skip with :data:`MISSING`.
+session fixture in ``conftest.py`` stops it at the end. Where it cannot run (no binary, or a
+root user whose server is only reachable through a socket directory pgbouncer's unprivileged
+user cannot enter, as the embedded server's is), the tests that need it skip with the reason
+``unusable`` gives.
 """
 
 from __future__ import annotations
@@ -80,11 +82,28 @@ class Bouncer:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
+def unusable(dsn: str) -> str | None:
+    """Why pgbouncer cannot stand in front of the server of ``dsn`` here, or None."""
+    if binary() is None:
+        return MISSING
+    host = str(conninfo_to_dict(dsn).get("host") or "/var/run/postgresql")
+    if os.geteuid() == 0 and host.startswith("/") and not _enterable_by_others(Path(host)):
+        return (f"pgbouncer refuses to run as root, and the user it drops to cannot reach the server's "
+                f"socket directory {host}; point DATABASE_URL at a TCP address to test through pgbouncer")
+    return None
+
+
+def _enterable_by_others(path: Path) -> bool:
+    """Whether a user other than the owner may pass through every directory down to ``path``."""
+    return all(p.exists() and p.stat().st_mode & 0o001 for p in [path, *path.parents])
+
+
 def start(dsn: str, *, pool_size: int = POOL_SIZE) -> Bouncer:
     """Start pgbouncer (transaction pooling, trust auth) in front of the server of ``dsn``."""
+    reason = unusable(dsn)
     exe = binary()
-    if exe is None:
-        raise FileNotFoundError(MISSING)
+    if reason is not None or exe is None:
+        raise FileNotFoundError(reason or MISSING)
     target = conninfo_to_dict(dsn)
     user = str(target.get("user") or pwd.getpwuid(os.getuid()).pw_name)
     host = str(target.get("host") or "/var/run/postgresql")

@@ -159,8 +159,8 @@ class Execution:
     async def _suspend(self, suspensions: list[Suspension]) -> str:
         if not suspensions:  # a suspension was decided but nothing registered one (swallowed)
             raise RuntimeError("run suspended without a reason")
-        timed = [s for s in suspensions if s.wake_at is not None]
-        chosen = min(timed, key=lambda s: s.wake_at) if timed else suspensions[0]  # type: ignore[arg-type, return-value]
+        timed = [(s.wake_at, i) for i, s in enumerate(suspensions) if s.wake_at is not None]
+        chosen = suspensions[min(timed)[1]] if timed else suspensions[0]  # the earliest timer shows
         progress = any(s.progress for s in suspensions)
         # every signal any branch waits for, whichever wait is shown: delivery of any of them wakes
         # the run (e.g. asyncio.wait on "approve" and "reject", or a signal raced against a sleep),

@@ -347,8 +347,9 @@ impl Core {
         // an application_name given in the DSN is the caller's choice and kept as is
         let named_by_dsn = config.get_application_name().is_some();
         let listen_base = match &opts.listen_dsn {
-            Some(dsn) => parse_dsn(dsn)
-                .map_err(|e| CoreError::InvalidArgument(format!("listen_{e}")))?,
+            Some(dsn) => {
+                parse_dsn(dsn).map_err(|e| CoreError::InvalidArgument(format!("listen_{e}")))?
+            }
             None => config.clone(),
         };
         if !named_by_dsn {
@@ -798,12 +799,8 @@ impl Core {
         );
         async move {
             let rows = pending.await?;
-            let [
-                kind, run_id, lease_token, name, version, input, attempts, cancel_reason,
-                parent_id, depth, created_at, parent_status, db_now,
-                key, seq, step_kind, status, result, error, step_attempts, deadline,
-                child_id, child_status, child_output, child_error, finished_at,
-            ] = rows.columns_of("claim_with_history", CLAIM_COLUMNS)?;
+            let [kind, run_id, lease_token, name, version, input, attempts, cancel_reason, parent_id, depth, created_at, parent_status, db_now, key, seq, step_kind, status, result, error, step_attempts, deadline, child_id, child_status, child_output, child_error, finished_at] =
+                rows.columns_of("claim_with_history", CLAIM_COLUMNS)?;
             let mut runs: Vec<Claimed> = Vec::new();
             let mut steps: Vec<(String, StepRow)> = Vec::new();
             for r in &rows.rows {
@@ -1203,7 +1200,10 @@ impl Core {
         let mut holder = self.inner.pool.get().await?;
         holder.begin().await?;
         let result = async {
-            let got = holder.query("try_lock", &[Param::Text(lock)]).await?.scalar();
+            let got = holder
+                .query("try_lock", &[Param::Text(lock)])
+                .await?
+                .scalar();
             if got.as_bool() != Some(true) {
                 return Ok(None);
             }

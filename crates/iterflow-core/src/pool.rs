@@ -151,7 +151,11 @@ impl Prepared {
 
     fn columns(&self) -> Vec<String> {
         match self {
-            Prepared::Named(stmt) => stmt.columns().iter().map(|c| c.name().to_string()).collect(),
+            Prepared::Named(stmt) => stmt
+                .columns()
+                .iter()
+                .map(|c| c.name().to_string())
+                .collect(),
             Prepared::Unnamed(shape) => shape.columns.clone(),
         }
     }
@@ -281,7 +285,11 @@ impl Conn {
                 .map(|(stmt, text)| Shape {
                     text: text.to_string(),
                     params: stmt.params().to_vec(),
-                    columns: stmt.columns().iter().map(|c| c.name().to_string()).collect(),
+                    columns: stmt
+                        .columns()
+                        .iter()
+                        .map(|c| c.name().to_string())
+                        .collect(),
                 })
                 .collect();
             drop(stmts);
@@ -310,7 +318,10 @@ impl Conn {
 }
 
 fn shape_of(shapes: &Shapes, name: &str) -> Option<Arc<Shape>> {
-    shapes.lock().ok().and_then(|known| known.get(name).cloned())
+    shapes
+        .lock()
+        .ok()
+        .and_then(|known| known.get(name).cloned())
 }
 
 /// Execute a statement and collect every row as [`Val`]s.

@@ -262,7 +262,10 @@ async fn the_listener_reconnects_and_asks_waiters_to_re_read_after_its_connectio
         async move {
             let started = Instant::now();
             let (changes, _) = core.changed_runs(Duration::from_secs(30)).await;
-            assert!(changes.everything, "a reconnect must ask for a full re-read");
+            assert!(
+                changes.everything,
+                "a reconnect must ask for a full re-read"
+            );
             started.elapsed()
         }
     });

@@ -515,7 +515,8 @@ impl Core {
             (Some(at), Some(id)) => Some((at, id)),
             _ => None,
         };
-        call!(self, pump, ticket, |core| core.list_runs(&flt, limit, cursor))
+        call!(self, pump, ticket, |core| core
+            .list_runs(&flt, limit, cursor))
     }
 
     #[pyo3(signature = (pump, ticket, name, statuses, tag, since, until, limit))]
@@ -756,13 +757,9 @@ impl Core {
     }
 
     #[pyo3(signature = (pump, ticket, names))]
-    fn pending_work(
-        &self,
-        pump: &Pump,
-        ticket: u64,
-        names: Option<Vec<String>>,
-    ) -> PyResult<()> {
-        call!(self, pump, ticket, |core| core.pending_work(names.as_deref()))
+    fn pending_work(&self, pump: &Pump, ticket: u64, names: Option<Vec<String>>) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core
+            .pending_work(names.as_deref()))
     }
 
     /// Any named statement -> `QueryResult`.
