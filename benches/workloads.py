@@ -335,7 +335,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
 
 
 def _core_stats(engine: Engine) -> Any:
-    """The core's own counters when it has them (the Rust core: writer batching, pool, timers)."""
+    """The core's own counters when it has them (the Rust core: writer batching, listener, pool)."""
     stats = getattr(engine.core, "stats", None)
     if stats is None:
         return None
