@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 6), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 11), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -190,37 +190,45 @@ BEGIN
     END IF;
 END $$;
 
--- Wake live runs now: a signal arrived, a child finished, or a run was canceled. Works
--- whether or not a run is queued or leased (a leased run sees `woken` when it suspends).
-CREATE OR REPLACE FUNCTION {schema}.wake_runs(p_runs uuid[]) RETURNS void
+-- Wake a live run now: a signal arrived, a child finished, or a run was canceled. Works
+-- whether or not the run is queued or leased (a leased run sees `woken` when it suspends).
+CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
     INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
     SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
-     WHERE r.id = ANY (p_runs) AND r.status NOT IN ('done', 'failed', 'canceled')
+     WHERE r.id = p_run AND r.status NOT IN ('done', 'failed', 'canceled')
     ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now());
 END $$;
 
--- Wake one live run: wake_runs for one run.
-CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
+-- What a finish implies beyond the finished rows: live children of the runs that failed or
+-- were canceled are canceled, and parents are woken (a parent that finished in the same call
+-- is terminal now: wake_run leaves it alone).
+CREATE OR REPLACE FUNCTION {schema}.finish_consequences(p_failed uuid[], p_parents uuid[])
+RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    PERFORM {schema}.wake_runs(ARRAY[p_run]);
+    IF p_failed IS NOT NULL THEN
+        PERFORM {schema}.cancel_tree(c.id, coalesce(p.error->>'message', 'parent ' || p.status))
+           FROM {schema}.runs c JOIN {schema}.runs p ON p.id = c.parent_id
+          WHERE c.parent_id = ANY (p_failed) AND c.status NOT IN ('done', 'failed', 'canceled');
+    END IF;
+    IF p_parents IS NOT NULL THEN
+        PERFORM {schema}.wake_run(p.id) FROM unnest(p_parents) AS p(id);
+    END IF;
 END $$;
 
 -- Make runs terminal: the arrays hold, per run, the run, its lease token (NULL: no lease to
 -- check), its status, output and error; no run twice. With a lease token the caller must still
 -- hold the lease (fencing: a stale worker's completion is a no-op). Returns, per run, its
--- 1-based position and whether it was finished here. Consequences commit with it: live
--- children of a run that failed or was canceled are canceled, parents are woken, waiters
--- notified. The group commit's finish_run_many calls it with many runs.
+-- 1-based position and whether it was finished here. Consequences commit with it
+-- (finish_consequences), and waiters are notified. finish_run is the one-run form.
 CREATE OR REPLACE FUNCTION {schema}.finish_runs(
     p_runs uuid[], p_tokens bigint[], p_statuses text[], p_outputs jsonb[], p_errors jsonb[]
 ) RETURNS TABLE (ord bigint, finished boolean)
 LANGUAGE plpgsql
 -- One cached generic plan for the body's statements, whoever calls: a fresh custom plan of
--- this multi-CTE body on every call cost more than running it (~0.3 ms a call for one run
--- through the pure-Python core, which does not set plan_cache_mode as the Rust writer does).
+-- this multi-CTE body on every call cost more than running it.
 SET plan_cache_mode = force_generic_plan
 AS $$
 DECLARE
@@ -255,29 +263,41 @@ BEGIN
            array_agg(DISTINCT d.parent_id) FILTER (WHERE d.parent_id IS NOT NULL)
       INTO v_finished, v_failed, v_parents
       FROM done_here d;
-    IF v_failed IS NOT NULL THEN
-        PERFORM {schema}.cancel_tree(c.id, coalesce(p.error->>'message', 'parent ' || p.status))
-           FROM {schema}.runs c JOIN {schema}.runs p ON p.id = c.parent_id
-          WHERE c.parent_id = ANY (v_failed) AND c.status NOT IN ('done', 'failed', 'canceled');
-    END IF;
-    IF v_parents IS NOT NULL THEN
-        -- a parent that finished here too is terminal now: wake_runs leaves it alone
-        PERFORM {schema}.wake_runs(v_parents);
-    END IF;
+    PERFORM {schema}.finish_consequences(v_failed, v_parents);
     RETURN QUERY
         SELECT i.pos, i.pos = ANY (coalesce(v_finished, '{}'))
           FROM generate_series(1::bigint, cardinality(p_runs)) AS i(pos);
 END $$;
 
--- Make one run terminal: finish_runs for one run.
+-- Make one run terminal: finish_runs for one run (same fencing, same consequences), with
+-- statements on the one key.
 CREATE OR REPLACE FUNCTION {schema}.finish_run(
     p_run uuid, p_token bigint, p_status text, p_output jsonb, p_error jsonb
 ) RETURNS boolean
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_parent uuid;
 BEGIN
-    RETURN (SELECT f.finished
-              FROM {schema}.finish_runs(ARRAY[p_run], ARRAY[p_token], ARRAY[p_status],
-                                        ARRAY[p_output], ARRAY[p_error]) f);
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    DELETE FROM {schema}.queue WHERE run_id = p_run AND (p_token IS NULL OR lease_token = p_token);
+    IF NOT FOUND AND p_token IS NOT NULL THEN
+        RETURN false;
+    END IF;
+    UPDATE {schema}.runs
+       SET status = p_status, output = p_output, error = p_error, waiting = NULL,
+           updated_at = now(), finished_at = now()
+     WHERE id = p_run AND status NOT IN ('done', 'failed', 'canceled')
+    RETURNING parent_id INTO v_parent;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    PERFORM {schema}.wakeup('d ' || p_run::text);
+    IF p_status <> 'done' OR v_parent IS NOT NULL THEN
+        PERFORM {schema}.finish_consequences(
+            CASE WHEN p_status <> 'done' THEN ARRAY[p_run] END,
+            CASE WHEN v_parent IS NOT NULL THEN ARRAY[v_parent] END);
+    END IF;
+    RETURN true;
 END $$;
 
 -- Cancel a run and every live descendant. Unleased runs become `canceled` at once; a run
@@ -476,12 +496,18 @@ BEGIN
         at := v_sig.finished_at;
         RETURN;
     END IF;
-    SELECT t.result INTO v_sig
-      FROM {schema}.take_signals(ARRAY[p_run], ARRAY[p_key], ARRAY[p_seq], ARRAY[p_name]) t;
-    IF FOUND THEN
-        outcome := 'signal';
-        payload := v_sig.result;
-    ELSIF p_deadline_passed THEN
+    -- (the row lock above serializes with deliver_signal: nothing is queued meanwhile)
+    IF EXISTS (SELECT 1 FROM {schema}.signals
+                WHERE run_id = p_run AND name = p_name AND consumed_at IS NULL) THEN
+        SELECT t.result INTO v_sig
+          FROM {schema}.take_signals(ARRAY[p_run], ARRAY[p_key], ARRAY[p_seq], ARRAY[p_name]) t;
+        IF FOUND THEN
+            outcome := 'signal';
+            payload := v_sig.result;
+            RETURN;
+        END IF;
+    END IF;
+    IF p_deadline_passed THEN
         INSERT INTO {schema}.steps (run_id, key, seq, kind, name, status, error, finished_at)
         VALUES (p_run, p_key, p_seq, 'signal', p_name, 'done', p_timeout_error, now())
         ON CONFLICT (run_id, key) DO UPDATE
