@@ -41,11 +41,16 @@ CATALOG: dict[str, str] = {
         SELECT p.proname, pg_get_function_identity_arguments(p.oid), pg_get_functiondef(p.oid)
           FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
          WHERE n.nspname = %(s)s ORDER BY 1, 2""",
+    "triggers": """
+        SELECT c.relname, t.tgname, pg_get_triggerdef(t.oid)
+          FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+          JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE n.nspname = %(s)s AND NOT t.tgisinternal ORDER BY 1, 2""",
 }
 
 
 def catalog(conn: psycopg.Connection[Any], schema: str) -> dict[str, list[tuple[Any, ...]]]:
-    """Every table, column, constraint, index, sequence and function of ``schema``, with the
+    """Every table, column, constraint, index, sequence, function and trigger of ``schema``, with the
     schema's own name replaced by ``{schema}`` so two schemas compare."""
 
     def norm(value: Any) -> Any:
@@ -106,6 +111,9 @@ DRIFTS = {
     "function body": """CREATE OR REPLACE FUNCTION {schema}.wakeup(p_payload text) RETURNS void
                         LANGUAGE plpgsql AS $$ BEGIN PERFORM pg_notify('x', p_payload); END $$""",
     "extra function": "CREATE FUNCTION {schema}.extra() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+    "trigger condition": """CREATE OR REPLACE TRIGGER limited_lease_deleted AFTER DELETE ON {schema}.queue
+                            FOR EACH ROW WHEN (OLD.limited)
+                            EXECUTE FUNCTION {schema}.limited_lease_ended()""",
 }
 
 

@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from . import validate
+from .control import FlowControl, flow_control
 from .durations import DeadlineLike, DurationLike, parse_duration
 from .errors import InvalidArgument
 from .flow import Flow
@@ -91,12 +92,30 @@ class FlowBuilder:
     _stages: tuple[Any, ...] = ()
     _output: Callable[[View], Any] | None = None
     _signals: Mapping[str, Schema | None] = field(default_factory=dict)
+    _control: FlowControl | None = None
 
     def version(self, n: int) -> FlowBuilder:
         validate.version(n)
         if self._version is not None and n < self._version:
             raise InvalidArgument("version", f"{n} is lower than the version already set ({self._version})")
         return replace(self, _version=n)
+
+    def concurrency(self, n: int) -> FlowBuilder:
+        """At most ``n`` runs of this flow execute at once across the fleet."""
+        return self._with_control(concurrency=n)
+
+    def key(self, fn: Callable[[Any], str]) -> FlowBuilder:
+        """Each run's key (e.g. the tenant) from its input, when ``start`` is given none."""
+        return self._with_control(key=fn)
+
+    def key_concurrency(self, n: int) -> FlowBuilder:
+        """At most ``n`` runs per key execute at once across the fleet."""
+        return self._with_control(key_concurrency=n)
+
+    def _with_control(self, **change: Any) -> FlowBuilder:
+        now = self._control or FlowControl()
+        merged = {"concurrency": now.concurrency, "key": now.key, "key_concurrency": now.key_concurrency, **change}
+        return replace(self, _control=flow_control(**merged))
 
     def input(self, schema: Any) -> FlowBuilder:
         return replace(self, _input=Schema.of(schema))
@@ -147,7 +166,7 @@ class FlowBuilder:
         return Flow(
             name=self.name, version=self._version or 1, body=body, input_schema=self._input,
             signal_schemas={k: v for k, v in self._signals.items() if v is not None},
-            shape=_shape(stages), drift=validate.drift(drift),
+            shape=_shape(stages), drift=validate.drift(drift), control=self._control,
         )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import validate
+from .control import FlowControl, flow_control
 from .errors import InvalidArgument
 from .schemas import Schema
 from .shape import Shape
@@ -29,6 +30,7 @@ class Flow:
     signal_schemas: Mapping[str, Schema] = field(default_factory=dict)
     shape: Shape | None = None
     drift: str | None = None
+    control: FlowControl | None = None  # fleet-wide limits and the run key (control.py)
 
     @property
     def ref(self) -> str:
@@ -42,12 +44,18 @@ def define_flow(
     input: Any = None,
     signals: Mapping[str, Any] | None = None,
     drift: str | None = None,
+    concurrency: int | None = None,
+    key: Callable[[Any], str] | None = None,
+    key_concurrency: int | None = None,
 ) -> Callable[[Body], Flow]:
     """Decorate ``async def body(ctx, input)``; ``signals`` declares payload schemas by name,
-    which ``engine.signal`` then validates at delivery (docs/signals.md §4)."""
+    which ``engine.signal`` then validates at delivery (docs/signals.md §4). ``concurrency``,
+    ``key`` and ``key_concurrency`` limit the flow across the fleet (docs/guide.md, "Flow
+    control")."""
     validate.name(name, "name")
     validate.version(version)
     validate.drift(drift)
+    control = flow_control(concurrency, key, key_concurrency)
     schemas = {validate.name(k, "signals"): Schema.of(v) for k, v in (signals or {}).items()}
 
     def wrap(body: Body) -> Flow:
@@ -56,6 +64,7 @@ def define_flow(
         return Flow(
             name=name, version=version, body=body, input_schema=Schema.of(input),
             signal_schemas={k: v for k, v in schemas.items() if v is not None}, drift=drift,
+            control=control,
         )
 
     return wrap

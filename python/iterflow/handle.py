@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-from . import validate
+from . import control, validate
 from .cores.base import Core, RunSpec
 from .durations import MAX_DURATION, DurationLike, parse_duration
 from .errors import Code, InvalidArgument, IterflowError, RunCanceled, RunFailed, RunNotFound
@@ -85,20 +85,26 @@ class FlowHandle:
         tags = validate.tags(item.tags, f"{where}tags")
         priority = validate.integer(item.priority, f"{where}priority", -(2**31), 2**31 - 1)
         delay = parse_duration(item.delay, field=f"{where}delay") if item.delay is not None else None
+        run_key = control.run_key(item.key, f"{where}key")
+        if self.flow is not None and self.flow.control is not None:
+            run_key = self.flow.control.run_key(run_key, item.input, f"{where}key")
         return RunSpec(
             id=services.new_id(), name=self.name, version=self.version, input=services.encode_input(self, item.input),
             idempotency_key=key, tags=tags, priority=priority,
-            delay_ms=int(delay.total_seconds() * 1000) if delay else 0,
+            delay_ms=int(delay.total_seconds() * 1000) if delay else 0, concurrency_key=run_key,
         )
 
     async def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
-                    delay: DurationLike | None = None, priority: int = 0, conn: Any = None) -> StartResult:
+                    delay: DurationLike | None = None, priority: int = 0, key: str | None = None,
+                    conn: Any = None) -> StartResult:
         """Create a run (or return the existing one for this idempotency key).
 
+        ``key`` is the run's key for per-key limits and fair claims (docs/guide.md, "Flow
+        control"); without it, the flow's key function, if it has one, computes it from ``input``.
         With ``conn`` the run is written inside the caller's open transaction: it commits or
         rolls back with it, and workers see it only after commit.
         """
-        spec = self._spec(StartSpec(input, idempotency_key, tags, delay, priority))
+        spec = self._spec(StartSpec(input, idempotency_key, tags, delay, priority, key))
         core = await self._engine.client()
         (made,) = await core.insert_runs([spec], conn=conn)
         return StartResult(made.run_id, made.status, made.created)
@@ -216,9 +222,10 @@ class SyncHandle:
         self._handle = handle
 
     def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
-              delay: DurationLike | None = None, priority: int = 0, conn: Any = None) -> StartResult:
+              delay: DurationLike | None = None, priority: int = 0, key: str | None = None,
+              conn: Any = None) -> StartResult:
         return self._runner.run(self._handle.start(input, idempotency_key=idempotency_key, tags=tags, delay=delay,
-                                                   priority=priority, conn=conn))
+                                                   priority=priority, key=key, conn=conn))
 
     def start_many(self, items: Sequence[Any], *, conn: Any = None) -> list[StartResult]:
         return self._runner.run(self._handle.start_many(items, conn=conn))

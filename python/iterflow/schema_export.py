@@ -53,6 +53,7 @@ runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("finished_at", DateTime(timezone=True)),
+    Column("concurrency_key", Text),
 )
 
 queue = Table(
@@ -65,6 +66,8 @@ queue = Table(
     Column("lease_owner", Text),
     Column("lease_token", BigInteger),
     Column("lease_until", DateTime(timezone=True)),
+    Column("concurrency_key", Text, nullable=False, server_default=text("''")),
+    Column("limited", Boolean, nullable=False, server_default=text("false")),
 )
 
 steps = Table(
@@ -126,6 +129,15 @@ watches = Table(
     Column("run_id", UUID, primary_key=True),
     Column("watcher", UUID, primary_key=True),
     Column("expires_at", DateTime(timezone=True), nullable=False),
+)
+
+flow_limits = Table(
+    "flow_limits", metadata,
+    Column("flow_name", Text, primary_key=True),
+    Column("concurrency", Integer),
+    Column("key_concurrency", Integer),
+    Column("limited", Boolean, nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
 )
 '''
 

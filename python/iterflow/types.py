@@ -46,13 +46,14 @@ class StartSpec:
     tags: Sequence[str] = ()
     delay: DurationLike | None = None
     priority: int = 0
+    key: str | None = None
 
     @classmethod
     def coerce(cls, item: Any, index: int) -> StartSpec:
         if isinstance(item, StartSpec):
             return item
         if isinstance(item, Mapping):
-            unknown = set(item) - {"input", "idempotency_key", "tags", "delay", "priority"}
+            unknown = set(item) - {"input", "idempotency_key", "tags", "delay", "priority", "key"}
             if unknown:
                 raise InvalidArgument(f"items[{index}]", f"unknown keys {sorted(unknown)}")
             return cls(**item)

@@ -16,6 +16,7 @@ from datetime import timedelta
 from typing import Any
 
 from .config import Retention
+from .control import limits_json
 from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
 from .flow import Flow
 from .runner import Execution
@@ -72,6 +73,9 @@ class Worker:
     async def start(self) -> None:
         await self.services.core.listen()
         await self.services.core.requeue_parked(self.names)
+        # the limits of the flows served here, before the first claim enforces them
+        await self.services.core.admin_query(
+            "upsert_flow_limits", limits_json((name, flow.control) for (name, _), flow in self.flows.items()))
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._claim_loop(), name="iterflow-claim"),

@@ -17,6 +17,8 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0004_signal_delivery.sql"),
     include_str!("../../../python/iterflow/migrations/0005_watches.sql"),
     include_str!("../../../python/iterflow/migrations/0006_transitions_once.sql"),
+    include_str!("../../../python/iterflow/migrations/0007_one_run_paths.sql"),
+    include_str!("../../../python/iterflow/migrations/0008_flow_control.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.
@@ -165,7 +167,7 @@ mod tests {
         assert!(q
             .get("claim_with_history")
             .unwrap()
-            .starts_with("WITH c AS ("));
+            .starts_with("WITH lim AS MATERIALIZED ("));
         // what the writer sends (joined by "; ") is the statement text alone, as before these
         // were named entries
         for (name, sent) in [

@@ -36,6 +36,7 @@ class RunSpec:
     parent_id: str | None = None
     parent_key: str | None = None
     depth: int = 1
+    concurrency_key: str | None = None
 
     def row_json(self, ord_: int) -> str:
         """This spec as one element of the ``insert_runs`` JSON array (input embedded as is)."""
@@ -43,7 +44,7 @@ class RunSpec:
             "ord": ord_, "id": self.id, "name": self.name, "version": self.version,
             "idempotency_key": self.idempotency_key, "tags": list(self.tags),
             "priority": self.priority, "parent_id": self.parent_id, "parent_key": self.parent_key,
-            "depth": self.depth, "delay_ms": self.delay_ms,
+            "depth": self.depth, "delay_ms": self.delay_ms, "concurrency_key": self.concurrency_key,
         }, separators=(",", ":"), ensure_ascii=False)
         return f'{head[:-1]},"input":{self.input}}}'
 
@@ -63,6 +64,7 @@ class JsonArg:
 ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
     "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
+    "upsert_flow_limits",
 })
 
 

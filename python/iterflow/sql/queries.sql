@@ -14,18 +14,20 @@ SELECT coalesce(max(version), 0) FROM {schema}.schema_version
 WITH x AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS x(
         ord int, id uuid, name text, version int, idempotency_key text, input jsonb,
-        tags text[], priority int, parent_id uuid, parent_key text, depth int, delay_ms bigint)
+        tags text[], priority int, parent_id uuid, parent_key text, depth int, delay_ms bigint,
+        concurrency_key text)
 ), ins AS (
     INSERT INTO {schema}.runs (id, name, version, idempotency_key, status, input, tags, priority,
-                               parent_id, parent_key, depth)
+                               parent_id, parent_key, depth, concurrency_key)
     SELECT id, name, version, idempotency_key, 'pending', input, coalesce(tags, '{}'), priority,
-           parent_id, parent_key, depth
+           parent_id, parent_key, depth, concurrency_key
       FROM x ORDER BY ord
     ON CONFLICT DO NOTHING
     RETURNING id
 ), q AS (
-    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
-    SELECT x.id, x.name, x.priority, now() + x.delay_ms * interval '1 millisecond'
+    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at, concurrency_key)
+    SELECT x.id, x.name, x.priority, now() + x.delay_ms * interval '1 millisecond',
+           coalesce(x.concurrency_key, '')
       FROM x JOIN ins ON ins.id = x.id
 )
 SELECT x.ord, x.id, x.name FROM x JOIN ins ON ins.id = x.id
@@ -314,8 +316,8 @@ DELETE FROM {schema}.runs WHERE id = ANY ($1::uuid[]) AND status IN ('done', 'fa
 -- name: reconcile_lost
 -- Live runs that should be queued but have no queue row (e.g. a wake lost with a crash).
 -- `finished_at IS NULL` (live) lets each reconcile statement scan `runs_live` only.
-INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
-SELECT r.id, r.name, r.priority, now() FROM {schema}.runs r
+INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at, concurrency_key)
+SELECT r.id, r.name, r.priority, now(), coalesce(r.concurrency_key, '') FROM {schema}.runs r
  WHERE r.finished_at IS NULL AND r.status IN ('pending', 'running', 'retrying', 'sleeping', 'parked')
    AND r.updated_at < now() - $1 * interval '1 millisecond'
    AND NOT EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = r.id)
@@ -447,17 +449,35 @@ SELECT to_regclass($1) IS NOT NULL
 -- does at replay: the oldest unconsumed entry of each name is consumed and recorded, and the
 -- record comes back with the history, so a woken run resumes without another durable write
 -- first. A wait with no signal queued yet is left to resolve_signal.
-WITH c AS (
-    SELECT wq.run_id, wr.waiting AS was
+-- Flows with limits or keys (flow_limits.limited) are picked by claim_limited, which locks
+-- and counts per flow; it is not called at all when none of $1 is limited.
+WITH lim AS MATERIALIZED (
+    SELECT array_agg(flow_name) AS names FROM {schema}.flow_limits
+     WHERE flow_name = ANY ($1::text[]) AND limited
+), picked AS MATERIALIZED (
+    SELECT p.* FROM lim CROSS JOIN LATERAL {schema}.claim_limited(lim.names, $2) p
+     WHERE lim.names IS NOT NULL
+), unlimited AS (
+    SELECT wq.run_id, wr.waiting AS was, wq.priority, wq.ready_at
       FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
      WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
+       AND NOT wq.flow_name = ANY (coalesce((SELECT names FROM lim), '{}'))
      ORDER BY wq.priority DESC, wq.ready_at
      LIMIT $2
      FOR UPDATE OF wq, wr SKIP LOCKED
+), c AS (
+    SELECT u.run_id, u.was, u.limited FROM (
+        SELECT unlimited.*, false AS limited FROM unlimited
+        UNION ALL
+        SELECT picked.*, true FROM picked
+    ) u
+     ORDER BY u.priority DESC, u.ready_at
+     LIMIT $2
 ), q AS (
     UPDATE {schema}.queue
        SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
-           lease_until = now() + $4 * interval '1 millisecond', woken = false
+           lease_until = now() + $4 * interval '1 millisecond', woken = false,
+           limited = run_id = ANY (ARRAY(SELECT run_id FROM c WHERE c.limited))
      WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
     RETURNING run_id, lease_token
 ), r AS (
@@ -499,3 +519,17 @@ SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, N
        got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
        got.child_id, NULL, NULL, NULL, got.finished_at
   FROM got
+
+-- name: upsert_flow_limits
+-- A starting worker states the limits of the flows it serves ($1: a JSON array of {name,
+-- concurrency, key_concurrency, keyed}, as text; null: none): configuration, so the last
+-- worker started wins.
+INSERT INTO {schema}.flow_limits AS l (flow_name, concurrency, key_concurrency, limited)
+SELECT f.name, f.concurrency, f.key_concurrency,
+       f.concurrency IS NOT NULL OR f.key_concurrency IS NOT NULL OR f.keyed
+  FROM jsonb_to_recordset($1::text::jsonb) AS f(name text, concurrency int, key_concurrency int, keyed boolean)
+ON CONFLICT (flow_name) DO UPDATE
+   SET concurrency = excluded.concurrency, key_concurrency = excluded.key_concurrency,
+       limited = excluded.limited, updated_at = now()
+ WHERE (l.concurrency, l.key_concurrency, l.limited)
+       IS DISTINCT FROM (excluded.concurrency, excluded.key_concurrency, excluded.limited)

@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 11), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 8), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -46,7 +46,9 @@ CREATE TABLE {schema}.runs (
     cancel_reason   text,
     created_at      timestamptz NOT NULL DEFAULT now(),
     updated_at      timestamptz NOT NULL DEFAULT now(),
-    finished_at     timestamptz
+    finished_at     timestamptz,
+    -- the run's key (start(..., key=...)): per-key limits and fair claims (migration 0008)
+    concurrency_key text
 ) WITH (fillfactor = 80);
 
 CREATE UNIQUE INDEX runs_idempotency
@@ -74,7 +76,10 @@ CREATE TABLE {schema}.queue (
     woken       boolean     NOT NULL DEFAULT false,
     lease_owner text,
     lease_token bigint,
-    lease_until timestamptz
+    lease_until timestamptz,
+    concurrency_key text    NOT NULL DEFAULT '',
+    -- set by the claim on a lease counted against a limit: releasing it announces the free place
+    limited     boolean     NOT NULL DEFAULT false
 ) WITH (fillfactor = 50, autovacuum_vacuum_scale_factor = 0.01, autovacuum_vacuum_cost_delay = 0,
         autovacuum_analyze_scale_factor = 0.02, autovacuum_analyze_threshold = 200);
 
@@ -82,6 +87,23 @@ CREATE INDEX queue_ready
     ON {schema}.queue (priority DESC, ready_at) WHERE lease_until IS NULL;
 CREATE INDEX queue_leased
     ON {schema}.queue (lease_until) WHERE lease_until IS NOT NULL;
+-- ready runs of a flow by key, in claim order (claim_limited's per-key picks and its walk over
+-- the keys that have ready work)
+CREATE INDEX queue_ready_key
+    ON {schema}.queue (flow_name, concurrency_key, priority DESC, ready_at) WHERE lease_until IS NULL;
+-- leases per flow and key (claim_limited's count of what is executing)
+CREATE INDEX queue_leased_key
+    ON {schema}.queue (flow_name, concurrency_key) WHERE lease_until IS NOT NULL;
+
+-- Each flow's limits, written by the workers that serve it when they start (docs/guide.md,
+-- "Flow control"); `limited`: claimed through claim_limited (any limit, or a keyed flow).
+CREATE TABLE {schema}.flow_limits (
+    flow_name       text PRIMARY KEY,
+    concurrency     int,
+    key_concurrency int,
+    limited         boolean     NOT NULL,
+    updated_at      timestamptz NOT NULL DEFAULT now()
+);
 
 -- lease tokens fence a stale worker's writes (finish_runs, suspend_run, heartbeat)
 CREATE SEQUENCE {schema}.lease_tokens;
@@ -190,13 +212,12 @@ BEGIN
     END IF;
 END $$;
 
--- Wake a live run now: a signal arrived, a child finished, or a run was canceled. Works
--- whether or not the run is queued or leased (a leased run sees `woken` when it suspends).
+-- Waking a run keeps its key on the queue row it makes.
 CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 BEGIN
-    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken)
-    SELECT r.id, r.name, r.priority, now(), true FROM {schema}.runs r
+    INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken, concurrency_key)
+    SELECT r.id, r.name, r.priority, now(), true, coalesce(r.concurrency_key, '') FROM {schema}.runs r
      WHERE r.id = p_run AND r.status NOT IN ('done', 'failed', 'canceled')
     ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now());
 END $$;
@@ -518,13 +539,13 @@ BEGIN
     END IF;
 END $$;
 
--- Put a failed run back to work (engine.retry, docs/guide.md §3): successful records kept, failed ones dropped.
+-- Retrying a run keeps its key on the queue row it makes.
 CREATE OR REPLACE FUNCTION {schema}.retry_run(p_run uuid) RETURNS text
 LANGUAGE plpgsql AS $$
 DECLARE
     v_run record;
 BEGIN
-    SELECT id, name, priority, status INTO v_run FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    SELECT id, name, priority, status, concurrency_key INTO v_run FROM {schema}.runs WHERE id = p_run FOR UPDATE;
     IF NOT FOUND THEN
         RETURN 'missing';
     END IF;
@@ -537,11 +558,98 @@ BEGIN
        SET status = 'pending', attempts = 0, error = NULL, output = NULL, finished_at = NULL,
            waiting = NULL, cancel_reason = NULL, updated_at = now()
      WHERE id = p_run;
-    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at)
-    VALUES (p_run, v_run.name, v_run.priority, now())
+    INSERT INTO {schema}.queue (run_id, flow_name, priority, ready_at, concurrency_key)
+    VALUES (p_run, v_run.name, v_run.priority, now(), coalesce(v_run.concurrency_key, ''))
     ON CONFLICT (run_id) DO UPDATE SET ready_at = now(), lease_owner = NULL, lease_token = NULL,
         lease_until = NULL;
     INSERT INTO {schema}.events (run_id, kind) VALUES (p_run, 'retried');
     PERFORM {schema}.wakeup('q ' || v_run.name);
     RETURN 'queued';
 END $$;
+
+-- Pick up to p_n ready runs of the limited flows p_flows, within their limits, and lock them
+-- (and their runs rows, as the claim does) for the calling claim, which leases them. Each
+-- flow's lock is taken first, in name order, so that this function's statements (each with a
+-- snapshot of its own) count every lease committed before: two claims of one limited flow
+-- never both take its last place. Among a flow's keys the runs of keys with the fewest
+-- executing come first, so a key with 50,000 queued runs and one with 10 both progress;
+-- priority, then ready_at, order within that.
+CREATE OR REPLACE FUNCTION {schema}.claim_limited(p_flows text[], p_n int)
+RETURNS TABLE (run_id uuid, was jsonb, priority int, ready_at timestamptz)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM pg_advisory_xact_lock(hashtextextended('iterflow.flow_control.{schema}.' || f, 0))
+       FROM unnest(p_flows) AS f ORDER BY f;
+    RETURN QUERY
+    WITH RECURSIVE lim AS (
+        SELECT l.flow_name, l.concurrency, l.key_concurrency
+          FROM {schema}.flow_limits l WHERE l.flow_name = ANY (p_flows)
+    ), busy AS (
+        SELECT q.flow_name, q.concurrency_key AS k, count(*)::int AS n
+          FROM {schema}.queue q
+         WHERE q.lease_until IS NOT NULL AND q.flow_name = ANY (p_flows)
+         GROUP BY 1, 2
+    ), keys AS (
+        -- the keys with ready work, one index probe each
+        SELECT lim.flow_name,
+               (SELECT min(q.concurrency_key) FROM {schema}.queue q
+                 WHERE q.flow_name = lim.flow_name AND q.lease_until IS NULL
+                   AND q.ready_at <= now()) AS k
+          FROM lim
+        UNION ALL
+        SELECT keys.flow_name,
+               (SELECT min(q.concurrency_key) FROM {schema}.queue q
+                 WHERE q.flow_name = keys.flow_name AND q.concurrency_key > keys.k
+                   AND q.lease_until IS NULL AND q.ready_at <= now())
+          FROM keys WHERE keys.k IS NOT NULL
+    ), room AS (
+        SELECT keys.flow_name, keys.k, coalesce(b.n, 0) AS running,
+               LEAST(p_n, coalesce(lim.key_concurrency - coalesce(b.n, 0), p_n),
+                     coalesce(lim.concurrency - (SELECT coalesce(sum(a.n), 0)::int FROM busy a
+                                                  WHERE a.flow_name = keys.flow_name), p_n)) AS n
+          FROM keys JOIN lim ON lim.flow_name = keys.flow_name
+          LEFT JOIN busy b ON b.flow_name = keys.flow_name AND b.k = keys.k
+         WHERE keys.k IS NOT NULL
+    ), cand AS (
+        SELECT room.flow_name, room.running, x.run_id, x.was, x.priority, x.ready_at,
+               row_number() OVER (PARTITION BY room.flow_name, room.k
+                                  ORDER BY x.priority DESC, x.ready_at) AS rk
+          FROM room CROSS JOIN LATERAL (
+                SELECT wq.run_id, wr.waiting AS was, wq.priority, wq.ready_at
+                  FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+                 WHERE wq.flow_name = room.flow_name AND wq.concurrency_key = room.k
+                   AND wq.lease_until IS NULL AND wq.ready_at <= now()
+                 ORDER BY wq.priority DESC, wq.ready_at
+                 LIMIT room.n
+                 FOR UPDATE OF wq, wr SKIP LOCKED) x
+         WHERE room.n > 0
+    ), fair AS (
+        SELECT cand.*, row_number() OVER (PARTITION BY cand.flow_name
+                                          ORDER BY cand.running + cand.rk, cand.priority DESC,
+                                                   cand.ready_at) AS fk
+          FROM cand
+    )
+    SELECT fair.run_id, fair.was, fair.priority, fair.ready_at
+      FROM fair JOIN lim ON lim.flow_name = fair.flow_name
+     WHERE lim.concurrency IS NULL
+        OR fair.fk <= lim.concurrency - (SELECT coalesce(sum(a.n), 0) FROM busy a
+                                          WHERE a.flow_name = fair.flow_name)
+     ORDER BY fair.running + fair.rk, fair.priority DESC, fair.ready_at
+     LIMIT p_n;
+END $$;
+
+-- A lease counted against a limit that ends (finish, suspend, release, expiry) frees a place:
+-- the flow's workers are told at once instead of at their next poll.
+CREATE OR REPLACE FUNCTION {schema}.limited_lease_ended() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM {schema}.wakeup('q ' || OLD.flow_name);
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER limited_lease_deleted AFTER DELETE ON {schema}.queue
+    FOR EACH ROW WHEN (OLD.limited AND OLD.lease_token IS NOT NULL)
+    EXECUTE FUNCTION {schema}.limited_lease_ended();
+CREATE TRIGGER limited_lease_released AFTER UPDATE OF lease_token ON {schema}.queue
+    FOR EACH ROW WHEN (OLD.limited AND OLD.lease_token IS NOT NULL AND NEW.lease_token IS NULL)
+    EXECUTE FUNCTION {schema}.limited_lease_ended();

@@ -1,4 +1,4 @@
--- iterflow schema, version 11: the one-run paths of a run's finish and a signal wait are
+-- iterflow schema, version 7: the one-run paths of a run's finish and a signal wait are
 -- as cheap as before version 6. Idempotent, like every migration.
 --
 -- Version 6 made finish_run and resolve_signal thin calls of the set-based finish_runs and
@@ -171,4 +171,4 @@ END $$;
 
 DROP FUNCTION IF EXISTS {schema}.wake_runs(uuid[]);
 
-INSERT INTO {schema}.schema_version (version) VALUES (11) ON CONFLICT DO NOTHING;
+INSERT INTO {schema}.schema_version (version) VALUES (7) ON CONFLICT DO NOTHING;
