@@ -133,7 +133,9 @@ async def _waits(reader: _Reader, row: Mapping[str, Any], depth: int) -> list[Re
     if row["status"] == "awaiting_signal":
         return _signal_waits(reader, row, waiting, until)
     if row["status"] == "sleeping":
-        return [Reason("sleeping", f"sleeping until {_t(until)}", since=since, until=until)]
+        ended = until is not None and until <= row["db_now"]
+        message = f"its sleep ended at {_t(until)}" if ended else f"sleeping until {_t(until)}"
+        return [Reason("sleeping", message, since=since, until=until)]
     if row["status"] == "retrying":
         return [_retry_backoff(row, waiting, until)]
     if row["status"] == "awaiting_child":
@@ -158,7 +160,8 @@ def _signal_waits(reader: _Reader, row: Mapping[str, Any], waiting: Mapping[str,
                 since=received, details={"name": name, "queued": len(queued)},
             ))
             continue
-        timeout = f"times out at {_t(until)}" if until is not None else "no timeout"
+        timeout = "no timeout" if until is None else (
+            f"timed out at {_t(until)}" if until <= row["db_now"] else f"times out at {_t(until)}")
         reasons.append(Reason(
             "awaiting_signal", f"waiting for signal {name!r} since {_t(row['updated_at'])} ({timeout})",
             action=reader.command("signal", str(row["id"]), str(name), "'<JSON payload>'"),
@@ -175,7 +178,8 @@ def _retry_backoff(row: Mapping[str, Any], waiting: Mapping[str, Any], until: da
     return Reason(
         "retry_backoff",
         f"step {waiting.get('step')!r} failed ({error.get('code')}: {error.get('message')}); "
-        f"attempt {attempt}{of} at {_t(until)}",
+        f"attempt {attempt}{of} {'was due' if until is not None and until <= row['db_now'] else 'is'} "
+        f"at {_t(until)}",
         since=row["updated_at"], until=until,
         details={"step": waiting.get("step"), "attempt": attempt, "max_attempts": most,
                  "code": error.get("code"), "error_message": error.get("message")},

@@ -11,6 +11,7 @@ the holder of a lease last wrote. Statements: ``upsert_worker``, ``delete_worker
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -21,6 +22,9 @@ from .cores.base import Core
 from .types import WorkerInfo
 
 log = logging.getLogger("iterflow")
+# Seconds a stopping worker waits to delete its row: a stop with the database down must not
+# wait out the retry bound for it (the row then goes stale like a crashed worker's).
+WITHDRAW_TIMEOUT = 2.0
 
 
 @dataclass(frozen=True)
@@ -54,7 +58,7 @@ class Registration:
     async def withdraw(self, core: Core) -> None:
         """Delete the row at a graceful stop (a failure leaves it to go stale)."""
         try:
-            await core.admin_query("delete_worker", self.owner)
+            await asyncio.wait_for(core.admin_query("delete_worker", self.owner), WITHDRAW_TIMEOUT)
         except Exception as exc:  # noqa: BLE001 - the row is then gone after a lease, pruned after a day
             log.warning("iterflow could not remove this worker from the registry: %r", exc)
 
