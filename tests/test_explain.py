@@ -14,11 +14,14 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 import pytest
+from psycopg import sql
 from tests.test_cli import cli
 
 from iterflow import Code, Explanation, FlowRuntimeError, RunNotFound, define_flow
 from iterflow.errors import InvalidArgument
+from iterflow.explain import explain_run
 
 
 @define_flow("ex-survey")
@@ -179,8 +182,7 @@ async def test_waiting_for_a_child_explains_the_child_a_few_levels_down(make_eng
     assert nested["reasons"][0]["child"]["reasons"][0]["child"]["reasons"][0]["kind"] == "awaiting_signal"
     assert "awaiting_signal" in str(got)
     # past the depth cap the child is named, with the command that explains it
-    from iterflow import explain as explaining
-    capped = await explaining.explain(engine.core, engine.schema, run.run_id, depth=1)
+    capped = await explain_run(engine.core, engine.schema, run.run_id, depth=1)
     assert capped is not None and capped.reasons[0].child is None
     assert "runs explain" in capped.reasons[0].message
 
@@ -330,6 +332,22 @@ async def test_a_worker_that_stops_writing_is_gone_after_its_lease(make_engine: 
     await asyncio.sleep(1.1)
     (info,) = await client.list_workers()
     assert info.owner == "hung:1:0" and not info.alive
+
+
+async def test_a_registry_that_cannot_be_written_never_stops_a_worker(
+    make_engine: Any, dsn: str, schema_name: str, caplog: pytest.LogCaptureFixture,
+) -> None:
+    client = await make_engine(listen=False)
+    await client.client()  # migrated and checked; now the registry table goes away
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP TABLE {}.workers").format(sql.Identifier(schema_name)))
+    engine = await make_engine(done, lease="1s")
+    run = await engine.handle("ex-done").start(None)
+    assert await engine.handle("ex-done").result(run.run_id, timeout=10) == "hi"
+    await asyncio.sleep(0.5)  # a refresh of the row fails too
+    await engine.stop()
+    failures = [r.getMessage() for r in caplog.records if "registry" in r.getMessage()]
+    assert any("could not update" in m for m in failures) and any("could not remove" in m for m in failures)
 
 
 def test_cli_runs_explain_text_and_json(dsn: str, schema_name: str) -> None:

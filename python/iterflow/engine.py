@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import codec, cron, explain, fleet, validate
+from . import codec, cron, fleet, validate
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
 from .cores.resilient import ResilientCore
@@ -29,6 +29,7 @@ from .errors import (
     RunNotFound,
     ValidationFailed,
 )
+from .explain import explain_run
 from .faults import RetryPolicy
 from .flow import Flow
 from .handle import FlowHandle
@@ -491,14 +492,14 @@ class Engine:
             raise InvalidArgument("run_id", f"must be a run id string, got {validate.show(run_id)}")
         rid = require_run_id(run_id)
         core = await self.client()
-        found = await explain.explain(core, self.schema, rid)
+        found = await explain_run(core, self.schema, rid)
         if found is None:
             raise RunNotFound(rid)
         return found
 
     async def list_workers(self) -> list[WorkerInfo]:
         """The workers registry: every listening process seen in the last day, what it serves,
-        and whether it is alive (docs/operations.md, "Workers")."""
+        and whether it is alive (docs/operations.md, "The workers registry")."""
         core = await self.client()
         return await fleet.list_workers(core)
 

@@ -47,7 +47,7 @@ class _Reader:
         return " ".join(["iterflow", *words, *schema])
 
 
-async def explain(core: Core, schema: str, run_id: str, depth: int = MAX_DEPTH) -> Explanation | None:
+async def explain_run(core: Core, schema: str, run_id: str, depth: int = MAX_DEPTH) -> Explanation | None:
     """The explanation of ``run_id`` (a canonical id), or None when there is no such run."""
     return await _explain(_Reader(core, schema), run_id, depth)
 

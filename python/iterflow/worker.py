@@ -67,6 +67,7 @@ class Worker:
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
         self.registration = Registration.of(self.owner, flows, services.core.name, concurrency, self.lease_ms)
+        self._registered = False  # started and not yet withdrawn: a second stop() deletes nothing
 
     @property
     def sweep_interval(self) -> float:
@@ -81,6 +82,7 @@ class Worker:
         await self.services.core.listen()
         await self.services.core.requeue_parked(self.names)
         await self.registration.announce(self.services.core)
+        self._registered = True
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._claim_loop(), name="iterflow-claim"),
@@ -125,7 +127,9 @@ class Worker:
             await self.release(unfinished)
         for task in self._tasks[1:]:
             await _cancel(task)
-        await self.registration.withdraw(self.services.core)
+        if self._registered:
+            self._registered = False
+            await self.registration.withdraw(self.services.core)
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give these leases back so the rest of the fleet claims the runs at once, instead of
