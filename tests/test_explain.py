@@ -373,3 +373,14 @@ def test_cli_runs_explain_text_and_json(dsn: str, schema_name: str) -> None:
     data = json.loads(res.stdout)
     assert data["run_id"] == run_id and data["status"] == "pending"
     assert [r["kind"] for r in data["reasons"]] == ["no_worker"]
+
+
+async def test_lease_expired_with_a_live_worker_says_within_its_sweep_interval(make_engine: Any) -> None:
+    await make_engine(survey, lease="10s")  # swept at its start; the next sweep is 5 s later
+    client = await make_engine(listen=False)
+    run = await client.handle("ex-ghost").start(None)
+    core = await client.client()
+    await core.claim(["ex-ghost"], 1, "ghost-worker", 500)
+    got = await _explained(client, run.run_id, lambda e: _kinds(e) == ["lease_expired"], timeout=2.0)
+    (reason,) = got.reasons
+    assert reason.kind == "lease_expired" and "within 5 s" in reason.message and reason.action is None

@@ -263,12 +263,13 @@ class Explanation:
                 "reasons": [r.to_dict() for r in self.reasons], "at": _plain(self.at)}
 
     def __str__(self) -> str:
-        """The explanation as indented text (what ``iterflow runs explain`` prints)."""
+        """The explanation as indented text (what ``iterflow runs explain`` prints): the run, then
+        each reason (the first is the summary) with its action, a child's explanation nested."""
         return "\n".join(self._lines(0))
 
     def _lines(self, depth: int) -> list[str]:
         pad = "  " * depth
-        lines = [f"{pad}run {self.run_id} ({self.flow}) is {self.status}: {self.summary}"]
+        lines = [f"{pad}run {self.run_id} ({self.flow}) is {self.status}"]
         for reason in self.reasons:
             lines.append(f"{pad}  - [{reason.kind}] {reason.message}")
             if reason.action:
