@@ -127,6 +127,19 @@ watches = Table(
     Column("watcher", UUID, primary_key=True),
     Column("expires_at", DateTime(timezone=True), nullable=False),
 )
+
+workers = Table(
+    "workers", metadata,
+    Column("owner", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("flows", ARRAY(Text), nullable=False, server_default=text("'{{}}'")),
+    Column("core", Text, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("lease_ms", BigInteger, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_seen", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
 '''
 
 
