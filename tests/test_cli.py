@@ -130,8 +130,8 @@ def migrated(dsn: str, schema_name: str) -> str:
 # help and usage errors (no database needed)
 # ------------------------------------------------------------------------------------------
 COMMANDS = [
-    [], ["migrate"], ["demo"], ["runs"], ["runs", "list"], ["runs", "show"], ["runs", "cancel"],
-    ["runs", "retry"], ["signal"], ["worker"], ["check"], ["generate-schema"], ["bench"],
+    [], ["migrate"], ["demo"], ["runs"], ["runs", "list"], ["runs", "show"], ["runs", "explain"],
+    ["runs", "cancel"], ["runs", "retry"], ["signal"], ["worker"], ["check"], ["generate-schema"], ["bench"],
 ]
 
 
@@ -159,6 +159,7 @@ def test_help_through_the_module_entry_point() -> None:
     ["runs", "list", "--status", "sleepy"],
     ["runs", "list", "--schema", "Not-A-Schema"],
     ["runs", "show"],
+    ["runs", "explain"],
     ["signal", str(uuid.uuid4()), "go"],
     ["migrate", "--bogus"],
 ], ids=lambda a: " ".join(a) or "no-command")
@@ -267,7 +268,7 @@ def test_runs_list_and_show(dsn: str, migrated: str) -> None:
     assert res.returncode == 0 and "no runs match" in res.stdout
 
 
-@pytest.mark.parametrize("command", [["runs", "show"], ["runs", "cancel"], ["runs", "retry"]])
+@pytest.mark.parametrize("command", [["runs", "show"], ["runs", "explain"], ["runs", "cancel"], ["runs", "retry"]])
 def test_unknown_run_id_exits_1(dsn: str, migrated: str, command: list[str]) -> None:
     for run_id in (str(uuid.uuid4()), "not-a-run-id"):
         res = cli(dsn, *command, run_id, "--schema", migrated)

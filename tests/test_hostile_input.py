@@ -275,7 +275,8 @@ async def test_non_canonical_run_ids_name_no_run(make_engine: Any, dsn: str, sch
     for rid in _spellings(started.run_id):
         assert await engine.status(rid) is None, rid
         assert (await engine.retry(rid)).kind == "missing", rid
-        for call in (engine.cancel(rid), engine.signal(rid, "go", 1), engine.handle("echo").result(rid, timeout=1)):
+        for call in (engine.cancel(rid), engine.signal(rid, "go", 1), engine.handle("echo").result(rid, timeout=1),
+                     engine.explain(rid)):
             with pytest.raises(RunNotFound) as info:
                 await call
             assert info.value.code == Code.RUN_NOT_FOUND
@@ -290,6 +291,7 @@ async def test_upper_case_run_ids_are_the_same_run(make_engine: Any) -> None:
     upper = started.run_id.upper()
     detail = await engine.status(upper)
     assert detail is not None and detail.run.run_id == started.run_id
+    assert (await engine.explain(upper)).run_id == started.run_id
     assert (await engine.signal(upper, "go", 1)).kind == "buffered"
     await engine.cancel(upper, "by upper case")
     detail = await engine.status(started.run_id)

@@ -18,6 +18,8 @@ from .handle import FlowHandle
 from .migrate import migrate
 from .steps import AbortToken, StepArgs
 from .types import (
+    Explanation,
+    Reason,
     RetryResult,
     RunDetail,
     RunPage,
@@ -26,11 +28,12 @@ from .types import (
     StartResult,
     StartSpec,
     Waiting,
+    WorkerInfo,
 )
 
 __all__ = [
-    "AbortToken", "Code", "Context", "Engine", "Flow", "FlowHandle", "FlowRuntimeError", "IterflowError",
-    "Limits", "Retention", "RetryResult", "RunCanceled", "RunDetail", "RunFailed", "RunNotFound", "RunPage",
-    "RunSummary", "SchemaMismatch", "SignalResult", "StartResult", "StartSpec", "StepArgs", "Waiting",
-    "create_engine", "define_flow", "flow", "migrate",
+    "AbortToken", "Code", "Context", "Engine", "Explanation", "Flow", "FlowHandle", "FlowRuntimeError",
+    "IterflowError", "Limits", "Reason", "Retention", "RetryResult", "RunCanceled", "RunDetail", "RunFailed",
+    "RunNotFound", "RunPage", "RunSummary", "SchemaMismatch", "SignalResult", "StartResult", "StartSpec",
+    "StepArgs", "Waiting", "WorkerInfo", "create_engine", "define_flow", "flow", "migrate",
 ]

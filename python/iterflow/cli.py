@@ -300,6 +300,20 @@ async def cmd_runs_show(args: argparse.Namespace) -> int:
     return await _with_client(args, body)
 
 
+async def cmd_runs_explain(args: argparse.Namespace) -> int:
+    run_id = _check_run_id(args.run_id)
+
+    async def body(engine: Any) -> int:
+        explanation = await engine.explain(run_id)
+        if args.json:
+            print(json.dumps(explanation.to_dict(), indent=2, ensure_ascii=False))
+        else:
+            print(explanation)
+        return 0
+
+    return await _with_client(args, body)
+
+
 async def cmd_runs_cancel(args: argparse.Namespace) -> int:
     run_id = _check_run_id(args.run_id)
 
@@ -559,7 +573,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dsn", help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded Postgres)")
     p.set_defaults(run=cmd_demo)
 
-    runs = sub.add_parser("runs", formatter_class=fmt, help="list, show, cancel or retry runs",
+    runs = sub.add_parser("runs", formatter_class=fmt, help="list, show, explain, cancel or retry runs",
                           description="Inspect and manage runs (client calls only; nothing is executed).")
     runs_sub = runs.add_subparsers(dest="runs_command", metavar="SUBCOMMAND")
     runs.set_defaults(run=None, parser=runs)
@@ -580,6 +594,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_id", metavar="RUN_ID")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.set_defaults(run=cmd_runs_show)
+
+    p = runs_sub.add_parser("explain", parents=[client], formatter_class=fmt,
+                            help="why a run is where it is, and what would move it",
+                            description="Say what holds a run (a signal, a sleep, a retry backoff, a child, "
+                                        "the queue, a lease, parking) with the action that would move it; "
+                                        "a parent's child is explained too, a few levels down.",
+                            epilog="example: iterflow runs explain 01a2...d1 --json")
+    p.add_argument("run_id", metavar="RUN_ID")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(run=cmd_runs_explain)
 
     p = runs_sub.add_parser("cancel", parents=[client], formatter_class=fmt,
                             help="cancel a run and its live descendants")

@@ -307,7 +307,8 @@ class Context:
             self._end()
         if isinstance(value, _Retry):
             await self._suspend(Suspension(
-                "retrying", {"kind": "retry", "step": key, "attempt": attempt + 1, "until": value.at.isoformat()},
+                "retrying", {"kind": "retry", "step": key, "attempt": attempt + 1, "max_attempts": opts.retries + 1,
+                             "until": value.at.isoformat()},
                 value.at, progress=False,
             ))
         return self._step_value(value, opts)

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from . import codec, cron, validate
+from . import codec, cron, fleet, validate
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
 from .cores.resilient import ResilientCore
@@ -29,6 +29,7 @@ from .errors import (
     RunNotFound,
     ValidationFailed,
 )
+from .explain import explain_run
 from .faults import RetryPolicy
 from .flow import Flow
 from .handle import FlowHandle
@@ -40,12 +41,14 @@ from .sync import SyncEngine
 from .types import (
     STATUSES,
     TERMINAL,
+    Explanation,
     RetryResult,
     Run,
     RunDetail,
     RunPage,
     RunSummary,
     SignalResult,
+    WorkerInfo,
     decode_cursor,
     encode_cursor,
     require_run_id,
@@ -480,6 +483,25 @@ class Engine:
                        for s in detail["steps"] if s["status"] == "waiting" and s["deadline"] is not None]
         return RunDetail(run=Run.from_row(detail["run"]), steps=detail["steps"], signals=detail["signals"],
                          timers=timers, children=detail["children"], events=detail["events"])
+
+    async def explain(self, run_id: str) -> Explanation:
+        """Why the run is where it is, and what would move it (docs/operations.md, "Why is this
+        run stuck?"). A run id that is not a string or UUID is ``INVALID_ARGUMENT``; a string
+        that names no run (malformed ones included, as in every call) is ``RUN_NOT_FOUND``."""
+        if not isinstance(run_id, (str, uuid.UUID)):
+            raise InvalidArgument("run_id", f"must be a run id string, got {validate.show(run_id)}")
+        rid = require_run_id(run_id)
+        core = await self.client()
+        found = await explain_run(core, self.schema, rid)
+        if found is None:
+            raise RunNotFound(rid)
+        return found
+
+    async def list_workers(self) -> list[WorkerInfo]:
+        """The workers registry: every listening process seen in the last day, what it serves,
+        and whether it is alive (docs/operations.md, "The workers registry")."""
+        core = await self.client()
+        return await fleet.list_workers(core)
 
     async def list_runs(self, *, name: str | None = None, status: str | Sequence[str] | None = None,
                         tag: str | None = None, since: datetime | None = None, until: datetime | None = None,

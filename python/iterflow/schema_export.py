@@ -139,6 +139,19 @@ flow_limits = Table(
     Column("limited", Boolean, nullable=False),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
 )
+
+workers = Table(
+    "workers", metadata,
+    Column("owner", Text, primary_key=True),
+    Column("host", Text, nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("flows", ARRAY(Text), nullable=False, server_default=text("'{{}}'")),
+    Column("core", Text, nullable=False),
+    Column("concurrency", Integer, nullable=False),
+    Column("lease_ms", BigInteger, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+    Column("last_seen", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
 '''
 
 

@@ -18,7 +18,7 @@ from .handle import FlowHandle, SyncHandle
 
 if TYPE_CHECKING:
     from .cores.base import RunFilter
-    from .types import RetryResult, RunDetail, RunPage, SignalResult
+    from .types import Explanation, RetryResult, RunDetail, RunPage, SignalResult, WorkerInfo
 
 T = TypeVar("T")
 
@@ -39,6 +39,10 @@ class Client(Protocol):
     async def retry(self, run_id: str) -> RetryResult: ...
 
     async def status(self, run_id: str) -> RunDetail | None: ...
+
+    async def explain(self, run_id: str) -> Explanation: ...
+
+    async def list_workers(self) -> list[WorkerInfo]: ...
 
     async def list_runs(self, *, name: str | None = None, status: str | Sequence[str] | None = None,
                         tag: str | None = None, since: datetime | None = None, until: datetime | None = None,
@@ -95,6 +99,12 @@ class SyncEngine:
 
     def status(self, run_id: str) -> RunDetail | None:
         return self._run(self._client.status(run_id))
+
+    def explain(self, run_id: str) -> Explanation:
+        return self._run(self._client.explain(run_id))
+
+    def list_workers(self) -> list[WorkerInfo]:
+        return self._run(self._client.list_workers())
 
     def list_runs(self, *, name: str | None = None, status: str | Sequence[str] | None = None,
                   tag: str | None = None, since: datetime | None = None, until: datetime | None = None,

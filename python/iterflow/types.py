@@ -203,3 +203,111 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
     if canonical is None or created_at.utcoffset() is None:
         raise InvalidArgument("cursor", "not a cursor returned by list_runs")
     return created_at, canonical
+
+
+def _plain(value: Any) -> Any:
+    """A value of an explanation or a worker row in its JSON form (timestamps as ISO text)."""
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+@dataclass(frozen=True)
+class Reason:
+    """One thing that holds a run where it is, and what would move it.
+
+    ``kind`` is stable (docs/operations.md, "Why is this run stuck?", lists every kind);
+    ``message`` is for humans; ``action`` is what would move the run (often an exact
+    ``iterflow`` command), None when nothing needs doing but waiting. ``since`` and ``until``
+    bound the wait where they are known; ``details`` carries the kind's own fields (a signal
+    name, an attempt count, an error code, a worker id...). ``child`` is the explanation of
+    the child run a parent waits for.
+    """
+
+    kind: str
+    message: str
+    action: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    details: Mapping[str, Any] = field(default_factory=dict)
+    child: Explanation | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "message": self.message, "action": self.action,
+            "since": _plain(self.since), "until": _plain(self.until), "details": _plain(self.details),
+            "child": self.child.to_dict() if self.child is not None else None,
+        }
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """``engine.explain(run_id)``: why a run is where it is, as of ``at`` (the database's clock).
+
+    ``summary`` is one line; ``reasons`` say what holds the run, each with the action that
+    would move it. A terminal run has one reason (its status) and nothing waiting.
+    """
+
+    run_id: str
+    flow: str
+    status: str
+    summary: str
+    reasons: tuple[Reason, ...]
+    at: datetime
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id, "flow": self.flow, "status": self.status, "summary": self.summary,
+                "reasons": [r.to_dict() for r in self.reasons], "at": _plain(self.at)}
+
+    def __str__(self) -> str:
+        """The explanation as indented text (what ``iterflow runs explain`` prints): the run, then
+        each reason (the first is the summary) with its action, a child's explanation nested."""
+        return "\n".join(self._lines(0))
+
+    def _lines(self, depth: int) -> list[str]:
+        pad = "  " * depth
+        lines = [f"{pad}run {self.run_id} ({self.flow}) is {self.status}"]
+        for reason in self.reasons:
+            lines.append(f"{pad}  - [{reason.kind}] {reason.message}")
+            if reason.action:
+                lines.append(f"{pad}    action: {reason.action}")
+            if reason.child is not None:
+                lines.extend(reason.child._lines(depth + 2))
+        return lines
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """A row of the workers registry (``engine.list_workers()``): a listening process.
+
+    ``alive`` is False once the worker has not written its row for a lease (it writes it
+    every third of one): it stopped without saying so, or cannot reach the database.
+    """
+
+    owner: str
+    host: str
+    pid: int
+    flows: tuple[str, ...]
+    core: str
+    concurrency: int
+    lease_ms: int
+    started_at: datetime
+    last_seen: datetime
+    alive: bool
+
+    @classmethod
+    def from_row(cls, row: Mapping[str, Any]) -> WorkerInfo:
+        return cls(owner=row["owner"], host=row["host"], pid=row["pid"], flows=tuple(row["flows"] or ()),
+                   core=row["core"], concurrency=row["concurrency"], lease_ms=row["lease_ms"],
+                   started_at=row["started_at"], last_seen=row["last_seen"], alive=bool(row["alive"]))
+
+    def serves(self, flow: str) -> bool:
+        """Whether this worker registered ``flow`` (``name@version``)."""
+        return flow in self.flows
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: _plain(getattr(self, name)) for name in self.__dataclass_fields__}

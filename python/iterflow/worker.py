@@ -18,6 +18,7 @@ from typing import Any
 from .config import Retention
 from .control import limits_json
 from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
+from .fleet import Registration
 from .flow import Flow
 from .runner import Execution
 from .services import ExecutionServices
@@ -31,8 +32,14 @@ CRON_TICK = 0.25
 DUE_RECHECK = 0.05
 # Seconds stop() lets a claim in flight finish before cancelling it.
 CLAIM_STOP_GRACE = 5.0
-# Longest interval between two sweeps of expired leases (see Worker.sweep_interval).
+# Longest interval between two sweeps of expired leases (see sweep_interval).
 MAX_SWEEP = 5.0
+
+
+def sweep_interval(lease_ms: int) -> float:
+    """Seconds between a worker's sweeps of expired leases: half its lease, at most
+    ``MAX_SWEEP`` (engine.explain quotes this rule for a run whose lease ran out)."""
+    return min(max(lease_ms / 2000, 0.05), MAX_SWEEP)
 
 
 class Worker:
@@ -60,11 +67,13 @@ class Worker:
         self._due_at: float | None = None  # loop time of the earliest timer seen at that check
         self._stopping = False
         self._tasks: list[asyncio.Task[Any]] = []
+        self.registration = Registration.of(self.owner, flows, services.core.name, concurrency, self.lease_ms)
+        self._registered = False  # started and not yet withdrawn: a second stop() deletes nothing
 
     @property
     def sweep_interval(self) -> float:
-        """Seconds between sweeps of expired leases: half a lease, at most ``MAX_SWEEP``."""
-        return min(max(self.lease_ms / 2000, 0.05), MAX_SWEEP)
+        """Seconds between sweeps of expired leases (see ``sweep_interval``)."""
+        return sweep_interval(self.lease_ms)
 
     @property
     def names(self) -> list[str]:
@@ -76,11 +85,14 @@ class Worker:
         # the limits of the flows served here, before the first claim enforces them
         await self.services.core.admin_query(
             "upsert_flow_limits", limits_json((name, flow.control) for (name, _), flow in self.flows.items()))
+        await self.registration.announce(self.services.core)
+        self._registered = True
         loop = asyncio.get_running_loop()
         self._tasks = [
             loop.create_task(self._claim_loop(), name="iterflow-claim"),
             loop.create_task(self._heartbeat_loop(), name="iterflow-heartbeat"),
             loop.create_task(self._maintenance_loop(), name="iterflow-maintenance"),
+            loop.create_task(self._registry_loop(), name="iterflow-registry"),
         ]
         if self.cron_tick is not None:
             self._tasks.append(loop.create_task(self._cron_loop(), name="iterflow-cron"))
@@ -119,6 +131,9 @@ class Worker:
             await self.release(unfinished)
         for task in self._tasks[1:]:
             await _cancel(task)
+        if self._registered:
+            self._registered = False
+            await self.registration.withdraw(self.services.core)
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give these leases back so the rest of the fleet claims the runs at once, instead of
@@ -274,6 +289,14 @@ class Worker:
                     entry[0].abort("lease lost", cancel=False)
                 elif state.cancel_reason is not None:
                     entry[0].abort(state.cancel_reason, cancel=True)
+
+    async def _registry_loop(self) -> None:
+        """Refresh this worker's registry row at the heartbeat cadence (a third of a lease),
+        on a task of its own: a slow or failing write delays no lease renewal."""
+        interval = self.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            await self.registration.announce(self.services.core)
 
     async def _maintenance_loop(self) -> None:
         """Expired leases are swept when the worker starts and then every ``sweep_interval``,

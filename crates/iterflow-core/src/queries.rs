@@ -19,6 +19,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0006_transitions_once.sql"),
     include_str!("../../../python/iterflow/migrations/0007_one_run_paths.sql"),
     include_str!("../../../python/iterflow/migrations/0008_flow_control.sql"),
+    include_str!("../../../python/iterflow/migrations/0009_workers.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.

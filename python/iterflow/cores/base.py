@@ -65,6 +65,7 @@ ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
     "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
     "upsert_flow_limits",
+    "upsert_worker", "delete_worker", "list_workers", "explain_run",
 })
 
 

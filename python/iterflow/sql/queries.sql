@@ -533,3 +533,53 @@ ON CONFLICT (flow_name) DO UPDATE
        limited = excluded.limited, updated_at = now()
  WHERE (l.concurrency, l.key_concurrency, l.limited)
        IS DISTINCT FROM (excluded.concurrency, excluded.key_concurrency, excluded.limited)
+
+-- name: upsert_worker
+-- A worker's row in the registry (migration 0009), written at its start and once per
+-- heartbeat interval: $1 owner, $2 host, $3 pid, $4 flows served (name@version), $5 core,
+-- $6 concurrency, $7 lease in ms (a row unseen for that long is a gone worker). The same
+-- statement prunes rows unseen for a day (crashed workers), a table of a few rows.
+WITH gone AS (
+    DELETE FROM {schema}.workers WHERE last_seen < now() - interval '1 day'
+)
+INSERT INTO {schema}.workers (owner, host, pid, flows, core, concurrency, lease_ms)
+VALUES ($1, $2, $3, $4::text[], $5, $6, $7)
+ON CONFLICT (owner) DO UPDATE
+   SET flows = excluded.flows, concurrency = excluded.concurrency, lease_ms = excluded.lease_ms,
+       last_seen = now()
+
+-- name: delete_worker
+-- A graceful stop takes the worker out of the registry.
+DELETE FROM {schema}.workers WHERE owner = $1
+
+-- name: list_workers
+-- The registry, newest first; `alive`: seen within its lease (it writes every third of one).
+SELECT owner, host, pid, flows, core, concurrency, lease_ms, started_at, last_seen,
+       last_seen > now() - lease_ms * interval '1 millisecond' AS alive
+  FROM {schema}.workers
+ ORDER BY started_at DESC, owner
+
+-- name: explain_run
+-- One run as engine.explain reads it (explain.py): the run, its queue row and when the
+-- holder of its lease last wrote its registry row, the signals in its inbox, the record of
+-- the step it waits to retry, and how many ready, unleased runs of its flow a claim takes
+-- first (higher priority, or the same priority and ready earlier). Read-only.
+SELECT r.id, r.name, r.version, r.status, r.attempts, r.error, r.waiting, r.cancel_reason,
+       r.parent_id, r.created_at, r.updated_at, r.finished_at, now() AS db_now,
+       q.run_id IS NOT NULL AS queued, q.ready_at, q.lease_owner, q.lease_until,
+       w.last_seen AS owner_seen,
+       (SELECT coalesce(jsonb_agg(jsonb_build_object('name', s.name, 'received_at', s.received_at)
+                                  ORDER BY s.id), '[]'::jsonb)
+          FROM {schema}.signals s
+         WHERE s.run_id = r.id AND s.consumed_at IS NULL) AS inbox,
+       (SELECT jsonb_build_object('attempts', st.attempts, 'error', st.error)
+          FROM {schema}.steps st
+         WHERE st.run_id = r.id AND st.key = r.waiting->>'step') AS retry_step,
+       (SELECT count(*) FROM {schema}.queue a
+         WHERE q.lease_until IS NULL AND a.flow_name = q.flow_name AND a.lease_until IS NULL
+           AND a.ready_at <= now() AND a.run_id <> q.run_id
+           AND (a.priority > q.priority OR (a.priority = q.priority AND a.ready_at < q.ready_at))) AS ahead
+  FROM {schema}.runs r
+  LEFT JOIN {schema}.queue q ON q.run_id = r.id
+  LEFT JOIN {schema}.workers w ON w.owner = q.lease_owner
+ WHERE r.id = $1

@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 8), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 9), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -179,6 +179,21 @@ CREATE TABLE {schema}.watches (
     watcher    uuid        NOT NULL,
     expires_at timestamptz NOT NULL,
     PRIMARY KEY (run_id, watcher)
+);
+
+-- The workers registry (migration 0009): one row per listening process, written at its start
+-- and once per heartbeat interval, deleted at a graceful stop. A row unseen for `lease_ms` is
+-- a gone worker; one unseen for a day is pruned by the next upsert_worker of any worker.
+CREATE TABLE {schema}.workers (
+    owner       text PRIMARY KEY,
+    host        text        NOT NULL,
+    pid         int         NOT NULL,
+    flows       text[]      NOT NULL DEFAULT '{}',
+    core        text        NOT NULL,
+    concurrency int         NOT NULL,
+    lease_ms    bigint      NOT NULL,
+    started_at  timestamptz NOT NULL DEFAULT now(),
+    last_seen   timestamptz NOT NULL DEFAULT now()
 );
 
 -- ---------------------------------------------------------------------------------------
