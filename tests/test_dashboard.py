@@ -13,6 +13,7 @@ import httpx
 import pydantic
 import pytest
 
+import iterflow
 from iterflow import Engine, FlowRuntimeError, define_flow
 from iterflow.dashboard import create_app
 from iterflow.errors import InvalidArgument
@@ -341,3 +342,31 @@ def test_create_app_checks_its_arguments(dsn: str) -> None:
         assert info.value.field == field if hasattr(info.value, "field") else field in str(info.value)
     with pytest.raises(InvalidArgument, match="target"):
         create_app(42)  # type: ignore[arg-type]
+
+
+def test_cli_serves_the_dashboard(dsn: str, schema_name: str) -> None:
+    """`iterflow dashboard --port 0` binds 127.0.0.1, prints its URL and serves the pages."""
+    import subprocess
+    import sys
+
+    asyncio.run(iterflow.migrate(dsn, schema_name))
+    proc = subprocess.Popen([sys.executable, "-m", "iterflow", "dashboard", "--dsn", dsn, "--schema", schema_name,
+                             "--port", "0", "--read-only"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        found = re.match(r"iterflow dashboard: (http://127\.0\.0\.1:\d+/) .*read-only", line)
+        assert found, line
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                page = httpx.get(found.group(1) + "flows", timeout=2)
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, "the dashboard did not answer"
+                time.sleep(0.1)
+        assert page.status_code == 200 and "read-only" in page.text
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully, then re-raises the signal it caught
+        assert proc.wait(10) in (0, -15)
