@@ -34,8 +34,7 @@ import psycopg
 from psycopg import sql as pgsql
 
 import iterflow
-from iterflow.dashboard import create_app
-from iterflow.dashboard import reads
+from iterflow.dashboard import create_app, reads
 from iterflow.embedded import database_url
 
 TARGET_MS = 200.0
@@ -126,7 +125,8 @@ async def bench_core(dsn: str, schema: str, core_name: str, reps: int) -> list[d
         for label, query in list_cases(sample_id, middle).items():
             results.append({"case": label, "ms": await timed(reps, lambda q=query: reads.runs_page(core, q))})
         second = reads.RunsQuery(cursor=first.next_cursor)
-        results.append({"case": "list: second page (keyset)", "ms": await timed(reps, lambda: reads.runs_page(core, second))})
+        results.append({"case": "list: second page (keyset)",
+                        "ms": await timed(reps, lambda: reads.runs_page(core, second))})
         for label, query in {"counts: no filter": reads.RunsQuery(), "counts: flow": reads.RunsQuery(flow="flow-7"),
                              "counts: flow+version": reads.RunsQuery(flow="flow-7", version=2),
                              "counts: tag=vip": reads.RunsQuery(tag="vip")}.items():
