@@ -167,6 +167,29 @@ async def test_keyset_pagination(engine: Engine, client: httpx.AsyncClient) -> N
     assert (await client.get("/", params={"cursor": "garbage"})).status_code == 400
 
 
+async def test_a_status_filter_searches_a_window(engine: Engine, client: httpx.AsyncClient,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """No index covers the status: a page looks for it among a bounded window of runs and
+    offers to search on from where the window ended."""
+    from iterflow.dashboard import reads
+
+    monkeypatch.setattr(reads, "STATUS_WINDOW", 5)
+    failed = await engine.handle("dash-fail").start(None)
+    await _until(engine, failed.run_id, _status(engine, "failed"))
+    newer = await engine.handle("dash-wait").start_many([{"input": i} for i in range(8)])
+    for r in newer:
+        await _until(engine, r.run_id, _status(engine, "awaiting_signal"))
+    first = await client.get("/", params={"status": "failed"})
+    assert 'data-searched="5"' in first.text and "data-run=" not in first.text
+    nxt = re.search(r'rel="next" href="[^"]*\?([^"]+)"', first.text)
+    assert nxt, "a window that found nothing offers to search on"
+    second = await client.get("/?" + nxt.group(1).replace("&amp;", "&"))
+    assert re.findall(r'data-run="([0-9a-f-]{36})"', second.text) == [failed.run_id]
+    assert 'rel="next"' not in second.text, "the window reached the oldest run"
+    # without a status filter the page is not windowed
+    assert len(re.findall(r'data-run="', (await client.get("/")).text)) == 9
+
+
 async def test_crons_and_workers_pages(make_engine: Callable[..., Any]) -> None:
     engine = await make_engine(wait, listen=False)
     engine.define_cron("nightly", "0 3 * * *", wait, timezone="Europe/Paris")
@@ -256,10 +279,11 @@ async def test_csrf_is_required(engine: Engine, client: httpx.AsyncClient) -> No
     run = await engine.handle("dash-wait").start(None, tags=["csrf"])
     await _until(engine, run.run_id, _status(engine, "awaiting_signal"))
     token = await _token(client, f"/runs/{run.run_id}")
+    wrong = token[:-1] + ("B" if token.endswith("A") else "A")
     attempts = [
         (f"/runs/{run.run_id}/cancel", {}),
         (f"/runs/{run.run_id}/cancel", {"csrf": "x" * 43}),
-        (f"/runs/{run.run_id}/signal", {"csrf": token[:-1] + "A", "name": "approve", "payload": '{"by": "x"}'}),
+        (f"/runs/{run.run_id}/signal", {"csrf": wrong, "name": "approve", "payload": '{"by": "x"}'}),
         ("/runs/bulk", {"action": "cancel", "tag": "csrf"}),
     ]
     for path, data in attempts:

@@ -64,8 +64,9 @@ ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
     "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
     # the dashboard's reads (iterflow.dashboard)
-    "dashboard_runs", "dashboard_live_counts", "dashboard_recent_counts", "dashboard_status_estimates",
-    "dashboard_flows", "dashboard_flow_live", "dashboard_flow_throughput", "dashboard_workers",
+    "dashboard_runs", "dashboard_window_end", "dashboard_live_counts", "dashboard_recent_counts",
+    "dashboard_status_estimates", "dashboard_flows", "dashboard_flow_live", "dashboard_flow_throughput",
+    "dashboard_workers",
 })
 
 

@@ -20,6 +20,9 @@ from ..errors import InvalidArgument
 from ..types import STATUSES, TERMINAL, decode_cursor, encode_cursor, run_id_of
 
 PAGE_SIZE = 50
+# runs a page with a status filter reads at most (the status is checked among them: no index
+# covers it); a page that found fewer matches says so and searches on from where it stopped
+STATUS_WINDOW = 10_000
 # rows a count reads at most; a count that reached it is shown as a lower bound ("≥ n")
 COUNT_CAP = 10_000
 _HEX = re.compile(r"[0-9a-f]{1,32}")
@@ -101,8 +104,12 @@ class RunsQuery:
 
 @dataclass(frozen=True)
 class Page:
+    """One page of runs. ``searched``: the page's status filter was checked on only that many
+    runs (the window), and ``next_cursor`` searches on after them."""
+
     runs: list[dict[str, Any]]
     next_cursor: str | None
+    searched: int | None = None
 
 
 @dataclass(frozen=True)
@@ -148,12 +155,22 @@ def _uuid(digits: str) -> str:
 
 
 async def runs_page(core: Core, query: RunsQuery, size: int = PAGE_SIZE) -> Page:
-    """One page of runs, newest first, after ``query.cursor``."""
+    """One page of runs, newest first, after ``query.cursor``; with a status filter, among at
+    most ``STATUS_WINDOW`` runs (``Page.searched``)."""
     at, after = decode_cursor(query.cursor) if query.cursor else (None, None)
-    rows = await core.admin_query("dashboard_runs", *query._filter_args(), at, after, size + 1)
+    args = query._filter_args()
+    window = STATUS_WINDOW if query.status is not None else None  # NULL: LIMIT ALL
+    rows = await core.admin_query("dashboard_runs", *args, at, after, size + 1, window)
     runs = rows[:size]
-    more = len(rows) > size
-    return Page(runs, encode_cursor(runs[-1]["created_at"], runs[-1]["id"]) if more else None)
+    if len(rows) > size:
+        return Page(runs, encode_cursor(runs[-1]["created_at"], runs[-1]["id"]))
+    if query.status is None:
+        return Page(runs, None)
+    others = (*args[:2], *args[3:])  # the filter without the status
+    ends = await core.admin_query("dashboard_window_end", *others, at, after, STATUS_WINDOW)
+    if not ends or int(ends[0]["scanned"]) < STATUS_WINDOW:
+        return Page(runs, None)
+    return Page(runs, encode_cursor(ends[0]["created_at"], ends[0]["id"]), searched=STATUS_WINDOW)
 
 
 async def status_counts(core: Core, query: RunsQuery) -> list[StatusCount]:

@@ -503,19 +503,45 @@ SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, N
 -- name: dashboard_runs
 -- The dashboard's runs list: newest first, keyset-paginated on (created_at, id), never OFFSET.
 -- NULL filters match everything. $1 flow, $2 version, $3 status, $4 tag, $5/$6 created range,
--- $7/$8 an id prefix as the uuid range it covers, $9/$10 the cursor, $11 the page size.
-SELECT id::text AS id, name, version, status, tags, attempts, created_at, updated_at, finished_at, waiting
-  FROM {schema}.runs
- WHERE ($1::text IS NULL OR name = $1)
-   AND ($2::int IS NULL OR version = $2)
-   AND ($3::text IS NULL OR status = $3)
-   AND ($4::text IS NULL OR tags @> ARRAY[$4::text])
-   AND ($5::timestamptz IS NULL OR created_at >= $5)
-   AND ($6::timestamptz IS NULL OR created_at < $6)
-   AND ($7::uuid IS NULL OR id BETWEEN $7 AND $8::uuid)
-   AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
+-- $7/$8 an id prefix as the uuid range it covers, $9/$10 the cursor, $11 the page size, $12
+-- the scan window (NULL without a status filter). No index covers `status` (a live run's status changes stay HOT updates,
+-- migration 0003), so the status filter applies to a window of at most $12 runs that match
+-- the other filters: a status that is rare among them costs $12 rows read, not all of them
+-- (dashboard_window_end gives where the window ended, to search on from there).
+SELECT id, name, version, status, tags, attempts, created_at, updated_at, finished_at, waiting
+  FROM (SELECT id::text AS id, name, version, status, tags, attempts, created_at, updated_at,
+               finished_at, waiting
+          FROM {schema}.runs
+         WHERE ($1::text IS NULL OR name = $1)
+           AND ($2::int IS NULL OR version = $2)
+           AND ($4::text IS NULL OR tags @> ARRAY[$4::text])
+           AND ($5::timestamptz IS NULL OR created_at >= $5)
+           AND ($6::timestamptz IS NULL OR created_at < $6)
+           AND ($7::uuid IS NULL OR id BETWEEN $7 AND $8::uuid)
+           AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $12) AS w
+ WHERE ($3::text IS NULL OR status = $3)
  ORDER BY created_at DESC, id DESC
  LIMIT $11
+
+-- name: dashboard_window_end
+-- Where dashboard_runs' scan window ended: its oldest run and how many runs it held. $1..$9
+-- as dashboard_runs' $1, $2 and $4..$10, $10 the window. Reads the same index entries as the
+-- window did (index-only where the visibility map allows).
+WITH w AS (
+    SELECT created_at, id FROM {schema}.runs
+     WHERE ($1::text IS NULL OR name = $1)
+       AND ($2::int IS NULL OR version = $2)
+       AND ($3::text IS NULL OR tags @> ARRAY[$3::text])
+       AND ($4::timestamptz IS NULL OR created_at >= $4)
+       AND ($5::timestamptz IS NULL OR created_at < $5)
+       AND ($6::uuid IS NULL OR id BETWEEN $6 AND $7::uuid)
+       AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9::uuid))
+     ORDER BY created_at DESC, id DESC
+     LIMIT $10
+)
+SELECT created_at, id::text AS id, count(*) OVER () AS scanned FROM w ORDER BY created_at, id LIMIT 1
 
 -- name: dashboard_live_counts
 -- Live runs per status (exact), matching the dashboard's filter ($1..$8 as in dashboard_runs),
