@@ -159,7 +159,8 @@ async def runs_page(core: Core, query: RunsQuery, size: int = PAGE_SIZE) -> Page
     most ``STATUS_WINDOW`` runs (``Page.searched``)."""
     at, after = decode_cursor(query.cursor) if query.cursor else (None, None)
     args = query._filter_args()
-    window = STATUS_WINDOW if query.status is not None else None  # NULL: LIMIT ALL
+    # without a status the window is the page itself: the planner sees how few rows are wanted
+    window = STATUS_WINDOW if query.status is not None else size + 1
     rows = await core.admin_query("dashboard_runs", *args, at, after, size + 1, window)
     runs = rows[:size]
     if len(rows) > size:

@@ -504,7 +504,7 @@ SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, N
 -- The dashboard's runs list: newest first, keyset-paginated on (created_at, id), never OFFSET.
 -- NULL filters match everything. $1 flow, $2 version, $3 status, $4 tag, $5/$6 created range,
 -- $7/$8 an id prefix as the uuid range it covers, $9/$10 the cursor, $11 the page size, $12
--- the scan window (NULL without a status filter). No index covers `status` (a live run's status changes stay HOT updates,
+-- the scan window ($11 without a status filter). No index covers `status` (a live run's status changes stay HOT updates,
 -- migration 0003), so the status filter applies to a window of at most $12 runs that match
 -- the other filters: a status that is rare among them costs $12 rows read, not all of them
 -- (dashboard_window_end gives where the window ended, to search on from there).
