@@ -451,6 +451,42 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """Serve the dashboard (docs/operations.md, "Dashboard") until Ctrl-C / SIGTERM."""
+    import socket
+
+    try:
+        import uvicorn
+
+        from .dashboard import create_app
+    except ImportError as exc:
+        raise _Failed(f"the dashboard needs its extra: pip install 'iterflow[dashboard]' ({exc})") from None
+    if args.app is not None:
+        engine = _load_engine(args.app, args.app_dir)
+        if inspect.isawaitable(engine):
+            raise UsageError("dashboard --app: ENGINE must be an Engine or a function returning one synchronously")
+        app = create_app(engine, read_only=args.read_only)
+        where = f"schema {engine.schema!r} of {args.app}"
+    else:
+        dsn = _resolve_dsn(args.dsn)
+        app = create_app(dsn, schema=args.schema, read_only=args.read_only)
+        where = f"schema {args.schema!r} on {_redact(dsn)}"
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as exc:
+        raise _Failed(f"cannot listen on {args.host}:{args.port}: {exc.strerror}") from None
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if family == socket.AF_INET6 else host
+    mode = ", read-only" if args.read_only else ""
+    print(f"iterflow dashboard: http://{shown}:{port}/ ({where}{mode}); Ctrl-C to stop", flush=True)
+    server = uvicorn.Server(uvicorn.Config(app, log_level=args.log_level, lifespan="on"))
+    server.run(sockets=[sock])
+    return 0
+
+
 async def cmd_check(args: argparse.Namespace) -> int:
     engine = _load_engine(args.app, args.app_dir)
     if inspect.isawaitable(engine):
@@ -649,6 +685,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=10_000, help="examine at most this many live runs")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(run=cmd_check)
+
+    p = sub.add_parser("dashboard", formatter_class=fmt, help="serve the web dashboard",
+                       description="Serve the dashboard (runs, flows, crons, workers; cancel, retry, signals) "
+                                   "over HTTP until Ctrl-C. It binds 127.0.0.1 unless told otherwise: put it "
+                                   "behind your login before exposing it (docs/operations.md, \"Dashboard\"). "
+                                   "Needs the dashboard extra: pip install 'iterflow[dashboard]'.",
+                       epilog="example: iterflow dashboard --port 8080 --read-only")
+    p.add_argument("--dsn", help="PostgreSQL DSN (default: $DATABASE_URL, else the embedded Postgres)")
+    p.add_argument("--schema", type=_schema_type, default="workflow", help="the iterflow schema (default: workflow)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    p.add_argument("--port", type=int, default=8080, help="port to bind (default: 8080; 0 picks a free one)")
+    p.add_argument("--read-only", action="store_true", help="hide and refuse every action")
+    p.add_argument("--app", metavar="APP:ENGINE", default=None,
+                   help="use this engine (as `worker` loads it) instead of --dsn/--schema: signals sent from "
+                        "the dashboard are then checked against its flows' signal schemas")
+    p.add_argument("--app-dir", default=".", help="directory put first on sys.path to import APP (default .)")
+    p.add_argument("--log-level", default="warning", choices=("debug", "info", "warning", "error"))
+    p.set_defaults(run=cmd_dashboard)
 
     p = sub.add_parser("bench", formatter_class=fmt, help="run the benchmark suite (source checkout)",
                        description="Delegate to the benchmark runner (benches/__main__.py main(argv)) of a "

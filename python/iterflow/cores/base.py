@@ -66,6 +66,10 @@ ADMIN_QUERIES = frozenset({
     "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
     "upsert_flow_limits",
     "upsert_worker", "delete_worker", "list_workers", "explain_run",
+    # the dashboard's reads (iterflow.dashboard)
+    "dashboard_runs", "dashboard_window_end", "dashboard_live_counts", "dashboard_recent_counts",
+    "dashboard_status_estimates", "dashboard_flows", "dashboard_flow_live", "dashboard_flow_throughput",
+    "dashboard_workers",
 })
 
 

@@ -583,3 +583,128 @@ SELECT r.id, r.name, r.version, r.status, r.attempts, r.error, r.waiting, r.canc
   LEFT JOIN {schema}.queue q ON q.run_id = r.id
   LEFT JOIN {schema}.workers w ON w.owner = q.lease_owner
  WHERE r.id = $1
+
+-- name: dashboard_runs
+-- The dashboard's runs list: newest first, keyset-paginated on (created_at, id), never OFFSET.
+-- NULL filters match everything. $1 flow, $2 version, $3 status, $4 tag, $5/$6 created range,
+-- $7/$8 an id prefix as the uuid range it covers, $9/$10 the cursor, $11 the page size, $12
+-- the scan window ($11 without a status filter). No index covers `status` (a live run's status changes stay HOT updates,
+-- migration 0003), so the status filter applies to a window of at most $12 runs that match
+-- the other filters: a status that is rare among them costs $12 rows read, not all of them
+-- (dashboard_window_end gives where the window ended, to search on from there).
+SELECT id, name, version, status, tags, attempts, created_at, updated_at, finished_at, waiting
+  FROM (SELECT id::text AS id, name, version, status, tags, attempts, created_at, updated_at,
+               finished_at, waiting
+          FROM {schema}.runs
+         WHERE ($1::text IS NULL OR name = $1)
+           AND ($2::int IS NULL OR version = $2)
+           AND ($4::text IS NULL OR tags @> ARRAY[$4::text])
+           AND ($5::timestamptz IS NULL OR created_at >= $5)
+           AND ($6::timestamptz IS NULL OR created_at < $6)
+           AND ($7::uuid IS NULL OR id BETWEEN $7 AND $8::uuid)
+           AND ($9::timestamptz IS NULL OR (created_at, id) < ($9, $10::uuid))
+         ORDER BY created_at DESC, id DESC
+         LIMIT $12) AS w
+ WHERE ($3::text IS NULL OR status = $3)
+ ORDER BY created_at DESC, id DESC
+ LIMIT $11
+
+-- name: dashboard_window_end
+-- Where dashboard_runs' scan window ended: its oldest run and how many runs it held. $1..$9
+-- as dashboard_runs' $1, $2 and $4..$10, $10 the window. Reads the same index entries as the
+-- window did (index-only where the visibility map allows).
+WITH w AS (
+    SELECT created_at, id FROM {schema}.runs
+     WHERE ($1::text IS NULL OR name = $1)
+       AND ($2::int IS NULL OR version = $2)
+       AND ($3::text IS NULL OR tags @> ARRAY[$3::text])
+       AND ($4::timestamptz IS NULL OR created_at >= $4)
+       AND ($5::timestamptz IS NULL OR created_at < $5)
+       AND ($6::uuid IS NULL OR id BETWEEN $6 AND $7::uuid)
+       AND ($8::timestamptz IS NULL OR (created_at, id) < ($8, $9::uuid))
+     ORDER BY created_at DESC, id DESC
+     LIMIT $10
+)
+SELECT created_at, id::text AS id, count(*) OVER () AS scanned FROM w ORDER BY created_at, id LIMIT 1
+
+-- name: dashboard_live_counts
+-- Live runs per status (exact), matching the dashboard's filter ($1..$8 as in dashboard_runs),
+-- at most $9 runs read: live runs are found through runs_live, and there are few of them.
+SELECT status, count(*) AS n
+  FROM (SELECT status FROM {schema}.runs
+         WHERE finished_at IS NULL
+           AND ($1::text IS NULL OR name = $1)
+           AND ($2::int IS NULL OR version = $2)
+           AND ($3::text IS NULL OR status = $3)
+           AND ($4::text IS NULL OR tags @> ARRAY[$4::text])
+           AND ($5::timestamptz IS NULL OR created_at >= $5)
+           AND ($6::timestamptz IS NULL OR created_at < $6)
+           AND ($7::uuid IS NULL OR id BETWEEN $7 AND $8::uuid)
+         LIMIT $9) AS live
+ GROUP BY status
+
+-- name: dashboard_recent_counts
+-- Runs per status among the newest $9 runs matching the dashboard's filter ($1..$8 as in
+-- dashboard_runs): one bounded scan in the list's own order.
+SELECT status, count(*) AS n
+  FROM (SELECT status FROM {schema}.runs
+         WHERE ($1::text IS NULL OR name = $1)
+           AND ($2::int IS NULL OR version = $2)
+           AND ($3::text IS NULL OR status = $3)
+           AND ($4::text IS NULL OR tags @> ARRAY[$4::text])
+           AND ($5::timestamptz IS NULL OR created_at >= $5)
+           AND ($6::timestamptz IS NULL OR created_at < $6)
+           AND ($7::uuid IS NULL OR id BETWEEN $7 AND $8::uuid)
+         ORDER BY created_at DESC, id DESC
+         LIMIT $9) AS recent
+ GROUP BY status
+
+-- name: dashboard_status_estimates
+-- Runs per status in the whole table, estimated from the planner's statistics (the row count
+-- of the last VACUUM/ANALYZE times each status's share in ANALYZE's sample): no table read.
+-- Empty until the table was analyzed once.
+SELECT v.status, round(greatest(c.reltuples, 0) * v.freq)::bigint AS n
+  FROM pg_class c
+  JOIN pg_namespace ns ON ns.oid = c.relnamespace
+  JOIN pg_stats s ON s.schemaname = ns.nspname AND s.tablename = c.relname AND s.attname = 'status'
+ CROSS JOIN LATERAL unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS v(status, freq)
+ WHERE c.oid = '{schema}.runs'::regclass
+
+-- name: dashboard_flows
+-- Every flow version that has runs, with its newest run's creation: a loose index scan of
+-- runs_name_version_created (one index probe per flow version, not a table read).
+WITH RECURSIVE f AS (
+    (SELECT name, version FROM {schema}.runs ORDER BY name, version LIMIT 1)
+    UNION ALL
+    SELECT n.name, n.version
+      FROM f CROSS JOIN LATERAL (
+          SELECT r.name, r.version FROM {schema}.runs r
+           WHERE (r.name, r.version) > (f.name, f.version)
+           ORDER BY r.name, r.version LIMIT 1) AS n
+)
+SELECT f.name, f.version,
+       (SELECT r.created_at FROM {schema}.runs r WHERE r.name = f.name AND r.version = f.version
+         ORDER BY r.created_at DESC, r.id DESC LIMIT 1) AS last_created
+  FROM f
+
+-- name: dashboard_flow_live
+-- Live runs per flow version and status (exact; through runs_live).
+SELECT name, version, status, count(*) AS n
+  FROM {schema}.runs WHERE finished_at IS NULL
+ GROUP BY name, version, status
+
+-- name: dashboard_flow_throughput
+-- Runs that finished in the last hour, per flow version and status, and those of the last
+-- five minutes (through runs_finished: as many rows as finished in that hour).
+SELECT name, version, status, count(*) AS last_hour,
+       count(*) FILTER (WHERE finished_at > now() - interval '5 minutes') AS last_5m
+  FROM {schema}.runs WHERE finished_at > now() - interval '1 hour'
+ GROUP BY name, version, status
+
+-- name: dashboard_workers
+-- The owners of the queue's leases (the workers executing runs now), from queue_leased.
+SELECT lease_owner AS owner, count(*) AS runs, min(lease_until) AS first_expiry,
+       max(lease_until) AS last_expiry, count(*) FILTER (WHERE lease_until < now()) AS expired,
+       array_agg(DISTINCT flow_name ORDER BY flow_name) AS flows, now() AS db_now
+  FROM {schema}.queue WHERE lease_until IS NOT NULL
+ GROUP BY lease_owner ORDER BY lease_owner

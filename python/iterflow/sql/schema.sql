@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 9), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 10), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -57,6 +57,8 @@ CREATE UNIQUE INDEX runs_parent_key
     ON {schema}.runs (parent_id, parent_key) WHERE parent_id IS NOT NULL;
 CREATE INDEX runs_created ON {schema}.runs (created_at DESC, id DESC);
 CREATE INDEX runs_name_created ON {schema}.runs (name, created_at DESC, id DESC);
+-- a flow version's newest runs, and the distinct flow versions (the dashboard; migration 0010)
+CREATE INDEX runs_name_version_created ON {schema}.runs (name, version, created_at DESC, id DESC);
 CREATE INDEX runs_tags ON {schema}.runs USING gin (tags);
 -- terminal runs (retention, listing by finish); live ones through runs_live
 CREATE INDEX runs_finished ON {schema}.runs (finished_at) WHERE finished_at IS NOT NULL;
