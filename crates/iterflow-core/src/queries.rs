@@ -17,6 +17,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0004_signal_delivery.sql"),
     include_str!("../../../python/iterflow/migrations/0005_watches.sql"),
     include_str!("../../../python/iterflow/migrations/0006_transitions_once.sql"),
+    include_str!("../../../python/iterflow/migrations/0008_continue_as_new.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.

@@ -63,6 +63,7 @@ class JsonArg:
 ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
     "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
+    "chain_last",
 })
 
 
@@ -240,6 +241,10 @@ class Core(Protocol):
     async def finish(
         self, run_id: str, token: int | None, status: str, output: str | None, error: str | None
     ) -> bool: ...
+    async def continue_run(self, run_id: str, token: int, new_id: str, input: str) -> bool:
+        """End the leased run and start its successor ``new_id`` (same flow and version, input
+        ``input``) in one transaction (``ctx.continue_as_new``); False when the lease was lost."""
+        ...
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None: ...
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]: ...
     async def expire_leases(self, limit: int) -> int: ...
