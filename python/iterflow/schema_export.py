@@ -53,6 +53,8 @@ runs = Table(
     Column("created_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("finished_at", DateTime(timezone=True)),
+    Column("continued_from", UUID),
+    Column("continued_to", UUID),
 )
 
 queue = Table(
