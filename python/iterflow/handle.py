@@ -117,6 +117,7 @@ class FlowHandle:
 
     async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``.
+        A run that continued as new stands for its chain: the chain's final run's outcome.
 
         Waiting costs nothing per waiter: every ``result()`` of the process shares one LISTEN
         connection and batched reads (see ``waiters.py``)."""
