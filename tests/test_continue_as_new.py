@@ -11,6 +11,7 @@ from psycopg import sql
 from pydantic import BaseModel
 
 from iterflow import Code, Limits, RunCanceled, RunFailed, define_flow
+from iterflow.cli import _show_text
 from iterflow.errors import IterflowError
 from iterflow.services import new_id
 
@@ -63,6 +64,22 @@ async def misuse(ctx, inp):
 
     await asyncio.gather(ctx.sleep("1h"), other_branch())
     return "unreachable"
+
+
+@define_flow("swallows")
+async def swallows(ctx, n):
+    await ctx.step("work", lambda: n)
+    if n == 0:
+        try:
+            ctx.continue_as_new(1)
+        except BaseException:  # noqa: BLE001 - user code that swallows everything
+            pass
+        try:
+            await ctx.step("after", lambda: "never runs")
+        except BaseException:  # noqa: BLE001
+            pass
+        return "swallowed"
+    return {"n": n}
 
 
 @define_flow("child_loop")
@@ -165,6 +182,19 @@ async def test_continue_as_new_inside_a_step_or_beside_a_live_branch_fails_typed
     assert failed.value.code == code
     page = await engine.list_runs(name="misuse")
     assert len(page.runs) == 1
+
+
+async def test_a_swallowed_continuation_still_continues(make_engine):
+    engine = await make_engine(swallows)
+    handle = engine.handle("swallows")
+    run = await handle.start(0)
+    assert await handle.result(run.run_id, timeout=20) == {"n": 1}
+    first = await engine.status(run.run_id)
+    assert [s["key"] for s in first.steps] == ["work"]  # the ctx call after it did nothing
+    assert first.run.output is None and first.run.continued_to is not None
+    text = _show_text(first)
+    assert f"continued as new: {first.run.continued_to}" in text
+    assert f"continues {run.run_id}" in _show_text(await engine.status(first.run.continued_to))
 
 
 async def test_a_child_that_continues_keeps_its_parent_waiting_for_the_chain(make_engine):
