@@ -105,10 +105,12 @@ async def chain_of(engine, run_id):
 
 
 async def test_chain_of_five_continuations_ends_with_the_output_and_result_of_the_first_id_follows(make_engine):
-    engine = await make_engine(looper)
+    continued = []
+    engine = await make_engine(looper, metrics={"run_continued": lambda: continued.append(1)})
     handle = engine.handle("looper")
     first = await handle.start({"n": 0, "until": 6}, tags=["nightly"], priority=3)
     assert await handle.result(first.run_id, timeout=20) == {"final": 6}
+    assert len(continued) == 5
     runs = await chain_of(engine, first.run_id)
     assert len(runs) == 6  # five continuations
     assert runs[0].run.continued_from is None
