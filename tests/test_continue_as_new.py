@@ -104,7 +104,9 @@ async def chain_of(engine, run_id):
     return runs
 
 
-async def test_chain_of_five_continuations_ends_with_the_output_and_result_of_the_first_id_follows(make_engine):
+async def test_chain_of_five_continuations_ends_with_the_output_and_result_of_the_first_id_follows(
+    make_engine, dsn, schema_name
+):
     continued = []
     engine = await make_engine(looper, metrics={"run_continued": lambda: continued.append(1)})
     handle = engine.handle("looper")
@@ -122,6 +124,10 @@ async def test_chain_of_five_continuations_ends_with_the_output_and_result_of_th
     assert [d.run.input["n"] for d in runs] == [0, 1, 2, 3, 4, 5]
     # every run has its own, bounded history: one step each
     assert all(len(d.steps) == 1 for d in runs)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(sql.SQL("SELECT DISTINCT priority, depth FROM {}").format(
+            sql.Identifier(schema_name, "runs")))
+        assert await cur.fetchall() == [(3, 1)]
 
 
 async def test_idempotent_start_returns_the_chain_and_signals_follow_it(make_engine):
