@@ -14,6 +14,7 @@ from iterflow import Code, Limits, RunCanceled, RunFailed, define_flow
 from iterflow.cli import _show_text
 from iterflow.errors import IterflowError
 from iterflow.services import new_id
+from iterflow.testing import Harness
 
 
 @define_flow("looper")
@@ -212,6 +213,23 @@ async def test_a_child_that_continues_keeps_its_parent_waiting_for_the_chain(mak
     assert await handle.result(run.run_id, timeout=20) == 30
     children = (await engine.status(run.run_id)).children
     assert len(children) == 4  # the first child and its three successors, all under the parent
+
+
+@define_flow("daily")
+async def daily(ctx, day):
+    await ctx.sleep("1d")
+    if day < 3:
+        ctx.continue_as_new(day + 1)
+    return day
+
+
+async def test_the_harness_settles_a_chain_across_its_timers(make_engine):
+    engine = await make_engine(daily, listen=False, poll_interval=0.05)
+    async with Harness(engine) as h:
+        handle = engine.handle("daily")
+        run = await handle.start(0)
+        assert await h.settle(handle, run.run_id) == 3
+        assert len((await engine.list_runs(name="daily")).runs) == 4
 
 
 async def test_continue_run_is_fenced_and_a_repeat_changes_nothing(make_engine):
