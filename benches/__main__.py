@@ -1,6 +1,7 @@
 """The benchmark runner: every workload on every requested core, one table, one JSON file.
 
     python -m benches [--quick] [--cores python,rust] [--reps N] [--json PATH] [--only w1,w3]
+                      [--w9-iterations N] [--w10-runs N] [--w10-turns N]
                       [--dsn DSN] [--concurrency N | python=N,rust=M] [--timeout SECONDS]
 
 Repetitions are interleaved (rep 1: w1 python, w1 rust, w2 python, ...) so the two cores of a
@@ -22,6 +23,7 @@ import sys
 import time
 import traceback
 from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -62,6 +64,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", default=None,
                    help="the worker engine's concurrency: N for every core, or per core as python=N,rust=M "
                         "(default: 32; 8 with --quick)")
+    p.add_argument("--w9-iterations", type=int, default=None,
+                   help="w9's iterations (default: 10,000; 100 with --quick)")
+    p.add_argument("--w10-runs", type=int, default=None, help="w10's runs (default: 200; 5 with --quick)")
+    p.add_argument("--w10-turns", type=int, default=None, help="w10's turns per run (default: 100; 5 with --quick)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds one workload run may take (default: 900, or 60 with --quick)")
     args = p.parse_args(argv)
@@ -72,6 +78,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown or not args.cores:
         p.error(f"--cores: unknown {unknown}; choose from {', '.join(CORES)}")
     args.concurrency = _parse_concurrency(p, args.concurrency)
+    for knob in ("w9_iterations", "w10_runs", "w10_turns"):
+        if getattr(args, knob) is not None and getattr(args, knob) < 1:
+            p.error(f"--{knob.replace('_', '-')} must be at least 1")
     ids = [w.id for w in WORKLOADS]
     args.only = [w.strip() for w in args.only.split(",") if w.strip()] if args.only else ids
     bad = [w for w in args.only if w not in ids]
@@ -338,6 +347,8 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args: argparse.Namespace) -> int:
     dsn = database_url(args.dsn)
     sizes = QUICK if args.quick else FULL
+    knobs = {k: getattr(args, k) for k in ("w9_iterations", "w10_runs", "w10_turns") if getattr(args, k) is not None}
+    sizes = replace(sizes, **knobs)
     timeout = args.timeout or (60.0 if args.quick else 900.0)
     report = asyncio.run(run_all(args, dsn, sizes, timeout))
 

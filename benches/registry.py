@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .fanin import w8_fan_in
+from .loops import w9_long_loop, w10_agent_turns
 from .workloads import (
     Env,
     Sizes,
@@ -67,4 +68,15 @@ WORKLOADS: tuple[Workload, ...] = (
         Metric("flows_per_s_subproc", "flows/s, waiters in a client process (gather)", "higher"),
         Metric("ratio_subproc", "gather/db drain, waiters in a client process", "higher"),
         Metric("connections_subproc", "peak connections, waiters in a client process", "lower"))),
+    Workload("w9", lambda s: f"long loop: 1 run x {s.w9_iterations:,} x (step + 1ms sleep)", w9_long_loop, (
+        Metric("first_ms_per_iter", "ms/iteration, first 100", "lower"),
+        Metric("last_ms_per_iter", "ms/iteration, last 100", "lower"),
+        Metric("ratio_last_first", "last/first", "lower"),
+        Metric("first_cpu_us_per_iter", "engine CPU us/iteration, first 100", "lower"),
+        Metric("last_cpu_us_per_iter", "engine CPU us/iteration, last 100", "lower"))),
+    Workload("w10", lambda s: f"agent turns: {s.w10_runs:,} runs x {s.w10_turns:,} x (signal + step)",
+             w10_agent_turns, (
+                 Metric("turns_per_s", "turns/s", "higher"),
+                 Metric("p50_ms", "signal->resume p50 ms", "lower"),
+                 Metric("p99_ms", "signal->resume p99 ms", "lower"))),
 )

@@ -72,6 +72,9 @@ class Sizes:
     w6_children: int = 100
     w8_flows: int = 5_000        # 3-step flows drained while as many result() calls wait (per shape)
     w8_cap_s: float = 120.0      # a fan-in shape still waiting this long after its first start fails
+    w9_iterations: int = 10_000  # one run: this many iterations of step + 1 ms sleep (--w9-iterations)
+    w10_runs: int = 200          # runs talked to at once by a client process... (--w10-runs)
+    w10_turns: int = 100         # ...each for this many turns of signal + step (--w10-turns)
     concurrency: int = 32        # the worker engine's concurrency (default; --concurrency overrides per core)
     start_chunk: int = 5_000     # runs per start_many call in the burn-downs
     stall_s: float = 60.0        # no run finished for this long: the workload has hung
@@ -82,6 +85,7 @@ FULL = Sizes()
 QUICK = Sizes(
     w1_flows=300, w2_flows=600, w3_seconds=3.0, w4_flows=150, w4_min_s=1.0, w4_max_s=1.5, w4_lead_s=1.5,
     w3_warmup_s=0.5, w5_flows=100, w5_warmup=25, w6_parents=3, w6_children=10, w8_flows=200, w8_cap_s=30.0,
+    w9_iterations=100, w10_runs=5, w10_turns=5,
     stall_s=15.0, poll_s=0.05,
     concurrency=8,  # a smaller pool: the smoke run shares the server with the rest of the test suite
 )

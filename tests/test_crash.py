@@ -299,6 +299,45 @@ async def test_poison_pill_fails_without_executing(
     assert (attempts, status) == (3, "failed")
 
 
+async def test_a_worker_killed_inside_continue_as_new_leaves_exactly_one_successor(
+    client: Any, workers: Workers, dsn: str, schema_name: str
+) -> None:
+    # docs/guide.md, "Loops that run forever": the end of a run and its successor's start are one
+    # transaction. Worker A is killed while that transaction waits for a row lock; whether its
+    # orphaned backend then commits or not, and whatever worker B does next, there is one successor.
+    started = await client.handle("relay").start(0)
+    a = workers.start("A", "gate")
+    await wait_for(lambda: _has(dsn, schema_name, "relay-0"), workers, what="worker A inside the step")
+    async with await psycopg.AsyncConnection.connect(dsn) as blocker:
+        await blocker.execute(f'SELECT 1 FROM "{schema_name}".runs WHERE id = %s FOR NO KEY UPDATE',
+                              (started.run_id,))
+        await release(dsn, schema_name, "A")
+
+        async def continuing() -> bool:
+            return bool(await rows(
+                dsn, "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                f"%{schema_name}%continue_run%",
+            ))
+
+        await wait_for(continuing, workers, what="worker A's continuation waiting for the row lock")
+        a.send_signal(signal.SIGKILL)
+        assert a.wait(timeout=10) == -signal.SIGKILL
+        workers.start("B", "finish")
+        await blocker.rollback()
+    try:
+        out = await client.handle("relay").result(started.run_id, timeout=30)
+    except TimeoutError:
+        raise AssertionError(f"the chain did not finish\n{workers.output()}") from None
+    assert out == {"n": 1, "by": "B"}
+    chain = await rows(dsn, f'SELECT id::text, continued_from::text, continued_to::text, status'
+                            f' FROM "{schema_name}".runs ORDER BY created_at')
+    assert len(chain) == 2, chain
+    (first, second) = chain
+    assert first == (started.run_id, None, second[0], "done")
+    assert second[1:] == (started.run_id, None, "done")
+    assert await effects(dsn, schema_name, "relay-0") == [("relay-0", "A")], "the recorded step never re-runs"
+
+
 async def release(dsn: str, schema: str, label: str) -> None:
     await rows(dsn, f'INSERT INTO "{schema}".flags VALUES (%s)', f"release-{label}")
 

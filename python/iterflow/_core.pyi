@@ -189,6 +189,8 @@ class Core:
         output: str | None, error: str | None,
     ) -> None:
         """-> bool"""
+    def continue_run(self, pump: Pump, ticket: int, run_id: str, token: int, new_id: str, input: str) -> None:
+        """-> bool"""
     def add_event(self, pump: Pump, ticket: int, run_id: str, kind: str, data: str | None) -> None:
         """-> None"""
     def heartbeat(self, pump: Pump, ticket: int, leases: Sequence[tuple[str, int]], lease_ms: int) -> None:

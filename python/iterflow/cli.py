@@ -219,7 +219,11 @@ def _show_text(detail: Any) -> str:
         f"updated   {_when(run.updated_at)} UTC",
         f"input     {_compact(run.input, None)}",
     ]
-    if run.status == "done":
+    if run.continued_from:
+        out.append(f"continues {run.continued_from}")
+    if run.continued_to:
+        out.append(f"continued as new: {run.continued_to}")
+    elif run.status == "done":
         out.append(f"output    {_compact(run.output, None)}")
     if run.error:
         out.append(f"error     {_error_text(run.error)}")

@@ -24,6 +24,7 @@ from .durations import DeadlineLike, DurationLike
 from .durations import deadline as to_deadline
 from .errors import (
     Code,
+    ContinueAsNew,
     DatabaseError,
     DriftDetected,
     EngineStateError,
@@ -71,7 +72,7 @@ class Context:
     """The ``ctx`` a body receives. One per execution attempt of a run."""
 
     def __init__(self, run: ClaimedRun, services: ExecutionServices, *, body_flow: bool,
-                 signal_schemas: Mapping[str, Schema] | None = None) -> None:
+                 signal_schemas: Mapping[str, Schema] | None = None, flow: FlowRef | None = None) -> None:
         self.run_id = run.run_id
         self.attempt = run.attempts
         self.flow_name = run.name
@@ -81,6 +82,10 @@ class Context:
         self.default_step_timeout = services.default_step_timeout
         self._check_kinds = body_flow
         self._signal_schemas = signal_schemas or {}  # the flow's declared payload schemas
+        self._flow = flow  # what continue_as_new validates its input against
+        # the successor's encoded input once the body called continue_as_new (the runner's cue,
+        # even if user code swallowed the ContinueAsNew)
+        self.continued: str | None = None
         self._history = run.history
         self._visited: set[str] = set()
         # recorded calls (logs aside) not yet reached by this replay: the drift gate has
@@ -190,6 +195,8 @@ class Context:
             raise SuspendRun()
         if self.cancel_reason is not None or self.lease_lost or self.abandoned is not None:
             raise SuspendRun()
+        if self.continued is not None:
+            raise ContinueAsNew(self.continued)
 
     # -- the runner's view -----------------------------------------------------------------
     # Every ctx operation that does I/O is bracketed by _begin/_end (try/finally at the call
@@ -559,6 +566,33 @@ class Context:
         if stored.error is not None:
             return _Err(_recorded_exc(stored.error))
         return _Value(stored.result)
+
+    # -- continue-as-new ---------------------------------------------------------------------------
+    def continue_as_new(self, input: Any = None) -> NoReturn:
+        """End this run and start a fresh run of the same flow and version with ``input`` and an
+        empty history, in one transaction (docs/guide.md, "Loops that run forever"): a loop that
+        continues every so many iterations keeps its history, and so its replays, bounded.
+
+        Raises (does not return): the body unwinds and the run ends ``done``, its
+        ``continued_to`` naming the successor; ``result()`` of any run of the chain returns the
+        chain's final output. ``input`` is validated and encoded like a start's (the flow's input
+        schema, ``max_input_bytes``) before anything is written; a bad one raises its typed
+        error here. Only the body's last live branch may call it (``CONTINUE_AS_NEW_INVALID``
+        otherwise), and never inside a step (``STEP_INVALID_AWAIT``).
+        """
+        self._guard()
+        others = self._in_flight - len(self._log_writes)
+        if others > 0 or self._blocked:
+            raise FlowRuntimeError(
+                Code.CONTINUE_AS_NEW_INVALID,
+                "continue_as_new needs every other branch of the body to have finished "
+                f"({others} ctx call(s) in flight, {len(self._blocked)} waiting)",
+                non_retryable=True,
+            )
+        if self._flow is None:  # (a Context made without its flow: only tests make one)
+            raise FlowRuntimeError(Code.CONTINUE_AS_NEW_INVALID, "no flow to continue", non_retryable=True)
+        self.continued = self._services.encode_input(self._flow, input)
+        raise ContinueAsNew(self.continued)
 
     # -- deterministic helpers ------------------------------------------------------------------
     def log(self, message: str, **data: Any) -> None:

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from . import codec, cron, fleet, validate
+from .chain import last_run
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
 from .cores.resilient import ResilientCore
@@ -410,15 +411,24 @@ class Engine:
         # without a key of the caller's, one is made up: a delivery the core repeats after its
         # commit went unacknowledged (the connection dropped) then finds its own row
         key = idempotency_key if idempotency_key is not None else f"{AUTO_SIGNAL_KEY}{uuid.uuid4().hex}"
-        outcome = await core.deliver_signal(run_id, name, encoded, key)
-        kind, _, cursor_key = outcome.partition(" ")
-        if kind == "not_found":
-            raise RunNotFound(run_id)
-        if idempotency_key is None and kind in ("duplicate", "closed"):
-            # only this call knows that key: a duplicate means that its first attempt stored the
-            # signal, and so may a `closed` (the run took the signal and finished before the
-            # repeat): what became of it is read back
-            kind, cursor_key = await self._own_delivery(core, run_id, name, key) or (kind, cursor_key)
+        target = run_id
+        while True:
+            outcome = await core.deliver_signal(target, name, encoded, key)
+            kind, _, cursor_key = outcome.partition(" ")
+            if kind == "not_found":
+                raise RunNotFound(run_id)
+            if idempotency_key is None and kind in ("duplicate", "closed"):
+                # only this call knows that key: a duplicate means that its first attempt stored
+                # the signal, and so may a `closed` (the run took the signal and finished before
+                # the repeat): what became of it is read back
+                kind, cursor_key = await self._own_delivery(core, target, name, key) or (kind, cursor_key)
+            if kind != "closed":
+                break
+            # a run that continued as new stands for its chain: the signal goes to its live run
+            last = await last_run(core, target)
+            if last is None or last == target:
+                break
+            target = last
         self.services.hooks.emit("signal_delivered", kind)
         return SignalResult(kind, cursor_key or None)
 
@@ -451,15 +461,23 @@ class Engine:
         return flow.signal_schemas.get(name) if flow is not None else None
 
     async def cancel(self, run_id: str, reason: str | None = None) -> None:
-        """Cancel a run and all its live descendants (sticky; a no-op on a terminal run)."""
+        """Cancel a run and all its live descendants (sticky; a no-op on a terminal run). A run
+        that continued as new stands for its chain: the chain's live run is canceled."""
         run_id = require_run_id(run_id)
         reason = validate.reason(reason) or "canceled"
         core = await self.client()
-        count = await core.cancel(run_id, reason)
-        if count == 0 and await core.get_run(run_id) is None:
-            raise RunNotFound(run_id)
+        target = run_id
+        while not await core.cancel(target, reason):
+            # nothing live under this id: no such run, a terminal one, or one that continued
+            # (perhaps while this call ran: then its successor is the one to cancel)
+            last = await last_run(core, target)
+            if last is None:
+                raise RunNotFound(run_id)
+            if last == target:
+                break
+            target = last
         if self._worker is not None:
-            self._worker.abort_local(run_id, reason)
+            self._worker.abort_local(target, reason)
 
     async def retry(self, run_id: str) -> RetryResult:
         rid = run_id_of(run_id)

@@ -32,6 +32,8 @@ class Code:
     INVOKE_FANOUT_EXCEEDED: Final = "INVOKE_FANOUT_EXCEEDED"
     SCHEMA_MISMATCH: Final = "SCHEMA_MISMATCH"
     RUN_NOT_FOUND: Final = "RUN_NOT_FOUND"
+    # ctx.continue_as_new called while other branches of the body still run or wait.
+    CONTINUE_AS_NEW_INVALID: Final = "CONTINUE_AS_NEW_INVALID"
     # Raised to the caller for a malformed argument
     # (bad duration, bad schema name, bad limit, bad filter) before anything is written.
     INVALID_ARGUMENT: Final = "INVALID_ARGUMENT"
@@ -166,6 +168,16 @@ class SuspendRun(BaseException):
     A ``BaseException`` so ``except Exception`` in user code cannot swallow it; the context
     re-raises it on the next ctx call and on the body's return if user code swallows it anyway.
     """
+
+
+class ContinueAsNew(BaseException):
+    """Unwinds a body that called ``ctx.continue_as_new``; the runner then ends the run and
+    starts its successor with ``input`` (encoded JSON text) in one transaction. A
+    ``BaseException`` for the reason ``SuspendRun`` is one."""
+
+    def __init__(self, input: str) -> None:
+        super().__init__("continue as new")
+        self.input = input
 
 
 class DriftDetected(BaseException):

@@ -123,16 +123,23 @@ class FlowHandle:
 
     async def result(self, run_id: str, *, timeout: float | None = None) -> Any:
         """The run's output once terminal; ``RunFailed``/``RunCanceled``/``RunNotFound``/``TimeoutError``.
+        A run that continued as new stands for its chain: the chain's final run's outcome.
 
         Waiting costs nothing per waiter: every ``result()`` of the process shares one LISTEN
         connection and batched reads (see ``waiters.py``)."""
         rid = require_run_id(run_id)
         _check_timeout(timeout)
         core = await self._engine.client()
-        row = await self._engine.waiters.here(core).terminal(rid, timeout)
-        if row is None:
-            raise RunNotFound(rid)
-        return _outcome(rid, row)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        waiters = self._engine.waiters.here(core)
+        while True:
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            row = await waiters.terminal(rid, left)
+            if row is None:
+                raise RunNotFound(rid)
+            if row.get("continued_to") is None:
+                return _outcome(rid, row)
+            rid = str(row["continued_to"])  # it continued as new: the chain's result is its last run's
 
     async def wait(self, run_id: str, *, step: str | None = None, signal: str | None = None,
                    timeout: float | None = None) -> None:

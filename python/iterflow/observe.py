@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 HOOKS = (
-    "run_started", "run_completed", "run_failed", "run_suspended", "step_finished",
+    "run_started", "run_completed", "run_failed", "run_suspended", "run_continued", "step_finished",
     "signal_delivered", "reconciler_sweep",
 )
 

@@ -17,6 +17,7 @@ from .context import Context, Suspension
 from .cores.base import ClaimedRun
 from .errors import (
     Code,
+    ContinueAsNew,
     DatabaseError,
     DriftDetected,
     EngineStateError,
@@ -95,14 +96,15 @@ class Execution:
 
     async def _replay(self, flow: Flow) -> str:
         run, services = self.run, self.services
-        ctx = self.ctx = Context(run, services, body_flow=flow.shape is None, signal_schemas=flow.signal_schemas)
+        ctx = self.ctx = Context(run, services, body_flow=flow.shape is None, signal_schemas=flow.signal_schemas,
+                                 flow=flow)
         ctx.cancel_reason, ctx.lease_lost = self.cancel_reason, self.lease_lost
         started = time.monotonic()
         try:
             value = flow.input_schema.validate(run.input, code=Code.INPUT_INVALID, what="input") \
                 if flow.input_schema is not None else run.input
             output = await _drive(ctx, flow.body(ctx, value))
-        except SuspendRun:
+        except (SuspendRun, ContinueAsNew):
             output = _SUSPENDED
         except DriftDetected as drift:
             if ctx.abandoned is not None:
@@ -119,6 +121,8 @@ class Execution:
                 return "fenced"
             if self.cancel_reason is not None:
                 return await self._cancel()
+            if ctx.continued is not None:  # user code turned the continuation into an error
+                return await self._continue(ctx, ctx.continued)
             if ctx.decided:  # user code turned the suspend into an error: the run still suspends
                 return await self._suspend(ctx.suspensions)
             err = error_record(exc)
@@ -130,6 +134,8 @@ class Execution:
             return "fenced"
         if self.cancel_reason is not None:
             return await self._cancel()
+        if ctx.continued is not None:
+            return await self._continue(ctx, ctx.continued)
         if output is _SUSPENDED or ctx.decided:
             return await self._suspend(ctx.suspensions)
         await ctx.logs_written()
@@ -155,6 +161,19 @@ class Execution:
             self.run.run_id, self.run.lease_token, status, output, codec.dumps(error) if error else None
         )
         return status if ok else "fenced"
+
+    async def _continue(self, ctx: Context, encoded_input: str) -> str:
+        """ctx.continue_as_new: end the run and start its successor in one fenced write (the
+        successor's id is made once here, so a retried write finds the run continued to it)."""
+        await ctx.logs_written()
+        if ctx.abandoned is not None:  # (a log record's write gave up)
+            return self._abandon(ctx.abandoned)
+        ok = await self.services.core.continue_run(
+            self.run.run_id, self.run.lease_token, self.services.new_id(), encoded_input
+        )
+        if ok:
+            self.services.hooks.emit("run_continued")
+        return "continued" if ok else "fenced"
 
     async def _suspend(self, suspensions: list[Suspension]) -> str:
         if not suspensions:  # a suspension was decided but nothing registered one (swallowed)

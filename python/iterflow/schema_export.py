@@ -54,6 +54,8 @@ runs = Table(
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("finished_at", DateTime(timezone=True)),
     Column("concurrency_key", Text),
+    Column("continued_from", UUID),
+    Column("continued_to", UUID),
 )
 
 queue = Table(

@@ -82,6 +82,7 @@ class Harness:
         """Drive the run to its end, jumping over timers; returns ``handle.result(run_id)``.
 
         Raises ``Stalled`` with the fix when the run waits for something only the test can give.
+        A run that continued as new is settled with its chain: the chain's result is returned.
         """
         deadline = time.monotonic() + self.timeout
         while time.monotonic() < deadline:
@@ -89,6 +90,9 @@ class Harness:
             detail = await self.engine.status(run_id)
             if detail is None:
                 raise Stalled(f"run {run_id} does not exist")
+            if detail.run.continued_to is not None:  # settle the chain's next run (its timers too)
+                run_id = detail.run.continued_to
+                continue
             if detail.run.status in TERMINAL:
                 return await handle.result(run_id, timeout=self.timeout)
             if detail.run.status in ("pending", "running"):

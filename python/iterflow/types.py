@@ -130,13 +130,25 @@ class RunSummary:
 
 @dataclass(frozen=True)
 class Run(RunSummary):
+    """One run in full. ``continued_from``/``continued_to``: its neighbours in a continue-as-new
+    chain (``ctx.continue_as_new``, docs/guide.md): the run it continues, the run that continued
+    it (a run that continued ended ``done`` with no output of its own)."""
+
     input: Any = None
     output: Any = None
+    continued_from: str | None = None
+    continued_to: str | None = None
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> Run:
         base = RunSummary.from_row(row)
-        return cls(**base.__dict__, input=row.get("input"), output=row.get("output"))
+        return cls(**base.__dict__, input=row.get("input"), output=row.get("output"),
+                   continued_from=_id_or_none(row.get("continued_from")),
+                   continued_to=_id_or_none(row.get("continued_to")))
+
+
+def _id_or_none(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 @dataclass(frozen=True)

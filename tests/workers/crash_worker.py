@@ -14,6 +14,9 @@ Modes (what step ``two`` of flow ``memo`` does after recording its side effect):
 - ``gate``: like ``stall`` but waits in its thread, so the worker keeps renewing its lease;
 - ``die``: flow ``poison``'s only step records a side effect, then ``os._exit(3)``.
 
+Flow ``relay`` (input n) records a ``relay-<n>`` side effect in its step, then continues as new
+once (n = 0 -> 1); in ``gate`` mode the step of run 0 waits for ``release-<label>`` first.
+
 Flow ``filed`` notes its two steps' side effects in ``--effects-file`` instead (``block`` makes
 its step ``two`` sleep until the process is killed), for tests that crash the database server.
 """
@@ -128,7 +131,22 @@ def flows(args: argparse.Namespace) -> list[iterflow.Flow]:
         await ctx.step("crash", crash)
         return "survived"
 
-    return [memo, filed, poison]
+    @define_flow("relay")
+    async def relay(ctx: iterflow.Context, n: int) -> Any:
+        run_id = ctx.run_id
+
+        def mark() -> int:
+            effect(dsn, schema, run_id, f"relay-{n}", label)
+            while mode == "gate" and n == 0 and not released(dsn, schema, label):
+                time.sleep(0.05)
+            return n
+
+        await ctx.step("mark", mark)
+        if n == 0:
+            ctx.continue_as_new(1)
+        return {"n": n, "by": label}
+
+    return [memo, filed, poison, relay]
 
 
 async def serve(args: argparse.Namespace) -> None:

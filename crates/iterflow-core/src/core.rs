@@ -1053,6 +1053,40 @@ impl Core {
         }
     }
 
+    /// End the leased run `run_id` and start its successor `new_id` with `input`, in one
+    /// transaction of the group-commit writer (`continue_run` in queries.sql); false when the
+    /// lease was lost. Waiters of this process hear of the end at once, local workers of the
+    /// successor too.
+    pub fn continue_run(
+        &self,
+        run_id: &str,
+        token: i64,
+        new_id: &str,
+        input: String,
+    ) -> impl Future<Output = Result<bool, CoreError>> + Send + 'static {
+        let params = check_uuid("run_id", run_id)
+            .and_then(|()| check_uuid("new_id", new_id))
+            .map(|()| {
+                vec![
+                    Param::text(run_id),
+                    Param::Int(token),
+                    Param::text(new_id),
+                    Param::Json(input),
+                ]
+            });
+        let pending = self.write(run_id, "continue_run", params);
+        let hub = self.inner.hub.clone();
+        let run_id = run_id.to_string();
+        async move {
+            let ok = pending.await?.scalar().as_bool().unwrap_or(false);
+            if ok {
+                hub.run_changed(&run_id);
+                hub.wake_work();
+            }
+            Ok(ok)
+        }
+    }
+
     pub fn add_event(
         &self,
         run_id: &str,

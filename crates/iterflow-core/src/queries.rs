@@ -21,6 +21,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0008_flow_control.sql"),
     include_str!("../../../python/iterflow/migrations/0009_workers.sql"),
     include_str!("../../../python/iterflow/migrations/0010_dashboard_indexes.sql"),
+    include_str!("../../../python/iterflow/migrations/0011_continue_as_new.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.

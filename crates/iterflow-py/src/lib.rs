@@ -687,6 +687,20 @@ impl Core {
         spawn(pump, ticket, fut)
     }
 
+    /// -> bool; `ctx.continue_as_new` (`iterflow_core::Core::continue_run`).
+    fn continue_run(
+        &self,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        token: i64,
+        new_id: String,
+        input: String,
+    ) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core
+            .continue_run(&run_id, token, &new_id, input))
+    }
+
     #[pyo3(signature = (pump, ticket, run_id, kind, data))]
     fn add_event(
         &self,

@@ -70,6 +70,7 @@ ADMIN_QUERIES = frozenset({
     "dashboard_runs", "dashboard_window_end", "dashboard_live_counts", "dashboard_recent_counts",
     "dashboard_status_estimates", "dashboard_flows", "dashboard_flow_live", "dashboard_flow_throughput",
     "dashboard_workers",
+    "chain_last",
 })
 
 
@@ -247,6 +248,10 @@ class Core(Protocol):
     async def finish(
         self, run_id: str, token: int | None, status: str, output: str | None, error: str | None
     ) -> bool: ...
+    async def continue_run(self, run_id: str, token: int, new_id: str, input: str) -> bool:
+        """End the leased run and start its successor ``new_id`` (same flow and version, input
+        ``input``) in one transaction (``ctx.continue_as_new``); False when the lease was lost."""
+        ...
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None: ...
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]: ...
     async def expire_leases(self, limit: int) -> int: ...

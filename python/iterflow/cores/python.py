@@ -447,6 +447,13 @@ class PythonCore:
             self._changes.add(run_id)  # this process's waiters need no round trip
         return finished
 
+    async def continue_run(self, run_id: str, token: int, new_id: str, input: str) -> bool:
+        continued = bool(await self._scalar("continue_run", run_id, token, new_id, _j(input)))
+        if continued:
+            self._changes.add(run_id)  # this process's waiters follow the chain without a round trip
+            self.nudge()  # the successor is ready now
+        return continued
+
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._rows("add_event", run_id, kind, _j(data))
 

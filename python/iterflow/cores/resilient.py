@@ -14,6 +14,9 @@ committed before the connection dropped — goes through :func:`iterflow.faults.
 - ``resolve_signal`` (a repeat finds the record it wrote);
 - ``suspend``/``finish`` (fenced by the lease token: a repeat after a commit that landed
   answers False, which the runner treats as "fenced");
+- ``continue_run`` (fenced by the lease token, and the successor's id is made client-side: a
+  repeat after a commit that landed finds the run continued to that very id and answers True
+  without writing, so it never makes a second successor);
 - ``heartbeat``, ``expire_leases``, ``requeue_parked``, ``reconcile``, ``prune``,
   ``admin_query``;
 - ``insert_runs`` without a caller's connection (a repeat finds the runs it wrote, by
@@ -215,6 +218,9 @@ class ResilientCore:
 
     def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> Call[bool]:
         return self._retry("finish", self.inner.finish, run_id, token, status, output, error)
+
+    def continue_run(self, run_id: str, token: int, new_id: str, input: str) -> Call[bool]:
+        return self._retry("continue_run", self.inner.continue_run, run_id, token, new_id, input)
 
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._once("add_event", self.inner.add_event, run_id, kind, data)

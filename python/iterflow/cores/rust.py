@@ -347,6 +347,9 @@ class RustCore:
     async def finish(self, run_id: str, token: int | None, status: str, output: str | None, error: str | None) -> bool:
         return bool(await self._run(self._c.finish, run_id, token, status, output, error))
 
+    async def continue_run(self, run_id: str, token: int, new_id: str, input: str) -> bool:
+        return bool(await self._run(self._c.continue_run, run_id, token, new_id, input))
+
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._run(self._c.add_event, run_id, kind, data)
 

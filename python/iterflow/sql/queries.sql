@@ -168,6 +168,11 @@ SELECT {schema}.finish_run($1, $2, $3, $4, $5)
 -- that run was finished, as finish_run does. Both are the one function finish_runs.
 SELECT ord, finished FROM {schema}.finish_runs($1, $2, $3, $4, $5)
 
+-- name: continue_run
+-- ctx.continue_as_new: end the leased run $1 (lease token $2) and start its successor $3 with
+-- input $4, in one transaction (the function continue_run, migration 0011).
+SELECT {schema}.continue_run($1, $2, $3, $4)
+
 -- name: suspend_run
 SELECT {schema}.suspend_run($1, $2, $3, $4, $5, $6)
 
@@ -242,14 +247,16 @@ UPDATE {schema}.queue q SET ready_at = now()
 
 -- name: get_run
 SELECT id, name, version, status, tags, attempts, created_at, updated_at, error, waiting,
-       input, output, parent_id, idempotency_key, cancel_reason, finished_at
+       input, output, parent_id, idempotency_key, cancel_reason, finished_at, continued_from,
+       continued_to
   FROM {schema}.runs WHERE id = $1
 
 -- name: wait_runs
 -- The runs that result() waiters wait for, read together (waiters.py): one row per id asked,
 -- status NULL when there is no such run, output and error only once the run is terminal (a
--- live run's row stays small).
-SELECT x.id, r.status, r.cancel_reason,
+-- live run's row stays small). `continued_to`: the run ended by continuing as new, and its
+-- waiters follow the chain (handle.py).
+SELECT x.id, r.status, r.cancel_reason, r.continued_to,
        CASE WHEN r.status IN ('done', 'failed', 'canceled') THEN r.output END AS output,
        CASE WHEN r.status IN ('done', 'failed', 'canceled') THEN r.error END AS error
   FROM unnest($1::uuid[]) AS x(id)
@@ -283,6 +290,17 @@ SELECT id, at, kind, data FROM {schema}.events WHERE run_id = $1 ORDER BY id
 
 -- name: run_timer
 SELECT ready_at, lease_owner, lease_until FROM {schema}.queue WHERE run_id = $1
+
+-- name: chain_last
+-- The last run of the continue-as-new chain from run $1 (the run itself when it never
+-- continued; no row when there is no such run): where a cancel or a signal naming an earlier
+-- run of the chain goes (engine.py).
+WITH RECURSIVE chain(id, next) AS (
+    SELECT id, continued_to FROM {schema}.runs WHERE id = $1::uuid
+    UNION ALL
+    SELECT r.id, r.continued_to FROM {schema}.runs r JOIN chain c ON r.id = c.next
+)
+SELECT id FROM chain WHERE next IS NULL
 
 -- name: list_runs
 -- Newest first, keyset-paginated on (created_at, id). NULL filters match everything.
