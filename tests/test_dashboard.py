@@ -139,6 +139,11 @@ async def test_pages_render_real_runs(engine: Engine, client: httpx.AsyncClient)
     assert f"/runs/{detail.children[0]['id']}" in parent_page.text
     greet_page = await client.get(f"/runs/{done.run_id}")
     assert "k-sleep" in greet_page.text and "&#34;greeting&#34;: &#34;ada&#34;" in greet_page.text
+    # the explanation: what the waiting run waits for, and the command that moves it
+    waiting_page = await client.get(f"/runs/{waiting.run_id}")
+    assert 'id="explanation"' in waiting_page.text and 'data-reason="awaiting_signal"' in waiting_page.text
+    assert f"iterflow signal {waiting.run_id} approve" in waiting_page.text
+    assert 'data-reason="failed"' in page.text
     assert (await client.get("/runs/00000000-0000-0000-0000-000000000000")).status_code == 404
     assert (await client.get("/runs/nonsense")).status_code == 404
 
@@ -201,7 +206,10 @@ async def test_crons_and_workers_pages(make_engine: Callable[..., Any]) -> None:
         assert crons.status_code == 200
         assert 'data-cron="nightly"' in crons.text and "Europe/Paris" in crons.text and "0 3 * * *" in crons.text
         # a run waiting for a signal holds no lease; a leased one shows its owner
-        assert "No leases held" in (await client.get("/workers")).text
+        workers = await client.get("/workers")
+        assert "No leases held" in workers.text
+        # the registry: this listening engine, alive, with the flow it serves
+        assert re.search(r'data-registered="[^"]+".*?dash-wait@1.*?alive', workers.text, re.S)
     other = await make_engine(greet)
     blocker = asyncio.Event()
 

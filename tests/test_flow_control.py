@@ -232,3 +232,44 @@ async def test_a_bad_key_is_refused_and_nothing_is_written(make_engine: Any, dsn
             f'SELECT r.concurrency_key, q.concurrency_key FROM "{schema_name}".runs r'
             f' JOIN "{schema_name}".queue q ON q.run_id = r.id WHERE r.id = %s', (made.run_id,)).fetchone()
     assert row == ("acme", "acme")
+
+
+async def test_explain_names_the_limit_a_ready_run_waits_for(make_engine: Any) -> None:
+    gate = asyncio.Event()
+
+    @define_flow("held", concurrency=1)
+    async def held(ctx: iterflow.Context, _: Any) -> None:
+        await ctx.step("hold", gate.wait)
+
+    @define_flow("held-per-key", key=lambda v: v["k"], key_concurrency=1)
+    async def per_key(ctx: iterflow.Context, _: Any) -> None:
+        await ctx.step("hold", gate.wait)
+
+    engine = await make_engine(concurrency=8, listen=False)
+    capped, keyed = engine.register(held), engine.register(per_key)
+    await engine.listen()
+    first, second = [r.run_id for r in await capped.start_many([{"input": 1}, {"input": 2}])]
+    a1, a2, b1 = [r.run_id for r in await keyed.start_many([{"input": {"k": "a"}}] * 2 + [{"input": {"k": "b"}}])]
+
+    async def kinds(run_id: str) -> list[str]:
+        return [r.kind for r in (await engine.explain(run_id)).reasons]
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        leased = [rid for rid in (first, second, a1, a2, b1) if "leased" in await kinds(rid)]
+        if len(leased) == 3:
+            break
+        await asyncio.sleep(0.05)
+    waiting = {first, second, a1, a2} - set(leased)
+    assert len(waiting) == 2 and b1 in leased, leased
+    (capped_wait,) = waiting & {first, second}
+    (key_wait,) = waiting & {a1, a2}
+    reasons = (await engine.explain(capped_wait)).reasons
+    assert [r.kind for r in reasons] == ["flow_limit"]
+    assert reasons[0].details == {"limit": 1, "running": 1}
+    reasons = (await engine.explain(key_wait)).reasons
+    assert [r.kind for r in reasons] == ["key_limit"]
+    assert reasons[0].details == {"key": "a", "limit": 1, "running": 1}
+    gate.set()
+    for rid in (first, second, a1, a2, b1):
+        await engine.handle("held" if rid in (first, second) else "held-per-key").result(rid, timeout=20)

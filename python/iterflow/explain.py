@@ -234,16 +234,40 @@ async def _ready(reader: _Reader, row: Mapping[str, Any]) -> list[Reason]:
             action=f"start a worker that registers {flow} ({reader.command('worker', 'APP:ENGINE')})",
             since=row["ready_at"], details={"flow": flow, "workers": seen},
         ))
+    limited = _limits(row)
+    reasons.extend(limited)
     if row["ahead"]:
         reasons.append(Reason(
             "queued_behind", f"{row['ahead']} ready runs of {row['name']} are claimed before it "
                              "(higher priority, or the same priority and ready earlier)",
             since=row["ready_at"], details={"ahead": row["ahead"]},
         ))
-    if serving and not row["ahead"]:
+    if serving and not row["ahead"] and not limited:
         reasons.append(Reason(
             "ready", f"ready since {_t(row['ready_at'])}: the next claim of a worker serving {flow} takes it",
             since=row["ready_at"], details={"workers": [w.owner for w in serving]},
+        ))
+    return reasons
+
+
+def _limits(row: Mapping[str, Any]) -> list[Reason]:
+    """The flow-control limits a ready run waits for (docs/guide.md, "Flow control"): its
+    flow's places, or its key's, all taken by runs executing now."""
+    reasons = []
+    flow, key = row["name"], row["concurrency_key"]
+    if row["flow_limit"] is not None and row["flow_running"] >= row["flow_limit"]:
+        reasons.append(Reason(
+            "flow_limit", f"{row['flow_running']} runs of {flow} execute now, its limit (concurrency="
+                          f"{row['flow_limit']}): it starts when one of them finishes or suspends",
+            since=row["ready_at"], details={"limit": row["flow_limit"], "running": row["flow_running"]},
+        ))
+    if row["key_limit"] is not None and row["key_running"] >= row["key_limit"]:
+        reasons.append(Reason(
+            "key_limit", f"{row['key_running']} runs of {flow} with key {key or ''!r} execute now, its "
+                         f"limit (key_concurrency={row['key_limit']}): it starts when one of them finishes "
+                         "or suspends",
+            since=row["ready_at"],
+            details={"key": key, "limit": row["key_limit"], "running": row["key_running"]},
         ))
     return reasons
 

@@ -27,7 +27,7 @@ from starlette.routing import Route
 from .. import validate
 from ..engine import Engine, create_engine
 from ..errors import Code, InvalidArgument, IterflowError
-from ..types import STATUSES, TERMINAL
+from ..types import STATUSES, TERMINAL, Explanation
 from . import guard, reads, timeline
 
 STATIC = {"dashboard.css": "text/css; charset=utf-8", "dashboard.js": "text/javascript; charset=utf-8"}
@@ -137,12 +137,20 @@ class Dashboard:
         end = datetime.now(UTC) if live else run.updated_at
         flow = self.engine.flows.get((run.name, run.version))
         return self.render(
-            request, template, detail=detail, run=run, live=live,
+            request, template, detail=detail, run=run, live=live, explanation=await self._explain(run_id),
             timeline=timeline.build(run.created_at, end, detail.steps, detail.signals, detail.children),
             attempts=[s for s in detail.steps if s["error"] or (s["attempts"] or 0) > 1],
             signal_names=sorted(flow.signal_schemas) if flow is not None else [],
             registered=flow is not None,
         )
+
+    async def _explain(self, run_id: str) -> Explanation | None:
+        """Why the run is where it is (engine.explain); a page still renders without it (the
+        run was purged between the two reads, or the database failed on this one)."""
+        try:
+            return await self.engine.explain(run_id)
+        except IterflowError:
+            return None
 
     async def flows(self, request: Request) -> Response:
         rows = await reads.flows(await self.engine.client())
@@ -153,7 +161,8 @@ class Dashboard:
         return self.render(request, "crons.html", crons=await self.engine.list_crons())
 
     async def workers(self, request: Request) -> Response:
-        return self.render(request, "workers.html", workers=await reads.workers(await self.engine.client()))
+        leases = await reads.workers(await self.engine.client())
+        return self.render(request, "workers.html", registry=await self.engine.list_workers(), workers=leases)
 
     async def static(self, request: Request) -> Response:
         name = request.path_params["name"]

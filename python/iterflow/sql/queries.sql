@@ -596,10 +596,18 @@ SELECT r.id, r.name, r.version, r.status, r.attempts, r.error, r.waiting, r.canc
        (SELECT count(*) FROM {schema}.queue a
          WHERE q.lease_until IS NULL AND a.flow_name = q.flow_name AND a.lease_until IS NULL
            AND a.ready_at <= now() AND a.run_id <> q.run_id
-           AND (a.priority > q.priority OR (a.priority = q.priority AND a.ready_at < q.ready_at))) AS ahead
+           AND (a.priority > q.priority OR (a.priority = q.priority AND a.ready_at < q.ready_at))) AS ahead,
+       -- its flow's limits (flow control) and how much of them is taken now
+       r.concurrency_key, l.concurrency AS flow_limit, l.key_concurrency AS key_limit,
+       (SELECT count(*) FROM {schema}.queue a
+         WHERE l.concurrency IS NOT NULL AND a.flow_name = r.name AND a.lease_until IS NOT NULL) AS flow_running,
+       (SELECT count(*) FROM {schema}.queue a
+         WHERE l.key_concurrency IS NOT NULL AND a.flow_name = r.name AND a.lease_until IS NOT NULL
+           AND a.concurrency_key = coalesce(r.concurrency_key, '')) AS key_running
   FROM {schema}.runs r
   LEFT JOIN {schema}.queue q ON q.run_id = r.id
   LEFT JOIN {schema}.workers w ON w.owner = q.lease_owner
+  LEFT JOIN {schema}.flow_limits l ON l.flow_name = r.name AND l.limited
  WHERE r.id = $1
 
 -- name: dashboard_runs
