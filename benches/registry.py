@@ -16,6 +16,7 @@ from .workloads import (
     Env,
     Sizes,
     w1_burn_down,
+    w11_burn_down_keyed,
     w2_burn_down,
     w3_latency,
     w4_sleep,
@@ -43,6 +44,8 @@ class Workload:
 
 WORKLOADS: tuple[Workload, ...] = (
     Workload("w1", lambda s: f"burn-down {s.w1_flows:,} x 3 steps", w1_burn_down, (
+        Metric("flows_per_s", "flows/s", "higher"), Metric("steps_per_s", "steps/s", "higher"))),
+    Workload("w11", lambda s: f"burn-down {s.w1_flows:,} x 3 steps, 100 keys, 8 per key", w11_burn_down_keyed, (
         Metric("flows_per_s", "flows/s", "higher"), Metric("steps_per_s", "steps/s", "higher"))),
     Workload("w2", lambda s: f"burn-down {s.w2_flows:,} x 1 step", w2_burn_down, (
         Metric("flows_per_s", "flows/s", "higher"),)),

@@ -108,6 +108,20 @@ async def three_steps(ctx: Context, inp: Any) -> None:
     await ctx.step("s2", _noop)
 
 
+# w11: w1's flow with flow control: each run keyed by one of W11_KEYS keys, at most
+# W11_KEY_CONCURRENCY executing per key (docs/guide.md, "Flow control"); the places (100 x 8)
+# exceed either core's concurrency, so what it measures is the claim's cost, not the limit.
+W11_KEYS = 100
+W11_KEY_CONCURRENCY = 8
+
+
+@define_flow("bench_three_steps_keyed", key=lambda inp: inp["k"], key_concurrency=W11_KEY_CONCURRENCY)
+async def three_steps_keyed(ctx: Context, inp: Any) -> None:
+    await ctx.step("s0", _noop)
+    await ctx.step("s1", _noop)
+    await ctx.step("s2", _noop)
+
+
 @define_flow("bench_one_step")
 async def one_step(ctx: Context, inp: Any) -> None:
     await ctx.step("s0", _noop)
@@ -191,9 +205,10 @@ def _chunks(n: int, size: int) -> list[int]:
 
 
 async def _start_up_front(env: Env, flow: Flow, inputs: Sequence[Any]) -> float:
-    """start_many the inputs through a client-only engine (then stopped); returns seconds."""
+    """start_many the inputs through a client-only engine (then stopped); returns seconds. The
+    flow is registered there (not only named) so that its key function keys the runs (w11)."""
     client = env.engine("client")
-    handle = client.handle(flow.name, flow.version)
+    handle = client.register(flow)
     t0 = time.perf_counter()
     pos = 0
     for size in _chunks(len(inputs), env.sizes.start_chunk):
@@ -273,7 +288,8 @@ async def _run_times(mon: Monitor, env: Env, name: str | None = None) -> list[tu
 
 
 # -- workloads 1, 2 and 7: burn-down ----------------------------------------------------------
-async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[str, Any]:
+async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int,
+                    inputs: Sequence[Any] | None = None) -> dict[str, Any]:
     """N flows started up front, then drained by one worker engine.
 
     Throughput = N / (latest runs.finished_at - the moment the worker started listening).
@@ -284,7 +300,7 @@ async def burn_down(env: Env, flow: Flow, n: int, steps_per_flow: int) -> dict[s
     """
     start_before = await db_snapshot(env.dsn)
     start_rows = await row_counters(env.dsn, env.schema)
-    start_s = await _start_up_front(env, flow, [None] * n)
+    start_s = await _start_up_front(env, flow, [None] * n if inputs is None else inputs)
     t = time.perf_counter()
     checkpointed = await checkpoint(env.dsn)
     checkpoint_s = time.perf_counter() - t
@@ -351,6 +367,13 @@ def _core_stats(engine: Engine) -> Any:
 
 async def w1_burn_down(env: Env) -> dict[str, Any]:
     return await burn_down(env, three_steps, env.sizes.w1_flows, 3)
+
+
+async def w11_burn_down_keyed(env: Env) -> dict[str, Any]:
+    """w1 with a per-key limit over 100 keys (issue 17's bar: at least 70% of w1's flows/s)."""
+    n = env.sizes.w1_flows
+    keys = [{"k": f"tenant-{i % W11_KEYS}"} for i in range(n)]
+    return await burn_down(env, three_steps_keyed, n, 3, keys)
 
 
 async def w2_burn_down(env: Env) -> dict[str, Any]:

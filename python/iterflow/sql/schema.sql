@@ -631,31 +631,38 @@ BEGIN
           LEFT JOIN busy b ON b.flow_name = keys.flow_name AND b.k = keys.k
          WHERE keys.k IS NOT NULL
     ), cand AS (
-        SELECT room.flow_name, room.running, x.run_id, x.was, x.priority, x.ready_at,
+        -- read, not locked: only the runs finally picked are locked (below)
+        SELECT room.flow_name, room.running, x.run_id, x.priority, x.ready_at,
                row_number() OVER (PARTITION BY room.flow_name, room.k
                                   ORDER BY x.priority DESC, x.ready_at) AS rk
           FROM room CROSS JOIN LATERAL (
-                SELECT wq.run_id, wr.waiting AS was, wq.priority, wq.ready_at
-                  FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+                SELECT wq.run_id, wq.priority, wq.ready_at
+                  FROM {schema}.queue wq
                  WHERE wq.flow_name = room.flow_name AND wq.concurrency_key = room.k
                    AND wq.lease_until IS NULL AND wq.ready_at <= now()
                  ORDER BY wq.priority DESC, wq.ready_at
-                 LIMIT room.n
-                 FOR UPDATE OF wq, wr SKIP LOCKED) x
+                 LIMIT room.n) x
          WHERE room.n > 0
     ), fair AS (
         SELECT cand.*, row_number() OVER (PARTITION BY cand.flow_name
                                           ORDER BY cand.running + cand.rk, cand.priority DESC,
                                                    cand.ready_at) AS fk
           FROM cand
+    ), pick AS (
+        SELECT fair.run_id, fair.running + fair.rk AS turn, fair.priority, fair.ready_at
+          FROM fair JOIN lim ON lim.flow_name = fair.flow_name
+         WHERE lim.concurrency IS NULL
+            OR fair.fk <= lim.concurrency - (SELECT coalesce(sum(a.n), 0) FROM busy a
+                                              WHERE a.flow_name = fair.flow_name)
+         ORDER BY fair.running + fair.rk, fair.priority DESC, fair.ready_at
+         LIMIT p_n
     )
-    SELECT fair.run_id, fair.was, fair.priority, fair.ready_at
-      FROM fair JOIN lim ON lim.flow_name = fair.flow_name
-     WHERE lim.concurrency IS NULL
-        OR fair.fk <= lim.concurrency - (SELECT coalesce(sum(a.n), 0) FROM busy a
-                                          WHERE a.flow_name = fair.flow_name)
-     ORDER BY fair.running + fair.rk, fair.priority DESC, fair.ready_at
-     LIMIT p_n;
+    -- as the claim locks: the queue and runs rows, a busy one skipped (a signal being
+    -- delivered), never waited for
+    SELECT wq.run_id, wr.waiting, wq.priority, wq.ready_at
+      FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+     WHERE wq.run_id = ANY (ARRAY(SELECT pick.run_id FROM pick)) AND wq.lease_until IS NULL
+     FOR UPDATE OF wq, wr SKIP LOCKED;
 END $$;
 
 -- A lease counted against a limit that ends (finish, suspend, release, expiry) frees a place:
