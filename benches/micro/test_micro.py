@@ -26,8 +26,8 @@ from iterflow.config import Limits
 from iterflow.context import Context
 from iterflow.cores.base import ClaimedRun, StepRecord
 from iterflow.observe import Hooks
-from iterflow.step_limits import StepLimits
 from iterflow.services import ExecutionServices
+from iterflow.step_limits import StepLimits
 from iterflow.types import decode_cursor, encode_cursor
 
 STEPS = 100

@@ -268,3 +268,40 @@ async fn listen_once(
     drop(client);
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_release_wakes_the_waiters_of_its_channel_only() {
+        let hub = Hub::new();
+        let seen = hub.limit_seen("x");
+        assert_eq!(seen, 0);
+        let waiter = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.wait_limit("x", seen, Duration::from_secs(10)).await })
+        };
+        hub.dispatch("l y");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "another channel's release");
+        hub.dispatch("l x");
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken by the release")
+            .expect("joined");
+    }
+
+    #[tokio::test]
+    async fn a_release_heard_before_the_wait_is_not_missed() {
+        let hub = Hub::new();
+        let seen = hub.limit_seen("x k");
+        hub.dispatch("l x k");
+        let started = tokio::time::Instant::now();
+        hub.wait_limit("x k", seen, Duration::from_secs(10)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let seen = hub.limit_seen("x k");
+        hub.wait_limit("x k", seen, Duration::from_millis(30)).await; // nothing new: the timeout
+        assert_eq!(hub.limit_seen("x k"), seen);
+    }
+}

@@ -126,7 +126,7 @@ class Releases:
         waiters.add(waiter)
         try:
             await asyncio.wait_for(waiter, timeout)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
         finally:
             waiters.discard(waiter)
