@@ -74,7 +74,6 @@ async def test_a_debounced_start_repeated_after_its_commit_finds_its_own_run(
 
 @pytest.mark.parametrize(("options", "field"), [
     ({"debounce": "1s"}, "key"),
-    ({"key": "k"}, "debounce"),
     ({"key": "k", "debounce": "soon"}, "debounce"),
     ({"key": "", "debounce": "1s"}, "key"),
     ({"key": "k", "debounce": "1s", "idempotency_key": "i"}, "idempotency_key"),

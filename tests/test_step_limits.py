@@ -239,22 +239,47 @@ async def test_a_waiting_step_wakes_on_the_release(make_engine: Any) -> None:
     assert time.monotonic() - released < 3.0
 
 
-async def test_step_limit_mistakes_fail_the_step_with_the_field(make_engine: Any) -> None:
+async def test_a_step_naming_an_unknown_limit_fails_with_the_field(make_engine: Any) -> None:
     @define_flow("unknown")
     async def unknown(ctx: iterflow.Context, _: Any) -> Any:
         return await ctx.step("call", lambda: 1, limit="nope")
 
-    @define_flow("keyless")
-    async def keyless(ctx: iterflow.Context, _: Any) -> Any:
-        return await ctx.step("call", lambda: 1, limit="per")
+    engine = await make_engine(unknown, step_limits={"x": StepLimit(concurrency=1)})
+    run = await engine.handle("unknown").start()
+    with pytest.raises(RunFailed) as failed:
+        await engine.handle("unknown").result(run.run_id, timeout=20)
+    assert failed.value.code == Code.INVALID_ARGUMENT
+    assert "limit" in str(failed.value)
 
-    engine = await make_engine(unknown, keyless, step_limits={"per": StepLimit(concurrency=1, per_key=True)})
-    for flow, field in (("unknown", "limit"), ("keyless", "limit_key")):
-        run = await engine.handle(flow).start()
-        with pytest.raises(RunFailed) as failed:
-            await engine.handle(flow).result(run.run_id, timeout=20)
-        assert failed.value.code == Code.INVALID_ARGUMENT
-        assert field in str(failed.value)
+
+async def test_a_per_key_limit_counts_under_the_runs_key_without_limit_key(make_engine: Any) -> None:
+    """No ``limit_key``: the run's key (``start(..., key=)``) is the key; a run without one
+    counts under the empty key."""
+    gates = {"a1": asyncio.Event(), "b1": asyncio.Event(), "none": asyncio.Event()}
+    running: list[str] = []
+
+    @define_flow("by_run_key")
+    async def by_run_key(ctx: iterflow.Context, name: str) -> Any:
+        async def call() -> None:
+            running.append(name)
+            if name in gates:
+                await gates[name].wait()
+
+        return await ctx.step("call", call, limit="per")
+
+    engine = await make_engine(by_run_key, step_limits={"per": StepLimit(concurrency=1, per_key=True)})
+    handle = engine.handle("by_run_key")
+    runs = [await handle.start("a1", key="a"), await handle.start("b1", key="b"), await handle.start("none")]
+    while sorted(running) != ["a1", "b1", "none"]:  # three keys ('a', 'b', ''): all run at once
+        await asyncio.sleep(0.02)
+    runs.append(await handle.start("a2", key="a"))
+    await asyncio.sleep(0.5)
+    assert "a2" not in running, "a2 waits for a1's permit of key 'a'"
+    for gate in gates.values():
+        gate.set()
+    for run in runs:
+        await handle.result(run.run_id, timeout=10)
+    assert running[-1] == "a2"
 
 
 @pytest.mark.parametrize(("limits", "field"), [

@@ -17,7 +17,8 @@ failure modes: docs/guide.md, "Flow control".
   burst of ``burst`` calls (default 1: evenly spaced). ``take_rate`` reserves the earliest slot
   the rate allows, up to ``RATE_HORIZON`` ahead; the step then sleeps locally until its slot,
   keeping its run's lease and its worker slot, with no more statements.
-- **Keys**: ``per_key=True`` counts each key apart; the key is the step's ``limit_key=``.
+- **Keys**: ``per_key=True`` counts each key apart; the key is the step's ``limit_key=``, or
+  else the run's key (``start(..., key=)`` or the flow's key function, read by the database).
 
 The limits are configuration, read by the processes that run the steps: processes that share
 a limit must configure it alike (a changed limit applies to new acquisitions at once).
@@ -57,8 +58,9 @@ _RATE = re.compile(r"^\s*(\d+)\s*/\s*(.+?)\s*$")
 class StepLimit:
     """One named limit. ``concurrency``: at most that many steps using it run at once across
     the fleet; ``rate``: ``"N/<duration>"`` calls, evenly spaced, with ``burst`` calls allowed
-    back to back; ``per_key``: counted per the step's ``limit_key`` instead of globally. Set
-    at least one of ``concurrency`` and ``rate`` (both: the permit is taken first)."""
+    back to back; ``per_key``: counted per key (the step's ``limit_key``, else the run's key)
+    instead of globally. Set at least one of ``concurrency`` and ``rate`` (both: the permit is
+    taken first)."""
 
     concurrency: int | None = None
     per_key: bool = False
@@ -138,17 +140,15 @@ class StepLimits:
         self._core = core
         self._hooks = hooks
 
-    def resolve(self, name: str, limit_key: str | None) -> tuple[StepLimit, str]:
-        """The limit a step names and the key it counts under ('' for a global limit)."""
+    def resolve(self, name: str, limit_key: str | None) -> tuple[StepLimit, str | None]:
+        """The limit a step names and the key it counts under: '' for a global limit, the
+        step's ``limit_key`` for a per-key one, or None for the run's key (found by the
+        database: ``start(..., key=)`` or the flow's key function; '' without one)."""
         limit = self.limits.get(name)
         if limit is None:
             known = ", ".join(sorted(self.limits)) or "none"
             raise InvalidArgument("limit", f"no step limit named {name!r} (configured: {known})")
-        if not limit.per_key:
-            return limit, ""
-        if limit_key is None:
-            raise InvalidArgument("limit_key", f"step limit {name!r} is per key: the step must pass limit_key=")
-        return limit, limit_key
+        return limit, limit_key if limit.per_key else ""
 
     async def acquire(self, name: str, limit_key: str | None, run_id: str, step_key: str, lease_token: int,
                       abort: AbortToken) -> Permit | None:
@@ -158,11 +158,11 @@ class StepLimits:
         limit, key = self.resolve(name, limit_key)
         permit = None
         if limit.concurrency is not None:
-            permit = Permit(name, key, run_id, step_key, limit.concurrency)
-            await self._take_permit(permit, lease_token, abort)
+            permit = await self._take_permit(name, key, run_id, step_key, lease_token, limit.concurrency, abort)
+            key = permit.key
         if limit.rate is not None:
             try:
-                await self._take_rate(name, key, limit, abort)
+                await self._take_rate(name, key, run_id, limit, abort)
             except BaseException:
                 if permit is not None:
                     await self.release(permit)
@@ -172,27 +172,34 @@ class StepLimits:
     async def release(self, permit: Permit) -> None:
         await self._core.release_permit(permit.name, permit.key, permit.run_id, permit.step_key, permit.maximum)
 
-    async def _take_permit(self, permit: Permit, lease_token: int, abort: AbortToken) -> None:
-        channel = permit.name if not permit.key else f"{permit.name} {permit.key}"
+    async def _take_permit(self, name: str, key: str | None, run_id: str, step_key: str, lease_token: int,
+                           maximum: int, abort: AbortToken) -> Permit:
         while True:
-            seen = self._core.limit_seen(channel)  # before asking: a release after it wakes us
-            granted, wait = await self._core.acquire_permit(
-                permit.name, permit.key, permit.run_id, permit.step_key, lease_token, permit.maximum)
-            self._hooks.emit("step_limit", permit.name, "granted" if granted else "waiting")
+            # the stamp is read before asking, so that a release after the answer wakes us; the
+            # run's key (None) is known from the first answer, which is then asked again at once
+            seen = None if key is None else self._core.limit_seen(_channel(name, key))
+            granted, wait, key = await self._core.acquire_permit(name, key, run_id, step_key, lease_token, maximum)
+            self._hooks.emit("step_limit", name, "granted" if granted else "waiting")
             if granted:
-                return
-            timeout = min(max(wait or 0.0, 0.01), PERMIT_RECHECK)
-            await _unless_aborted(self._core.wait_limit(channel, seen, timeout), abort, permit.name)
+                return Permit(name, key, run_id, step_key, maximum)
+            if seen is not None:
+                timeout = min(max(wait or 0.0, 0.01), PERMIT_RECHECK)
+                await _unless_aborted(self._core.wait_limit(_channel(name, key), seen, timeout), abort, name)
 
-    async def _take_rate(self, name: str, key: str, limit: StepLimit, abort: AbortToken) -> None:
+    async def _take_rate(self, name: str, key: str | None, run_id: str, limit: StepLimit, abort: AbortToken) -> None:
         while True:
             granted, wait = await self._core.take_rate(
-                name, key, limit.interval_ms, limit.burst, RATE_HORIZON * 1000)
+                name, key, run_id, limit.interval_ms, limit.burst, RATE_HORIZON * 1000)
             self._hooks.emit("step_limit", name, "granted" if granted else "waiting")
             if wait > 0:
                 await _unless_aborted(asyncio.sleep(wait), abort, name)
             if granted:
                 return
+
+
+def _channel(name: str, key: str) -> str:
+    """What a release of (name, key) is announced as: ``l <channel>`` (release_permit)."""
+    return name if not key else f"{name} {key}"
 
 
 async def _unless_aborted(wait: Awaitable[Any], abort: AbortToken, name: str) -> None:

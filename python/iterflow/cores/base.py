@@ -259,19 +259,20 @@ class Core(Protocol):
         ...
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None: ...
     async def acquire_permit(
-        self, limit: str, key: str, run_id: str, step_key: str, lease_token: int, maximum: int
-    ) -> tuple[bool, float | None]:
-        """Take a permit of step limit ``limit`` (``acquire_permit``): (True, None), or (False,
-        seconds until the earliest holder's lease expires)."""
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> tuple[bool, float | None, str]:
+        """Take a permit of step limit ``limit`` for ``key`` (None: the run's key) with
+        ``acquire_permit``: (granted, None when granted else seconds until the earliest
+        holder's lease expires, the key counted under)."""
         ...
     async def release_permit(self, limit: str, key: str, run_id: str, step_key: str, maximum: int) -> None:
         """Give a permit back (``release_permit``); announces ``l <channel>`` if it was full."""
         ...
     async def take_rate(
-        self, limit: str, key: str, interval_ms: float, burst: int, horizon_ms: float
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
     ) -> tuple[bool, float]:
-        """One call of a rate limit (``take_rate``): (granted, seconds to wait first); not
-        granted: ask again after that long."""
+        """One call of a rate limit for ``key`` (None: run ``run_id``'s key) with ``take_rate``:
+        (granted, seconds to wait first); not granted: ask again after that long."""
         ...
     def limit_seen(self, channel: str) -> int:
         """A stamp of the last ``l <channel>`` heard (0: none): ``wait_limit`` returns at once

@@ -512,20 +512,21 @@ class PythonCore:
         await self._rows("add_event", run_id, kind, _j(data))
 
     async def acquire_permit(
-        self, limit: str, key: str, run_id: str, step_key: str, lease_token: int, maximum: int
-    ) -> tuple[bool, float | None]:
-        granted, wait_ms = await self._read_one(
-            "acquire_permit", ("granted", "wait_ms"), limit, key, run_id, step_key, lease_token, maximum)
-        return bool(granted), None if wait_ms is None else float(wait_ms) / 1000
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> tuple[bool, float | None, str]:
+        granted, wait_ms, permit_key = await self._read_one(
+            "acquire_permit", ("granted", "wait_ms", "permit_key"), limit, key, run_id, step_key, lease_token,
+            maximum)
+        return bool(granted), None if wait_ms is None else float(wait_ms) / 1000, str(permit_key)
 
     async def release_permit(self, limit: str, key: str, run_id: str, step_key: str, maximum: int) -> None:
         await self._rows("release_permit", limit, key, run_id, step_key, maximum)
 
     async def take_rate(
-        self, limit: str, key: str, interval_ms: float, burst: int, horizon_ms: float
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
     ) -> tuple[bool, float]:
         granted, wait_ms = await self._read_one(
-            "take_rate", ("granted", "wait_ms"), limit, key, interval_ms, burst, horizon_ms)
+            "take_rate", ("granted", "wait_ms"), limit, key, run_id, interval_ms, burst, horizon_ms)
         return bool(granted), float(wait_ms) / 1000
 
     def limit_seen(self, channel: str) -> int:

@@ -236,8 +236,8 @@ class ResilientCore:
         await self._once("add_event", self.inner.add_event, run_id, kind, data)
 
     def acquire_permit(
-        self, limit: str, key: str, run_id: str, step_key: str, lease_token: int, maximum: int
-    ) -> Call[tuple[bool, float | None]]:
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> Call[tuple[bool, float | None, str]]:
         return self._retry("acquire_permit", self.inner.acquire_permit, limit, key, run_id, step_key,
                            lease_token, maximum)
 
@@ -245,9 +245,9 @@ class ResilientCore:
         return self._retry("release_permit", self.inner.release_permit, limit, key, run_id, step_key, maximum)
 
     def take_rate(
-        self, limit: str, key: str, interval_ms: float, burst: int, horizon_ms: float
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
     ) -> Call[tuple[bool, float]]:
-        return self._retry("take_rate", self.inner.take_rate, limit, key, interval_ms, burst, horizon_ms)
+        return self._retry("take_rate", self.inner.take_rate, limit, key, run_id, interval_ms, burst, horizon_ms)
 
     def limit_seen(self, channel: str) -> int:
         return self.inner.limit_seen(channel)

@@ -361,19 +361,19 @@ class RustCore:
         await self._run(self._c.add_event, run_id, kind, data)
 
     async def acquire_permit(
-        self, limit: str, key: str, run_id: str, step_key: str, lease_token: int, maximum: int
-    ) -> tuple[bool, float | None]:
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> tuple[bool, float | None, str]:
         (row,) = await self._query("acquire_permit", limit, key, run_id, step_key, lease_token, maximum)
         wait_ms = row["wait_ms"]
-        return bool(row["granted"]), None if wait_ms is None else float(wait_ms) / 1000
+        return bool(row["granted"]), None if wait_ms is None else float(wait_ms) / 1000, str(row["permit_key"])
 
     async def release_permit(self, limit: str, key: str, run_id: str, step_key: str, maximum: int) -> None:
         await self._query("release_permit", limit, key, run_id, step_key, maximum)
 
     async def take_rate(
-        self, limit: str, key: str, interval_ms: float, burst: int, horizon_ms: float
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
     ) -> tuple[bool, float]:
-        (row,) = await self._query("take_rate", limit, key, float(interval_ms), burst, float(horizon_ms))
+        (row,) = await self._query("take_rate", limit, key, run_id, float(interval_ms), burst, float(horizon_ms))
         return bool(row["granted"]), float(row["wait_ms"]) / 1000
 
     def limit_seen(self, channel: str) -> int:

@@ -749,62 +749,73 @@ BEGIN
     RETURN true;
 
 -- Take a permit of limit p_limit for key p_key (at most p_max held at once) for step p_step of
--- run p_run under its lease p_token. Concurrent acquires of one (limit, key) are serialized by
+-- run p_run under its lease p_token; a NULL p_key is the run's key (runs.concurrency_key,
+-- migration 0008; '' without one). Concurrent acquires of one (limit, key) are serialized by
 -- a transaction-level advisory lock on that pair only; each statement below reads after the
 -- lock (plpgsql takes a snapshot per statement), so it sees every permit committed before.
 -- Permits whose lease is gone are deleted on the way. A repeat by the same holder is granted
 -- again (its first answer may have been lost). Denied: wait_ms is how long until the
 -- earliest holder's lease runs out (the waiter's timer if no release is heard before).
+-- permit_key: the key counted under.
 CREATE OR REPLACE FUNCTION {schema}.acquire_permit(p_limit text, p_key text, p_run uuid, p_step text,
                                                   p_token bigint, p_max int)
-RETURNS TABLE (granted boolean, wait_ms double precision)
+RETURNS TABLE (granted boolean, wait_ms double precision, permit_key text)
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_key text := p_key;
     v_held int;
     v_until timestamptz;
 BEGIN
-    PERFORM pg_advisory_xact_lock(hashtext('{schema_raw}.step_permits'), hashtext(p_limit || chr(31) || p_key));
+    IF v_key IS NULL THEN
+        v_key := coalesce((SELECT r.concurrency_key FROM {schema}.runs r WHERE r.id = p_run), '');
+    END IF;
+    PERFORM pg_advisory_xact_lock(hashtext('{schema_raw}.step_permits'), hashtext(p_limit || chr(31) || v_key));
     DELETE FROM {schema}.step_permits p
-     WHERE p.limit_name = p_limit AND p.key = p_key
+     WHERE p.limit_name = p_limit AND p.key = v_key
        AND NOT EXISTS (SELECT 1 FROM {schema}.queue q
                         WHERE q.run_id = p.run_id AND q.lease_token = p.lease_token AND q.lease_until > now());
     SELECT count(*) FILTER (WHERE NOT (p.run_id = p_run AND p.step_key = p_step)), min(q.lease_until)
       INTO v_held, v_until
       FROM {schema}.step_permits p JOIN {schema}.queue q ON q.run_id = p.run_id
-     WHERE p.limit_name = p_limit AND p.key = p_key;
+     WHERE p.limit_name = p_limit AND p.key = v_key;
     IF v_held < p_max THEN
-        INSERT INTO {schema}.step_permits (limit_name, key, run_id, step_key, lease_token)
-        VALUES (p_limit, p_key, p_run, p_step, p_token)
-        ON CONFLICT (limit_name, key, run_id, step_key)
+        INSERT INTO {schema}.step_permits AS p (limit_name, key, run_id, step_key, lease_token)
+        VALUES (p_limit, v_key, p_run, p_step, p_token)
+        ON CONFLICT ON CONSTRAINT step_permits_pkey
         DO UPDATE SET lease_token = excluded.lease_token, acquired_at = now();
-        RETURN QUERY SELECT true, NULL::double precision;
+        RETURN QUERY SELECT true, NULL::double precision, v_key;
     ELSE
-        RETURN QUERY SELECT false, greatest(extract(epoch FROM v_until - now()) * 1000, 0)::double precision;
+        RETURN QUERY SELECT false, greatest(extract(epoch FROM v_until - now()) * 1000, 0)::double precision, v_key;
     END IF;
 END $$;
 
--- Take one call of rate limit p_limit for key p_key: a GCRA with emission interval
--- p_interval_ms and a burst of p_burst calls. The call reserves the earliest slot the rate
--- allows: granted with wait_ms > 0 means "go in wait_ms" (the slot is yours; nothing to ask
--- again). A slot further away than p_horizon_ms is not reserved: denied, wait_ms is how long
--- until one would be. The row lock of the (limit, key) serializes callers of that pair only.
-CREATE OR REPLACE FUNCTION {schema}.take_rate(p_limit text, p_key text, p_interval_ms double precision,
+-- Take one call of rate limit p_limit for key p_key (NULL: the run p_run's key, as in
+-- acquire_permit): a GCRA with emission interval p_interval_ms and a burst of p_burst calls.
+-- The call reserves the earliest slot the rate allows: granted with wait_ms > 0 means "go in
+-- wait_ms" (the slot is yours; nothing to ask again). A slot further away than p_horizon_ms
+-- is not reserved: denied, wait_ms is how long until one would be. The row lock of the
+-- (limit, key) serializes callers of that pair only.
+CREATE OR REPLACE FUNCTION {schema}.take_rate(p_limit text, p_key text, p_run uuid, p_interval_ms double precision,
                                              p_burst int, p_horizon_ms double precision)
 RETURNS TABLE (granted boolean, wait_ms double precision)
 LANGUAGE plpgsql AS $$
 DECLARE
+    v_key text := p_key;
     v_t interval := p_interval_ms * interval '1 millisecond';
     v_tat timestamptz;
     v_now timestamptz;
     v_at timestamptz;
 BEGIN
+    IF v_key IS NULL THEN
+        v_key := coalesce((SELECT r.concurrency_key FROM {schema}.runs r WHERE r.id = p_run), '');
+    END IF;
     SELECT r.tat INTO v_tat FROM {schema}.rate_limits r
-     WHERE r.limit_name = p_limit AND r.key = p_key FOR UPDATE;
+     WHERE r.limit_name = p_limit AND r.key = v_key FOR UPDATE;
     IF NOT FOUND THEN
-        INSERT INTO {schema}.rate_limits (limit_name, key, tat) VALUES (p_limit, p_key, '-infinity')
+        INSERT INTO {schema}.rate_limits (limit_name, key, tat) VALUES (p_limit, v_key, '-infinity')
         ON CONFLICT DO NOTHING;
         SELECT r.tat INTO v_tat FROM {schema}.rate_limits r
-         WHERE r.limit_name = p_limit AND r.key = p_key FOR UPDATE;
+         WHERE r.limit_name = p_limit AND r.key = v_key FOR UPDATE;
     END IF;
     v_now := clock_timestamp();  -- after the lock: now() may be long past
     v_tat := greatest(v_tat, v_now);
@@ -814,7 +825,7 @@ BEGIN
             (extract(epoch FROM v_at - v_now) * 1000 - p_horizon_ms)::double precision;
         RETURN;
     END IF;
-    UPDATE {schema}.rate_limits r SET tat = v_tat + v_t WHERE r.limit_name = p_limit AND r.key = p_key;
+    UPDATE {schema}.rate_limits r SET tat = v_tat + v_t WHERE r.limit_name = p_limit AND r.key = v_key;
     RETURN QUERY SELECT true, greatest(extract(epoch FROM v_at - v_now) * 1000, 0)::double precision;
 END $$;
 
