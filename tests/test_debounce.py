@@ -72,6 +72,25 @@ async def test_a_debounced_start_repeated_after_its_commit_finds_its_own_run(
     assert (status, attempts, data) == ("pending", 0, {"i": 1})
 
 
+async def test_the_flows_key_function_is_the_debounce_key(make_engine: Any, dsn: str, schema_name: str) -> None:
+    @define_flow("reindex", key=lambda data: data["doc"])
+    async def reindex(ctx: iterflow.Context, data: Any) -> Any:
+        return data
+
+    engine = await make_engine(reindex, listen=False)
+    handle = engine.handle("reindex")  # the registered flow's handle: it knows the key function
+    first = await handle.start({"doc": "d1", "rev": 1}, debounce="5s")
+    second = await handle.start({"doc": "d1", "rev": 2}, debounce="5s")
+    other = await handle.start({"doc": "d2", "rev": 1}, debounce="5s")
+    assert second.run_id == first.run_id and not second.created
+    assert other.created and other.run_id != first.run_id
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            f'SELECT r.input, r.concurrency_key, q.concurrency_key FROM "{schema_name}".runs r '
+            f'JOIN "{schema_name}".queue q ON q.run_id = r.id WHERE r.id = %s', (first.run_id,))
+        assert await cur.fetchone() == ({"doc": "d1", "rev": 2}, "d1", "d1"), "keyed like any keyed run"
+
+
 @pytest.mark.parametrize(("options", "field"), [
     ({"debounce": "1s"}, "key"),
     ({"key": "k", "debounce": "soon"}, "debounce"),

@@ -282,6 +282,19 @@ async def test_a_per_key_limit_counts_under_the_runs_key_without_limit_key(make_
     assert running[-1] == "a2"
 
 
+async def test_builder_steps_take_limits_and_check_the_option(make_engine: Any) -> None:
+    checks: list[str] = []
+    built = iterflow.flow("built").step("call", lambda s: s.input + 1, limit="x").build()
+    engine = await make_engine(built, step_limits={"x": StepLimit(concurrency=1)},
+                               metrics={"step_limit": lambda name, outcome: checks.append(name)})
+    run = await engine.handle("built").start(1)
+    assert await engine.handle("built").result(run.run_id, timeout=20) == 2
+    assert checks == ["x"]
+    with pytest.raises(InvalidArgument) as refused:
+        iterflow.flow("bad").step("call", lambda: 1, limit="")
+    assert refused.value.field == "limit"
+
+
 @pytest.mark.parametrize(("limits", "field"), [
     ({"x": StepLimit(concurrency=0)}, "step_limits.x.concurrency"),
     ({"x": StepLimit(concurrency=True)}, "step_limits.x.concurrency"),  # type: ignore[arg-type]
