@@ -17,8 +17,8 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from . import codec, cron, fleet, validate
-from .chain import last_run
 from . import step_limits as step_limits_module
+from .chain import last_run
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
 from .cores.resilient import ResilientCore

@@ -747,6 +747,7 @@ BEGIN
     END IF;
     PERFORM {schema}.wakeup('d ' || p_run::text), {schema}.wakeup('q ' || v_run.name);
     RETURN true;
+END $$;
 
 -- Take a permit of limit p_limit for key p_key (at most p_max held at once) for step p_step of
 -- run p_run under its lease p_token; a NULL p_key is the run's key (runs.concurrency_key,
