@@ -27,6 +27,7 @@ from iterflow.context import Context
 from iterflow.cores.base import ClaimedRun, StepRecord
 from iterflow.observe import Hooks
 from iterflow.services import ExecutionServices
+from iterflow.step_limits import StepLimits
 from iterflow.types import decode_cursor, encode_cursor
 
 STEPS = 100
@@ -39,8 +40,10 @@ def _noop() -> None:
 
 def _services() -> ExecutionServices:
     log = logging.getLogger("benches.micro")
-    return ExecutionServices(core=None, limits=Limits(), hooks=Hooks(None, log), log=log,  # type: ignore[arg-type]
-                   default_step_timeout=None, max_run_attempts=100, drift="park")
+    hooks = Hooks(None, log)
+    return ExecutionServices(core=None, limits=Limits(), hooks=hooks, log=log,  # type: ignore[arg-type]
+                   default_step_timeout=None, max_run_attempts=100, drift="park",
+                   step_limits=StepLimits({}, None, hooks))  # type: ignore[arg-type]
 
 
 def _history(n: int = STEPS) -> dict[str, StepRecord]:

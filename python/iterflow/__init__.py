@@ -16,6 +16,7 @@ from .errors import (
 from .flow import Flow, define_flow
 from .handle import FlowHandle
 from .migrate import migrate
+from .step_limits import StepLimit
 from .steps import AbortToken, StepArgs
 from .types import (
     Explanation,
@@ -35,5 +36,5 @@ __all__ = [
     "AbortToken", "Code", "Context", "Engine", "Explanation", "Flow", "FlowHandle", "FlowRuntimeError",
     "IterflowError", "Limits", "Reason", "Retention", "RetryResult", "RunCanceled", "RunDetail", "RunFailed",
     "RunNotFound", "RunPage", "RunSummary", "SchemaMismatch", "SignalResult", "StartResult", "StartSpec",
-    "StepArgs", "Waiting", "WorkerInfo", "create_engine", "define_flow", "flow", "migrate",
+    "StepArgs", "StepLimit", "Waiting", "WorkerInfo", "create_engine", "define_flow", "flow", "migrate",
 ]

@@ -156,6 +156,9 @@ class Core:
         """-> int"""
     def changed_runs(self, pump: Pump, ticket: int, timeout: float) -> None:
         """-> ChangedRuns (cancellable with ``Pump.cancel``)"""
+    def limit_seen(self, channel: str) -> int: ...
+    def wait_limit(self, pump: Pump, ticket: int, channel: str, seen: int, timeout: float) -> None:
+        """-> None (cancellable with ``Pump.cancel``)"""
     def wait_runs(self, pump: Pump, ticket: int, run_ids: Sequence[str]) -> None:
         """-> list[dict[str, Any]]"""
     def claim(

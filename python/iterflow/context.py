@@ -35,6 +35,7 @@ from .errors import (
 )
 from .keys import bases
 from .schemas import Schema
+from .step_limits import Permit
 from .steps import (
     AbortToken,
     StepArgs,
@@ -308,7 +309,7 @@ class Context:
         self._begin()
         try:
             await self._gate("step", key)
-            outcome = await self._attempt(name, fn, opts, channel, attempt)
+            outcome = await self._attempt(key, name, fn, opts, channel, attempt)
             value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
         finally:
             self._end()
@@ -320,14 +321,21 @@ class Context:
             ))
         return self._step_value(value, opts)
 
-    async def _attempt(self, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int) -> Any:
+    async def _attempt(
+        self, key: str, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int
+    ) -> Any:
         token = AbortToken()
         self._tokens.add(token)
-        start = time.monotonic()
+        permit: Permit | None = None
+        start: float | None = None  # when the call began (after any wait for its limit)
         span = self._services.hooks.span(f"iterflow.step {name}", lambda: {
             "iterflow.run_id": self.run_id, "iterflow.step": name, "iterflow.attempt": attempt,
         })
         try:
+            if opts.limit is not None:  # waits (no connection held) until the limit allows the call
+                permit = await self._io(self._services.step_limits.acquire(
+                    opts.limit, opts.limit_key, self.run_id, key, self._run.lease_token, token))
+            start = time.monotonic()
             with span:
                 value = await call_step(fn, StepArgs(channel, token, attempt), opts.timeout)
             encoded = codec.encode(
@@ -341,10 +349,13 @@ class Context:
         except BaseException as exc:
             if isinstance(exc, asyncio.CancelledError) and self.cancel_reason is None:
                 raise
-            self._services.hooks.emit("step_finished", "error", time.monotonic() - start)
+            if start is not None:  # (a wait for the limit that ended in an abort made no call)
+                self._services.hooks.emit("step_finished", "error", time.monotonic() - start)
             return _Err(exc)
         finally:
             self._tokens.discard(token)
+            if permit is not None and self.abandoned is None:  # (abandoned: the lease goes, and the permit)
+                await self._io(self._services.step_limits.release(permit))
 
     async def _record_attempt(
         self, key: str, seq: int, name: str, attempt: int, opts: StepOptions, outcome: Any

@@ -17,6 +17,7 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from . import codec, cron, fleet, validate
+from . import step_limits as step_limits_module
 from .chain import last_run
 from .config import Limits, Retention
 from .cores.base import Core, RunFilter, StepRecord
@@ -38,6 +39,7 @@ from .observe import HOOKS, Hooks
 from .schemas import Schema
 from .services import ExecutionServices
 from .sql import validate_schema_name
+from .step_limits import StepLimits
 from .sync import SyncEngine
 from .types import (
     STATUSES,
@@ -163,14 +165,14 @@ class Engine:
                  logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
                  drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s",
                  database_retry_timeout: Any = "30s", max_connections: int = 10,
-                 listen_dsn: str | None = None, prepared_statements: bool = True) -> None:
+                 listen_dsn: str | None = None, prepared_statements: bool = True, step_limits: Any = None) -> None:
         self._options = dict(
             dsn=dsn, pool=pool, core=core, schema=schema, concurrency=concurrency, max_run_attempts=max_run_attempts,
             default_step_timeout=default_step_timeout, lease=lease, retention=retention, limits=limits,
             metrics=metrics, logger=logger, notify=notify, reconciler=reconciler, drift=drift,
             poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
             database_retry_timeout=database_retry_timeout, max_connections=max_connections,
-            listen_dsn=listen_dsn, prepared_statements=prepared_statements,
+            listen_dsn=listen_dsn, prepared_statements=prepared_statements, step_limits=step_limits,
         )
         # every option is checked here, before anything is built (ranges: docs/guide.md § 3)
         if dsn is None and pool is None:
@@ -201,6 +203,7 @@ class Engine:
         if default_step_timeout is not None:
             default_step_timeout = _duration_in(default_step_timeout, "default_step_timeout", *STEP_TIMEOUT_RANGE)
         limits = Limits.coerce(limits)
+        named_limits = step_limits_module.coerce(step_limits)
         _check_metrics(metrics)
         retry_timeout = _duration_in(database_retry_timeout, "database_retry_timeout",
                                      *RETRY_TIMEOUT_RANGE).total_seconds()
@@ -218,9 +221,11 @@ class Engine:
                        listen_dsn, prepared_statements),
             RetryPolicy(timeout=retry_timeout), self.log,
         )
+        hooks = Hooks(metrics, self.log)
         self.services = ExecutionServices(
-            core=self.core, limits=limits, hooks=Hooks(metrics, self.log), log=self.log,
+            core=self.core, limits=limits, hooks=hooks, log=self.log,
             default_step_timeout=default_step_timeout, max_run_attempts=max_run_attempts, drift=drift,
+            step_limits=StepLimits(named_limits, self.core, hooks),
         )
         self.flows: dict[tuple[str, int], Flow] = {}  # the registry: what this process can execute
         self._handles: dict[tuple[str, int], FlowHandle] = {}

@@ -96,17 +96,38 @@ class FlowHandle:
 
     async def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
                     delay: DurationLike | None = None, priority: int = 0, key: str | None = None,
-                    conn: Any = None) -> StartResult:
+                    conn: Any = None, debounce: DurationLike | None = None) -> StartResult:
         """Create a run (or return the existing one for this idempotency key).
 
         ``key`` is the run's key for per-key limits and fair claims (docs/guide.md, "Flow
         control"); without it, the flow's key function, if it has one, computes it from ``input``.
         With ``conn`` the run is written inside the caller's open transaction: it commits or
         rolls back with it, and workers see it only after commit.
+
+        With ``debounce``, starts of this flow and version with the same key within the window
+        collapse into one run with the last input (docs/guide.md, "Flow control").
         """
         spec = self._spec(StartSpec(input, idempotency_key, tags, delay, priority, key))
+        if debounce is not None:
+            return await self._start_debounced(spec, debounce, idempotency_key, delay, conn)
         core = await self._engine.client()
         (made,) = await core.insert_runs([spec], conn=conn)
+        return StartResult(made.run_id, made.status, made.created)
+
+    async def _start_debounced(self, spec: RunSpec, debounce: DurationLike, idempotency_key: str | None,
+                               delay: DurationLike | None, conn: Any) -> StartResult:
+        """A debounced start: the run of this flow, version and key that has not begun takes
+        this input and begins ``debounce`` from now, or a new run is made to begin then. The
+        key is the run's key (``key=``, or the flow's key function)."""
+        if spec.concurrency_key is None:
+            raise InvalidArgument("key", "a debounced start needs key= (the starts it collapses share it)")
+        window = parse_duration(debounce, field="debounce")
+        for field, value in (("idempotency_key", idempotency_key), ("delay", delay), ("conn", conn)):
+            if value is not None:
+                raise InvalidArgument(field, "cannot be combined with debounce (the window is the delay, "
+                                             "the key is the identity)")
+        core = await self._engine.client()
+        made = await core.start_debounced(spec, spec.concurrency_key, int(window.total_seconds() * 1000))
         return StartResult(made.run_id, made.status, made.created)
 
     async def start_many(self, items: Sequence[Any], *, conn: Any = None) -> list[StartResult]:
@@ -230,9 +251,9 @@ class SyncHandle:
 
     def start(self, input: Any = None, *, idempotency_key: str | None = None, tags: Sequence[str] = (),
               delay: DurationLike | None = None, priority: int = 0, key: str | None = None,
-              conn: Any = None) -> StartResult:
+              conn: Any = None, debounce: DurationLike | None = None) -> StartResult:
         return self._runner.run(self._handle.start(input, idempotency_key=idempotency_key, tags=tags, delay=delay,
-                                                   priority=priority, key=key, conn=conn))
+                                                   priority=priority, key=key, conn=conn, debounce=debounce))
 
     def start_many(self, items: Sequence[Any], *, conn: Any = None) -> list[StartResult]:
         return self._runner.run(self._handle.start_many(items, conn=conn))

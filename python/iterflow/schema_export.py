@@ -56,6 +56,7 @@ runs = Table(
     Column("concurrency_key", Text),
     Column("continued_from", UUID),
     Column("continued_to", UUID),
+    Column("debounce_key", Text),
 )
 
 queue = Table(
@@ -153,6 +154,23 @@ workers = Table(
     Column("lease_ms", BigInteger, nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False, server_default=NOW),
     Column("last_seen", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
+step_permits = Table(
+    "step_permits", metadata,
+    Column("limit_name", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("run_id", UUID, primary_key=True),
+    Column("step_key", Text, primary_key=True),
+    Column("lease_token", BigInteger, nullable=False),
+    Column("acquired_at", DateTime(timezone=True), nullable=False, server_default=NOW),
+)
+
+rate_limits = Table(
+    "rate_limits", metadata,
+    Column("limit_name", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("tat", DateTime(timezone=True), nullable=False),
 )
 '''
 

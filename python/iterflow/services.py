@@ -1,7 +1,7 @@
 """``ExecutionServices``: what executing a run needs from its engine, in one object.
 
-The core (the retry layer over the chosen core), the limits, the metrics hooks, the logger, the
-engine's defaults, run-id minting and input encoding: a bundle of services, built once by the
+The core (the retry layer over the chosen core), the limits, the step limits, the metrics
+hooks, the logger, the engine's defaults, run-id minting and input encoding: a bundle of services, built once by the
 engine and shared by the worker, each ``Execution`` and each ``Context``. The registry of flows
 is not here: it is the engine's (``Engine.flows``), handed to the worker, so that the execution
 layer below the flow definitions never refers to them (docs/architecture.md §1).
@@ -22,6 +22,7 @@ from .config import Limits
 from .errors import Code
 from .observe import Hooks
 from .schemas import Schema
+from .step_limits import StepLimits
 
 if TYPE_CHECKING:
     from .cores.base import Core
@@ -60,6 +61,7 @@ class ExecutionServices:
     default_step_timeout: timedelta | None
     max_run_attempts: int
     drift: str
+    step_limits: StepLimits
 
     new_id = staticmethod(new_id)
 

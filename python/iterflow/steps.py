@@ -18,6 +18,7 @@ from datetime import timedelta
 from functools import lru_cache
 from typing import Any, Literal
 
+from . import validate
 from .durations import parse_duration
 from .errors import Code, FlowRuntimeError, InvalidArgument, IterflowError
 
@@ -84,6 +85,8 @@ class StepOptions:
     timeout: timedelta | None = None
     classify: Callable[[BaseException], str] | None = None
     result: Any = None
+    limit: str | None = None  # a step limit of the engine (step_limits.py)
+    limit_key: str | None = None  # the key a per-key limit counts this call under
 
     @classmethod
     def build(
@@ -96,6 +99,8 @@ class StepOptions:
         timeout: Any = None,
         classify: Callable[[BaseException], str] | None = None,
         result: Any = None,
+        limit: str | None = None,
+        limit_key: str | None = None,
         default_timeout: timedelta | None = None,
     ) -> StepOptions:
         """Validate options when the step is declared, so mistakes surface before any run."""
@@ -113,6 +118,8 @@ class StepOptions:
             timeout=_duration(timeout, "timeout") if timeout is not None else default_timeout,
             classify=classify,
             result=result,
+            limit=validate.name(limit, "limit") if limit is not None else None,
+            limit_key=validate.idempotency_key(limit_key, "limit_key"),
         )
 
     @staticmethod

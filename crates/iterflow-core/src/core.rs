@@ -1177,6 +1177,23 @@ impl Core {
         Ok(rows.affected)
     }
 
+    /// The stamp of the last release of step-limit channel `channel` heard (0: none).
+    pub fn limit_seen(&self, channel: &str) -> u64 {
+        self.inner.hub.limit_seen(channel)
+    }
+
+    /// Until a release of `channel` after stamp `seen` is heard, or `timeout` (a quarter
+    /// second at most while not listening: releases are not heard then).
+    pub async fn wait_limit(&self, channel: &str, seen: u64, timeout: Duration) {
+        self.listen();
+        let wait = if self.listening() {
+            timeout
+        } else {
+            timeout.min(Duration::from_millis(250))
+        };
+        self.inner.hub.wait_limit(channel, seen, wait).await;
+    }
+
     /// Return when new work may be ready (NOTIFY, local start, timer), or after `timeout`.
     pub async fn wait_for_work(&self, timeout: Duration) {
         self.listen();

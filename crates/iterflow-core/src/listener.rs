@@ -1,8 +1,9 @@
 //! Wake-ups: one LISTEN connection per core, fanned out to every waiter in the process.
 //!
 //! Payloads on `iterflow.<schema>`: `q <flow_name>` (new work), `d <run_id>` (a run became
-//! terminal) and `p <run_id>` (a watched run made progress: a step finished or a signal
-//! arrived; docs/signals.md). Notifications are hints, never the source of truth: waiters
+//! terminal), `p <run_id>` (a watched run made progress: a step finished or a signal
+//! arrived; docs/signals.md) and `l <channel>` (a permit of a full step limit was given back:
+//! `<limit>` or `<limit> <key>`; docs/guide.md, "Flow control"). Notifications are hints, never the source of truth: waiters
 //! re-read the database, and read everything they wait for once per safety interval, so a
 //! dropped connection only costs latency. The same hub takes local wake-ups (this process
 //! inserted work, a timer fired, a run finished here), so they need no round trip through the
@@ -11,6 +12,7 @@
 //! Run changes go to one consumer, the process's waiter collector (`waiters.py`), as a log it
 //! drains in batches: a thousand runs finishing in one loop turn cost it one call and one read.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,6 +34,17 @@ struct ChangeLog {
     everything: bool,
 }
 
+/// Most channels the release stamps keep; past it they are forgotten (a waiter whose stamp is
+/// forgotten wakes once more than it needed to, and asks for its permit again).
+const RELEASES_LIMIT: usize = 10_000;
+
+/// Permits given back (`l <channel>`): the stamp of the last release heard per channel.
+#[derive(Default)]
+struct Releases {
+    stamps: HashMap<String, u64>,
+    last: u64,
+}
+
 /// One drain of the change log.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -49,6 +62,8 @@ pub struct Hub {
     changes: Mutex<ChangeLog>,
     change_notify: Notify,
     connected: AtomicBool,
+    releases: Mutex<Releases>,
+    release_notify: Notify,
     /// Notifications received (for tests and stats).
     pub received: AtomicU64,
 }
@@ -93,6 +108,43 @@ impl Hub {
         self.change_notify.notify_one();
     }
 
+    /// A permit of step-limit channel `channel` was given back: wake its waiters.
+    pub fn limit_released(&self, channel: &str) {
+        {
+            let mut releases = self.releases.lock().expect("hub lock");
+            if releases.stamps.len() >= RELEASES_LIMIT {
+                releases.stamps.clear();
+            }
+            releases.last += 1;
+            let stamp = releases.last;
+            releases.stamps.insert(channel.to_string(), stamp);
+        }
+        self.release_notify.notify_waiters();
+    }
+
+    /// The stamp of the last release of `channel` heard (0: none); read it before asking for
+    /// a permit, so that a release after the answer is not missed by [`Hub::wait_limit`].
+    pub fn limit_seen(&self, channel: &str) -> u64 {
+        let releases = self.releases.lock().expect("hub lock");
+        releases.stamps.get(channel).copied().unwrap_or(0)
+    }
+
+    /// Return once a release of `channel` after stamp `seen` is heard, or after `timeout`.
+    pub async fn wait_limit(&self, channel: &str, seen: u64, timeout: Duration) {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.release_notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if self.limit_seen(channel) != seen {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Handle one notification payload.
     pub fn dispatch(&self, payload: &str) {
         self.received.fetch_add(1, Ordering::Relaxed);
@@ -100,6 +152,7 @@ impl Hub {
         match kind {
             "q" => self.wake_work(),
             "d" | "p" => self.run_changed(arg),
+            "l" => self.limit_released(arg),
             _ => {}
         }
     }
@@ -214,4 +267,41 @@ async fn listen_once(
     let _ = done_rx.await;
     drop(client);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_release_wakes_the_waiters_of_its_channel_only() {
+        let hub = Hub::new();
+        let seen = hub.limit_seen("x");
+        assert_eq!(seen, 0);
+        let waiter = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.wait_limit("x", seen, Duration::from_secs(10)).await })
+        };
+        hub.dispatch("l y");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished(), "another channel's release");
+        hub.dispatch("l x");
+        tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken by the release")
+            .expect("joined");
+    }
+
+    #[tokio::test]
+    async fn a_release_heard_before_the_wait_is_not_missed() {
+        let hub = Hub::new();
+        let seen = hub.limit_seen("x k");
+        hub.dispatch("l x k");
+        let started = tokio::time::Instant::now();
+        hub.wait_limit("x k", seen, Duration::from_secs(10)).await;
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let seen = hub.limit_seen("x k");
+        hub.wait_limit("x k", seen, Duration::from_millis(30)).await; // nothing new: the timeout
+        assert_eq!(hub.limit_seen("x k"), seen);
+    }
 }

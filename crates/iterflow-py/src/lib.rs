@@ -548,6 +548,28 @@ impl Core {
         })
     }
 
+    /// The stamp of the last release of step-limit channel `channel` heard (0: none).
+    fn limit_seen(&self, channel: &str) -> u64 {
+        self.core.limit_seen(channel)
+    }
+
+    /// -> None once a release of `channel` after stamp `seen` is heard, or after `timeout`
+    /// seconds. Cancellable.
+    fn wait_limit(
+        &self,
+        pump: &Pump,
+        ticket: u64,
+        channel: String,
+        seen: u64,
+        timeout: f64,
+    ) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn_cancellable(pump, ticket, async move {
+            core.wait_limit(&channel, seen, secs(timeout)).await;
+            Ok(())
+        })
+    }
+
     /// The `wait_runs` rows (one per id, in one statement) as dicts.
     fn wait_runs(&self, pump: &Pump, ticket: u64, run_ids: Vec<String>) -> PyResult<()> {
         call!(self, pump, ticket, |core| core.wait_runs(&run_ids))

@@ -92,6 +92,48 @@ class ChangeLog:
         return ids, everything
 
 
+# Most channels ``Releases`` keeps a stamp for; past it, it forgets them (a waiter whose stamp
+# is forgotten wakes once more than it needed to, and asks again).
+RELEASES_LIMIT = 10_000
+
+
+class Releases:
+    """Permits given back (``l <channel>`` notifications), for the steps waiting for one: the
+    stamp of the last release heard per channel, and the waiters of each channel."""
+
+    def __init__(self) -> None:
+        self._stamps: dict[str, int] = {}
+        self._last = 0
+        self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+
+    def seen(self, channel: str) -> int:
+        return self._stamps.get(channel, 0)
+
+    def released(self, channel: str) -> None:
+        if len(self._stamps) >= RELEASES_LIMIT:
+            self._stamps = {}
+        self._last += 1
+        self._stamps[channel] = self._last
+        for waiter in self._waiters.pop(channel, ()):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait(self, channel: str, seen: int, timeout: float) -> None:
+        if self.seen(channel) != seen:
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(channel, set())
+        waiters.add(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except TimeoutError:
+            pass
+        finally:
+            waiters.discard(waiter)
+            if not waiters and self._waiters.get(channel) is waiters:
+                del self._waiters[channel]
+
+
 class Listener:
     """One LISTEN connection per core: wakes idle workers and feeds the change log.
 
@@ -100,11 +142,13 @@ class Listener:
     Reconnects with backoff.
     """
 
-    def __init__(self, dsn: str, listen: str, changes: ChangeLog, application_name: str | None = None) -> None:
+    def __init__(self, dsn: str, listen: str, changes: ChangeLog, releases: Releases,
+                 application_name: str | None = None) -> None:
         self._dsn = dsn
         self._listen = listen
         self._connect_args: dict[str, Any] = {"application_name": application_name} if application_name else {}
         self._changes = changes
+        self._releases = releases
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -146,6 +190,8 @@ class Listener:
             self._work.set()
         elif kind in ("d", "p"):
             self._changes.add(arg)
+        elif kind == "l":
+            self._releases.released(arg)
 
     async def wait_work(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -190,6 +236,7 @@ class PythonCore:
         self._notify = notify
         self._listener: Listener | None = None
         self._changes = ChangeLog()
+        self._releases = Releases()
         self._closed = False  # no listener starts after close (a caller-owned pool stays set)
         self._nudged = asyncio.Event()
 
@@ -228,7 +275,7 @@ class PythonCore:
             return
         dsn = await self._listen_dsn()  # (may yield: another caller may have started it since)
         if self._listener is None and not self._closed:
-            self._listener = Listener(dsn, self._q["listen"], self._changes, self._app_names[1])
+            self._listener = Listener(dsn, self._q["listen"], self._changes, self._releases, self._app_names[1])
             self._listener.start()
 
     async def close(self) -> None:
@@ -329,6 +376,13 @@ class PythonCore:
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
         (answer,) = await self._read_one("deliver_signal", ("deliver_signal",), run_id, name, _j(payload), key)
         return str(answer)
+
+    async def start_debounced(self, spec: RunSpec, key: str, window_ms: int) -> Created:
+        run_id, status, created = await self._read_one(
+            "debounce_start", ("run_id", "status", "created"), spec.id, spec.name, spec.version, key,
+            JsonText(spec.input), list(spec.tags), spec.priority, window_ms,
+        )
+        return Created(str(run_id), str(status), bool(created))
 
     async def cancel(self, run_id: str, reason: str) -> int:
         return int(await self._scalar("cancel_tree", run_id, reason) or 0)
@@ -456,6 +510,32 @@ class PythonCore:
 
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._rows("add_event", run_id, kind, _j(data))
+
+    async def acquire_permit(
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> tuple[bool, float | None, str]:
+        granted, wait_ms, permit_key = await self._read_one(
+            "acquire_permit", ("granted", "wait_ms", "permit_key"), limit, key, run_id, step_key, lease_token,
+            maximum)
+        return bool(granted), None if wait_ms is None else float(wait_ms) / 1000, str(permit_key)
+
+    async def release_permit(self, limit: str, key: str, run_id: str, step_key: str, maximum: int) -> None:
+        await self._rows("release_permit", limit, key, run_id, step_key, maximum)
+
+    async def take_rate(
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
+    ) -> tuple[bool, float]:
+        granted, wait_ms = await self._read_one(
+            "take_rate", ("granted", "wait_ms"), limit, key, run_id, interval_ms, burst, horizon_ms)
+        return bool(granted), float(wait_ms) / 1000
+
+    def limit_seen(self, channel: str) -> int:
+        return self._releases.seen(channel)
+
+    async def wait_limit(self, channel: str, seen: int, timeout: float) -> None:
+        await self.listen()
+        listening = self._listener is not None and self._listener.connected.is_set()
+        await self._releases.wait(channel, seen, timeout if listening else min(timeout, 0.25))
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         if not leases:

@@ -24,7 +24,14 @@ committed before the connection dropped — goes through :func:`iterflow.faults.
 - ``deliver_signal`` (the engine always passes an idempotency key, generating one when the
   caller gave none, so a repeat answers ``duplicate`` instead of inserting twice);
 - ``cancel``, ``retry``, ``purge`` (a repeat finds the work done: it counts 0 runs / answers
-  ``not_failed``).
+  ``not_failed``);
+- ``start_debounced`` (the run id is made client-side: a repeat finds its own run, created);
+- ``acquire_permit`` (a repeat by the permit's holder is granted again), ``release_permit``
+  (a delete), ``take_rate`` (a repeat after a lost answer reserves a second slot: the rate is
+  under-used by one call, never exceeded).
+
+``wait_limit`` is a hint like ``changed_runs``: a fault ends the wait early, and the step asks
+for its permit again.
 
 Not retried: ``insert_runs`` on a caller's connection (the caller's transaction is theirs, and
 it is aborted anyway), ``add_event`` (a plain insert: a repeat would add the event twice),
@@ -139,6 +146,9 @@ class ResilientCore:
     def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> Call[str]:
         return self._retry("deliver_signal", self.inner.deliver_signal, run_id, name, payload, key)
 
+    def start_debounced(self, spec: RunSpec, key: str, window_ms: int) -> Call[Created]:
+        return self._retry("start_debounced", self.inner.start_debounced, spec, key, window_ms)
+
     def cancel(self, run_id: str, reason: str) -> Call[int]:
         return self._retry("cancel", self.inner.cancel, run_id, reason)
 
@@ -224,6 +234,34 @@ class ResilientCore:
 
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._once("add_event", self.inner.add_event, run_id, kind, data)
+
+    def acquire_permit(
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> Call[tuple[bool, float | None, str]]:
+        return self._retry("acquire_permit", self.inner.acquire_permit, limit, key, run_id, step_key,
+                           lease_token, maximum)
+
+    def release_permit(self, limit: str, key: str, run_id: str, step_key: str, maximum: int) -> Call[None]:
+        return self._retry("release_permit", self.inner.release_permit, limit, key, run_id, step_key, maximum)
+
+    def take_rate(
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
+    ) -> Call[tuple[bool, float]]:
+        return self._retry("take_rate", self.inner.take_rate, limit, key, run_id, interval_ms, burst, horizon_ms)
+
+    def limit_seen(self, channel: str) -> int:
+        return self.inner.limit_seen(channel)
+
+    async def wait_limit(self, channel: str, seen: int, timeout: float) -> None:
+        """A hint (see the module docstring): a fault ends the wait after a short pause."""
+        try:
+            await self.inner.wait_limit(channel, seen, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise to_iterflow_error(exc, "wait_limit") from exc
+            await asyncio.sleep(min(timeout, 0.1))
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         # renewals come every third of a lease: a renewal that is still failing by then is

@@ -263,6 +263,13 @@ class RustCore:
     async def deliver_signal(self, run_id: str, name: str, payload: str, key: str | None) -> str:
         return str(await self._run(self._c.deliver_signal, run_id, name, payload, key))
 
+    async def start_debounced(self, spec: RunSpec, key: str, window_ms: int) -> Created:
+        (row,) = await self._query(
+            "debounce_start", spec.id, spec.name, spec.version, key, _Json(spec.input), list(spec.tags),
+            spec.priority, window_ms,
+        )
+        return Created(str(row["run_id"]), str(row["status"]), bool(row["created"]))
+
     async def cancel(self, run_id: str, reason: str) -> int:
         return int(await self._run(self._c.cancel, run_id, reason))
 
@@ -352,6 +359,34 @@ class RustCore:
 
     async def add_event(self, run_id: str, kind: str, data: str | None) -> None:
         await self._run(self._c.add_event, run_id, kind, data)
+
+    async def acquire_permit(
+        self, limit: str, key: str | None, run_id: str, step_key: str, lease_token: int, maximum: int
+    ) -> tuple[bool, float | None, str]:
+        (row,) = await self._query("acquire_permit", limit, key, run_id, step_key, lease_token, maximum)
+        wait_ms = row["wait_ms"]
+        return bool(row["granted"]), None if wait_ms is None else float(wait_ms) / 1000, str(row["permit_key"])
+
+    async def release_permit(self, limit: str, key: str, run_id: str, step_key: str, maximum: int) -> None:
+        await self._query("release_permit", limit, key, run_id, step_key, maximum)
+
+    async def take_rate(
+        self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
+    ) -> tuple[bool, float]:
+        (row,) = await self._query("take_rate", limit, key, run_id, float(interval_ms), burst, float(horizon_ms))
+        return bool(row["granted"]), float(row["wait_ms"]) / 1000
+
+    def limit_seen(self, channel: str) -> int:
+        return self._c.limit_seen(channel)
+
+    async def wait_limit(self, channel: str, seen: int, timeout: float) -> None:
+        await self._wait(self._c.wait_limit, channel, seen, float(timeout))
+
+    async def _query(self, name: str, *params: Any) -> list[dict[str, Any]]:
+        """The rows of statement ``name``, through the extension's generic statement call (the
+        step-limit and debounce statements: one function call each, nothing to batch)."""
+        result: _core.QueryResult = await self._run(self._c.query, name, list(params))
+        return result.rows
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         if not leases:

@@ -48,7 +48,8 @@ SELECT x.ord, r.id, r.status
 
 -- name: listen
 -- The one statement of each core's LISTEN connection: the schema's channel carries wake-ups
--- (`q <flow>`), finishes (`d <run id>`) and progress of watched runs (`p <run id>`).
+-- (`q <flow>`), finishes (`d <run id>`), progress of watched runs (`p <run id>`) and permits
+-- given back (`l <limit>`, `l <limit> <key>`: release_permit).
 LISTEN "iterflow.{schema_raw}"
 
 -- name: relay_notify
@@ -734,3 +735,42 @@ SELECT lease_owner AS owner, count(*) AS runs, min(lease_until) AS first_expiry,
        array_agg(DISTINCT flow_name ORDER BY flow_name) AS flows, now() AS db_now
   FROM {schema}.queue WHERE lease_until IS NOT NULL
  GROUP BY lease_owner ORDER BY lease_owner
+
+-- name: acquire_permit
+-- A permit of step limit $1 for key $2 ('' for a global limit, NULL for the run's key), held
+-- by step $4 of run $3 under lease token $5, at most $6 held at once (the function: migration
+-- 0013). Denied: wait_ms until the earliest holder's lease runs out. permit_key: the key.
+SELECT granted, wait_ms, permit_key
+  FROM {schema}.acquire_permit($1::text, $2::text, $3::uuid, $4::text, $5::bigint, $6::int)
+
+-- name: release_permit
+-- Give back the permit of step $4 of run $3 for limit $1, key $2 ($5: the limit's maximum).
+-- When the (limit, key) was full before (this statement's snapshot does not see its own
+-- delete), waiters may take the permit: `l <limit>` (`l <limit> <key>`) announces it. A
+-- lost release costs nothing durable (the permit ends with the lease), so the commit does
+-- not wait for its WAL flush, which a notifying commit would make everyone wait for.
+WITH gone AS (
+    DELETE FROM {schema}.step_permits
+     WHERE limit_name = $1::text AND key = $2::text AND run_id = $3::uuid AND step_key = $4::text
+    RETURNING 1
+)
+SELECT set_config('synchronous_commit', 'off', true) AS commit_mode,
+       (SELECT count(*) FROM gone) AS released,
+       (SELECT count({schema}.wakeup('l ' || $1::text || CASE WHEN $2::text = '' THEN '' ELSE ' ' || $2::text END))
+          FROM gone
+         WHERE (SELECT count(*) FROM {schema}.step_permits
+                 WHERE limit_name = $1::text AND key = $2::text) >= $5::int) AS notified
+
+-- name: take_rate
+-- One call of rate limit $1 for key $2 (NULL: the key of run $3): emission interval $4 ms,
+-- burst $5, reservations up to $6 ms ahead (the function: migration 0013). granted with
+-- wait_ms: go after wait_ms; denied: ask again after wait_ms.
+SELECT granted, wait_ms
+  FROM {schema}.take_rate($1::text, $2::text, $3::uuid, $4::double precision, $5::int, $6::double precision)
+
+-- name: debounce_start
+-- A debounced start (the function: migration 0013): $1 run id, $2 flow, $3 version, $4 key,
+-- $5 input, $6 tags, $7 priority, $8 window in ms. Answers the run that will begin (a new one,
+-- or the one not yet begun whose input it replaced) and whether it is $1.
+SELECT run_id, status, created
+  FROM {schema}.debounce_start($1::uuid, $2::text, $3::int, $4::text, $5::jsonb, $6::text[], $7::int, $8::bigint)
