@@ -16,12 +16,12 @@ from .workloads import (
     Env,
     Sizes,
     w1_burn_down,
-    w11_burn_down_keyed,
     w2_burn_down,
     w3_latency,
     w4_sleep,
     w5_signals,
     w6_fan_out,
+    w11_burn_down_keyed,
 )
 
 

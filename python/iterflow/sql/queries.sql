@@ -739,7 +739,7 @@ SELECT lease_owner AS owner, count(*) AS runs, min(lease_until) AS first_expiry,
 -- name: acquire_permit
 -- A permit of step limit $1 for key $2 ('' for a global limit, NULL for the run's key), held
 -- by step $4 of run $3 under lease token $5, at most $6 held at once (the function: migration
--- 0013). Denied: wait_ms until the earliest holder's lease runs out. permit_key: the key.
+-- 0012). Denied: wait_ms until the earliest holder's lease runs out. permit_key: the key.
 SELECT granted, wait_ms, permit_key
   FROM {schema}.acquire_permit($1::text, $2::text, $3::uuid, $4::text, $5::bigint, $6::int)
 
@@ -763,13 +763,13 @@ SELECT set_config('synchronous_commit', 'off', true) AS commit_mode,
 
 -- name: take_rate
 -- One call of rate limit $1 for key $2 (NULL: the key of run $3): emission interval $4 ms,
--- burst $5, reservations up to $6 ms ahead (the function: migration 0013). granted with
+-- burst $5, reservations up to $6 ms ahead (the function: migration 0012). granted with
 -- wait_ms: go after wait_ms; denied: ask again after wait_ms.
 SELECT granted, wait_ms
   FROM {schema}.take_rate($1::text, $2::text, $3::uuid, $4::double precision, $5::int, $6::double precision)
 
 -- name: debounce_start
--- A debounced start (the function: migration 0013): $1 run id, $2 flow, $3 version, $4 key,
+-- A debounced start (the function: migration 0012): $1 run id, $2 flow, $3 version, $4 key,
 -- $5 input, $6 tags, $7 priority, $8 window in ms. Answers the run that will begin (a new one,
 -- or the one not yet begun whose input it replaced) and whether it is $1.
 SELECT run_id, status, created

@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 13), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 12), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -52,7 +52,7 @@ CREATE TABLE {schema}.runs (
     -- continue-as-new (migration 0011): the run this one continued, the run that continued it
     continued_from  uuid,
     continued_to    uuid,
-    -- a debounced start's key (migration 0013; docs/guide.md, "Flow control")
+    -- a debounced start's key (migration 0012; docs/guide.md, "Flow control")
     debounce_key    text
 ) WITH (fillfactor = 80);
 
@@ -206,7 +206,7 @@ CREATE TABLE {schema}.workers (
     last_seen   timestamptz NOT NULL DEFAULT now()
 );
 
--- Permits of step concurrency limits (migration 0013): one row per step call holding one. A
+-- Permits of step concurrency limits (migration 0012): one row per step call holding one. A
 -- permit counts only while the queue row of its run carries the lease token it was taken
 -- under, unexpired: it lives as long as the holder's lease, renewed by the same heartbeat.
 CREATE TABLE {schema}.step_permits (

@@ -1,4 +1,4 @@
--- iterflow schema, version 13: per-step limits (fleet-wide permits and rates) and debounced
+-- iterflow schema, version 12: per-step limits (fleet-wide permits and rates) and debounced
 -- starts (docs/guide.md, "Flow control"). Idempotent, like every migration.
 --
 --   * step_permits: one row per step call holding a permit of a concurrency limit. A permit
@@ -156,4 +156,4 @@ BEGIN
     RETURN QUERY SELECT r.id, r.status, true FROM {schema}.runs r WHERE r.id = p_id;
 END $$;
 
-INSERT INTO {schema}.schema_version (version) VALUES (13) ON CONFLICT DO NOTHING;
+INSERT INTO {schema}.schema_version (version) VALUES (12) ON CONFLICT DO NOTHING;
