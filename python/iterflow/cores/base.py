@@ -221,6 +221,14 @@ class Core(Protocol):
         new work may be ready (a notification, a local timer, :meth:`nudge`) or that many
         seconds; a claim that started is never abandoned (the runs it leased are returned)."""
         ...
+    async def claim_run(
+        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
+    ) -> ClaimedRun | None:
+        """Lease the one run ``run_id`` that this process holds in its sticky cache, if it is
+        ready and nobody claimed it since the attempt with lease token ``expected`` suspended
+        it. Its ``history`` holds only the current records of ``keys`` (the waits the held body
+        is blocked on) and the signals this claim consumed. None: resume it the normal way."""
+        ...
     def nudge(self) -> None:
         """New work may be ready (this process knows it): a waiting claim claims now."""
         ...
