@@ -68,6 +68,7 @@ class ClaimedRun:
     created_at: datetime
     parent_status: str | None
     db_now: datetime
+    held_token: int | None
     history: list[StepRecord]
 
 @final

@@ -14,7 +14,7 @@ from typing import Any
 
 HOOKS = (
     "run_started", "run_completed", "run_failed", "run_suspended", "step_finished",
-    "signal_delivered", "reconciler_sweep",
+    "signal_delivered", "reconciler_sweep", "sticky_cache",
 )
 
 

@@ -140,6 +140,8 @@ pub struct Claimed {
     pub created_at: DateTime<Utc>,
     pub parent_status: Option<String>,
     pub db_now: DateTime<Utc>,
+    /// The lease token under which a worker holds the run in its sticky cache, if any.
+    pub held_token: Option<i64>,
     pub history: Vec<StepRow>,
 }
 
@@ -258,7 +260,7 @@ fn int(v: &Val) -> i64 {
 /// The claimed runs of a `claim_with_history` or `claim_run` answer (the same columns):
 /// 'run' rows, each followed by the 'step' rows of its records.
 fn claimed_runs(query: &str, rows: &Rows) -> Result<Vec<Claimed>, CoreError> {
-    let [kind, run_id, lease_token, name, version, input, attempts, cancel_reason, parent_id, depth, created_at, parent_status, db_now, key, seq, step_kind, status, result, error, step_attempts, deadline, child_id, child_status, child_output, child_error, finished_at] =
+    let [kind, run_id, lease_token, name, version, input, attempts, cancel_reason, parent_id, depth, created_at, parent_status, db_now, held_token, key, seq, step_kind, status, result, error, step_attempts, deadline, child_id, child_status, child_output, child_error, finished_at] =
         rows.columns_of(query, CLAIM_COLUMNS)?;
     let mut runs: Vec<Claimed> = Vec::new();
     let mut steps: Vec<(String, StepRow)> = Vec::new();
@@ -278,6 +280,7 @@ fn claimed_runs(query: &str, rows: &Rows) -> Result<Vec<Claimed>, CoreError> {
                 created_at: r[created_at].as_ts().unwrap_or_default(),
                 parent_status: text(&r[parent_status]),
                 db_now: r[db_now].as_ts().unwrap_or_default(),
+                held_token: r[held_token].as_i64(),
                 history: Vec::new(),
             });
         } else {
@@ -323,7 +326,7 @@ fn check_uuid(what: &str, s: &str) -> Result<(), CoreError> {
 
 /// The columns of `claim_with_history` that [`Core::claim`] reads, named in the order it
 /// binds their positions.
-const CLAIM_COLUMNS: [&str; 26] = [
+const CLAIM_COLUMNS: [&str; 27] = [
     "kind",
     "run_id",
     "lease_token",
@@ -337,6 +340,7 @@ const CLAIM_COLUMNS: [&str; 26] = [
     "created_at",
     "parent_status",
     "db_now",
+    "held_token",
     "key",
     "seq",
     "step_kind",

@@ -109,6 +109,8 @@ class ClaimedRun:
     created_at: datetime
     parent_status: str | None
     db_now: datetime
+    # the lease token under which a worker holds the run in its sticky cache (sticky.py), or None
+    held_token: int | None = None
     history: dict[str, StepRecord] = field(default_factory=dict)
 
 

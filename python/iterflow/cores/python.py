@@ -558,7 +558,7 @@ async def _value(cur: AsyncRawCursor[Any], statement: str) -> Any:
 # The claim_with_history columns of a 'run' row and of a 'step' row, named in the order
 # ``_claimed`` and ``_step_record`` unpack them.
 _RUN_COLUMNS = ("run_id", "lease_token", "name", "version", "input", "attempts", "cancel_reason", "parent_id",
-                "depth", "created_at", "parent_status", "db_now")
+                "depth", "created_at", "parent_status", "db_now", "held_token")
 _STEP_COLUMNS = ("key", "seq", "step_kind", "name", "status", "result", "error", "step_attempts", "deadline",
                  "child_id", "child_status", "child_output", "child_error", "finished_at")
 
@@ -579,10 +579,10 @@ def _claimed_runs(columns: Columns, rows: Sequence[Any]) -> list[ClaimedRun]:
 def _claimed(values: tuple[Any, ...]) -> ClaimedRun:
     """A 'run' row of claim_with_history, read by ``_RUN_COLUMNS``."""
     (run_id, token, name, version, input_, attempts, cancel_reason, parent_id, depth, created_at, parent_status,
-     db_now) = values
+     db_now, held_token) = values
     return ClaimedRun(
         str(run_id), int(token), name, version, input_, attempts, cancel_reason,
-        str(parent_id) if parent_id else None, depth, created_at, parent_status, db_now,
+        str(parent_id) if parent_id else None, depth, created_at, parent_status, db_now, held_token,
     )
 
 

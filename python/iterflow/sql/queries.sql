@@ -454,6 +454,9 @@ SELECT to_regclass($1) IS NOT NULL
 -- does at replay: the oldest unconsumed entry of each name is consumed and recorded, and the
 -- record comes back with the history, so a woken run resumes without another durable write
 -- first. A wait with no signal queued yet is left to resolve_signal.
+-- `held_token` is the lease token under which a worker holds the run in its sticky cache
+-- (`waiting.sticky.token`; NULL: none): that worker goes on with its held body, without a
+-- replay, when it is the one that claims the run and the token is the one it holds.
 -- A run another worker holds in its sticky cache (`waiting.sticky`: owner, lease token, window
 -- in ms; docs/replay.md "Sticky execution") is left to that worker, which claims it by id
 -- (claim_run), until the window after its wake-up has passed.
@@ -493,13 +496,13 @@ WITH c AS (
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
-       NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
+       (c.was->'sticky'->>'token')::bigint AS held_token, NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
        NULL::jsonb AS result, NULL::jsonb AS error, NULL::int AS step_attempts,
        NULL::timestamptz AS deadline, NULL::uuid AS child_id, NULL::text AS child_status,
        NULL::jsonb AS child_output, NULL::jsonb AS child_error, NULL::timestamptz AS finished_at
-  FROM r JOIN q ON q.run_id = r.id
+  FROM r JOIN q ON q.run_id = r.id JOIN c ON c.run_id = r.id
 UNION ALL
-SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
        c.status, c.output, c.error, s.finished_at
   FROM {schema}.steps s
@@ -507,7 +510,7 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
  WHERE s.run_id = ANY (ARRAY(SELECT id FROM r))
    AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
 UNION ALL
-SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
        got.child_id, NULL, NULL, NULL, got.finished_at
   FROM got
@@ -554,13 +557,13 @@ WITH c AS (
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
-       NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
+       (c.was->'sticky'->>'token')::bigint AS held_token, NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
        NULL::jsonb AS result, NULL::jsonb AS error, NULL::int AS step_attempts,
        NULL::timestamptz AS deadline, NULL::uuid AS child_id, NULL::text AS child_status,
        NULL::jsonb AS child_output, NULL::jsonb AS child_error, NULL::timestamptz AS finished_at
-  FROM r JOIN q ON q.run_id = r.id
+  FROM r JOIN q ON q.run_id = r.id JOIN c ON c.run_id = r.id
 UNION ALL
-SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
        c.status, c.output, c.error, s.finished_at
   FROM {schema}.steps s
@@ -568,7 +571,7 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
  WHERE s.run_id = ANY (ARRAY(SELECT id FROM r)) AND s.key = ANY ($5::text[])
    AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
 UNION ALL
-SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
        got.child_id, NULL, NULL, NULL, got.finished_at
   FROM got
