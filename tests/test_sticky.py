@@ -259,9 +259,15 @@ async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: 
     engine, _ = await sticky_engine(make_engine, held, sticky_window="10s")
     run = await engine.handle("held").start(None)
     await until(lambda: in_status(engine, run.run_id, "sleeping"), what="the run suspended")
-    await engine.stop()  # its held copy goes; the claims below are the test's
     ((waiting,),) = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE id = %s', run.run_id)
     token = waiting["sticky"]["token"]
+    await engine.stop()  # a graceful stop hands its held runs back to the fleet at once
+    ((waiting,),) = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE id = %s', run.run_id)
+    assert "sticky" not in waiting and waiting["kind"] == "sleep"
+    # held again, as if by a worker that died: the claims below are the test's
+    await sql(dsn, f"""UPDATE "{schema_name}".runs SET waiting = waiting || jsonb_build_object('sticky',
+                       jsonb_build_object('owner', 'gone', 'token', %s::bigint, 'ms', 10000)) WHERE id = %s""",
+              token, run.run_id)
     core = await (await make_engine(listen=False)).client()
     assert await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"]) is None, "not due yet"
     await asyncio.sleep(0.25)

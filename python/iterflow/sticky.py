@@ -104,9 +104,12 @@ class StickyCache:
         self.count(why)
         return True
 
-    def clear(self) -> None:
-        for run_id in list(self._held):
+    def clear(self) -> list[tuple[str, Held]]:
+        """Drop every held execution; returns them by run id (to hand them back)."""
+        held = [(run_id, entry[0]) for run_id, entry in self._held.items()]
+        for run_id, _ in held:
             self.discard(run_id)
+        return held
 
     def count(self, what: str) -> None:
         self.counts[what] += 1

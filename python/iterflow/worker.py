@@ -107,7 +107,7 @@ class Worker:
         """Stop claiming, let in-flight runs finish until the deadline, then abort them."""
         self._stopping = True
         if self.sticky is not None:
-            self.sticky.clear()
+            await self._unstick(self.sticky.clear())
         self.nudge()
         for task in self._tasks[:1]:
             # a claim in flight finishes (its runs join the ones drained below); cancelling it
@@ -129,6 +129,17 @@ class Worker:
             await self.release(unfinished)
         for task in self._tasks[1:]:
             await _cancel(task)
+
+    async def _unstick(self, held: list[tuple[str, Any]]) -> None:
+        """Stopping: the runs this worker held go back to the fleet now, not after the window
+        (a worker that dies instead leaves them to the window)."""
+        pairs = [(run_id, ex.run.lease_token) for run_id, ex in held if isinstance(ex, Execution)]
+        if not pairs:
+            return
+        try:
+            await self.services.core.admin_query("unstick_runs", [p[0] for p in pairs], [p[1] for p in pairs])
+        except Exception as exc:  # noqa: BLE001 - their window then runs out as after a crash
+            log.warning("iterflow could not hand back %d held runs (%r)", len(pairs), exc)
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give these leases back so the rest of the fleet claims the runs at once, instead of

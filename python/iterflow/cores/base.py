@@ -63,6 +63,7 @@ class JsonArg:
 ADMIN_QUERIES = frozenset({
     "upsert_cron", "due_crons", "advance_cron", "cron_live_run", "list_crons", "delete_cron",
     "shift_time", "next_wake", "analyze_hot", "release_leases", "watch_run", "unwatch_run",
+    "unstick_runs",
 })
 
 

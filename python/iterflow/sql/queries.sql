@@ -211,6 +211,21 @@ UPDATE {schema}.queue q
                      FOR UPDATE SKIP LOCKED)
 RETURNING q.flow_name
 
+-- name: unstick_runs
+-- Hand the runs a stopping worker held in its sticky cache ($1 run ids, $2 the lease tokens
+-- they suspended under) back to the fleet: without `waiting.sticky`, any worker claims them
+-- when due instead of after the window (docs/replay.md, "Sticky execution"). A run claimed
+-- since (another token, or no `sticky`) is left alone; workers of flows due now are woken.
+WITH unstuck AS (
+    UPDATE {schema}.runs r SET waiting = r.waiting - 'sticky'
+      FROM unnest($1::uuid[], $2::bigint[]) AS t(run_id, token)
+     WHERE r.id = t.run_id AND (r.waiting->'sticky'->>'token')::bigint = t.token
+    RETURNING r.name
+)
+SELECT (SELECT count(*) FROM unstuck) AS unstuck,
+       (SELECT count(*) FROM (SELECT pg_notify('iterflow.{schema_raw}', 'q ' || name)
+                                FROM (SELECT DISTINCT name FROM unstuck) f) n) AS notified
+
 -- name: release_leases
 -- Give up leases this worker holds ($1 run ids, $2 their lease tokens: fenced, so a lease
 -- already lost or finished is left alone): the runs become claimable at once by any worker.
