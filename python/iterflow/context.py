@@ -64,8 +64,8 @@ NAMED_KINDS = ("step", "signal")
 GATE_TURNS = 3
 # The sticky cache's estimate of a held run (Context.footprint): measured with tracemalloc
 # on a small body (docs/replay.md, "Sticky execution"), rounded up.
-HELD_BASE_BYTES = 16 * 1024
-HELD_KEY_BYTES = 512
+HELD_BASE_BYTES = 8 * 1024
+HELD_KEY_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -272,15 +272,15 @@ class Context:
         self._history.update(run.history)
         self.release()
 
-    def overdue(self) -> bool:
-        """Whether a wait the body is blocked on is already over by its own time (a short
-        sleep, a backoff or a signal timeout that passed while the other branches ran)."""
-        now = self.clock()
-        return any(s.wake_at is not None and s.wake_at <= now for s in self.suspensions)
+    def next_wake(self) -> float | None:
+        """Seconds until the earliest wait the body is blocked on is over by its own time (a
+        sleep, a backoff, a signal timeout; at most 0 when it already is), None without one."""
+        times = [s.wake_at for s in self.suspensions if s.wake_at is not None]
+        return (min(times) - self.clock()).total_seconds() if times else None
 
     def release(self) -> None:
         """Let every blocked call check its wait again (``resume``; or, with the sticky cache,
-        at once when one is ``overdue``: no suspension, no claim)."""
+        once a wait that ends within ``runner.SHORT_WAIT`` is over: no suspension, no claim)."""
         self.suspensions = []
         self.held = False
         blocked, self._blocked = self._blocked, []

@@ -36,6 +36,11 @@ from .sticky import StickyHolder
 PARK_RECHECK = timedelta(minutes=1)
 # How many loop turns sibling branches get to reach their next ctx call before a suspension.
 SETTLE_TURNS = 5
+# With the sticky cache, a body whose every branch is blocked on waits of which one ends
+# within this many seconds waits for it in place instead of suspending: a suspension and a
+# claim by id cost a few round trips, and a wake-up due before the suspension commits would
+# be raced by the worker's own claim.
+SHORT_WAIT = 0.02
 
 
 class Execution:
@@ -311,7 +316,9 @@ async def _drive(ctx: Context, task: asyncio.Task[Any], *, hold: bool) -> Any:
             if task.done():  # e.g. asyncio.wait() on two waits: one resolved, the other was cancelled
                 return task.result()
             if ctx.is_quiet():
-                if hold and ctx.overdue():
+                wake = ctx.next_wake() if hold else None
+                if wake is not None and wake <= SHORT_WAIT:  # held anyway: wait here, write nothing
+                    await asyncio.sleep(max(wake, 0.0))
                     ctx.release()
                     continue
                 if hold:

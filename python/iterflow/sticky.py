@@ -74,7 +74,12 @@ class StickyCache:
 
     def put(self, run_id: str, held: Held) -> None:
         """Keep ``held``; evict (unwind) the least recently held ones beyond the bounds."""
-        self.discard(run_id, "dropped")
+        old = self._held.pop(run_id, None)
+        if old is not None:
+            self.bytes -= old[1]
+            if old[0] is not held:
+                old[0].drop()
+                self.count("dropped")
         size = held.footprint()
         self._held[run_id] = (held, size)
         self.bytes += size
