@@ -108,10 +108,49 @@ async def test_a_signal_wait_resumes_from_the_cache_with_the_payload(make_engine
     assert cache["hit"] + cache["adopted"] == 1 and cache["stale"] == 0, cache
 
 
+async def test_a_signal_from_another_process_is_adopted_without_a_replay(make_engine: Any) -> None:
+    """No local wake-up here (the signal comes from a client engine): the holder's own claim
+    gets the woken run first, and goes on with the held body instead of replaying it."""
+    starts: list[int] = []
+
+    @define_flow("remote")
+    async def remote(ctx: iterflow.Context, _: Any) -> Any:
+        starts.append(ctx.attempt)
+        return await ctx.signal("answer")
+
+    engine, cache = await sticky_engine(make_engine, remote)
+    client = await make_engine(listen=False)
+    run = await engine.handle("remote").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    assert (await client.signal(run.run_id, "answer", 42)).kind == "delivered"
+    assert await engine.handle("remote").result(run.run_id, timeout=10) == 42
+    assert starts == [1] and cache["adopted"] == 1 and cache["stale"] == 0, (starts, cache)
+
+
+async def test_short_waits_are_waited_in_place(make_engine: Any) -> None:
+    suspended: list[str] = []
+
+    @define_flow("short")
+    async def short(ctx: iterflow.Context, n: int) -> Any:
+        for i in range(n):
+            await ctx.step("s", lambda i=i: i)
+            await ctx.sleep("5ms")
+        return n
+
+    cache = Cache()
+    engine = await make_engine(short, sticky_cache=1000, metrics={"sticky_cache": cache,
+                                                                  "run_suspended": suspended.append})
+    run = await engine.handle("short").start(20)
+    assert await engine.handle("short").result(run.run_id, timeout=10) == 20
+    assert suspended == [] and cache == Counter(), "no suspension, nothing held"
+    detail = await engine.status(run.run_id)
+    assert [s["status"] for s in detail.steps] == ["done"] * 40
+
+
 async def test_a_child_wait_resumes_from_the_cache_with_the_output(make_engine: Any) -> None:
     @define_flow("kid")
     async def kid(ctx: iterflow.Context, n: int) -> Any:
-        await ctx.sleep("20ms")
+        await ctx.sleep("60ms")  # (a wait under 20 ms is waited in place, without a suspension)
         return await ctx.step("double", lambda: n * 2)
 
     @define_flow("parent")
