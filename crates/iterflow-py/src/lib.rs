@@ -578,7 +578,6 @@ impl Core {
 
     /// -> list of [`ClaimedRun`] (none or one): the run held in the sticky cache, claimed
     /// by id with only the records of `keys` (`iterflow_core::Core::claim_run`).
-    #[allow(clippy::too_many_arguments)]
     fn claim_run(
         &self,
         pump: &Pump,
@@ -589,9 +588,8 @@ impl Core {
         expected: i64,
         keys: Vec<String>,
     ) -> PyResult<()> {
-        call!(self, pump, ticket, |core| core.claim_run(
-            &run_id, &owner, lease_ms, expected, &keys
-        ))
+        call!(self, pump, ticket, |core| core
+            .claim_run(&run_id, &owner, lease_ms, expected, &keys))
     }
 
     /// -> `StoredStep`
