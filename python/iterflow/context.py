@@ -251,6 +251,12 @@ class Context:
         that ``resume`` can continue the body where it stopped (the sticky cache)."""
         self.held = True
 
+    def _deadline_of(self, key: str, pinned: T) -> datetime | T:
+        """A resumed wait's deadline as its record now holds it (the test clock moves stored
+        deadlines), else the one it pinned."""
+        rec = self._history.get(key)
+        return rec.deadline if rec is not None and rec.deadline is not None else pinned
+
     def footprint(self) -> int:
         """Approximate bytes this context keeps alive while held: a fixed part (the body's
         task and frames, the context) plus its records and visited keys (see
@@ -370,9 +376,7 @@ class Context:
                 "retrying", {"kind": "retry", "step": key, "attempt": attempt + 1, "until": value.at.isoformat()},
                 value.at, progress=False, keys=(key,),
             )
-            await self._suspend(backoff)
-            while self.clock() < value.at:  # resumed early (another branch's wake-up)
-                await self._suspend(backoff)
+            await self._suspend(backoff)  # resumed: the next attempt, as a replay would make it
             attempt += 1
 
     async def _attempt(self, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int) -> Any:
@@ -476,7 +480,8 @@ class Context:
                 return
         sleeping = Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True, keys=(key,))
         await self._suspend(sleeping)
-        while self.clock() < until:  # resumed early (another branch's wake-up)
+        # resumed: the sleep is over, unless another branch's wake-up came first
+        while self.clock() < (until := self._deadline_of(key, until)):
             await self._suspend(sleeping)
         self._advance(until)
         self._begin()
@@ -523,6 +528,7 @@ class Context:
             if got is not None and got.status == "done":  # consumed by the claim that resumed us
                 self._advance(got.finished_at)
                 return self._signal_value(got.result, got.error, schema_, name)
+            until = self._deadline_of(key, until)
             if until is not None and until <= self.clock():
                 return await self._signal_expired(key, seq, name, schema_, timeout_error)
 
