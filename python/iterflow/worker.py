@@ -127,6 +127,8 @@ class Worker:
                 for task in still:
                     task.cancel()
             await self.release(unfinished)
+        if self.sticky is not None:  # (runs that suspended while draining)
+            await self._unstick(self.sticky.clear())
         for task in self._tasks[1:]:
             await _cancel(task)
 
