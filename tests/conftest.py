@@ -24,6 +24,9 @@ from iterflow import Engine
 from iterflow.embedded import database_url
 
 VIA_PGBOUNCER = os.environ.get("ITERFLOW_VIA_PGBOUNCER", "") == "1"
+# ITERFLOW_STICKY=0 or 1: every engine make_engine builds has the sticky cache off or on
+# (docs/replay.md, "Sticky execution"); unset: the engine default (on).
+STICKY = os.environ.get("ITERFLOW_STICKY")
 
 
 @pytest.fixture(scope="session")
@@ -79,6 +82,8 @@ async def make_engine(
     ``ITERFLOW_VIA_PGBOUNCER=1`` (see the module docstring)."""
     await iterflow.migrate(dsn, schema_name)
     engine_dsn, defaults = dsn, {"poll_interval": 0.2}
+    if STICKY is not None:  # the whole suite runs with the sticky cache off (0) or on (1)
+        defaults["sticky_cache"] = 0 if STICKY == "0" else 1000
     if VIA_PGBOUNCER:
         engine_dsn = request.getfixturevalue("pgbouncer").dsn
         defaults.update(listen_dsn=dsn, prepared_statements=False)

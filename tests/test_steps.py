@@ -439,7 +439,7 @@ async def test_caught_step_failure_is_memoized(make_engine: Any) -> None:
         await ctx.sleep(0.15)
         return "recovered"
 
-    engine = await make_engine(catches, **FAST)
+    engine = await make_engine(catches, **FAST, sticky_cache=0)  # replays (the sticky cache would not)
     _, out = await run_to_end(engine, "catches")
     assert out == "recovered"
     assert calls == [1], "a failed step must not re-run on replay"
@@ -671,7 +671,7 @@ async def test_completed_steps_do_not_rerun_after_resume(
         c = await ctx.step("c", effect("c"))
         return [a, b, c]
 
-    engine = await make_engine(memo, **FAST)
+    engine = await make_engine(memo, **FAST, sticky_cache=0)  # replays (the sticky cache would not)
     run_id, out = await run_to_end(engine, "memo")
     assert out == ["a-done", "b-done", "c-done"]
     assert len(replays) == 3, "two sleeps: the body ran three times"

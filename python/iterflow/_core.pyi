@@ -68,6 +68,7 @@ class ClaimedRun:
     created_at: datetime
     parent_status: str | None
     db_now: datetime
+    held_token: int | None
     history: list[StepRecord]
 
 @final
@@ -166,6 +167,11 @@ class Core:
         wait: float | None = None,
     ) -> None:
         """-> list[ClaimedRun]"""
+    def claim_run(
+        self, pump: Pump, ticket: int, run_id: str, owner: str, lease_ms: int, expected: int,
+        keys: Sequence[str],
+    ) -> None:
+        """-> list[ClaimedRun] (none or one)"""
     def record_step(
         self, pump: Pump, ticket: int, run_id: str, key: str, seq: int, kind: str, name: str,
         status: str, result: str | None, error: str | None, attempts: int,

@@ -6,6 +6,11 @@ work and records it. Calls that must wait register a *suspension* and block; onc
 branch is blocked or done, the runner unwinds the body by failing the blocked calls with
 ``SuspendRun``. Blocking (instead of raising at once) is what lets sibling branches of an
 ``asyncio.gather`` start their own steps before the run suspends.
+
+With the sticky cache (``sticky.py``) the blocked calls are not unwound: the runner *holds*
+the context (``hold``) and the worker keeps it; when the run's wake-up comes back to this
+worker, ``resume`` merges the records the claim by id returned and releases the blocked
+calls, and each wait checks again whether it is over (or blocks once more).
 """
 
 from __future__ import annotations
@@ -59,6 +64,10 @@ _check_name = lru_cache(maxsize=4096)(validate.name)
 NAMED_KINDS = ("step", "signal")
 # Loop turns given to sibling branches to replay their recorded calls before new work starts.
 GATE_TURNS = 3
+# The sticky cache's estimate of a held run (Context.footprint): measured with tracemalloc
+# on a small body (docs/replay.md, "Sticky execution"), rounded up.
+HELD_BASE_BYTES = 8 * 1024
+HELD_KEY_BYTES = 256
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,9 @@ class Suspension:
     waiting: dict[str, Any]
     wake_at: datetime | None
     progress: bool  # forward progress resets the run's attempt counter; retrying does not
+    # the cursor keys whose records tell whether the wait is over (a held run's claim by id
+    # returns just these records)
+    keys: tuple[str, ...] = ()
 
 
 class Context:
@@ -103,6 +115,7 @@ class Context:
         self._blocked: list[asyncio.Future[None]] = []
         self.suspensions: list[Suspension] = []
         self.decided = False
+        self.held = False  # every branch blocked and kept blocked: see hold()
         self.cancel_reason: str | None = None
         self.lease_lost = False
         # the database failed under a ctx call (after the core's retries): the execution stops
@@ -236,17 +249,68 @@ class Context:
     def decide_suspend(self) -> None:
         """Unwind every blocked call; from now on any ctx call raises ``SuspendRun``."""
         self.decided = True
+        self.held = False
         for fut in self._blocked:
             if not fut.done():
                 fut.set_exception(SuspendRun())
 
-    async def _suspend(self, suspension: Suspension) -> NoReturn:
+    def hold(self) -> None:
+        """Every branch is blocked: the run suspends, but the blocked calls stay blocked so
+        that ``resume`` can continue the body where it stopped (the sticky cache)."""
+        self.held = True
+
+    def _deadline_of(self, key: str, pinned: T) -> datetime | T:
+        """A resumed wait's deadline as its record now holds it (the test clock moves stored
+        deadlines), else the one it pinned."""
+        rec = self._history.get(key)
+        return rec.deadline if rec is not None and rec.deadline is not None else pinned
+
+    def footprint(self) -> int:
+        """Approximate bytes this context keeps alive while held: a fixed part (the body's
+        task and frames, the context) plus its records and visited keys (see
+        ``HELD_BASE_BYTES``)."""
+        return HELD_BASE_BYTES + HELD_KEY_BYTES * (len(self._history) + len(self._visited))
+
+    def held_keys(self) -> list[str]:
+        """The cursor keys of the waits a held body is blocked on."""
+        return [key for s in self.suspensions for key in s.keys]
+
+    def resume(self, run: ClaimedRun) -> None:
+        """Continue a held body under the new claim ``run``, whose history holds the current
+        records of the held waits (``held_keys``): merge them and release every blocked call;
+        each wait then checks whether it is over, and blocks again if not."""
+        self._run = run
+        self.attempt = run.attempts
+        self.cancel_reason = run.cancel_reason
+        self._clock = (run.db_now, time.monotonic())
+        self._history.update(run.history)
+        self.release()
+
+    def next_wake(self) -> float | None:
+        """Seconds until the earliest wait the body is blocked on is over by its own time (a
+        sleep, a backoff, a signal timeout; at most 0 when it already is), None without one."""
+        times = [s.wake_at for s in self.suspensions if s.wake_at is not None]
+        return (min(times) - self.clock()).total_seconds() if times else None
+
+    def release(self) -> None:
+        """Let every blocked call check its wait again (``resume``; or, with the sticky cache,
+        once a wait that ends within ``runner.SHORT_WAIT`` is over: no suspension, no claim)."""
+        self.suspensions = []
+        self.held = False
+        blocked, self._blocked = self._blocked, []
+        self._quiet.clear()
+        for fut in blocked:
+            if not fut.done():
+                fut.set_result(None)
+
+    async def _suspend(self, suspension: Suspension) -> None:
+        """Block this branch until the run suspends (raises ``SuspendRun``) or, for a held
+        run, until it is resumed (returns: the caller checks its wait again)."""
         self.suspensions.append(suspension)
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._blocked.append(fut)
         self._maybe_quiet()
         await fut
-        raise SuspendRun()
 
     def abort(self, reason: str) -> None:
         """Cancel requested or lease lost: fire running steps' tokens; stop at the next call."""
@@ -306,20 +370,23 @@ class Context:
         if rec is not None and rec.status == "done":
             return self._step_value(rec, opts)
         attempt = (rec.attempts if rec is not None else 0) + 1
-        self._begin()
-        try:
-            await self._gate("step", key)
-            outcome = await self._attempt(key, name, fn, opts, channel, attempt)
-            value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
-        finally:
-            self._end()
-        if isinstance(value, _Retry):
-            await self._suspend(Suspension(
+        while True:
+            self._begin()
+            try:
+                await self._gate("step", key)
+                outcome = await self._attempt(key, name, fn, opts, channel, attempt)
+                value = await self._record_attempt(key, seq, name, attempt, opts, outcome)
+            finally:
+                self._end()
+            if not isinstance(value, _Retry):
+                return self._step_value(value, opts)
+            backoff = Suspension(
                 "retrying", {"kind": "retry", "step": key, "attempt": attempt + 1, "max_attempts": opts.retries + 1,
-                             "until": value.at.isoformat()},
-                value.at, progress=False,
-            ))
-        return self._step_value(value, opts)
+                 "until": value.at.isoformat()},
+                value.at, progress=False, keys=(key,),
+            )
+            await self._suspend(backoff)  # resumed: the next attempt, as a replay would make it
+            attempt += 1
 
     async def _attempt(
         self, key: str, name: str, fn: Callable[..., Any], opts: StepOptions, channel: Any, attempt: int
@@ -430,7 +497,17 @@ class Context:
                     finally:
                         self._end(replay=True)
                 return
-        await self._suspend(Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True))
+        sleeping = Suspension("sleeping", {"kind": "sleep", "until": until.isoformat()}, until, True, keys=(key,))
+        await self._suspend(sleeping)
+        # resumed: the sleep is over, unless another branch's wake-up came first
+        while self.clock() < (until := self._deadline_of(key, until)):
+            await self._suspend(sleeping)
+        self._advance(until)
+        self._begin()
+        try:
+            await self._record(StepRecord(key, seq, "sleep", "sleep", "done", deadline=until), None, None)
+        finally:
+            self._end()
 
     async def signal(self, name: str, *, schema: Any = None, timeout: DurationLike | None = None) -> Any:
         """Wait for the next signal ``name`` (single consumer); SIGNAL_TIMEOUT when it expires."""
@@ -464,7 +541,31 @@ class Context:
             return self._signal_value(None, timeout_error, schema_, name)
         waiting = {"kind": "signal", "name": name, "key": key, "seq": seq,
                    "until": until.isoformat() if until else None}
-        await self._suspend(Suspension("awaiting_signal", waiting, until, True))
+        while True:
+            await self._suspend(Suspension("awaiting_signal", waiting, until, True, keys=(key,)))
+            got = self._history.get(key)
+            if got is not None and got.status == "done":  # consumed by the claim that resumed us
+                self._advance(got.finished_at)
+                return self._signal_value(got.result, got.error, schema_, name)
+            until = self._deadline_of(key, until)
+            if until is not None and until <= self.clock():
+                return await self._signal_expired(key, seq, name, schema_, timeout_error)
+
+    async def _signal_expired(self, key: str, seq: int, name: str, schema: Schema | None,
+                              timeout_error: dict[str, Any]) -> Any:
+        """A resumed signal wait whose deadline passed: record the timeout, unless a signal
+        raced it in (resolve_signal decides under the run's lock)."""
+        self._begin()
+        try:
+            resolved = await self._io(self._services.core.resolve_signal(
+                self.run_id, key, seq, name, True, codec.dumps(timeout_error)
+            ))
+        finally:
+            self._end()
+        self._advance(resolved.at)
+        if resolved.outcome == "signal":
+            return self._signal_value(resolved.payload, None, schema, name)
+        return self._signal_value(None, timeout_error, schema, name)
 
     def _signal_value(self, payload: Any, error: dict[str, Any] | None, schema: Schema | None, name: str) -> Any:
         if error is not None:
@@ -514,10 +615,15 @@ class Context:
             outputs = [await self._child_outcome(c) for c in calls]
         finally:
             self._end(replay)
-        pending = [o for o in outputs if isinstance(o, _Pending)]
-        if pending:
-            waiting = {"kind": "child", "child_id": pending[0].child_id, "children": len(pending)}
-            await self._suspend(Suspension("awaiting_child", waiting, None, True))
+        while pending := [(c, o) for c, o in zip(calls, outputs, strict=True) if isinstance(o, _Pending)]:
+            waiting = {"kind": "child", "child_id": pending[0][1].child_id, "children": len(pending)}
+            await self._suspend(Suspension("awaiting_child", waiting, None, True, keys=tuple(c[4] for c, _ in pending)))
+            self._begin()
+            try:  # resumed: the held waits' records came with the claim
+                outputs = [await self._child_outcome(c) if isinstance(o, _Pending) else o
+                           for c, o in zip(calls, outputs, strict=True)]
+            finally:
+                self._end()
         for out in outputs:
             if isinstance(out, _Err):
                 raise out.exc
@@ -555,7 +661,7 @@ class Context:
 
     async def _child_outcome(self, call: Any) -> Any:
         key = call[4]
-        rec = self._history.get(key) if call[6] is None else call[6]
+        rec = self._history.get(key) or call[6]
         assert rec is not None
         if rec.status == "done":
             self._advance(rec.finished_at)

@@ -40,6 +40,7 @@ from .schemas import Schema
 from .services import ExecutionServices
 from .sql import validate_schema_name
 from .step_limits import StepLimits
+from .sticky import DEFAULT_BYTES, DEFAULT_RUNS, DEFAULT_WINDOW_MS, StickyCache
 from .sync import SyncEngine
 from .types import (
     STATUSES,
@@ -78,6 +79,10 @@ RETRY_TIMEOUT_RANGE = (timedelta(), timedelta(days=1))
 STEP_TIMEOUT_RANGE = (timedelta(milliseconds=1), MAX_DURATION)
 # bulk calls (cancel_many, retry_many, purge, check) and prune batches
 MAX_BULK = 1_000_000
+# the sticky cache (docs/replay.md, "Sticky execution"): held runs, their memory, the window
+MAX_STICKY_RUNS = 1_000_000
+STICKY_BYTES_RANGE = (0, 1 << 40)
+STICKY_WINDOW_RANGE = (timedelta(), timedelta(minutes=10))
 MAX_PRUNE_BATCH = 100_000
 FILTER_KEYS = ("name", "status", "tag", "since", "until")
 
@@ -89,6 +94,9 @@ class Settings:
     poll_interval: float
     reconcile_interval: float | None
     shutdown_timeout: float
+    sticky_cache: int = DEFAULT_RUNS
+    sticky_cache_bytes: int = DEFAULT_BYTES
+    sticky_window_ms: int = DEFAULT_WINDOW_MS
 
 
 def _duration_in(value: Any, field: str, low: timedelta, high: timedelta) -> timedelta:
@@ -165,7 +173,9 @@ class Engine:
                  logger: logging.Logger | None = None, notify: bool = True, reconciler: bool = True,
                  drift: str = "park", poll_interval: Any = None, shutdown_timeout: Any = "10s",
                  database_retry_timeout: Any = "30s", max_connections: int = 10,
-                 listen_dsn: str | None = None, prepared_statements: bool = True, step_limits: Any = None) -> None:
+                 listen_dsn: str | None = None, prepared_statements: bool = True, step_limits: Any = None,
+                 sticky_cache: int = DEFAULT_RUNS, sticky_cache_bytes: int = DEFAULT_BYTES,
+                 sticky_window: Any = f"{DEFAULT_WINDOW_MS}ms") -> None:
         self._options = dict(
             dsn=dsn, pool=pool, core=core, schema=schema, concurrency=concurrency, max_run_attempts=max_run_attempts,
             default_step_timeout=default_step_timeout, lease=lease, retention=retention, limits=limits,
@@ -173,6 +183,7 @@ class Engine:
             poll_interval=poll_interval, shutdown_timeout=shutdown_timeout,
             database_retry_timeout=database_retry_timeout, max_connections=max_connections,
             listen_dsn=listen_dsn, prepared_statements=prepared_statements, step_limits=step_limits,
+            sticky_cache=sticky_cache, sticky_cache_bytes=sticky_cache_bytes, sticky_window=sticky_window,
         )
         # every option is checked here, before anything is built (ranges: docs/guide.md § 3)
         if dsn is None and pool is None:
@@ -211,6 +222,10 @@ class Engine:
             concurrency=concurrency, lease=lease_td, poll_interval=poll,
             reconcile_interval=max(lease_td.total_seconds(), 5.0) if reconciler else None,
             shutdown_timeout=_duration_in(shutdown_timeout, "shutdown_timeout", *SHUTDOWN_RANGE).total_seconds(),
+            sticky_cache=validate.integer(sticky_cache, "sticky_cache", 0, MAX_STICKY_RUNS),
+            sticky_cache_bytes=validate.integer(sticky_cache_bytes, "sticky_cache_bytes", *STICKY_BYTES_RANGE),
+            sticky_window_ms=int(_duration_in(sticky_window, "sticky_window", *STICKY_WINDOW_RANGE)
+                                 .total_seconds() * 1000),
         )
         self.retention = Retention.coerce(retention)
         self._caller_pool = pool
@@ -345,6 +360,8 @@ class Engine:
             self.services, self.flows, concurrency=s.concurrency, lease=s.lease, poll_interval=s.poll_interval,
             reconcile_interval=s.reconcile_interval, shutdown_timeout=s.shutdown_timeout, retention=self.retention,
             cron_tick=self.fire_crons if self.crons else None, notify=bool(self._options["notify"]),
+            sticky=StickyCache(s.sticky_cache, s.sticky_cache_bytes, self.services.hooks) if s.sticky_cache else None,
+            sticky_window_ms=s.sticky_window_ms,
         )
         await self._worker.start()
 
@@ -435,6 +452,8 @@ class Engine:
                 break
             target = last
         self.services.hooks.emit("signal_delivered", kind)
+        if kind == "delivered" and self._worker is not None:
+            self._worker.wake_held(run_id)  # a run this process holds goes on without a replay
         return SignalResult(kind, cursor_key or None)
 
     @staticmethod

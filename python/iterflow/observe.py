@@ -14,7 +14,7 @@ from typing import Any
 
 HOOKS = (
     "run_started", "run_completed", "run_failed", "run_suspended", "run_continued", "step_finished",
-    "signal_delivered", "reconciler_sweep", "step_limit",
+    "signal_delivered", "reconciler_sweep", "step_limit", "sticky_cache",
 )
 
 

@@ -11,7 +11,7 @@ import contextlib
 import logging
 import os
 import socket
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -22,6 +22,8 @@ from .fleet import Registration
 from .flow import Flow
 from .runner import Execution
 from .services import ExecutionServices
+from .sticky import StickyCache, StickyHolder
+from .types import TERMINAL
 
 log = logging.getLogger("iterflow")
 # How often due crons are checked: the lateness bound of a cron fire.
@@ -34,6 +36,11 @@ DUE_RECHECK = 0.05
 CLAIM_STOP_GRACE = 5.0
 # Longest interval between two sweeps of expired leases (see sweep_interval).
 MAX_SWEEP = 5.0
+# Seconds a held run's local timer fires after its wake-up time: the claim by id must find
+# it due by the database's clock, which the local estimate (Context.clock) may trail a little.
+TIMER_SLACK = 0.002
+# Seconds before a second claim by id of a held run whose first one claimed nothing.
+RESUME_RETRY = 0.05
 
 
 def sweep_interval(lease_ms: int) -> float:
@@ -47,6 +54,7 @@ class Worker:
         self, services: ExecutionServices, flows: Mapping[tuple[str, int], Flow], *, concurrency: int, lease: timedelta,
         poll_interval: float, reconcile_interval: float | None, shutdown_timeout: float, retention: Retention,
         cron_tick: Callable[[], Awaitable[int]] | None = None, notify: bool = True,
+        sticky: StickyCache | None = None, sticky_window_ms: int = 0,
     ) -> None:
         self.services = services
         self.flows = flows
@@ -59,6 +67,10 @@ class Worker:
         self.cron_tick = cron_tick
         self.notify = notify
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
+        # suspended runs kept alive here (sticky.py); None: every resume replays
+        self.sticky = sticky
+        self.holder = StickyHolder(self.owner, sticky_window_ms) if sticky is not None else None
+        self._resuming: set[str] = set()  # held runs with a claim by id in flight
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
         self._may_claim = asyncio.Event()  # a slot freed up, a nudge, or stop: see _wait_for_slot
@@ -110,6 +122,8 @@ class Worker:
     async def stop(self) -> None:
         """Stop claiming, let in-flight runs finish until the deadline, then abort them."""
         self._stopping = True
+        if self.sticky is not None:
+            await self._unstick(self.sticky.clear())
         self.nudge()
         for task in self._tasks[:1]:
             # a claim in flight finishes (its runs join the ones drained below); cancelling it
@@ -129,11 +143,24 @@ class Worker:
                 for task in still:
                     task.cancel()
             await self.release(unfinished)
+        if self.sticky is not None:  # (runs that suspended while draining)
+            await self._unstick(self.sticky.clear())
         for task in self._tasks[1:]:
             await _cancel(task)
         if self._registered:
             self._registered = False
             await self.registration.withdraw(self.services.core)
+
+    async def _unstick(self, held: list[tuple[str, Any]]) -> None:
+        """Stopping: the runs this worker held go back to the fleet now, not after the window
+        (a worker that dies instead leaves them to the window)."""
+        pairs = [(run_id, ex.run.lease_token) for run_id, ex in held if isinstance(ex, Execution)]
+        if not pairs:
+            return
+        try:
+            await self.services.core.admin_query("unstick_runs", [p[0] for p in pairs], [p[1] for p in pairs])
+        except Exception as exc:  # noqa: BLE001 - their window then runs out as after a crash
+            log.warning("iterflow could not hand back %d held runs (%r)", len(pairs), exc)
 
     async def release(self, leases: list[tuple[str, int]]) -> None:
         """Give these leases back so the rest of the fleet claims the runs at once, instead of
@@ -200,18 +227,102 @@ class Worker:
         return self._due_at
 
     def _spawn(self, run: Any) -> None:
-        execution = Execution(run, self.services, self.flows)
-        task = asyncio.get_running_loop().create_task(self._execute(execution), name=f"iterflow-run-{run.run_id}")
-        self.active[run.run_id] = (execution, task)
+        held = self.sticky.take(run.run_id) if self.sticky is not None else None
+        if held is not None:
+            assert self.sticky is not None and isinstance(held, Execution)
+            if run.held_token == held.run.lease_token and held.held:
+                # its wake-up reached a claim of this worker first (a signal sent from another
+                # process, a timer raced): the history came along, but the body goes on held
+                self.sticky.count("adopted")
+                self._start(held, held.resume(run))
+                return
+            held.drop()  # another worker advanced the run since: replay
+            self.sticky.count("stale")
+        execution = Execution(run, self.services, self.flows, self.holder)
+        self._start(execution, execution.execute())
 
-    async def _execute(self, execution: Execution) -> None:
+    def _start(self, execution: Execution, work: Coroutine[Any, Any, str]) -> None:
+        run_id = execution.run.run_id
+        task = asyncio.get_running_loop().create_task(self._execute(execution, work), name=f"iterflow-run-{run_id}")
+        self.active[run_id] = (execution, task)
+
+    # -- the sticky cache ---------------------------------------------------------------------------
+    def wake_held(self, run_id: str, token: int | None = None, *, last_try: bool = False) -> None:
+        """A wake-up of ``run_id`` reached this process (its timer, a signal delivered here, a
+        child finished here): if this worker holds the run (suspended under ``token``, when
+        given), claim it by id and go on with its body."""
+        if self.sticky is None or self._stopping or run_id in self._resuming:
+            return
+        held = self.sticky.get(run_id)
+        if not isinstance(held, Execution) or (token is not None and held.run.lease_token != token):
+            return
+        self._resuming.add(run_id)
+        asyncio.get_running_loop().create_task(self._resume(held, last_try), name=f"iterflow-resume-{run_id}")
+
+    async def _resume(self, execution: Execution, last_try: bool) -> None:
+        """Claim a held run by id and go on with its body. The run stays in the cache while the
+        claim is in flight, so that a claim of this worker with the history that gets the run
+        first adopts the held body (``_spawn``). A claim by id that claims nothing is tried
+        once more a moment later (that other claim may hold the row right now); then the held
+        body is dropped and the run takes the normal claim and replay (another worker advanced
+        it, or it was canceled)."""
+        assert self.sticky is not None and execution.ctx is not None
+        run_id, token = execution.run.run_id, execution.run.lease_token
+        try:
+            run = await self.services.core.claim_run(
+                run_id, self.owner, self.lease_ms, token, execution.ctx.held_keys()
+            )
+        except Exception as exc:  # noqa: BLE001 - the normal path takes over
+            log.warning("iterflow could not resume run %s by id: %r", run_id, exc, extra={"run_id": run_id})
+            run = None
+        finally:
+            self._resuming.discard(run_id)
+        still_held = self.sticky.get(run_id) is execution
+        if run is not None:
+            if not still_held or self._stopping:  # dropped meanwhile: the lease goes back at once
+                await self.release([(run.run_id, run.lease_token)])
+                self.nudge()
+                return
+            self.sticky.take(run_id)
+            self.sticky.count("hit")
+            task = asyncio.current_task()
+            assert task is not None
+            self.active[run_id] = (execution, task)
+            await self._execute(execution, execution.resume(run))
+            return
+        if not still_held:  # adopted by a claim with the history, or dropped
+            return
+        if last_try or self._stopping:
+            self.sticky.discard(run_id, "stale")
+        else:
+            asyncio.get_running_loop().call_later(RESUME_RETRY, self._last_try, run_id, token)
+        self.nudge()
+
+    def _last_try(self, run_id: str, token: int) -> None:
+        self.wake_held(run_id, token, last_try=True)
+
+    def _hold(self, execution: Execution) -> None:
+        """Keep a run that suspended with its body held, and resume it at its own timer."""
+        assert self.sticky is not None and execution.ctx is not None
+        ctx, run = execution.ctx, execution.run
+        self.sticky.put(run.run_id, execution)
+        times = [s.wake_at for s in ctx.suspensions if s.wake_at is not None]
+        if times:
+            delay = (min(times) - ctx.clock()).total_seconds() + TIMER_SLACK
+            asyncio.get_running_loop().call_later(max(delay, 0.0), self.wake_held, run.run_id, run.lease_token)
+
+    async def _execute(self, execution: Execution, work: Coroutine[Any, Any, str]) -> None:
         run_id = execution.run.run_id
         abandoned = False
         try:
-            status = await execution.execute()
+            status = await work
             abandoned = status == "abandoned"
-            if status in ("sleeping", "retrying", "awaiting_signal"):
+            if execution.kept:
+                self._hold(execution)
+            elif status in ("sleeping", "retrying", "awaiting_signal"):
                 self._nudge_at_timer(execution)
+            elif status in TERMINAL and execution.run.parent_id is not None:
+                self.wake_held(execution.run.parent_id)  # finishing woke the parent
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -269,6 +380,8 @@ class Worker:
         entry = self.active.get(run_id)
         if entry is not None:
             entry[0].abort(reason, cancel=True)
+        if self.sticky is not None:
+            self.sticky.discard(run_id)
 
     # -- leases and maintenance -------------------------------------------------------------------
     async def _heartbeat_loop(self) -> None:

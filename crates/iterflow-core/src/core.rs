@@ -140,6 +140,8 @@ pub struct Claimed {
     pub created_at: DateTime<Utc>,
     pub parent_status: Option<String>,
     pub db_now: DateTime<Utc>,
+    /// The lease token under which a worker holds the run in its sticky cache, if any.
+    pub held_token: Option<i64>,
     pub history: Vec<StepRow>,
 }
 
@@ -255,6 +257,67 @@ fn int(v: &Val) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
+/// The claimed runs of a `claim_with_history` or `claim_run` answer (the same columns):
+/// 'run' rows, each followed by the 'step' rows of its records.
+fn claimed_runs(query: &str, rows: &Rows) -> Result<Vec<Claimed>, CoreError> {
+    let [kind, run_id, lease_token, name, version, input, attempts, cancel_reason, parent_id, depth, created_at, parent_status, db_now, held_token, key, seq, step_kind, status, result, error, step_attempts, deadline, child_id, child_status, child_output, child_error, finished_at] =
+        rows.columns_of(query, CLAIM_COLUMNS)?;
+    let mut runs: Vec<Claimed> = Vec::new();
+    let mut steps: Vec<(String, StepRow)> = Vec::new();
+    for r in &rows.rows {
+        let id = text(&r[run_id]).unwrap_or_default();
+        if r[kind].as_str() == Some("run") {
+            runs.push(Claimed {
+                run_id: id,
+                lease_token: int(&r[lease_token]),
+                name: text(&r[name]).unwrap_or_default(),
+                version: int(&r[version]),
+                input: json(&r[input]),
+                attempts: int(&r[attempts]),
+                cancel_reason: text(&r[cancel_reason]),
+                parent_id: text(&r[parent_id]),
+                depth: int(&r[depth]),
+                created_at: r[created_at].as_ts().unwrap_or_default(),
+                parent_status: text(&r[parent_status]),
+                db_now: r[db_now].as_ts().unwrap_or_default(),
+                held_token: r[held_token].as_i64(),
+                history: Vec::new(),
+            });
+        } else {
+            steps.push((
+                id,
+                StepRow {
+                    key: text(&r[key]).unwrap_or_default(),
+                    seq: int(&r[seq]),
+                    kind: text(&r[step_kind]).unwrap_or_default(),
+                    name: text(&r[name]).unwrap_or_default(),
+                    status: text(&r[status]).unwrap_or_default(),
+                    result: json(&r[result]),
+                    error: json(&r[error]),
+                    attempts: int(&r[step_attempts]),
+                    deadline: r[deadline].as_ts(),
+                    child_id: text(&r[child_id]),
+                    child_status: text(&r[child_status]),
+                    child_output: json(&r[child_output]),
+                    child_error: json(&r[child_error]),
+                    finished_at: r[finished_at].as_ts(),
+                },
+            ));
+        }
+    }
+    let index: HashMap<String, usize> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, r)| (r.run_id.clone(), i))
+        .collect();
+    for (run_id, step) in steps {
+        if let Some(&i) = index.get(&run_id) {
+            runs[i].history.push(step);
+        }
+    }
+    Ok(runs)
+}
+
 fn check_uuid(what: &str, s: &str) -> Result<(), CoreError> {
     uuid::Uuid::parse_str(s)
         .map(|_| ())
@@ -263,7 +326,7 @@ fn check_uuid(what: &str, s: &str) -> Result<(), CoreError> {
 
 /// The columns of `claim_with_history` that [`Core::claim`] reads, named in the order it
 /// binds their positions.
-const CLAIM_COLUMNS: [&str; 26] = [
+const CLAIM_COLUMNS: [&str; 27] = [
     "kind",
     "run_id",
     "lease_token",
@@ -277,6 +340,7 @@ const CLAIM_COLUMNS: [&str; 26] = [
     "created_at",
     "parent_status",
     "db_now",
+    "held_token",
     "key",
     "seq",
     "step_kind",
@@ -797,64 +861,36 @@ impl Core {
                 Param::Int(lease_ms),
             ],
         );
-        async move {
-            let rows = pending.await?;
-            let [kind, run_id, lease_token, name, version, input, attempts, cancel_reason, parent_id, depth, created_at, parent_status, db_now, key, seq, step_kind, status, result, error, step_attempts, deadline, child_id, child_status, child_output, child_error, finished_at] =
-                rows.columns_of("claim_with_history", CLAIM_COLUMNS)?;
-            let mut runs: Vec<Claimed> = Vec::new();
-            let mut steps: Vec<(String, StepRow)> = Vec::new();
-            for r in &rows.rows {
-                let id = text(&r[run_id]).unwrap_or_default();
-                if r[kind].as_str() == Some("run") {
-                    runs.push(Claimed {
-                        run_id: id,
-                        lease_token: int(&r[lease_token]),
-                        name: text(&r[name]).unwrap_or_default(),
-                        version: int(&r[version]),
-                        input: json(&r[input]),
-                        attempts: int(&r[attempts]),
-                        cancel_reason: text(&r[cancel_reason]),
-                        parent_id: text(&r[parent_id]),
-                        depth: int(&r[depth]),
-                        created_at: r[created_at].as_ts().unwrap_or_default(),
-                        parent_status: text(&r[parent_status]),
-                        db_now: r[db_now].as_ts().unwrap_or_default(),
-                        history: Vec::new(),
-                    });
-                } else {
-                    steps.push((
-                        id,
-                        StepRow {
-                            key: text(&r[key]).unwrap_or_default(),
-                            seq: int(&r[seq]),
-                            kind: text(&r[step_kind]).unwrap_or_default(),
-                            name: text(&r[name]).unwrap_or_default(),
-                            status: text(&r[status]).unwrap_or_default(),
-                            result: json(&r[result]),
-                            error: json(&r[error]),
-                            attempts: int(&r[step_attempts]),
-                            deadline: r[deadline].as_ts(),
-                            child_id: text(&r[child_id]),
-                            child_status: text(&r[child_status]),
-                            child_output: json(&r[child_output]),
-                            child_error: json(&r[child_error]),
-                            finished_at: r[finished_at].as_ts(),
-                        },
-                    ));
-                }
-            }
-            let index: HashMap<String, usize> = runs
-                .iter()
-                .enumerate()
-                .map(|(i, r)| (r.run_id.clone(), i))
-                .collect();
-            for (run_id, step) in steps {
-                if let Some(&i) = index.get(&run_id) {
-                    runs[i].history.push(step);
-                }
-            }
-            Ok(runs)
-        }
+        async move { claimed_runs("claim_with_history", &pending.await?) }
+    }
+
+    /// Lease the one run `run_id` held in this process's sticky cache, if it is ready and no
+    /// one claimed it since the attempt whose lease token was `expected` suspended it; the
+    /// answer carries only the current records of `keys` (the held body's waits) and the
+    /// signals the claim consumed, not the history (`claim_run` in `queries.sql`). Empty
+    /// when the run cannot be resumed that way. On the claim lane, like [`Core::claim`].
+    pub fn claim_run(
+        &self,
+        run_id: &str,
+        owner: &str,
+        lease_ms: i64,
+        expected: i64,
+        keys: &[String],
+    ) -> impl Future<Output = Result<Vec<Claimed>, CoreError>> + Send + 'static {
+        let pending = check_uuid("run_id", run_id).map(|()| {
+            self.inner.claimer.enqueue(
+                "",
+                "claim_run",
+                vec![
+                    Param::text(run_id),
+                    Param::text(owner),
+                    Param::Int(lease_ms),
+                    Param::Int(expected),
+                    Param::texts(keys),
+                ],
+            )
+        });
+        async move { claimed_runs("claim_run", &pending?.await?) }
     }
 
     /// [`Core::claim`], after first waiting up to `wait` until new work may be ready (see

@@ -598,6 +598,22 @@ impl Core {
         ))
     }
 
+    /// -> list of [`ClaimedRun`] (none or one): the run held in the sticky cache, claimed
+    /// by id with only the records of `keys` (`iterflow_core::Core::claim_run`).
+    fn claim_run(
+        &self,
+        pump: &Pump,
+        ticket: u64,
+        run_id: String,
+        owner: String,
+        lease_ms: i64,
+        expected: i64,
+        keys: Vec<String>,
+    ) -> PyResult<()> {
+        call!(self, pump, ticket, |core| core
+            .claim_run(&run_id, &owner, lease_ms, expected, &keys))
+    }
+
     /// -> `StoredStep`
     #[pyo3(signature = (pump, ticket, run_id, key, seq, kind, name, status, result, error, attempts, deadline, child_id))]
     fn record_step(

@@ -248,6 +248,8 @@ pub(crate) struct ClaimedRun {
     created_at: Py<PyAny>,
     parent_status: Py<PyAny>,
     db_now: Py<PyAny>,
+    /// `int | None`
+    held_token: Py<PyAny>,
     /// `list[StepRecord]`
     history: Py<PyList>,
 }
@@ -271,6 +273,7 @@ impl ClaimedRun {
             created_at: pyobj(py, r.created_at)?,
             parent_status: pyobj(py, r.parent_status)?,
             db_now: pyobj(py, r.db_now)?,
+            held_token: pyobj(py, r.held_token)?,
             history: history.unbind(),
         })
     }

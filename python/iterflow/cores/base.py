@@ -71,6 +71,7 @@ ADMIN_QUERIES = frozenset({
     "dashboard_status_estimates", "dashboard_flows", "dashboard_flow_live", "dashboard_flow_throughput",
     "dashboard_workers",
     "chain_last",
+    "unstick_runs",
 })
 
 
@@ -117,6 +118,8 @@ class ClaimedRun:
     created_at: datetime
     parent_status: str | None
     db_now: datetime
+    # the lease token under which a worker holds the run in its sticky cache (sticky.py), or None
+    held_token: int | None = None
     history: dict[str, StepRecord] = field(default_factory=dict)
 
 
@@ -233,6 +236,14 @@ class Core(Protocol):
         """Lease up to ``limit`` ready runs with their history. With ``wait``, first wait until
         new work may be ready (a notification, a local timer, :meth:`nudge`) or that many
         seconds; a claim that started is never abandoned (the runs it leased are returned)."""
+        ...
+    async def claim_run(
+        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
+    ) -> ClaimedRun | None:
+        """Lease the one run ``run_id`` that this process holds in its sticky cache, if it is
+        ready and nobody claimed it since the attempt with lease token ``expected`` suspended
+        it. Its ``history`` holds only the current records of ``keys`` (the waits the held body
+        is blocked on) and the signals this claim consumed. None: resume it the normal way."""
         ...
     def nudge(self) -> None:
         """New work may be ready (this process knows it): a waiting claim claims now."""

@@ -448,16 +448,15 @@ class PythonCore:
             await self._wait_for_work(wait)
         async with self._stmt() as cur:
             await cur.execute(self._q["claim_with_history"], (list(names), limit, owner, lease_ms))
-            columns = Columns("claim_with_history", cur.description)
-            rows = await cur.fetchall()
-        kind, run_id = columns.at("kind"), columns.at("run_id")
-        run_of, step_of = columns.getter(*_RUN_COLUMNS), columns.getter(*_STEP_COLUMNS)
-        by_id = {str(row[run_id]): _claimed(run_of(row)) for row in rows if row[kind] == "run"}
-        for row in rows:
-            if row[kind] == "step":
-                step = _step_record(step_of(row))
-                by_id[str(row[run_id])].history[step.key] = step
-        return list(by_id.values())
+            return _claimed_runs(Columns("claim_with_history", cur.description), await cur.fetchall())
+
+    async def claim_run(
+        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
+    ) -> ClaimedRun | None:
+        async with self._stmt() as cur:
+            await cur.execute(self._q["claim_run"], (run_id, owner, lease_ms, expected, list(keys)))
+            runs = _claimed_runs(Columns("claim_run", cur.description), await cur.fetchall())
+        return runs[0] if runs else None
 
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
         status, stored, stored_error, written, finished_at = await self._read_one(
@@ -646,18 +645,31 @@ async def _value(cur: AsyncRawCursor[Any], statement: str) -> Any:
 # The claim_with_history columns of a 'run' row and of a 'step' row, named in the order
 # ``_claimed`` and ``_step_record`` unpack them.
 _RUN_COLUMNS = ("run_id", "lease_token", "name", "version", "input", "attempts", "cancel_reason", "parent_id",
-                "depth", "created_at", "parent_status", "db_now")
+                "depth", "created_at", "parent_status", "db_now", "held_token")
 _STEP_COLUMNS = ("key", "seq", "step_kind", "name", "status", "result", "error", "step_attempts", "deadline",
                  "child_id", "child_status", "child_output", "child_error", "finished_at")
+
+
+def _claimed_runs(columns: Columns, rows: Sequence[Any]) -> list[ClaimedRun]:
+    """The runs of a claim_with_history or claim_run answer: 'run' rows, and 'step' rows
+    holding one record of a claimed run each."""
+    kind, run_id = columns.at("kind"), columns.at("run_id")
+    run_of, step_of = columns.getter(*_RUN_COLUMNS), columns.getter(*_STEP_COLUMNS)
+    by_id = {str(row[run_id]): _claimed(run_of(row)) for row in rows if row[kind] == "run"}
+    for row in rows:
+        if row[kind] == "step":
+            step = _step_record(step_of(row))
+            by_id[str(row[run_id])].history[step.key] = step
+    return list(by_id.values())
 
 
 def _claimed(values: tuple[Any, ...]) -> ClaimedRun:
     """A 'run' row of claim_with_history, read by ``_RUN_COLUMNS``."""
     (run_id, token, name, version, input_, attempts, cancel_reason, parent_id, depth, created_at, parent_status,
-     db_now) = values
+     db_now, held_token) = values
     return ClaimedRun(
         str(run_id), int(token), name, version, input_, attempts, cancel_reason,
-        str(parent_id) if parent_id else None, depth, created_at, parent_status, db_now,
+        str(parent_id) if parent_id else None, depth, created_at, parent_status, db_now, held_token,
     )
 
 

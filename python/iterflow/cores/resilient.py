@@ -8,6 +8,9 @@ committed before the connection dropped — goes through :func:`iterflow.faults.
   ``pending_work``, ``check_schema``);
 - ``claim`` (a claim whose answer was lost leaves its runs leased until the lease ends; it
   waits for work on the first attempt only);
+- ``claim_run`` (a claim by id whose answer was lost replaced the run's sticky token, so a
+  repeat answers None: the worker drops its cached copy and the run, leased by the lost
+  claim, is claimed again with its history once that lease ends);
 - ``record_step`` (the first final writer wins: a repeat gets the stored record back);
 - ``spawn_children`` (child ids are made client-side, the insert is ``ON CONFLICT DO
   NOTHING`` and ``find_existing_runs`` finds a child by its id);
@@ -202,6 +205,11 @@ class ResilientCore:
             return self.inner.claim(names, limit, owner, lease_ms, first)
 
         return await self._retry("claim", call)
+
+    def claim_run(
+        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
+    ) -> Call[ClaimedRun | None]:
+        return self._retry("claim_run", self.inner.claim_run, run_id, owner, lease_ms, expected, keys)
 
     def nudge(self) -> None:
         self.inner.nudge()

@@ -321,6 +321,12 @@ class RustCore:
         runs: list[_core.ClaimedRun] = await self._run(self._c.claim, list(names), limit, owner, lease_ms, wait)
         return [_claimed(run) for run in runs]
 
+    async def claim_run(
+        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
+    ) -> ClaimedRun | None:
+        runs: list[_core.ClaimedRun] = await self._run(self._c.claim_run, run_id, owner, lease_ms, expected, list(keys))
+        return _claimed(runs[0]) if runs else None
+
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
         s: _core.StoredStep = await self._run(
             self._c.record_step, run_id, rec.key, rec.seq, rec.kind, rec.name, rec.status, result, error, rec.attempts,

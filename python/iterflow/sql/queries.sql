@@ -219,6 +219,21 @@ UPDATE {schema}.queue q
                      FOR UPDATE SKIP LOCKED)
 RETURNING q.flow_name
 
+-- name: unstick_runs
+-- Hand the runs a stopping worker held in its sticky cache ($1 run ids, $2 the lease tokens
+-- they suspended under) back to the fleet: without `waiting.sticky`, any worker claims them
+-- when due instead of after the window (docs/replay.md, "Sticky execution"). A run claimed
+-- since (another token, or no `sticky`) is left alone; workers of flows due now are woken.
+WITH unstuck AS (
+    UPDATE {schema}.runs r SET waiting = r.waiting - 'sticky'
+      FROM unnest($1::uuid[], $2::bigint[]) AS t(run_id, token)
+     WHERE r.id = t.run_id AND (r.waiting->'sticky'->>'token')::bigint = t.token
+    RETURNING r.name
+)
+SELECT (SELECT count(*) FROM unstuck) AS unstuck,
+       (SELECT count(*) FROM (SELECT pg_notify('iterflow.{schema_raw}', 'q ' || name)
+                                FROM (SELECT DISTINCT name FROM unstuck) f) n) AS notified
+
 -- name: release_leases
 -- Give up leases this worker holds ($1 run ids, $2 their lease tokens: fenced, so a lease
 -- already lost or finished is left alone): the runs become claimable at once by any worker.
@@ -237,8 +252,15 @@ SELECT (SELECT count(*) FROM released) AS released,
 
 -- name: next_due
 -- When the earliest unleased queue row of these flows becomes ready (for the local timer).
-SELECT min(ready_at) - now() FROM {schema}.queue
- WHERE lease_until IS NULL AND flow_name = ANY ($1::text[])
+-- A run held in a worker's sticky cache (`waiting.sticky`, docs/replay.md "Sticky
+-- execution") counts from the end of its window: its holder resumes it by id, and every
+-- other claim skips it until then, so counting it from `ready_at` would spin those claims.
+-- Only the earliest rows are looked at, so the runs rows are read a bounded number of times.
+SELECT min(e.ready_at + coalesce((r.waiting->'sticky'->>'ms')::int, 0) * interval '1 millisecond') - now()
+  FROM (SELECT run_id, ready_at FROM {schema}.queue
+         WHERE lease_until IS NULL AND flow_name = ANY ($1::text[])
+         ORDER BY ready_at LIMIT 64) e
+  JOIN {schema}.runs r ON r.id = e.run_id
 
 -- name: requeue_parked
 UPDATE {schema}.queue q SET ready_at = now()
@@ -468,6 +490,12 @@ SELECT to_regclass($1) IS NOT NULL
 -- does at replay: the oldest unconsumed entry of each name is consumed and recorded, and the
 -- record comes back with the history, so a woken run resumes without another durable write
 -- first. A wait with no signal queued yet is left to resolve_signal.
+-- `held_token` is the lease token under which a worker holds the run in its sticky cache
+-- (`waiting.sticky.token`; NULL: none): that worker goes on with its held body, without a
+-- replay, when it is the one that claims the run and the token is the one it holds.
+-- A run another worker holds in its sticky cache (`waiting.sticky`: owner, lease token, window
+-- in ms; docs/replay.md "Sticky execution") is left to that worker, which claims it by id
+-- (claim_run), until the window after its wake-up has passed.
 -- Flows with limits or keys (flow_limits.limited) are picked by claim_limited, which locks
 -- and counts per flow; it is not called at all when none of $1 is limited.
 WITH lim AS MATERIALIZED (
@@ -481,6 +509,8 @@ WITH lim AS MATERIALIZED (
       FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
      WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
        AND NOT wq.flow_name = ANY (coalesce((SELECT names FROM lim), '{}'))
+       AND (wr.waiting->'sticky' IS NULL OR wr.waiting->'sticky'->>'owner' = $3::text
+            OR wq.ready_at <= now() - (wr.waiting->'sticky'->>'ms')::int * interval '1 millisecond')
      ORDER BY wq.priority DESC, wq.ready_at
      LIMIT $2
      FOR UPDATE OF wq, wr SKIP LOCKED
@@ -520,13 +550,13 @@ WITH lim AS MATERIALIZED (
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
-       NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
+       (c.was->'sticky'->>'token')::bigint AS held_token, NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
        NULL::jsonb AS result, NULL::jsonb AS error, NULL::int AS step_attempts,
        NULL::timestamptz AS deadline, NULL::uuid AS child_id, NULL::text AS child_status,
        NULL::jsonb AS child_output, NULL::jsonb AS child_error, NULL::timestamptz AS finished_at
-  FROM r JOIN q ON q.run_id = r.id
+  FROM r JOIN q ON q.run_id = r.id JOIN c ON c.run_id = r.id
 UNION ALL
-SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
        c.status, c.output, c.error, s.finished_at
   FROM {schema}.steps s
@@ -534,7 +564,71 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
  WHERE s.run_id = ANY (ARRAY(SELECT id FROM r))
    AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
 UNION ALL
-SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
+       got.child_id, NULL, NULL, NULL, got.finished_at
+  FROM got
+
+-- name: claim_run
+-- Lease the one run $1 for $3 ms, as owner $2, when it is ready and still exactly as the
+-- worker that holds it in its sticky cache left it: its `waiting.sticky.token` is $4, the
+-- lease token of the attempt that suspended it (tokens come from one sequence, and every
+-- claim replaces `waiting`, so an equal token means nobody claimed it since), and no cancel
+-- is asked. Returns the claim_with_history columns, without the history: the 'run' row, the
+-- current records of the keys the held body waits on ($5), and the signal waits resolved by
+-- take_signals as the claim does. Nothing comes back when the run is not claimable that way
+-- (not due yet, another worker advanced it, canceled, busy): the holder drops its copy and
+-- the run takes the normal claim and replay.
+WITH c AS (
+    SELECT wq.run_id, wr.waiting AS was
+      FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
+     WHERE wq.run_id = $1::uuid AND wq.lease_until IS NULL AND wq.ready_at <= now()
+       AND (wr.waiting->'sticky'->>'token')::bigint = $4::bigint AND wr.cancel_reason IS NULL
+       -- a run of a limited flow waits for its place like any other (claim_limited); its
+       -- holder adopts it when its own claim takes it
+       AND NOT EXISTS (SELECT 1 FROM {schema}.flow_limits l WHERE l.flow_name = wq.flow_name AND l.limited)
+       FOR UPDATE OF wq, wr SKIP LOCKED
+), q AS (
+    UPDATE {schema}.queue
+       SET lease_owner = $2, lease_token = nextval('{schema}.lease_tokens'),
+           lease_until = now() + $3 * interval '1 millisecond', woken = false
+     WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
+    RETURNING run_id, lease_token
+), r AS (
+    UPDATE {schema}.runs r
+       SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
+           waiting = jsonb_build_object('kind', 'running', 'worker', $2::text,
+                                        'until', now() + $3 * interval '1 millisecond')
+     WHERE r.id = ANY (ARRAY(SELECT run_id FROM q))
+    RETURNING r.id, r.name, r.version, r.input, r.attempts, r.cancel_reason, r.parent_id, r.depth,
+              r.created_at,
+              (SELECT p.status FROM {schema}.runs p WHERE p.id = r.parent_id) AS parent_status
+), got AS (
+    SELECT t.* FROM (
+           SELECT array_agg(c.run_id) AS runs, array_agg(w.value) AS keys,
+                  array_agg((c.was->'signal_seqs'->>w.key)::int) AS seqs, array_agg(w.key) AS names
+             FROM c CROSS JOIN LATERAL jsonb_each_text(c.was->'signals') w
+            WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key) a
+     CROSS JOIN LATERAL {schema}.take_signals(a.runs, a.keys, a.seqs, a.names) t
+     WHERE a.runs IS NOT NULL
+)
+SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
+       r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
+       (c.was->'sticky'->>'token')::bigint AS held_token, NULL::text AS key, NULL::int AS seq, NULL::text AS step_kind, NULL::text AS status,
+       NULL::jsonb AS result, NULL::jsonb AS error, NULL::int AS step_attempts,
+       NULL::timestamptz AS deadline, NULL::uuid AS child_id, NULL::text AS child_status,
+       NULL::jsonb AS child_output, NULL::jsonb AS child_error, NULL::timestamptz AS finished_at
+  FROM r JOIN q ON q.run_id = r.id JOIN c ON c.run_id = r.id
+UNION ALL
+SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
+       c.status, c.output, c.error, s.finished_at
+  FROM {schema}.steps s
+  LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
+ WHERE s.run_id = ANY (ARRAY(SELECT id FROM r)) AND s.key = ANY ($5::text[])
+   AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
+UNION ALL
+SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
        got.child_id, NULL, NULL, NULL, got.finished_at
   FROM got

@@ -1,0 +1,321 @@
+"""The sticky cache (docs/replay.md, "Sticky execution"): a suspended run stays alive in the
+worker that suspended it and goes on from where it stopped when its wake-up comes back, by a
+claim of that one run (``Core.claim_run``) instead of a claim with its history and a replay.
+Anything else (the run advanced elsewhere, evicted, canceled, the worker killed) falls back to
+the normal claim and replay with the same outcome.
+
+The engines here turn the cache on whatever ``ITERFLOW_STICKY`` says: it is what is tested.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+import iterflow
+from iterflow import RunCanceled, define_flow
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).resolve().parent / "workers" / "sticky_worker.py"
+
+
+class Cache(Counter[str]):
+    """The ``sticky_cache`` metrics hook: how often each outcome happened."""
+
+    def __call__(self, what: str) -> None:
+        self[what] += 1
+
+
+async def sticky_engine(make_engine: Any, *flows: iterflow.Flow, **options: Any) -> tuple[iterflow.Engine, Cache]:
+    cache = Cache()
+    options.setdefault("sticky_cache", 1000)
+    engine = await make_engine(*flows, metrics={"sticky_cache": cache}, poll_interval=0.05, **options)
+    return engine, cache
+
+
+async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not await check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what} not reached within {timeout}s")
+        await asyncio.sleep(0.02)
+
+
+async def in_status(engine: iterflow.Engine, run_id: str, status: str) -> bool:
+    return (await engine.status(run_id)).run.status == status
+
+
+async def sql(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(query, args or None)
+        return await cur.fetchall() if cur.description else []
+
+
+def step_keys(detail: Any) -> list[str]:
+    return sorted(s["key"] for s in detail.steps)
+
+
+async def test_a_loop_of_sleeps_resumes_from_the_cache(make_engine: Any) -> None:
+    ran: list[int] = []
+    starts: list[int] = []
+
+    @define_flow("looper")
+    async def looper(ctx: iterflow.Context, n: int) -> Any:
+        starts.append(ctx.attempt)  # a replay would run the body from the top again
+        total = 0
+        for i in range(n):
+            total += await ctx.step("add", lambda i=i: ran.append(i) or i)
+            await ctx.sleep("40ms")
+        return total
+
+    engine, cache = await sticky_engine(make_engine, looper)
+    run = await engine.handle("looper").start(8)
+    assert await engine.handle("looper").result(run.run_id, timeout=20) == sum(range(8))
+    assert ran == list(range(8)) and starts == [1], "the body ran once from the top: no replay"
+    # each sleep's wake-up: a claim by id (hit), or, when a claim of the worker's own got the
+    # due run first, that claim went on with the held body (adopted); never a replay
+    assert cache["hit"] + cache["adopted"] == 8 and cache["hit"] >= 1 and cache["stale"] == 0, cache
+    detail = await engine.status(run.run_id)
+    assert [s["status"] for s in detail.steps] == ["done"] * 16
+    assert step_keys(detail) == sorted(["add", *(f"add:{i}" for i in range(1, 8)), "sleep",
+                                        *(f"sleep:{i}" for i in range(1, 8))])
+
+
+async def test_a_signal_wait_resumes_from_the_cache_with_the_payload(make_engine: Any) -> None:
+    @define_flow("asker")
+    async def asker(ctx: iterflow.Context, _: Any) -> Any:
+        before = await ctx.step("before", lambda: "b")
+        answer = await ctx.signal("answer", timeout="30s")
+        return {"before": before, "answer": answer}
+
+    engine, cache = await sticky_engine(make_engine, asker)
+    run = await engine.handle("asker").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    result = await engine.signal(run.run_id, "answer", {"yes": 1})
+    assert result.kind == "delivered"
+    assert await engine.handle("asker").result(run.run_id, timeout=10) == {"before": "b", "answer": {"yes": 1}}
+    assert cache["hit"] + cache["adopted"] == 1 and cache["stale"] == 0, cache
+
+
+async def test_a_signal_from_another_process_is_adopted_without_a_replay(make_engine: Any) -> None:
+    """No local wake-up here (the signal comes from a client engine): the holder's own claim
+    gets the woken run first, and goes on with the held body instead of replaying it."""
+    starts: list[int] = []
+
+    @define_flow("remote")
+    async def remote(ctx: iterflow.Context, _: Any) -> Any:
+        starts.append(ctx.attempt)
+        return await ctx.signal("answer")
+
+    engine, cache = await sticky_engine(make_engine, remote)
+    client = await make_engine(listen=False)
+    run = await engine.handle("remote").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    assert (await client.signal(run.run_id, "answer", 42)).kind == "delivered"
+    assert await engine.handle("remote").result(run.run_id, timeout=10) == 42
+    assert starts == [1] and cache["adopted"] == 1 and cache["stale"] == 0, (starts, cache)
+
+
+async def test_short_waits_are_waited_in_place(make_engine: Any) -> None:
+    suspended: list[str] = []
+
+    @define_flow("short")
+    async def short(ctx: iterflow.Context, n: int) -> Any:
+        for i in range(n):
+            await ctx.step("s", lambda i=i: i)
+            await ctx.sleep("5ms")
+        return n
+
+    cache = Cache()
+    engine = await make_engine(short, sticky_cache=1000, metrics={"sticky_cache": cache,
+                                                                  "run_suspended": suspended.append})
+    run = await engine.handle("short").start(20)
+    assert await engine.handle("short").result(run.run_id, timeout=10) == 20
+    assert suspended == [] and cache == Counter(), "no suspension, nothing held"
+    detail = await engine.status(run.run_id)
+    assert [s["status"] for s in detail.steps] == ["done"] * 40
+
+
+async def test_a_child_wait_resumes_from_the_cache_with_the_output(make_engine: Any) -> None:
+    @define_flow("kid")
+    async def kid(ctx: iterflow.Context, n: int) -> Any:
+        await ctx.sleep("60ms")  # (a wait under 20 ms is waited in place, without a suspension)
+        return await ctx.step("double", lambda: n * 2)
+
+    @define_flow("parent")
+    async def parent(ctx: iterflow.Context, n: int) -> Any:
+        one, two = await ctx.invoke_all([(kid, n), (kid, n + 1)])
+        return one + two + await ctx.step("after", lambda: 100)
+
+    engine, cache = await sticky_engine(make_engine, kid, parent)
+    run = await engine.handle("parent").start(3)
+    assert await engine.handle("parent").result(run.run_id, timeout=20) == 6 + 8 + 100
+    # the kids' sleeps and the parent's wait for its children: claims by id
+    assert cache["hit"] + cache["adopted"] >= 3 and cache["stale"] == 0, cache
+    detail = await engine.status(run.run_id)
+    assert [s["status"] for s in detail.steps] == ["done"] * 3
+
+
+async def test_a_run_advanced_elsewhere_drops_the_held_copy_and_replays(
+    make_engine: Any, dsn: str, schema_name: str
+) -> None:
+    effects: list[str] = []
+
+    def napper(label: str) -> iterflow.Flow:
+        @define_flow("advanced")
+        async def body(ctx: iterflow.Context, _: Any) -> Any:
+            first = await ctx.step("first", lambda: effects.append(f"first {label}") or label)
+            await ctx.sleep("1500ms")
+            last = await ctx.step("last", lambda: effects.append(f"last {label}") or label)
+            return [first, last]
+
+        return body
+
+    a, a_cache = await sticky_engine(make_engine, napper("A"), sticky_window="0s")
+    run = await a.handle("advanced").start(None)
+    await until(lambda: in_status(a, run.run_id, "sleeping"), what="the run held by A")
+    assert a_cache == Counter()
+    assert a._worker is not None
+    a._worker.paused = True  # only B claims from now on (once A's claim in flight, if any, ended)
+    await asyncio.sleep(0.2)
+    b, b_cache = await sticky_engine(make_engine, napper("B"))
+    # the run's wake-up comes early, and B (not A's timer) claims it: it replays on B, where
+    # the sleep is not over, so B holds it now
+    await sql(dsn, f'UPDATE "{schema_name}".queue SET ready_at = now() WHERE run_id = %s', run.run_id)
+    assert await b.handle("advanced").result(run.run_id, timeout=20) == ["A", "B"]
+    assert effects == ["first A", "last B"], "every step ran exactly once"
+    assert b_cache["hit"] + b_cache["adopted"] == 1, b_cache
+    await until(lambda: _true(a_cache["stale"] == 1), what="A's timer finding its copy stale")
+    assert len(a._worker.sticky or ()) == 0
+    detail = await b.status(run.run_id)
+    assert step_keys(detail) == ["first", "last", "sleep"]
+    assert [s["status"] for s in detail.steps] == ["done"] * 3
+
+
+async def test_eviction_under_a_small_cache(make_engine: Any) -> None:
+    @define_flow("evicted")
+    async def evicted(ctx: iterflow.Context, n: int) -> Any:
+        a = await ctx.step("a", lambda: n)
+        await ctx.sleep("300ms")
+        return a + await ctx.step("b", lambda: 10)
+
+    engine, cache = await sticky_engine(make_engine, evicted, sticky_cache=1)
+    handle = engine.handle("evicted")
+    runs = [await handle.start(n) for n in range(3)]
+    outputs = [await handle.result(r.run_id, timeout=20) for r in runs]
+    assert outputs == [10, 11, 12]
+    assert cache["evicted"] >= 1, cache
+    assert engine._worker is not None and len(engine._worker.sticky or ()) == 0
+    for r in runs:
+        assert [s["status"] for s in (await engine.status(r.run_id)).steps] == ["done"] * 3
+
+
+async def test_cancel_of_a_held_run(make_engine: Any) -> None:
+    ended: list[str] = []
+
+    @define_flow("waiter")
+    async def waiter(ctx: iterflow.Context, _: Any) -> Any:
+        try:
+            return await ctx.signal("never")
+        finally:
+            ended.append("unwound")
+
+    engine, cache = await sticky_engine(make_engine, waiter)
+    run = await engine.handle("waiter").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run held")
+    assert engine._worker is not None and run.run_id in (engine._worker.sticky or ())
+    await engine.cancel(run.run_id, "no longer needed")
+    with pytest.raises(RunCanceled):
+        await engine.handle("waiter").result(run.run_id, timeout=10)
+    assert run.run_id not in (engine._worker.sticky or ())
+    await until(lambda: _true(ended == ["unwound"]), what="the held body unwound")
+    assert cache["dropped"] == 1 and cache["hit"] == 0, cache
+
+
+async def test_a_worker_killed_with_a_full_cache(
+    make_engine: Any, dsn: str, schema_name: str, core: str, tmp_path: Path
+) -> None:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    log = open(tmp_path / "a.log", "wb")
+    a = subprocess.Popen(
+        [sys.executable, str(WORKER), "--dsn", dsn, "--schema", schema_name, "--core", core, "--label", "A"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+    log.close()
+    try:
+        await iterflow.migrate(dsn, schema_name)
+        client = await make_engine(listen=False)
+        handle = client.handle("napper")
+        runs = [await handle.start({"for": "1s"}) for _ in range(4)]
+
+        async def all_held() -> bool:
+            found = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE status = %s', "sleeping")
+            return len(found) == 4 and all(f":{a.pid}:" in w["sticky"]["owner"] for (w,) in found)
+
+        await until(all_held, timeout=20, what=f"A holding every run\n{(tmp_path / 'a.log').read_text()}")
+        a.send_signal(signal.SIGKILL)
+        assert a.wait(timeout=10) == -signal.SIGKILL
+
+        @define_flow("napper")
+        async def napper(ctx: iterflow.Context, inp: Any) -> Any:
+            await ctx.step("a", lambda: "B")
+            await ctx.sleep(inp["for"])
+            return await ctx.step("b", lambda: "B")
+
+        t0 = time.monotonic()
+        b, _ = await sticky_engine(make_engine, napper)
+        outputs = [await b.handle("napper").result(r.run_id, timeout=20) for r in runs]
+        assert outputs == ["B"] * 4, "every run finished on the other worker"
+        assert time.monotonic() - t0 < 1 + 1 + 2, "at most the sleep plus the window, plus slack"
+        for r in runs:
+            steps = (await b.status(r.run_id)).steps
+            assert [(s["key"], s["result"]) for s in steps if s["kind"] == "step"] == [("a", "A"), ("b", "B")]
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait(timeout=10)
+
+
+async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: str, schema_name: str) -> None:
+    """``claim_run`` claims only a ready run whose ``waiting.sticky.token`` is the expected one."""
+
+    @define_flow("held")
+    async def held(ctx: iterflow.Context, _: Any) -> Any:
+        await ctx.sleep("200ms")
+        return "ok"
+
+    engine, _ = await sticky_engine(make_engine, held, sticky_window="10s")
+    run = await engine.handle("held").start(None)
+    await until(lambda: in_status(engine, run.run_id, "sleeping"), what="the run suspended")
+    ((waiting,),) = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE id = %s', run.run_id)
+    token = waiting["sticky"]["token"]
+    await engine.stop()  # a graceful stop hands its held runs back to the fleet at once
+    ((waiting,),) = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE id = %s', run.run_id)
+    assert "sticky" not in waiting and waiting["kind"] == "sleep"
+    # held again, as if by a worker that died: the claims below are the test's
+    await sql(dsn, f"""UPDATE "{schema_name}".runs SET waiting = waiting || jsonb_build_object('sticky',
+                       jsonb_build_object('owner', 'gone', 'token', %s::bigint, 'ms', 10000)) WHERE id = %s""",
+              token, run.run_id)
+    core = await (await make_engine(listen=False)).client()
+    assert await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"]) is None, "not due yet"
+    await asyncio.sleep(0.25)
+    assert await core.claim_run(run.run_id, "probe", 30_000, token + 1, ["sleep"]) is None, "another token"
+    claimed = await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"])
+    assert claimed is not None and claimed.lease_token > token
+    assert list(claimed.history) == ["sleep"] and claimed.history["sleep"].status == "waiting"
+    assert await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"]) is None, "claimed already"
+
+
+async def _true(value: bool) -> bool:
+    return value
