@@ -539,7 +539,7 @@ async def test_step_model_result_is_json_on_first_run_and_replay(make_engine: An
         await ctx.sleep(0.2)  # forces a replay: the values below come from the database
         return {"raw": raw, "typed_amount": typed.amount}
 
-    engine = await make_engine(normalize, poll_interval=0.05)
+    engine = await make_engine(normalize, poll_interval=0.05, sticky_cache=0)  # a replay, not a resume
     started = await engine.handle("normalize").start()
     out = await engine.handle("normalize").result(started.run_id, timeout=10)
     assert out == {"raw": {"amount": 5, "currency": "EUR"}, "typed_amount": 7}

@@ -39,7 +39,8 @@ async def test_live_transitions_update_runs_in_place_and_finished_work_leaves_th
     make_engine: Any, dsn: str, schema_name: str
 ) -> None:
     n = 20
-    engine = await make_engine(hot_waiter)
+    # every suspension written and every wake claimed (no sticky resume, no wait in place)
+    engine = await make_engine(hot_waiter, sticky_cache=0)
     handle = engine.handle("hot-waiter")
     runs = [(await handle.start(i)).run_id for i in range(n)]
     for run_id in runs:
