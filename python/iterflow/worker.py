@@ -255,6 +255,11 @@ class Worker:
             return
         held = self.sticky.get(run_id)
         if not isinstance(held, Execution) or (token is not None and held.run.lease_token != token):
+            if held is None and token is not None:
+                # its own timer, but the run was evicted meanwhile: it is still marked as held
+                # by this worker, whose claim takes it at once (every other claim would wait
+                # out the window), so claim now instead of at the next poll
+                self.nudge()
             return
         self._resuming.add(run_id)
         asyncio.get_running_loop().create_task(self._resume(held, last_try), name=f"iterflow-resume-{run_id}")

@@ -507,8 +507,12 @@ WITH lim AS MATERIALIZED (
 ), unlimited AS (
     SELECT wq.run_id, wr.waiting AS was, wq.priority, wq.ready_at
       FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
-     WHERE wq.lease_until IS NULL AND wq.ready_at <= now() AND wq.flow_name = ANY ($1::text[])
-       AND NOT wq.flow_name = ANY (coalesce((SELECT names FROM lim), '{}'))
+     WHERE wq.lease_until IS NULL AND wq.ready_at <= now()
+       -- the names without limits, as one array: a filter of its own on flow_name made the
+       -- planner expect a handful of rows and sort the whole queue instead of reading
+       -- queue_ready in order up to the LIMIT (10x slower at 20,000 queued runs)
+       AND wq.flow_name = ANY (ARRAY(SELECT f FROM unnest($1::text[]) AS f
+                                      WHERE f <> ALL (coalesce((SELECT names FROM lim), '{}'))))
        AND (wr.waiting->'sticky' IS NULL OR wr.waiting->'sticky'->>'owner' = $3::text
             OR wq.ready_at <= now() - (wr.waiting->'sticky'->>'ms')::int * interval '1 millisecond')
      ORDER BY wq.priority DESC, wq.ready_at
