@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import psycopg
+from psycopg import RawCursor
 
 import iterflow
 from iterflow import sql
@@ -63,7 +64,7 @@ def time_claims(conn: psycopg.Connection[Any], schema: str, flow: str, n: int) -
     for _ in range(REPS):
         conn.execute("BEGIN")
         t0 = time.perf_counter()
-        rows = conn.execute(statement, ([flow], n, "bench", 30_000), prepare=True).fetchall()
+        rows = RawCursor(conn).execute(statement, ([flow], n, "bench", 30_000), prepare=True).fetchall()
         times.append((time.perf_counter() - t0) * 1000)
         conn.execute("ROLLBACK")
         claimed.append(sum(1 for r in rows if r[0] == "run"))

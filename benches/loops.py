@@ -121,6 +121,29 @@ async def _wait_loop(mon: Monitor, env: Env, run_id: str, iterations: int) -> No
 
 
 # -- w10 ---------------------------------------------------------------------------------------
+async def _wait_turns(mon: Monitor, env: Env, runs: int, turns: int, talk: asyncio.Task[Any]) -> None:
+    """Until every run has ended; progress is the turns taken (signals consumed), since all
+    runs advance together and none ends before the last turns: a slow but moving session is
+    not taken for a stall."""
+    last, since = -1, time.monotonic()
+    while True:
+        ((ended, taken),) = await mon.fetch(
+            f'SELECT (SELECT count(*) FROM "{env.schema}".runs WHERE finished_at IS NOT NULL),'
+            f' (SELECT count(*) FROM "{env.schema}".signals WHERE consumed_at IS NOT NULL)'
+        )
+        if ended >= runs:
+            return
+        if talk.done() and talk.exception() is not None:
+            raise WorkloadError(f"agent client failed: {talk.exception()!r}")
+        now = time.monotonic()
+        if taken != last:
+            last, since = taken, now
+        elif now - since > env.sizes.stall_s:
+            raise WorkloadError(f"agent turns: no progress for {env.sizes.stall_s:g}s at {taken} of "
+                                f"{runs * turns} turns, {ended} of {runs} runs ended")
+        await asyncio.sleep(env.sizes.poll_s)
+
+
 async def w10_agent_turns(env: Env) -> dict[str, Any]:
     runs, turns = env.sizes.w10_runs, env.sizes.w10_turns
     worker = env.worker(agent)
@@ -136,6 +159,7 @@ async def w10_agent_turns(env: Env) -> dict[str, Any]:
             "dsn": env.dsn, "schema": env.schema, "core": env.core, "app_prefix": env.app(""),
             "ids": ids, "turns": turns,
         }, "agent client"))
+        await _wait_turns(mon, env, runs, turns, talk)
         await wait_all_done(mon, env, f"{runs} agent runs of {turns} turns", runs, watch=talk)
         session = await talk
         rows = await mon.fetch(

@@ -513,6 +513,9 @@ WITH lim AS MATERIALIZED (
        -- queue_ready in order up to the LIMIT (10x slower at 20,000 queued runs)
        AND wq.flow_name = ANY (ARRAY(SELECT f FROM unnest($1::text[]) AS f
                                       WHERE f <> ALL (coalesce((SELECT names FROM lim), '{}'))))
+       -- (a check of no row, so the scan is not started at all when every name is limited)
+       AND EXISTS (SELECT 1 FROM unnest($1::text[]) AS f
+                    WHERE f <> ALL (coalesce((SELECT names FROM lim), '{}')))
        AND (wr.waiting->'sticky' IS NULL OR wr.waiting->'sticky'->>'owner' = $3::text
             OR wq.ready_at <= now() - (wr.waiting->'sticky'->>'ms')::int * interval '1 millisecond')
      ORDER BY wq.priority DESC, wq.ready_at
