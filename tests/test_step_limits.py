@@ -105,10 +105,10 @@ async def wait_for(check: Any, workers: Workers, timeout: float = 30.0, what: st
         await asyncio.sleep(0.05)
 
 
-async def all_done(client: Any, flow: str, run_ids: list[str], workers: Workers) -> None:
+async def all_done(client: Any, flow: str, run_ids: list[str], workers: Workers, timeout: float = 30) -> None:
     for run_id in run_ids:
         try:
-            await client.handle(flow).result(run_id, timeout=30)
+            await client.handle(flow).result(run_id, timeout=timeout)
         except TimeoutError:
             raise AssertionError(f"run {run_id} did not finish\n{workers.output()}") from None
 
@@ -189,6 +189,24 @@ async def test_rate_limit_spaces_calls_by_time_without_polling(make_engine: Any)
     assert len(calls) == 41
     assert 4.0 * 0.9 <= span <= 4.0 * 1.1, f"41 calls at 10 per second take ~4 s, took {span:.2f}"
     assert checks == ["granted"] * 41, "each call asked the database once, then slept until its slot"
+
+
+async def test_a_rate_holds_across_the_fleet_for_30_seconds(client: Any, workers: Workers, dsn: str,
+                                                         schema_name: str) -> None:
+    """Three worker processes share ``r`` (10 calls a second): 301 calls span 30 s within 10%,
+    and no second holds more than its share (a one-second window never sees more than 11)."""
+    for label in "ABC":
+        workers.start(label, "--slots", "8")
+    runs = [r.run_id for r in await client.handle("rated").start_many([{"input": i} for i in range(301)])]
+    await all_done(client, "rated", runs, workers, timeout=90)
+    spans = await intervals(dsn, schema_name)
+    times = sorted(s for _, _, s, _ in spans)
+    assert len(times) == 301
+    span = (times[-1] - times[0]).total_seconds()
+    assert 30 * 0.9 <= span <= 30 * 1.1, f"301 calls at 10 a second take ~30 s, took {span:.1f}"
+    busiest = max(sum(1 for t in times[i:i + 20] if (t - times[i]).total_seconds() < 1.0) for i in range(len(times)))
+    assert busiest <= 11, f"{busiest} calls in one second"
+    assert len({w for _, w, _, _ in spans}) >= 2, "one worker took every call"
 
 
 async def test_a_replayed_step_takes_no_permit(make_engine: Any) -> None:

@@ -5,8 +5,9 @@ one database, and the tests may kill one with SIGKILL.
 
 Every limited step notes its interval in ``<schema>.intervals(run_id, key, worker, started,
 ended)`` with the database's clock, so the test can count overlaps across processes. Limits:
-``x`` (2 at a time, fleet-wide) and ``k`` (1 at a time per key). Flow ``limited`` takes limit
-``x``, flow ``keyed`` limit ``k`` keyed by its input's ``key``; in mode ``block`` a step sleeps
+``x`` (2 at a time, fleet-wide), ``k`` (1 at a time per key) and ``r`` (10 calls a second,
+fleet-wide). Flow ``limited`` takes limit ``x``, flow ``keyed`` limit ``k`` keyed by its input's
+``key``, flow ``rated`` limit ``r`` (its step only notes when it ran); in mode ``block`` a step sleeps
 until the process is killed after noting its start.
 """
 
@@ -25,7 +26,7 @@ import psycopg
 import iterflow
 from iterflow import StepLimit, define_flow
 
-LIMITS = {"x": StepLimit(concurrency=2), "k": {"concurrency": 1, "per_key": True}}
+LIMITS = {"x": StepLimit(concurrency=2), "k": {"concurrency": 1, "per_key": True}, "r": StepLimit(rate="10/1s")}
 
 
 def main() -> None:
@@ -55,6 +56,17 @@ def hold(args: argparse.Namespace, run_id: str, key: str | None) -> str:
     return args.label
 
 
+def note(args: argparse.Namespace, run_id: str) -> str:
+    """A rate-limited call: when it ran (database clock), no hold."""
+    with psycopg.connect(args.dsn, autocommit=True) as conn:
+        conn.execute(
+            f'INSERT INTO "{args.schema}".intervals (run_id, key, worker, ended)'
+            " VALUES (%s, NULL, %s, clock_timestamp())",
+            (run_id, args.label),
+        )
+    return args.label
+
+
 def flows(args: argparse.Namespace) -> list[iterflow.Flow]:
     @define_flow("limited")
     async def limited(ctx: iterflow.Context, _: Any) -> Any:
@@ -66,7 +78,12 @@ def flows(args: argparse.Namespace) -> list[iterflow.Flow]:
         run_id, key = ctx.run_id, data["key"]
         return await ctx.step("call", lambda: hold(args, run_id, key), limit="k", limit_key=key)
 
-    return [limited, keyed]
+    @define_flow("rated")
+    async def rated(ctx: iterflow.Context, _: Any) -> Any:
+        run_id = ctx.run_id
+        return await ctx.step("call", lambda: note(args, run_id), limit="r")
+
+    return [limited, keyed, rated]
 
 
 async def serve(args: argparse.Namespace) -> None:
