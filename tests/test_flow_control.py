@@ -268,9 +268,16 @@ async def test_explain_names_the_limit_a_ready_run_waits_for(make_engine: Any) -
     reasons = (await engine.explain(capped_wait)).reasons
     assert [r.kind for r in reasons] == ["flow_limit"]
     assert reasons[0].details == {"limit": 1, "running": 1}
+    # status() names it too: the queued run's waiting is the limit, not just "queued"
+    waiting = (await engine.status(capped_wait)).run.waiting
+    assert waiting is not None and waiting.kind == "limit" and waiting.name == "flow_limit"
+    assert str(waiting).startswith("queued for a place: 1 runs of held execute now")
+    assert (await engine.status(b1)).run.waiting.kind == "running"
     reasons = (await engine.explain(key_wait)).reasons
     assert [r.kind for r in reasons] == ["key_limit"]
     assert reasons[0].details == {"key": "a", "limit": 1, "running": 1}
+    waiting = (await engine.status(key_wait)).run.waiting
+    assert waiting is not None and waiting.kind == "limit" and waiting.name == "key_limit"
     gate.set()
     for rid in (first, second, a1, a2, b1):
         await engine.handle("held" if rid in (first, second) else "held-per-key").result(rid, timeout=20)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal as signal_module
 import threading
@@ -31,7 +32,7 @@ from .errors import (
     RunNotFound,
     ValidationFailed,
 )
-from .explain import explain_run
+from .explain import explain_run, limit_of
 from .faults import RetryPolicy
 from .flow import Flow
 from .handle import FlowHandle
@@ -52,6 +53,7 @@ from .types import (
     RunPage,
     RunSummary,
     SignalResult,
+    Waiting,
     WorkerInfo,
     decode_cursor,
     encode_cursor,
@@ -523,7 +525,12 @@ class Engine:
             timers = [dict(t, kind="queue") for t in detail["timer"]]
             timers += [{"kind": s["kind"], "key": s["key"], "deadline": s["deadline"]}
                        for s in detail["steps"] if s["status"] == "waiting" and s["deadline"] is not None]
-        return RunDetail(run=Run.from_row(detail["run"]), steps=detail["steps"], signals=detail["signals"],
+        run = Run.from_row(detail["run"])
+        if run.status == "pending":  # queued: a flow-control limit may be what it waits for
+            limit = await limit_of(core, rid)
+            if limit is not None:
+                run = dataclasses.replace(run, waiting=Waiting("limit", name=limit.kind, reason=limit.message))
+        return RunDetail(run=run, steps=detail["steps"], signals=detail["signals"],
                          timers=timers, children=detail["children"], events=detail["events"])
 
     async def explain(self, run_id: str) -> Explanation:

@@ -52,6 +52,20 @@ async def explain_run(core: Core, schema: str, run_id: str, depth: int = MAX_DEP
     return await _explain(_Reader(core, schema), run_id, depth)
 
 
+async def limit_of(core: Core, run_id: str) -> Reason | None:
+    """The flow-control limit a ready, unleased run waits for (``flow_limit`` or
+    ``key_limit``), or None: what ``engine.status`` names for a queued run."""
+    rows = await core.admin_query("explain_run", run_id)
+    if not rows:
+        return None
+    row = rows[0]
+    if row["status"] in TERMINAL or row["lease_owner"] is not None or not row["queued"] \
+            or row["ready_at"] > row["db_now"]:
+        return None
+    limits = _limits(row)
+    return limits[0] if limits else None
+
+
 async def _explain(reader: _Reader, run_id: str, depth: int) -> Explanation | None:
     rows = await reader.core.admin_query("explain_run", run_id)
     if not rows:

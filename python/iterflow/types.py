@@ -86,6 +86,8 @@ class Waiting:
             return f"parked ({self.code}): {self.reason}"
         if self.kind == "running":
             return f"running on {self.worker}, lease{until}"
+        if self.kind == "limit":
+            return f"queued for a place: {self.reason}"
         return "queued"
 
     @classmethod
