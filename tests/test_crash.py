@@ -16,7 +16,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -25,12 +24,10 @@ from typing import Any
 
 import psycopg
 import pytest
+from tests.processes import WorkerProcesses
 
 import iterflow
 from iterflow import Code, RunFailed
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "workers" / "crash_worker.py"
 
 
 async def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -40,60 +37,21 @@ async def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
 
 
 class Workers:
-    """Starts worker subprocesses and kills any that are still alive at teardown."""
+    """``crash_worker.py`` subprocesses (tests/processes.py): a mode per worker (see the
+    script), its lease and poison limit."""
 
     def __init__(self, dsn: str, schema: str, core: str, logs: Path) -> None:
-        self.dsn, self.schema, self.core, self.logs = dsn, schema, core, logs
-        self.procs: list[subprocess.Popen[bytes]] = []
+        self.processes = WorkerProcesses("crash_worker.py", dsn, schema, core, logs)
+        self.procs = self.processes.procs
+        self.output = self.processes.output
+        self.cleanup = self.processes.cleanup
 
     def start(
         self, label: str, mode: str, *, lease: str = "1s", max_run_attempts: int = 100,
         extra: Sequence[str] = (),
     ) -> subprocess.Popen[bytes]:
-        env = dict(
-            os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])
-        )
-        out = open(self.logs / f"{label}.log", "wb")  # closed right after Popen
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                str(WORKER),
-                "--dsn",
-                self.dsn,
-                "--schema",
-                self.schema,
-                "--core",
-                self.core,
-                "--mode",
-                mode,
-                "--label",
-                label,
-                "--lease",
-                lease,
-                "--max-run-attempts",
-                str(max_run_attempts),
-                *extra,
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=env,
-            cwd=ROOT,
-        )
-        out.close()
-        self.procs.append(proc)
-        return proc
-
-    def output(self) -> str:
-        return "\n".join(
-            f"--- {p.name} ---\n{p.read_text(errors='replace')}" for p in sorted(self.logs.glob("*.log"))
-        )
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGCONT)
-                proc.kill()
-                proc.wait(timeout=10)
+        return self.processes.start(label, "--mode", mode, "--lease", lease,
+                                    "--max-run-attempts", str(max_run_attempts), *extra)
 
 
 @pytest.fixture

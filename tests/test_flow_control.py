@@ -7,10 +7,7 @@ database's clock, in a side table, and the tests check the overlaps."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -19,41 +16,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from tests.processes import WorkerProcesses as Fleet
 
 import iterflow
 from iterflow import define_flow, flow
 from iterflow.errors import InvalidArgument
-
-ROOT = Path(__file__).resolve().parent.parent
-WORKER = Path(__file__).resolve().parent / "workers" / "limits_worker.py"
-
-
-class Fleet:
-    """Worker subprocesses on the test's schema; any still alive are killed at teardown."""
-
-    def __init__(self, dsn: str, schema: str, core: str, logs: Path) -> None:
-        self.dsn, self.schema, self.core, self.logs = dsn, schema, core, logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, label: str, *extra: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-        with open(self.logs / f"{label}.log", "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, str(WORKER), "--dsn", self.dsn, "--schema", self.schema, "--core", self.core,
-                 "--label", label, *extra],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def output(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')}" for p in sorted(self.logs.glob("*.log")))
-
-    def stop(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
 
 
 @pytest.fixture
@@ -64,9 +31,9 @@ def fleet(dsn: str, schema_name: str, core: str, tmp_path: Path) -> Iterator[Fle
             f'CREATE TABLE "{schema_name}".intervals (id bigserial PRIMARY KEY, run_id uuid, flow text, key text,'
             " worker text, began timestamptz, ended timestamptz)"
         )
-    f = Fleet(dsn, schema_name, core, tmp_path)
+    f = Fleet("limits_worker.py", dsn, schema_name, core, tmp_path)
     yield f
-    f.stop()
+    f.cleanup()
 
 
 def _start(dsn: str, schema: str, name: str, inputs: list[Any]) -> list[str]:

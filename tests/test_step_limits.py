@@ -9,10 +9,7 @@ notes its interval with the database's clock, so overlaps are counted across pro
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from datetime import datetime
@@ -21,13 +18,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from tests.processes import WorkerProcesses as Workers
 
 import iterflow
 from iterflow import Code, RunFailed, StepLimit, define_flow
 from iterflow.errors import InvalidArgument
-
-ROOT = Path(__file__).resolve().parents[1]
-WORKER = Path(__file__).resolve().parent / "workers" / "limit_worker.py"
 
 
 async def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -36,37 +31,9 @@ async def rows(dsn: str, query: str, *args: Any) -> list[tuple[Any, ...]]:
         return await cur.fetchall() if cur.description else []
 
 
-class Workers:
-    """``limit_worker.py`` subprocesses, killed at teardown if still alive."""
-
-    def __init__(self, dsn: str, schema: str, core: str, logs: Path) -> None:
-        self.dsn, self.schema, self.core, self.logs = dsn, schema, core, logs
-        self.procs: list[subprocess.Popen[bytes]] = []
-
-    def start(self, label: str, *args: str) -> subprocess.Popen[bytes]:
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-        with open(self.logs / f"{label}.log", "wb") as out:
-            proc = subprocess.Popen(
-                [sys.executable, str(WORKER), "--dsn", self.dsn, "--schema", self.schema, "--core", self.core,
-                 "--label", label, *args],
-                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-            )
-        self.procs.append(proc)
-        return proc
-
-    def output(self) -> str:
-        return "\n".join(f"--- {p.name} ---\n{p.read_text(errors='replace')}" for p in sorted(self.logs.glob("*.log")))
-
-    def cleanup(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
-
-
 @pytest.fixture
 def workers(dsn: str, schema_name: str, core: str, tmp_path: Path) -> Iterator[Workers]:
-    w = Workers(dsn, schema_name, core, tmp_path)
+    w = Workers("limit_worker.py", dsn, schema_name, core, tmp_path)
     yield w
     w.cleanup()
 
