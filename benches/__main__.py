@@ -68,6 +68,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="w9's iterations (default: 10,000; 100 with --quick)")
     p.add_argument("--w10-runs", type=int, default=None, help="w10's runs (default: 200; 5 with --quick)")
     p.add_argument("--w10-turns", type=int, default=None, help="w10's turns per run (default: 100; 5 with --quick)")
+    p.add_argument("--sticky-cache", type=int, default=None,
+                   help="the worker engines' sticky_cache (held runs; 0 turns it off; default: the engine's)")
     p.add_argument("--timeout", type=float, default=None,
                    help="seconds one workload run may take (default: 900, or 60 with --quick)")
     args = p.parse_args(argv)
@@ -78,6 +80,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     if unknown or not args.cores:
         p.error(f"--cores: unknown {unknown}; choose from {', '.join(CORES)}")
     args.concurrency = _parse_concurrency(p, args.concurrency)
+    if args.sticky_cache is not None and args.sticky_cache < 0:
+        p.error("--sticky-cache must be at least 0")
     for knob in ("w9_iterations", "w10_runs", "w10_turns"):
         if getattr(args, knob) is not None and getattr(args, knob) < 1:
             p.error(f"--{knob.replace('_', '-')} must be at least 1")
@@ -137,11 +141,12 @@ async def _checkpoints(dsn: str) -> int | None:
 
 
 async def run_one(w: Workload, core: str, rep: int, dsn: str, sizes: Sizes, timeout: float,
-                  concurrency: dict[str, int]) -> dict[str, Any]:
+                  concurrency: dict[str, int], sticky_cache: int | None = None) -> dict[str, Any]:
     assert w.run is not None
     schema = f"bench_{w.id}_{core[:2]}_{os.getpid():x}_{rep}"
     env = Env(dsn=dsn, core=core, schema=schema, sizes=sizes, seed=1000 + rep,
-              concurrency=concurrency.get(core, sizes.concurrency))
+              concurrency=concurrency.get(core, sizes.concurrency),
+              worker_options={} if sticky_cache is None else {"sticky_cache": sticky_cache})
     t0 = time.perf_counter()
     phases: dict[str, float] = {}
     floor: dict[str, Any] | None = None
@@ -244,7 +249,7 @@ async def run_all(args: argparse.Namespace, dsn: str, sizes: Sizes, timeout: flo
     for rep in range(args.reps):
         for w in to_run:
             for core in available:
-                result = await run_one(w, core, rep, dsn, sizes, timeout, args.concurrency)
+                result = await run_one(w, core, rep, dsn, sizes, timeout, args.concurrency, args.sticky_cache)
                 runs[w.id][core].append(result)
                 print(_progress(w, core, rep, args.reps, result), file=sys.stderr, flush=True)
 
@@ -278,7 +283,8 @@ async def run_all(args: argparse.Namespace, dsn: str, sizes: Sizes, timeout: flo
         "config": {"quick": args.quick, "reps": args.reps, "cores": args.cores, "only": args.only,
                    "dsn": redact(dsn), "timeout_s": timeout, "sizes": sizes.__dict__, "iterflow": head_at_start,
                    "iterflow_at_end": _git_describe(),
-                   "concurrency": {c: args.concurrency.get(c, sizes.concurrency) for c in args.cores}},
+                   "concurrency": {c: args.concurrency.get(c, sizes.concurrency) for c in args.cores},
+                   "sticky_cache": args.sticky_cache},
         "cores": {c: {"available": ok, "reason": why} for c, (ok, why) in cores.items()},
         "workloads": workloads,
     }

@@ -163,6 +163,7 @@ class Env:
     sizes: Sizes
     seed: int
     concurrency: int
+    worker_options: dict[str, Any] = field(default_factory=dict)  # more options of the worker engines
     stack: contextlib.AsyncExitStack = field(default_factory=contextlib.AsyncExitStack)
     monitors: list[Monitor] = field(default_factory=list)
 
@@ -183,7 +184,7 @@ class Env:
         return f"{APP_PREFIX}-{self.schema}-{role}"
 
     def worker(self, *flows: Flow) -> Engine:
-        return self.engine("worker", *flows, concurrency=self.concurrency)
+        return self.engine("worker", *flows, concurrency=self.concurrency, **self.worker_options)
 
     def monitor(self) -> Monitor:
         mon = Monitor(self.dsn, self.schema, self.app(""))

@@ -131,3 +131,54 @@ async def test_sleep_survives_worker_kill_and_restart(make_engine, dsn, schema_n
     after = next(s for s in detail.steps if s["key"] == "after")
     assert after["finished_at"] >= sleep_rec["deadline"]
     assert sleep_rec["deadline"] - before["finished_at"] >= timedelta(seconds=1.9)
+
+
+async def _suspended_without_a_worker(make_engine, body, status):
+    """A run of ``body`` suspended in ``status`` by a worker that then stopped (no sticky cache:
+    nothing is held), and a client core: the claims below are the test's own."""
+    worker = await make_engine(body, sticky_cache=0)
+    run = await worker.handle(body.name).start(None)
+    for _ in range(200):
+        if (await worker.status(run.run_id)).run.status == status:
+            break
+        await asyncio.sleep(0.025)
+    assert (await worker.status(run.run_id)).run.status == status
+    await worker.stop()
+    client = await make_engine(listen=False)
+    return run, client, await client.client()
+
+
+async def test_the_claim_closes_a_sleep_that_is_over(make_engine):
+    """A run woken from its sleep gets the sleep's record closed by the claim itself, so the
+    resumed body goes on without writing it first (queries.sql, claim_with_history)."""
+
+    @define_flow("closed-by-claim")
+    async def short(ctx, _inp):
+        await ctx.sleep("200ms")
+        return await ctx.step("after", lambda: "ok")
+
+    run, _, core = await _suspended_without_a_worker(make_engine, short, "sleeping")
+    await asyncio.sleep(0.3)
+    (claimed,) = await core.claim(["closed-by-claim"], 10, "probe", 30_000)
+    rec = claimed.history["sleep"]
+    assert rec.status == "done" and rec.deadline is not None
+    assert rec.finished_at is not None and rec.finished_at >= rec.deadline
+
+
+async def test_the_claim_leaves_a_sleep_that_is_not_over(make_engine):
+    """Woken early (a signal raced the sleep), the run's sleep record stays open."""
+
+    @define_flow("woken-early")
+    async def race(ctx, _inp):
+        sig = asyncio.ensure_future(ctx.signal("go"))
+        nap = asyncio.ensure_future(ctx.sleep("1h"))
+        done, pending = await asyncio.wait({sig, nap}, return_when=asyncio.FIRST_COMPLETED)
+        for task in pending:
+            task.cancel()
+        return "signal" if sig in done else "slept"
+
+    run, client, core = await _suspended_without_a_worker(make_engine, race, "sleeping")
+    assert (await client.signal(run.run_id, "go", 1)).kind == "delivered"
+    (claimed,) = await core.claim(["woken-early"], 10, "probe", 30_000)
+    assert claimed.history["sleep"].status == "waiting"
+    assert claimed.history["signal:go"].status == "done"

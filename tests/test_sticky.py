@@ -313,7 +313,11 @@ async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: 
     assert await core.claim_run(run.run_id, "probe", 30_000, token + 1, ["sleep"]) is None, "another token"
     claimed = await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"])
     assert claimed is not None and claimed.lease_token > token
-    assert list(claimed.history) == ["sleep"] and claimed.history["sleep"].status == "waiting"
+    # the sleep is over: the claim closed its record (the held body writes nothing for it)
+    assert list(claimed.history) == ["sleep"] and claimed.history["sleep"].status == "done"
+    assert claimed.history["sleep"].finished_at is not None
+    ((status,),) = await sql(dsn, f'SELECT status FROM "{schema_name}".steps WHERE run_id = %s', run.run_id)
+    assert status == "done"
     assert await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"]) is None, "claimed already"
 
 

@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
@@ -108,7 +108,7 @@ class Context:
         self._replay_idle = _Flag()
         self._counters: dict[str, int] = {}
         self._seq = 0
-        self._clock = (run.db_now, time.monotonic())
+        services.clock.observe(run.db_now)
         self._position: datetime = run.created_at
         self._in_flight = 0
         self._quiet = _Flag()
@@ -282,7 +282,7 @@ class Context:
         self._run = run
         self.attempt = run.attempts
         self.cancel_reason = run.cancel_reason
-        self._clock = (run.db_now, time.monotonic())
+        self._services.clock.observe(run.db_now)
         self._history.update(run.history)
         self.release()
 
@@ -343,9 +343,10 @@ class Context:
         return self._io(self._services.core.record_step(self.run_id, rec, result, error))
 
     def clock(self) -> datetime:
-        """Database time estimate: the claim's ``now()`` plus local monotonic elapsed time."""
-        db_now, mono = self._clock
-        return db_now + timedelta(seconds=time.monotonic() - mono)
+        """Database time estimate, never ahead of it (``clock.DbClock``)."""
+        now = self._services.clock.now()
+        assert now is not None  # (this run's claim was read into it)
+        return now
 
     def now(self) -> datetime:
         """The time of the current replay position: when the latest resolved ctx call finished.
@@ -487,7 +488,7 @@ class Context:
             pinned = rec.deadline
             assert pinned is not None
             until = pinned
-            if until <= now:
+            if until <= now or rec.status == "done":  # (done: closed by the claim, by the database's clock)
                 self._advance(until)
                 if rec.status == "waiting":  # close the record so timelines show the sleep as over
                     self._begin(replay=True)
@@ -503,6 +504,9 @@ class Context:
         while self.clock() < (until := self._deadline_of(key, until)):
             await self._suspend(sleeping)
         self._advance(until)
+        closed = self._history.get(key)
+        if closed is not None and closed.status == "done":  # by the claim that resumed us
+            return
         self._begin()
         try:
             await self._record(StepRecord(key, seq, "sleep", "sleep", "done", deadline=until), None, None)

@@ -1,8 +1,9 @@
 """``ExecutionServices``: what executing a run needs from its engine, in one object.
 
 The core (the retry layer over the chosen core), the limits, the step limits, the metrics
-hooks, the logger, the engine's defaults, run-id minting and input encoding: a bundle of services, built once by the
-engine and shared by the worker, each ``Execution`` and each ``Context``. The registry of flows
+hooks, the database clock estimate, the logger, the engine's defaults, run-id minting and input
+encoding: a bundle of services, built once by the engine and shared by the worker, each
+``Execution`` and each ``Context``. The registry of flows
 is not here: it is the engine's (``Engine.flows``), handed to the worker, so that the execution
 layer below the flow definitions never refers to them (docs/architecture.md §1).
 """
@@ -13,11 +14,12 @@ import logging
 import os
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol
 
 from . import codec
+from .clock import DbClock
 from .config import Limits
 from .errors import Code
 from .observe import Hooks
@@ -62,6 +64,7 @@ class ExecutionServices:
     max_run_attempts: int
     drift: str
     step_limits: StepLimits
+    clock: DbClock = field(default_factory=DbClock)  # the database's time, from every claim's reading
 
     new_id = staticmethod(new_id)
 

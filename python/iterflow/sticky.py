@@ -18,16 +18,25 @@ owner until ``window`` after its wake-up.
 
 from __future__ import annotations
 
+import asyncio
+import heapq
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol
 
+from .clock import DbClock
 from .observe import Hooks
 
 # Default bounds of the cache (engine options sticky_cache, sticky_cache_bytes, sticky_window).
 DEFAULT_RUNS = 1000
 DEFAULT_BYTES = 64 * 1024 * 1024
 DEFAULT_WINDOW_MS = 1000
+# Longest a held run's timer sleeps before it looks at the database clock estimate again: the
+# estimate improves as claims come back (clock.py), and a timer armed on an early, coarse one
+# would otherwise fire late by the difference.
+REARM = 0.05
 
 
 class Held(Protocol):
@@ -119,3 +128,56 @@ class StickyCache:
     def count(self, what: str) -> None:
         self.counts[what] += 1
         self.hooks.emit("sticky_cache", what)
+
+
+class WakeTimers:
+    """When the held runs wake up, in the database's time, on one timer of the event loop.
+
+    A held run's wait ends at a time pinned in the database (a sleep's deadline, a backoff, a
+    signal timeout), and the claim by id finds it due only once the database's ``now()`` has
+    passed it. Each timer is therefore armed against ``DbClock`` (a lower bound of the
+    database's time: a run it calls due is due) and re-armed at least every ``REARM`` seconds,
+    so that a better estimate, read from a later claim, moves it forward. One timer for every
+    held run: the earliest is armed, and all that are due when it fires wake together.
+    """
+
+    def __init__(self, clock: DbClock, wake: Callable[[str, int], None]) -> None:
+        self.clock = clock
+        self.wake = wake  # (run id, lease token it was held under): the worker's wake_held
+        self._due: list[tuple[datetime, str, int]] = []
+        self._timer: asyncio.TimerHandle | None = None
+
+    def __len__(self) -> int:
+        return len(self._due)
+
+    def add(self, when: datetime, run_id: str, token: int) -> None:
+        """Wake ``run_id`` (held under ``token``) once the database's time reaches ``when``; an
+        entry whose run is no longer held that way is ignored by ``wake`` when it comes."""
+        heapq.heappush(self._due, (when, run_id, token))
+        if self._due[0][1] == run_id:
+            self._arm()
+
+    def clear(self) -> None:
+        self._due.clear()
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _arm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        now = self.clock.now()
+        if not self._due or now is None:
+            return
+        delay = (self._due[0][0] - now).total_seconds()
+        self._timer = asyncio.get_running_loop().call_later(min(max(delay, 0.0), REARM), self._fire)
+
+    def _fire(self) -> None:
+        self._timer = None
+        now = self.clock.now()
+        if now is not None:
+            while self._due and self._due[0][0] <= now:
+                _, run_id, token = heapq.heappop(self._due)
+                self.wake(run_id, token)
+        self._arm()

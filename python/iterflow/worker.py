@@ -22,7 +22,7 @@ from .fleet import Registration
 from .flow import Flow
 from .runner import Execution
 from .services import ExecutionServices
-from .sticky import StickyCache, StickyHolder
+from .sticky import StickyCache, StickyHolder, WakeTimers
 from .types import TERMINAL
 
 log = logging.getLogger("iterflow")
@@ -36,9 +36,6 @@ DUE_RECHECK = 0.05
 CLAIM_STOP_GRACE = 5.0
 # Longest interval between two sweeps of expired leases (see sweep_interval).
 MAX_SWEEP = 5.0
-# Seconds a held run's local timer fires after its wake-up time: the claim by id must find
-# it due by the database's clock, which the local estimate (Context.clock) may trail a little.
-TIMER_SLACK = 0.002
 # Seconds before a second claim by id of a held run whose first one claimed nothing.
 RESUME_RETRY = 0.05
 
@@ -71,6 +68,7 @@ class Worker:
         self.sticky = sticky
         self.holder = StickyHolder(self.owner, sticky_window_ms) if sticky is not None else None
         self._resuming: set[str] = set()  # held runs with a claim by id in flight
+        self.timers = WakeTimers(services.clock, self.wake_held)  # the held runs' own timers
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
         self._may_claim = asyncio.Event()  # a slot freed up, a nudge, or stop: see _wait_for_slot
@@ -145,6 +143,7 @@ class Worker:
             await self.release(unfinished)
         if self.sticky is not None:  # (runs that suspended while draining)
             await self._unstick(self.sticky.clear())
+            self.timers.clear()
         for task in self._tasks[1:]:
             await _cancel(task)
         if self._registered:
@@ -192,6 +191,8 @@ class Worker:
                 await asyncio.sleep(min(self.poll_interval, 1.0))
                 wait = None
                 continue
+            if runs:  # read before the batch's executions start: the tightest reading (clock.py)
+                self.services.clock.observe(runs[0].db_now)
             for run in runs:
                 self._spawn(run)
             wait = None if len(runs) == free else await self._wait_budget(names)
@@ -313,8 +314,7 @@ class Worker:
         self.sticky.put(run.run_id, execution)
         times = [s.wake_at for s in ctx.suspensions if s.wake_at is not None]
         if times:
-            delay = (min(times) - ctx.clock()).total_seconds() + TIMER_SLACK
-            asyncio.get_running_loop().call_later(max(delay, 0.0), self.wake_held, run.run_id, run.lease_token)
+            self.timers.add(min(times), run.run_id, run.lease_token)
 
     async def _execute(self, execution: Execution, work: Coroutine[Any, Any, str]) -> None:
         run_id = execution.run.run_id

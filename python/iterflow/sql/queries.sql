@@ -493,6 +493,10 @@ SELECT to_regclass($1) IS NOT NULL
 -- `held_token` is the lease token under which a worker holds the run in its sticky cache
 -- (`waiting.sticky.token`; NULL: none): that worker goes on with its held body, without a
 -- replay, when it is the one that claims the run and the token is the one it holds.
+-- A claimed run that suspended on a sleep (`waiting.kind` 'sleep') has its sleep records whose
+-- deadline has passed closed here (`slept`), as the resumed sleep would close them, so the body
+-- goes on without that durable write first. Losing this commit (a claim does not wait for the
+-- flush) loses nothing: a record still 'waiting' is closed at the next resume.
 -- A run another worker holds in its sticky cache (`waiting.sticky`: owner, lease token, window
 -- in ms; docs/replay.md "Sticky execution") is left to that worker, which claims it by id
 -- (claim_run), until the window after its wake-up has passed.
@@ -554,6 +558,16 @@ WITH lim AS MATERIALIZED (
             WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key) a
      CROSS JOIN LATERAL {schema}.take_signals(a.runs, a.keys, a.seqs, a.names) t
      WHERE a.runs IS NOT NULL
+), slept AS (
+    UPDATE {schema}.steps s SET status = 'done', finished_at = now()
+     WHERE s.run_id = ANY (ARRAY(SELECT c.run_id FROM c JOIN r ON r.id = c.run_id WHERE c.was->>'kind' = 'sleep'))
+       AND s.kind = 'sleep' AND s.status = 'waiting' AND s.deadline <= now()
+    RETURNING s.*
+), slept_watched AS (
+    -- progress wake-ups for watched runs, as record_step sends them
+    SELECT count({schema}.wakeup('p ' || w.run_id::text)) AS n
+      FROM (SELECT DISTINCT run_id FROM {schema}.watches
+             WHERE run_id = ANY (ARRAY(SELECT run_id FROM slept)) AND expires_at > now()) w
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
@@ -570,11 +584,17 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
   LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
  WHERE s.run_id = ANY (ARRAY(SELECT id FROM r))
    AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
+   AND NOT EXISTS (SELECT 1 FROM slept WHERE slept.run_id = s.run_id AND slept.key = s.key)
 UNION ALL
 SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
        got.child_id, NULL, NULL, NULL, got.finished_at
   FROM got
+UNION ALL
+SELECT 'step', slept.run_id, NULL, slept.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       slept.key, slept.seq, slept.kind, slept.status, slept.result, slept.error, slept.attempts,
+       slept.deadline, slept.child_id, NULL, NULL, NULL, slept.finished_at
+  FROM slept CROSS JOIN slept_watched
 
 -- name: claim_run
 -- Lease the one run $1 for $3 ms, as owner $2, when it is ready and still exactly as the
@@ -582,10 +602,10 @@ SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, N
 -- lease token of the attempt that suspended it (tokens come from one sequence, and every
 -- claim replaces `waiting`, so an equal token means nobody claimed it since), and no cancel
 -- is asked. Returns the claim_with_history columns, without the history: the 'run' row, the
--- current records of the keys the held body waits on ($5), and the signal waits resolved by
--- take_signals as the claim does. Nothing comes back when the run is not claimable that way
--- (not due yet, another worker advanced it, canceled, busy): the holder drops its copy and
--- the run takes the normal claim and replay.
+-- current records of the keys the held body waits on ($5), with the signal waits resolved by
+-- take_signals and the sleeps over closed, as the claim does. Nothing comes back when the run
+-- is not claimable that way (not due yet, another worker advanced it, canceled, busy): the
+-- holder drops its copy and the run takes the normal claim and replay.
 WITH c AS (
     SELECT wq.run_id, wr.waiting AS was
       FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
@@ -618,6 +638,17 @@ WITH c AS (
             WHERE c.was ? 'signal_seqs' AND c.was->'signal_seqs' ? w.key) a
      CROSS JOIN LATERAL {schema}.take_signals(a.runs, a.keys, a.seqs, a.names) t
      WHERE a.runs IS NOT NULL
+), slept AS (
+    UPDATE {schema}.steps s SET status = 'done', finished_at = now()
+     WHERE s.run_id = ANY (ARRAY(SELECT c.run_id FROM c JOIN r ON r.id = c.run_id WHERE c.was->>'kind' = 'sleep'))
+       AND s.key = ANY ($5::text[])
+       AND s.kind = 'sleep' AND s.status = 'waiting' AND s.deadline <= now()
+    RETURNING s.*
+), slept_watched AS (
+    -- progress wake-ups for watched runs, as record_step sends them
+    SELECT count({schema}.wakeup('p ' || w.run_id::text)) AS n
+      FROM (SELECT DISTINCT run_id FROM {schema}.watches
+             WHERE run_id = ANY (ARRAY(SELECT run_id FROM slept)) AND expires_at > now()) w
 )
 SELECT 'run' AS kind, r.id AS run_id, q.lease_token, r.name, r.version, r.input, r.attempts,
        r.cancel_reason, r.parent_id, r.depth, r.created_at, r.parent_status, now() AS db_now,
@@ -634,11 +665,17 @@ SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
   LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
  WHERE s.run_id = ANY (ARRAY(SELECT id FROM r)) AND s.key = ANY ($5::text[])
    AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
+   AND NOT EXISTS (SELECT 1 FROM slept WHERE slept.run_id = s.run_id AND slept.key = s.key)
 UNION ALL
 SELECT 'step', got.run_id, NULL, got.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        got.key, got.seq, got.kind, got.status, got.result, got.error, got.attempts, got.deadline,
        got.child_id, NULL, NULL, NULL, got.finished_at
   FROM got
+UNION ALL
+SELECT 'step', slept.run_id, NULL, slept.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       slept.key, slept.seq, slept.kind, slept.status, slept.result, slept.error, slept.attempts,
+       slept.deadline, slept.child_id, NULL, NULL, NULL, slept.finished_at
+  FROM slept CROSS JOIN slept_watched
 
 -- name: upsert_flow_limits
 -- A starting worker states the limits of the flows it serves ($1: a JSON array of {name,
