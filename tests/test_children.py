@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 
@@ -65,6 +66,21 @@ async def test_without_notify_a_child_and_its_parent_run_without_waiting_for_the
     await asyncio.sleep(0.3)  # the worker's first claim found nothing: it waits for a wake-up
     run = await handle.start({"x": 3})
     assert await handle.result(run.run_id, timeout=10) == {"one": 9}
+
+
+@pytest.mark.parametrize("sticky_cache", [0, 1000], ids=["replay", "held"])
+async def test_a_child_finished_in_another_process_wakes_its_parent_at_once(make_engine, sticky_cache):
+    """The parent's worker serves no child flow and polls every 5 s: only the announcement of
+    the parent's wake-up (`q`, or `h` to the worker holding it; migration 0013) can resume it
+    within the 3 s asserted."""
+    parents = await make_engine(parent, poll_interval=5.0, sticky_cache=sticky_cache)
+    await make_engine(square, poll_interval=5.0, sticky_cache=sticky_cache)
+    handle = parents.handle("parent")
+    for x in (2, 3):  # the second parent is woken while the worker is idle, the first one too
+        started = time.monotonic()
+        run = await handle.start({"x": x})
+        assert await handle.result(run.run_id, timeout=10) == {"one": x * x}
+        assert time.monotonic() - started < 3.0
 
 
 async def test_fanout_of_200_joins_in_order(make_engine):

@@ -104,6 +104,11 @@ class ChangedRuns:
     listening: bool
 
 @final
+class HeldWakeup:
+    run_id: str
+    token: int
+
+@final
 class QueryResult:
     rows: list[dict[str, Any]]
     rowcount: int
@@ -157,6 +162,8 @@ class Core:
         """-> int"""
     def changed_runs(self, pump: Pump, ticket: int, timeout: float) -> None:
         """-> ChangedRuns (cancellable with ``Pump.cancel``)"""
+    def held_wakeups(self, pump: Pump, ticket: int, owner: str, timeout: float) -> None:
+        """-> list[HeldWakeup] (cancellable with ``Pump.cancel``)"""
     def limit_seen(self, channel: str) -> int: ...
     def wait_limit(self, pump: Pump, ticket: int, channel: str, seen: int, timeout: float) -> None:
         """-> None (cancellable with ``Pump.cancel``)"""

@@ -36,6 +36,8 @@ DUE_RECHECK = 0.05
 CLAIM_STOP_GRACE = 5.0
 # Longest interval between two sweeps of expired leases (see sweep_interval).
 MAX_SWEEP = 5.0
+# Longest wait of one call for held-run wake-ups from other processes.
+HELD_WAKEUP_WAIT = 5.0
 # Seconds before a second claim by id of a held run whose first one claimed nothing.
 RESUME_RETRY = 0.05
 
@@ -106,6 +108,8 @@ class Worker:
         ]
         if self.cron_tick is not None:
             self._tasks.append(loop.create_task(self._cron_loop(), name="iterflow-cron"))
+        if self.sticky is not None:
+            self._tasks.append(loop.create_task(self._held_wakeup_loop(), name="iterflow-held-wakeups"))
 
     def nudge(self) -> None:
         """New work may be ready (a local timer, a cron fire, a call in this process): claim now
@@ -303,6 +307,17 @@ class Worker:
         else:
             asyncio.get_running_loop().call_later(RESUME_RETRY, self._last_try, run_id, token)
         self.nudge()
+
+    async def _held_wakeup_loop(self) -> None:
+        """Wake-ups of held runs announced by other processes (a signal sent, a child finished
+        there: ``h`` notifications naming this worker), resumed by a claim by id like a timer's."""
+        while True:
+            try:
+                for wakeup in await self.services.core.held_wakeups(self.owner, HELD_WAKEUP_WAIT):
+                    self.wake_held(wakeup.run_id, wakeup.token)
+            except Exception as exc:  # noqa: BLE001 - the runs then wait for this worker's claim
+                log.warning("iterflow could not read held-run wake-ups: %r", exc)
+                await asyncio.sleep(self.poll_interval)
 
     def _last_try(self, run_id: str, token: int) -> None:
         self.wake_held(run_id, token, last_try=True)

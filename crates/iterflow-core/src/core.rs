@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::task::JoinHandle;
 
-use crate::listener::{Changes, Hub, Listener};
+use crate::listener::{Changes, HeldWakeup, Hub, Listener};
 use crate::outbox::{relay, Outbox};
 use crate::pool::{parse_dsn, run, Pool, Prepared};
 use crate::queries::Queries;
@@ -1228,6 +1228,13 @@ impl Core {
             timeout.min(Duration::from_millis(250))
         };
         self.inner.hub.wait_limit(channel, seen, wait).await;
+    }
+
+    /// Wake-ups of the runs `owner` holds in its sticky cache, announced by other processes
+    /// (`h` notifications; see [`Hub::next_held`]), waiting up to `timeout` for one.
+    pub async fn held_wakeups(&self, owner: &str, timeout: Duration) -> Vec<HeldWakeup> {
+        self.listen();
+        self.inner.hub.next_held(owner, timeout).await
     }
 
     /// Return when new work may be ready (NOTIFY, local start, timer), or after `timeout`.

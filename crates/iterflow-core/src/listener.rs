@@ -3,7 +3,9 @@
 //! Payloads on `iterflow.<schema>`: `q <flow_name>` (new work), `d <run_id>` (a run became
 //! terminal), `p <run_id>` (a watched run made progress: a step finished or a signal
 //! arrived; docs/signals.md) and `l <channel>` (a permit of a full step limit was given back:
-//! `<limit>` or `<limit> <key>`; docs/guide.md, "Flow control"). Notifications are hints, never the source of truth: waiters
+//! `<limit>` or `<limit> <key>`; docs/guide.md, "Flow control") and `h <run_id> <token> <owner>`
+//! (a run held in the sticky cache of worker `<owner>` under lease token `<token>` was woken;
+//! docs/replay.md, "Sticky execution"). Notifications are hints, never the source of truth: waiters
 //! re-read the database, and read everything they wait for once per safety interval, so a
 //! dropped connection only costs latency. The same hub takes local wake-ups (this process
 //! inserted work, a timer fired, a run finished here), so they need no round trip through the
@@ -45,6 +47,41 @@ struct Releases {
     last: u64,
 }
 
+/// Most held-run wake-ups kept for the worker; past it the oldest half is dropped (a run whose
+/// wake-up is dropped is claimed by its holder's next normal claim, with its history).
+const HELD_LIMIT: usize = 10_000;
+
+/// A run held in a worker's sticky cache was woken (`h <run_id> <token> <owner>`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldWakeup {
+    pub run_id: String,
+    /// The lease token it is held under (its `waiting.sticky.token`).
+    pub token: i64,
+    pub owner: String,
+}
+
+impl HeldWakeup {
+    /// Parse the argument of an `h` notification.
+    fn parse(arg: &str) -> Option<HeldWakeup> {
+        let mut parts = arg.splitn(3, ' ');
+        let run_id = parts.next()?.to_string();
+        let token = parts.next()?.parse().ok()?;
+        let owner = parts.next()?.to_string();
+        Some(HeldWakeup {
+            run_id,
+            token,
+            owner,
+        })
+    }
+}
+
+/// Held-run wake-ups not yet taken; kept only once a worker asked for them (`wanted`).
+#[derive(Default)]
+struct HeldLog {
+    wakeups: Vec<HeldWakeup>,
+    wanted: bool,
+}
+
 /// One drain of the change log.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Changes {
@@ -64,6 +101,8 @@ pub struct Hub {
     connected: AtomicBool,
     releases: Mutex<Releases>,
     release_notify: Notify,
+    held: Mutex<HeldLog>,
+    held_notify: Notify,
     /// Notifications received (for tests and stats).
     pub received: AtomicU64,
 }
@@ -145,6 +184,45 @@ impl Hub {
         }
     }
 
+    /// A held run was woken: keep it for [`Hub::next_held`], if a worker takes them.
+    fn held_woken(&self, wakeup: HeldWakeup) {
+        {
+            let mut log = self.held.lock().expect("hub lock");
+            if !log.wanted {
+                return;
+            }
+            if log.wakeups.len() >= HELD_LIMIT {
+                log.wakeups.drain(..HELD_LIMIT / 2);
+            }
+            log.wakeups.push(wakeup);
+        }
+        self.held_notify.notify_one();
+    }
+
+    /// The wake-ups of runs held by `owner`, in arrival order, first waiting up to `timeout`
+    /// for one if there are none; wake-ups of other owners' runs are dropped. One consumer
+    /// (the process's worker); the first call starts the keeping.
+    pub async fn next_held(&self, owner: &str, timeout: Duration) -> Vec<HeldWakeup> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.held_notify.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            let mine = self.take_held(owner);
+            if !mine.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return mine;
+            }
+        }
+    }
+
+    fn take_held(&self, owner: &str) -> Vec<HeldWakeup> {
+        let mut log = self.held.lock().expect("hub lock");
+        log.wanted = true;
+        let mut all = std::mem::take(&mut log.wakeups);
+        all.retain(|w| w.owner == owner);
+        all
+    }
+
     /// Handle one notification payload.
     pub fn dispatch(&self, payload: &str) {
         self.received.fetch_add(1, Ordering::Relaxed);
@@ -153,6 +231,11 @@ impl Hub {
             "q" => self.wake_work(),
             "d" | "p" => self.run_changed(arg),
             "l" => self.limit_released(arg),
+            "h" => {
+                if let Some(wakeup) = HeldWakeup::parse(arg) {
+                    self.held_woken(wakeup);
+                }
+            }
             _ => {}
         }
     }
@@ -303,5 +386,37 @@ mod tests {
         let seen = hub.limit_seen("x k");
         hub.wait_limit("x k", seen, Duration::from_millis(30)).await; // nothing new: the timeout
         assert_eq!(hub.limit_seen("x k"), seen);
+    }
+
+    #[tokio::test]
+    async fn held_wakeups_reach_their_owner_only() {
+        let hub = Hub::new();
+        hub.dispatch("h 0000-a 7 host:1:ff");
+        assert!(
+            hub.next_held("host:1:ff", Duration::from_millis(10))
+                .await
+                .is_empty(),
+            "kept only once a worker asked"
+        );
+        let waiter = {
+            let hub = hub.clone();
+            tokio::spawn(async move { hub.next_held("host:1:ff", Duration::from_secs(10)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        hub.dispatch("h 0000-b 8 host:2:ee"); // another worker's run
+        hub.dispatch("h malformed");
+        hub.dispatch("h 0000-c 9 host:1:ff");
+        let got = tokio::time::timeout(Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .expect("joined");
+        assert_eq!(
+            got,
+            vec![HeldWakeup {
+                run_id: "0000-c".into(),
+                token: 9,
+                owner: "host:1:ff".into()
+            }]
+        );
     }
 }

@@ -548,6 +548,15 @@ impl Core {
         })
     }
 
+    /// -> list of [`HeldWakeup`]: wake-ups of the runs `owner` holds in its sticky cache,
+    /// announced by other processes; waits up to `timeout` seconds for one. Cancellable.
+    fn held_wakeups(&self, pump: &Pump, ticket: u64, owner: String, timeout: f64) -> PyResult<()> {
+        let core = self.core.clone();
+        spawn_cancellable(pump, ticket, async move {
+            Ok(core.held_wakeups(&owner, secs(timeout)).await)
+        })
+    }
+
     /// The stamp of the last release of step-limit channel `channel` heard (0: none).
     fn limit_seen(&self, channel: &str) -> u64 {
         self.core.limit_seen(channel)

@@ -162,6 +162,15 @@ class ChangedRuns:
 
 
 @dataclass(frozen=True)
+class HeldWakeup:
+    """A run this worker holds in its sticky cache was woken by another process (a signal, a
+    child's finish): claim it by id under ``token``, the lease token it is held under."""
+
+    run_id: str
+    token: int
+
+
+@dataclass(frozen=True)
 class RunFilter:
     """Bulk-operation and listing filter; all None means "everything" and is refused for bulk."""
 
@@ -227,6 +236,12 @@ class Core(Protocol):
         ...
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The ``wait_runs`` rows of ``run_ids`` (one statement, one row per id)."""
+        ...
+    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
+        """Wake-ups of the runs ``owner`` holds in its sticky cache, announced by other
+        processes (``h`` notifications, migration 0013), waiting up to ``timeout`` seconds for
+        one; those of other owners are dropped. Hints: one lost leaves the run to its holder's
+        next claim. One consumer (the worker); nothing is kept before its first call."""
         ...
 
     # -- worker side -------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .base import (
     ChangedRuns,
     ClaimedRun,
     Created,
+    HeldWakeup,
     JsonArg,
     LeaseState,
     Resolved,
@@ -134,6 +135,47 @@ class Releases:
                 del self._waiters[channel]
 
 
+# Most held-run wake-ups kept for the worker; past it the oldest half is dropped (a run whose
+# wake-up is dropped is claimed by its holder's next normal claim, with its history).
+HELD_LIMIT = 10_000
+
+
+class HeldLog:
+    """Wake-ups of runs held in a worker's sticky cache (``h <run id> <token> <owner>``
+    notifications), for the worker of this process; kept only once it asked for them."""
+
+    def __init__(self) -> None:
+        self._wakeups: list[tuple[str, HeldWakeup]] = []
+        self._wanted = False
+        self._event = asyncio.Event()
+
+    def woken(self, arg: str) -> None:
+        run_id, _, rest = arg.partition(" ")
+        token, _, owner = rest.partition(" ")
+        if not self._wanted or not owner or not token.isdigit():
+            return
+        if len(self._wakeups) >= HELD_LIMIT:
+            del self._wakeups[:HELD_LIMIT // 2]
+        self._wakeups.append((owner, HeldWakeup(run_id, int(token))))
+        self._event.set()
+
+    async def next(self, owner: str, timeout: float) -> list[HeldWakeup]:
+        """The wake-ups of ``owner``'s runs, first waiting up to ``timeout`` for one; the
+        others are dropped."""
+        self._wanted = True
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            mine = [w for who, w in self._wakeups if who == owner]
+            self._wakeups = []
+            self._event.clear()
+            left = deadline - loop.time()
+            if mine or left <= 0:
+                return mine
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._event.wait(), left)
+
+
 class Listener:
     """One LISTEN connection per core: wakes idle workers and feeds the change log.
 
@@ -142,13 +184,14 @@ class Listener:
     Reconnects with backoff.
     """
 
-    def __init__(self, dsn: str, listen: str, changes: ChangeLog, releases: Releases,
+    def __init__(self, dsn: str, listen: str, changes: ChangeLog, releases: Releases, held: HeldLog,
                  application_name: str | None = None) -> None:
         self._dsn = dsn
         self._listen = listen
         self._connect_args: dict[str, Any] = {"application_name": application_name} if application_name else {}
         self._changes = changes
         self._releases = releases
+        self._held = held
         self._work = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self.connected = asyncio.Event()
@@ -192,6 +235,8 @@ class Listener:
             self._changes.add(arg)
         elif kind == "l":
             self._releases.released(arg)
+        elif kind == "h":
+            self._held.woken(arg)
 
     async def wait_work(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -237,6 +282,7 @@ class PythonCore:
         self._listener: Listener | None = None
         self._changes = ChangeLog()
         self._releases = Releases()
+        self._held = HeldLog()
         self._closed = False  # no listener starts after close (a caller-owned pool stays set)
         self._nudged = asyncio.Event()
 
@@ -275,7 +321,8 @@ class PythonCore:
             return
         dsn = await self._listen_dsn()  # (may yield: another caller may have started it since)
         if self._listener is None and not self._closed:
-            self._listener = Listener(dsn, self._q["listen"], self._changes, self._releases, self._app_names[1])
+            self._listener = Listener(dsn, self._q["listen"], self._changes, self._releases, self._held,
+                                      self._app_names[1])
             self._listener.start()
 
     async def close(self) -> None:
@@ -527,6 +574,10 @@ class PythonCore:
         granted, wait_ms = await self._read_one(
             "take_rate", ("granted", "wait_ms"), limit, key, run_id, interval_ms, burst, horizon_ms)
         return bool(granted), float(wait_ms) / 1000
+
+    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
+        await self.listen()
+        return await self._held.next(owner, timeout)
 
     def limit_seen(self, channel: str) -> int:
         return self._releases.seen(channel)

@@ -33,8 +33,8 @@ committed before the connection dropped — goes through :func:`iterflow.faults.
   (a delete), ``take_rate`` (a repeat after a lost answer reserves a second slot: the rate is
   under-used by one call, never exceeded).
 
-``wait_limit`` is a hint like ``changed_runs``: a fault ends the wait early, and the step asks
-for its permit again.
+``wait_limit`` and ``held_wakeups`` are hints like ``changed_runs``: a fault ends the wait
+early, and the step asks for its permit again, the held run waits for its holder's next claim.
 
 Not retried: ``insert_runs`` on a caller's connection (the caller's transaction is theirs, and
 it is aborted anyway), ``add_event`` (a plain insert: a repeat would add the event twice),
@@ -61,6 +61,7 @@ from .base import (
     ClaimedRun,
     Core,
     Created,
+    HeldWakeup,
     LeaseState,
     Resolved,
     RunFilter,
@@ -256,6 +257,18 @@ class ResilientCore:
         self, limit: str, key: str | None, run_id: str, interval_ms: float, burst: int, horizon_ms: float
     ) -> Call[tuple[bool, float]]:
         return self._retry("take_rate", self.inner.take_rate, limit, key, run_id, interval_ms, burst, horizon_ms)
+
+    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
+        """A hint (see the module docstring): a fault ends the wait after a short pause."""
+        try:
+            return await self.inner.held_wakeups(owner, timeout)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise to_iterflow_error(exc, "held_wakeups") from exc
+            await asyncio.sleep(min(timeout, 0.1))
+            return []
 
     def limit_seen(self, channel: str) -> int:
         return self.inner.limit_seen(channel)

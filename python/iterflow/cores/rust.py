@@ -37,6 +37,7 @@ from .base import (
     ChangedRuns,
     ClaimedRun,
     Created,
+    HeldWakeup,
     JsonArg,
     LeaseState,
     Resolved,
@@ -313,6 +314,10 @@ class RustCore:
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         rows: list[dict[str, Any]] = await self._run(self._c.wait_runs, list(run_ids))
         return rows
+
+    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
+        wakeups: list[_core.HeldWakeup] = await self._wait(self._c.held_wakeups, owner, float(timeout))
+        return [HeldWakeup(w.run_id, w.token) for w in wakeups]
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(

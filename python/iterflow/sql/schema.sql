@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 12), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 13), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -258,14 +258,33 @@ BEGIN
     END IF;
 END $$;
 
--- Waking a run keeps its key on the queue row it makes.
+-- Wake a live run now (a signal arrived, a child finished, a reconcile found a stranded
+-- parent), keeping its key on the queue row it makes. A run that is not leased is announced:
+-- `h <run id> <lease token> <owner>` to the worker holding it in its sticky cache, else
+-- `q <flow>`; a leased run's worker sees `woken` when it suspends (migration 0013).
 CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
 LANGUAGE plpgsql AS $$
+DECLARE
+    v_run record;
+    v_leased boolean;
 BEGIN
+    SELECT id, name, priority, concurrency_key, waiting INTO v_run FROM {schema}.runs
+     WHERE id = p_run AND status NOT IN ('done', 'failed', 'canceled');
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
     INSERT INTO {schema}.queue AS q (run_id, flow_name, priority, ready_at, woken, concurrency_key)
-    SELECT r.id, r.name, r.priority, now(), true, coalesce(r.concurrency_key, '') FROM {schema}.runs r
-     WHERE r.id = p_run AND r.status NOT IN ('done', 'failed', 'canceled')
-    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now());
+    VALUES (v_run.id, v_run.name, v_run.priority, now(), true, coalesce(v_run.concurrency_key, ''))
+    ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now())
+    RETURNING q.lease_until IS NOT NULL INTO v_leased;
+    IF v_leased THEN
+        RETURN;
+    END IF;
+    PERFORM {schema}.wakeup(CASE
+        WHEN v_run.waiting ? 'sticky' THEN
+            'h ' || p_run::text || ' ' || (v_run.waiting->'sticky'->>'token') || ' '
+                 || (v_run.waiting->'sticky'->>'owner')
+        ELSE 'q ' || v_run.name END);
 END $$;
 
 -- What a finish implies beyond the finished rows: live children of the runs that failed or
@@ -488,8 +507,7 @@ BEGIN
     INSERT INTO {schema}.signals (run_id, name, payload, idempotency_key)
     VALUES (p_run, p_name, p_payload, p_key);
     IF v_key IS NOT NULL THEN
-        PERFORM {schema}.wake_run(p_run);
-        PERFORM {schema}.wakeup('q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
+        PERFORM {schema}.wake_run(p_run);  -- (which announces it)
         RETURN 'delivered ' || v_key;
     END IF;
     IF v_status = 'running' THEN
