@@ -33,7 +33,6 @@ COUNTERPARTS = {
     "LeaseState": base.LeaseState,
     "Resolved": base.Resolved,
     "ChangedRuns": base.ChangedRuns,
-    "HeldWakeup": base.HeldWakeup,
 }
 # row classes typed by the stub alone (the protocol answers admin_query's rows as dicts)
 STUB_ONLY = {"QueryResult"}

@@ -1,6 +1,6 @@
 """The sticky cache (docs/replay.md, "Sticky execution"): a suspended run stays alive in the
 worker that suspended it and goes on from where it stopped when its wake-up comes back, by a
-claim of that one run (``Core.claim_run``) instead of a claim with its history and a replay.
+claim of that one run (``Core.claim_runs``) instead of a claim with its history and a replay.
 Anything else (the run advanced elsewhere, evicted, canceled, the worker killed) falls back to
 the normal claim and replay with the same outcome.
 
@@ -292,7 +292,7 @@ async def test_a_worker_killed_with_a_full_cache(
 
 
 async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: str, schema_name: str) -> None:
-    """``claim_run`` claims only a ready run whose ``waiting.sticky.token`` is the expected one."""
+    """``claim_runs`` claims only a ready run whose ``waiting.sticky.token`` is the expected one."""
 
     @define_flow("held")
     async def held(ctx: iterflow.Context, _: Any) -> Any:
@@ -309,21 +309,57 @@ async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: 
     assert "sticky" not in waiting and waiting["kind"] == "sleep"
     # held again, as if by a worker that died: the claims below are the test's
     await sql(dsn, f"""UPDATE "{schema_name}".runs SET waiting = waiting || jsonb_build_object('sticky',
-                       jsonb_build_object('owner', 'gone', 'token', %s::bigint, 'ms', 10000)) WHERE id = %s""",
+                       jsonb_build_object('owner', 'gone', 'token', %s::bigint, 'ms', 10000,
+                                          'keys', jsonb_build_array('sleep'))) WHERE id = %s""",
               token, run.run_id)
     core = await (await make_engine(listen=False)).client()
-    assert await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"]) is None, "not due yet"
+    assert await core.claim_runs([run.run_id], "probe", 30_000, [token]) == [], "not due yet"
     await asyncio.sleep(0.25)
-    assert await core.claim_run(run.run_id, "probe", 30_000, token + 1, ["sleep"]) is None, "another token"
-    claimed = await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"])
-    assert claimed is not None and claimed.lease_token > token
+    assert await core.claim_runs([run.run_id], "probe", 30_000, [token + 1]) == [], "another token"
+    (claimed,) = await core.claim_runs([run.run_id], "probe", 30_000, [token])
+    assert claimed.lease_token > token
     # the sleep is over: the claim closed its record (the held body writes nothing for it)
     assert list(claimed.history) == ["sleep"] and claimed.history["sleep"].status == "done"
     assert claimed.history["sleep"].finished_at is not None
     ((status,),) = await sql(dsn, f'SELECT status FROM "{schema_name}".steps WHERE run_id = %s', run.run_id)
     assert status == "done"
-    assert await core.claim_run(run.run_id, "probe", 30_000, token, ["sleep"]) is None, "claimed already"
+    assert await core.claim_runs([run.run_id], "probe", 30_000, [token]) == [], "claimed already"
 
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_one_claim_by_id_takes_every_due_held_run(make_engine: Any, dsn: str, schema_name: str) -> None:
+    """A burst of wake-ups is one ``claim_runs``: each run is checked against its own token,
+    and each comes back with the records of its own waits only (``waiting.sticky.keys``)."""
+
+    @define_flow("burst")
+    async def burst(ctx: iterflow.Context, n: int) -> Any:
+        await ctx.step("before", lambda: n)
+        await ctx.sleep("200ms")
+        return n
+
+    engine, _ = await sticky_engine(make_engine, burst, sticky_window="10s")
+    runs = [await engine.handle("burst").start(i) for i in range(3)]
+    for run in runs:
+        await until(lambda run=run: in_status(engine, run.run_id, "sleeping"), what="the runs suspended")
+    tokens = []
+    for run in runs:
+        ((waiting,),) = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE id = %s', run.run_id)
+        tokens.append(waiting["sticky"]["token"])
+    await engine.stop()
+    ids = [run.run_id for run in runs]
+    keys = ['["sleep"]', '["sleep"]', '["sleep", "before"]']  # the last one: as if it also waited on "before"
+    await sql(dsn, f"""UPDATE "{schema_name}".runs SET waiting = waiting || jsonb_build_object('sticky',
+                       jsonb_build_object('owner', 'gone', 'token', t.token, 'ms', 10000, 'keys', t.keys::jsonb))
+                       FROM unnest(%s::uuid[], %s::bigint[], %s::text[]) AS t(id, token, keys) WHERE runs.id = t.id""",
+              ids, tokens, keys)
+    core = await (await make_engine(listen=False)).client()
+    await asyncio.sleep(0.25)
+    claimed = await core.claim_runs(ids, "probe", 30_000, [tokens[0], tokens[1] + 1, tokens[2]])
+    by_id = {c.run_id: c for c in claimed}
+    assert set(by_id) == {ids[0], ids[2]}, "the run with another token is left out"
+    assert list(by_id[ids[0]].history) == ["sleep"] and by_id[ids[0]].history["sleep"].status == "done"
+    assert sorted(by_id[ids[2]].history) == ["before", "sleep"]
+    assert by_id[ids[2]].history["before"].result == 2

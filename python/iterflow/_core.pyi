@@ -104,11 +104,6 @@ class ChangedRuns:
     listening: bool
 
 @final
-class HeldWakeup:
-    run_id: str
-    token: int
-
-@final
 class QueryResult:
     rows: list[dict[str, Any]]
     rowcount: int
@@ -162,8 +157,8 @@ class Core:
         """-> int"""
     def changed_runs(self, pump: Pump, ticket: int, timeout: float) -> None:
         """-> ChangedRuns (cancellable with ``Pump.cancel``)"""
-    def held_wakeups(self, pump: Pump, ticket: int, owner: str, timeout: float) -> None:
-        """-> list[HeldWakeup] (cancellable with ``Pump.cancel``)"""
+    def claim_woken(self, pump: Pump, ticket: int, owner: str, lease_ms: int, limit: int, timeout: float) -> None:
+        """-> list[ClaimedRun] (cancellable with ``Pump.cancel`` while it waits)"""
     def limit_seen(self, channel: str) -> int: ...
     def wait_limit(self, pump: Pump, ticket: int, channel: str, seen: int, timeout: float) -> None:
         """-> None (cancellable with ``Pump.cancel``)"""
@@ -174,11 +169,11 @@ class Core:
         wait: float | None = None,
     ) -> None:
         """-> list[ClaimedRun]"""
-    def claim_run(
-        self, pump: Pump, ticket: int, run_id: str, owner: str, lease_ms: int, expected: int,
-        keys: Sequence[str],
+    def claim_runs(
+        self, pump: Pump, ticket: int, run_ids: Sequence[str], owner: str, lease_ms: int,
+        expected: Sequence[int],
     ) -> None:
-        """-> list[ClaimedRun] (none or one)"""
+        """-> list[ClaimedRun] (those that could be claimed)"""
     def record_step(
         self, pump: Pump, ticket: int, run_id: str, key: str, seq: int, kind: str, name: str,
         status: str, result: str | None, error: str | None, attempts: int,

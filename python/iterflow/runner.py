@@ -266,7 +266,8 @@ class Execution:
         waiting = dict(chosen.waiting, signals=signals, signal_seqs=seqs)
         if self.held:
             assert self.sticky is not None
-            waiting["sticky"] = self.sticky.mark(self.run.lease_token)
+            assert self.ctx is not None
+            waiting["sticky"] = self.sticky.mark(self.run.lease_token, self.ctx.held_keys())
         ok = await self.services.core.suspend(
             self.run.run_id, self.run.lease_token, chosen.status, codec.dumps(waiting),
             chosen.wake_at, None if progress else 0,

@@ -4,15 +4,16 @@ Without it every resume of a run claims its whole history and replays the body f
 so a run's cost grows with its length (a loop of 2,000 sleeps is quadratic). With it, a run
 that suspends stays *held*: its body task is kept, blocked on its waits (``runner.Execution``,
 ``Context.hold``). When the wake-up comes back to this worker (its own timer, a signal sent or
-a child finished in this process), the worker claims that one run by id (``Core.claim_run``)
-with the lease token it suspended under as the expected value, and the body goes on from where
-it stopped with only the records of its waits: no history load, no replay.
+a child finished in this process, a wake-up another process announced), the worker claims the
+run by id (``Core.claim_runs``, ``Core.claim_woken``) with the lease token it suspended under
+as the expected value, and the body goes on from where it stopped with only the records of its
+waits: no history load, no replay.
 
 Anything else falls back to the normal claim and replay, exactly as without the cache: the
 token does not match (another worker advanced the run), the entry was evicted, the process
 restarted, the run was canceled. Dropping an entry unwinds its body without writing anything;
 the durable suspension is untouched. Routing (docs/replay.md, "Sticky execution"): a held run's
-``waiting`` carries ``sticky`` (owner, token, window), and other workers' claims leave it to its
+``waiting`` carries ``sticky`` (owner, token, window, the keys of its waits), and other workers' claims leave it to its
 owner until ``window`` after its wake-up.
 """
 
@@ -54,9 +55,11 @@ class StickyHolder:
     owner: str
     window_ms: int
 
-    def mark(self, lease_token: int) -> dict[str, Any]:
-        """The ``waiting.sticky`` of a run held under ``lease_token`` (read by the claims)."""
-        return {"owner": self.owner, "token": lease_token, "ms": self.window_ms}
+    def mark(self, lease_token: int, keys: list[str]) -> dict[str, Any]:
+        """The ``waiting.sticky`` of a run held under ``lease_token`` whose body is blocked on
+        the waits of cursor keys ``keys`` (read by the claims: a claim by id returns the
+        records of these keys, and nothing else of the history)."""
+        return {"owner": self.owner, "token": lease_token, "ms": self.window_ms, "keys": keys}
 
 
 class StickyCache:

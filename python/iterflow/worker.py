@@ -69,7 +69,9 @@ class Worker:
         # suspended runs kept alive here (sticky.py); None: every resume replays
         self.sticky = sticky
         self.holder = StickyHolder(self.owner, sticky_window_ms) if sticky is not None else None
+        self._due: dict[str, bool] = {}  # held runs woken, to claim by id: run id -> last try
         self._resuming: set[str] = set()  # held runs with a claim by id in flight
+        self._resumer: asyncio.Task[None] | None = None  # claims the due ones (_resume_due)
         self.timers = WakeTimers(services.clock, self.wake_held)  # the held runs' own timers
         self.active: dict[str, tuple[Execution, asyncio.Task[Any]]] = {}
         self.paused = False
@@ -254,9 +256,9 @@ class Worker:
     # -- the sticky cache ---------------------------------------------------------------------------
     def wake_held(self, run_id: str, token: int | None = None, *, last_try: bool = False) -> None:
         """A wake-up of ``run_id`` reached this process (its timer, a signal delivered here, a
-        child finished here): if this worker holds the run (suspended under ``token``, when
-        given), claim it by id and go on with its body."""
-        if self.sticky is None or self._stopping or run_id in self._resuming:
+        child finished here, an announcement from another process): if this worker holds the
+        run (suspended under ``token``, when given), claim it by id and go on with its body."""
+        if self.sticky is None or self._stopping or run_id in self._resuming or run_id in self._due:
             return
         held = self.sticky.get(run_id)
         if not isinstance(held, Execution) or (token is not None and held.run.lease_token != token):
@@ -266,57 +268,90 @@ class Worker:
                 # out the window), so claim now instead of at the next poll
                 self.nudge()
             return
-        self._resuming.add(run_id)
-        asyncio.get_running_loop().create_task(self._resume(held, last_try), name=f"iterflow-resume-{run_id}")
+        self._due[run_id] = last_try
+        self._start_resumer()
 
-    async def _resume(self, execution: Execution, last_try: bool) -> None:
-        """Claim a held run by id and go on with its body. The run stays in the cache while the
-        claim is in flight, so that a claim of this worker with the history that gets the run
-        first adopts the held body (``_spawn``). A claim by id that claims nothing is tried
-        once more a moment later (that other claim may hold the row right now); then the held
-        body is dropped and the run takes the normal claim and replay (another worker advanced
-        it, or it was canceled)."""
-        assert self.sticky is not None and execution.ctx is not None
-        run_id, token = execution.run.run_id, execution.run.lease_token
-        try:
-            run = await self.services.core.claim_run(
-                run_id, self.owner, self.lease_ms, token, execution.ctx.held_keys()
-            )
-        except Exception as exc:  # noqa: BLE001 - the normal path takes over
-            log.warning("iterflow could not resume run %s by id: %r", run_id, exc, extra={"run_id": run_id})
-            run = None
-        finally:
-            self._resuming.discard(run_id)
-        still_held = self.sticky.get(run_id) is execution
-        if run is not None:
-            if not still_held or self._stopping:  # dropped meanwhile: the lease goes back at once
-                await self.release([(run.run_id, run.lease_token)])
-                self.nudge()
+    def _start_resumer(self) -> None:
+        if self._due and (self._resumer is None or self._resumer.done()):
+            self._resumer = asyncio.get_running_loop().create_task(self._resume_due(), name="iterflow-resume")
+
+    async def _resume_due(self) -> None:
+        """Claim the held runs woken so far by id, all in one statement (as many as there are
+        free slots; a run finishing starts this again), while wake-ups go on arriving: under a
+        burst of wake-ups every claim takes all that came during the one before."""
+        while self._due and not self._stopping:
+            free = self.concurrency - len(self.active)
+            if free <= 0:
                 return
-            self.sticky.take(run_id)
-            self.sticky.count("hit")
-            task = asyncio.current_task()
-            assert task is not None
-            self.active[run_id] = (execution, task)
-            await self._execute(execution, execution.resume(run))
+            batch = list(self._due.items())[:free]
+            for run_id, _ in batch:
+                del self._due[run_id]
+            await self._resume_batch(batch)
+
+    async def _resume_batch(self, batch: list[tuple[str, bool]]) -> None:
+        """Claim ``batch`` (run id, last try) by id; a held run the claim leased goes on with its
+        body. The runs stay in the cache while the claim is in flight, so that a claim of this
+        worker with the history that gets one first adopts the held body (``_spawn``). A run the
+        claim by id left out is tried once more a moment later (another claim may hold its row
+        right now); then its held body is dropped and the run takes the normal claim and replay
+        (another worker advanced it, or it was canceled)."""
+        assert self.sticky is not None
+        held = {run_id: (ex, last) for run_id, last in batch if isinstance(ex := self.sticky.get(run_id), Execution)}
+        if not held:
             return
-        if not still_held:  # adopted by a claim with the history, or dropped
-            return
-        if last_try or self._stopping:
-            self.sticky.discard(run_id, "stale")
-        else:
-            asyncio.get_running_loop().call_later(RESUME_RETRY, self._last_try, run_id, token)
-        self.nudge()
+        self._resuming.update(held)
+        try:
+            runs = await self.services.core.claim_runs(
+                list(held), self.owner, self.lease_ms, [ex.run.lease_token for ex, _ in held.values()])
+        except Exception as exc:  # noqa: BLE001 - the normal path takes over
+            log.warning("iterflow could not resume %d held runs by id: %r", len(held), exc)
+            runs = []
+        finally:
+            self._resuming.difference_update(held)
+        await self._go_on(runs)
+        left_out = False
+        for run_id, (execution, last_try) in held.items():
+            if run_id in self.active or self.sticky.get(run_id) is not execution:
+                continue  # resumed, or adopted by a claim with the history, or dropped
+            left_out = True
+            if last_try or self._stopping:
+                self.sticky.discard(run_id, "stale")
+            else:
+                asyncio.get_running_loop().call_later(RESUME_RETRY, self._last_try, run_id, execution.run.lease_token)
+        if left_out:
+            self.nudge()
+
+    async def _go_on(self, runs: list[Any]) -> None:
+        """Held runs claimed by id: each goes on with its held body (a hit), unless that body
+        was dropped meanwhile or the worker is stopping; then its lease is given back at once."""
+        assert self.sticky is not None
+        release: list[tuple[str, int]] = []
+        for run in runs:
+            execution = self.sticky.get(run.run_id)
+            if (isinstance(execution, Execution) and run.held_token == execution.run.lease_token
+                    and not self._stopping):
+                self.sticky.take(run.run_id)
+                self.sticky.count("hit")
+                self._start(execution, execution.resume(run))
+            else:
+                release.append((run.run_id, run.lease_token))
+        if release:
+            await self.release(release)
+            self.nudge()
 
     async def _held_wakeup_loop(self) -> None:
-        """Wake-ups of held runs announced by other processes (a signal sent, a child finished
-        there: ``h`` notifications naming this worker), resumed by a claim by id like a timer's."""
+        """Held runs woken by other processes (a signal sent, a child finished there: ``h``
+        notifications naming this worker), claimed by id by the core as the wake-ups arrive
+        (``Core.claim_woken``), as many as there are free slots, then resumed like at a timer."""
         while True:
             try:
-                for wakeup in await self.services.core.held_wakeups(self.owner, HELD_WAKEUP_WAIT):
-                    self.wake_held(wakeup.run_id, wakeup.token)
+                free = max(self.concurrency - len(self.active), 1)
+                runs = await self.services.core.claim_woken(self.owner, self.lease_ms, free, HELD_WAKEUP_WAIT)
+                if runs:
+                    self.services.clock.observe(runs[0].db_now)
+                await self._go_on(runs)
             except Exception as exc:  # noqa: BLE001 - the runs then wait for this worker's claim
-                log.warning("iterflow could not read held-run wake-ups: %r", exc)
+                log.warning("iterflow could not claim woken held runs: %r", exc)
                 await asyncio.sleep(self.poll_interval)
 
     def _last_try(self, run_id: str, token: int) -> None:
@@ -353,6 +388,7 @@ class Worker:
             entry = self.active.get(run_id)
             if entry is not None and entry[0] is execution:
                 del self.active[run_id]
+            self._start_resumer()  # (held runs woken while every slot was busy)
             if self._full:
                 self._may_claim.set()
             elif not self.notify:

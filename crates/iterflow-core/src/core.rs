@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::task::JoinHandle;
 
-use crate::listener::{Changes, HeldWakeup, Hub, Listener};
+use crate::listener::{Changes, Hub, Listener};
 use crate::outbox::{relay, Outbox};
 use crate::pool::{parse_dsn, run, Pool, Prepared};
 use crate::queries::Queries;
@@ -257,7 +257,7 @@ fn int(v: &Val) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
-/// The claimed runs of a `claim_with_history` or `claim_run` answer (the same columns):
+/// The claimed runs of a `claim_with_history` or `claim_runs` answer (the same columns):
 /// 'run' rows, each followed by the 'step' rows of its records.
 fn claimed_runs(query: &str, rows: &Rows) -> Result<Vec<Claimed>, CoreError> {
     let [kind, run_id, lease_token, name, version, input, attempts, cancel_reason, parent_id, depth, created_at, parent_status, db_now, held_token, key, seq, step_kind, status, result, error, step_attempts, deadline, child_id, child_status, child_output, child_error, finished_at] =
@@ -864,33 +864,54 @@ impl Core {
         async move { claimed_runs("claim_with_history", &pending.await?) }
     }
 
-    /// Lease the one run `run_id` held in this process's sticky cache, if it is ready and no
-    /// one claimed it since the attempt whose lease token was `expected` suspended it; the
-    /// answer carries only the current records of `keys` (the held body's waits) and the
-    /// signals the claim consumed, not the history (`claim_run` in `queries.sql`). Empty
-    /// when the run cannot be resumed that way. On the claim lane, like [`Core::claim`].
-    pub fn claim_run(
+    /// Lease the runs held in this process's sticky cache, each given as its id and the lease
+    /// token it suspended under, if it is ready and no one claimed it since; the answer
+    /// carries only the current records of the keys its held body waits on and the signals
+    /// the claim consumed, not the history (`claim_runs` in `queries.sql`). A run that cannot
+    /// be resumed that way is left out. On the claim lane, like [`Core::claim`].
+    pub fn claim_runs(
         &self,
-        run_id: &str,
+        held: &[(String, i64)],
         owner: &str,
         lease_ms: i64,
-        expected: i64,
-        keys: &[String],
     ) -> impl Future<Output = Result<Vec<Claimed>, CoreError>> + Send + 'static {
-        let pending = check_uuid("run_id", run_id).map(|()| {
-            self.inner.claimer.enqueue(
-                "",
-                "claim_run",
-                vec![
-                    Param::text(run_id),
-                    Param::text(owner),
-                    Param::Int(lease_ms),
-                    Param::Int(expected),
-                    Param::texts(keys),
-                ],
-            )
-        });
-        async move { claimed_runs("claim_run", &pending?.await?) }
+        let pending = held
+            .iter()
+            .try_for_each(|(run_id, _)| check_uuid("run_id", run_id))
+            .map(|()| {
+                self.inner.claimer.enqueue(
+                    "",
+                    "claim_runs",
+                    vec![
+                        Param::TextArray(held.iter().map(|(r, _)| r.clone()).collect()),
+                        Param::text(owner),
+                        Param::Int(lease_ms),
+                        Param::IntArray(held.iter().map(|(_, t)| *t).collect()),
+                    ],
+                )
+            });
+        async move { claimed_runs("claim_runs", &pending?.await?) }
+    }
+
+    /// The runs `owner` holds in its sticky cache that other processes woke (`h`
+    /// notifications; [`Hub::next_held`]), at most `limit`, claimed by id ([`Core::claim_runs`])
+    /// the moment their wake-ups arrive, on the runtime: no round trip through Python between
+    /// the notification and the claim. Waits up to `timeout` for a wake-up; empty when none
+    /// came, or when none of those that came could be claimed.
+    pub async fn claim_woken(
+        &self,
+        owner: &str,
+        lease_ms: i64,
+        limit: usize,
+        timeout: Duration,
+    ) -> Result<Vec<Claimed>, CoreError> {
+        self.listen();
+        let woken = self.inner.hub.next_held(owner, limit, timeout).await;
+        if woken.is_empty() {
+            return Ok(Vec::new());
+        }
+        let held: Vec<(String, i64)> = woken.into_iter().map(|w| (w.run_id, w.token)).collect();
+        self.claim_runs(&held, owner, lease_ms).await
     }
 
     /// [`Core::claim`], after first waiting up to `wait` until new work may be ready (see
@@ -1228,13 +1249,6 @@ impl Core {
             timeout.min(Duration::from_millis(250))
         };
         self.inner.hub.wait_limit(channel, seen, wait).await;
-    }
-
-    /// Wake-ups of the runs `owner` holds in its sticky cache, announced by other processes
-    /// (`h` notifications; see [`Hub::next_held`]), waiting up to `timeout` for one.
-    pub async fn held_wakeups(&self, owner: &str, timeout: Duration) -> Vec<HeldWakeup> {
-        self.listen();
-        self.inner.hub.next_held(owner, timeout).await
     }
 
     /// Return when new work may be ready (NOTIFY, local start, timer), or after `timeout`.

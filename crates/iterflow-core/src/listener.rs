@@ -199,28 +199,29 @@ impl Hub {
         self.held_notify.notify_one();
     }
 
-    /// The wake-ups of runs held by `owner`, in arrival order, first waiting up to `timeout`
-    /// for one if there are none; wake-ups of other owners' runs are dropped. One consumer
-    /// (the process's worker); the first call starts the keeping.
-    pub async fn next_held(&self, owner: &str, timeout: Duration) -> Vec<HeldWakeup> {
+    /// Up to `limit` wake-ups of runs held by `owner`, in arrival order (the rest stay for
+    /// the next call), first waiting up to `timeout` for one if there are none; wake-ups of
+    /// other owners' runs are dropped. One consumer (the process's worker); the first call
+    /// starts the keeping.
+    pub async fn next_held(&self, owner: &str, limit: usize, timeout: Duration) -> Vec<HeldWakeup> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             let notified = self.held_notify.notified();
             let mut notified = std::pin::pin!(notified);
             notified.as_mut().enable();
-            let mine = self.take_held(owner);
+            let mine = self.take_held(owner, limit);
             if !mine.is_empty() || tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return mine;
             }
         }
     }
 
-    fn take_held(&self, owner: &str) -> Vec<HeldWakeup> {
+    fn take_held(&self, owner: &str, limit: usize) -> Vec<HeldWakeup> {
         let mut log = self.held.lock().expect("hub lock");
         log.wanted = true;
-        let mut all = std::mem::take(&mut log.wakeups);
-        all.retain(|w| w.owner == owner);
-        all
+        log.wakeups.retain(|w| w.owner == owner);
+        let n = limit.min(log.wakeups.len());
+        log.wakeups.drain(..n).collect()
     }
 
     /// Handle one notification payload.
@@ -393,14 +394,17 @@ mod tests {
         let hub = Hub::new();
         hub.dispatch("h 0000-a 7 host:1:ff");
         assert!(
-            hub.next_held("host:1:ff", Duration::from_millis(10))
+            hub.next_held("host:1:ff", 10, Duration::from_millis(10))
                 .await
                 .is_empty(),
             "kept only once a worker asked"
         );
         let waiter = {
             let hub = hub.clone();
-            tokio::spawn(async move { hub.next_held("host:1:ff", Duration::from_secs(10)).await })
+            tokio::spawn(async move {
+                hub.next_held("host:1:ff", 10, Duration::from_secs(10))
+                    .await
+            })
         };
         tokio::time::sleep(Duration::from_millis(20)).await;
         hub.dispatch("h 0000-b 8 host:2:ee"); // another worker's run
@@ -417,6 +421,15 @@ mod tests {
                 token: 9,
                 owner: "host:1:ff".into()
             }]
+        );
+        hub.dispatch("h 0000-d 1 host:1:ff");
+        hub.dispatch("h 0000-e 2 host:1:ff");
+        let first = hub.next_held("host:1:ff", 1, Duration::from_secs(1)).await;
+        let second = hub.next_held("host:1:ff", 1, Duration::from_secs(1)).await;
+        assert_eq!(
+            (first[0].token, second[0].token),
+            (1, 2),
+            "at most `limit`, the rest kept"
         );
     }
 }

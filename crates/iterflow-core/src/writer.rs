@@ -50,7 +50,7 @@ const DEFER_NOTIFY: &str = "batch_defer_notify";
 /// flush (`queries.sql` says why a claim may).
 const NO_FLUSH: &str = "batch_skip_flush";
 /// Statements whose batches may commit without waiting for the flush (see [`NO_FLUSH`]).
-const MAY_SKIP_FLUSH: &[&str] = &["claim_with_history", "claim_run"];
+const MAY_SKIP_FLUSH: &[&str] = &["claim_with_history", "claim_runs"];
 /// Statements whose wake-ups go out with the commit, not through the relay: a signal
 /// delivery's wake-up is what a waiting run's resume latency is made of, and the relay would
 /// add a transaction after the commit. (The notification lock this holds through the batch's

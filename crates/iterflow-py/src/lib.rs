@@ -26,7 +26,7 @@ use futures_util::stream::{FuturesUnordered, StreamExt};
 use iterflow_core::core::{Filter, InsertChunk, StepWrite};
 use iterflow_core::value::Param;
 use pyo3::create_exception;
-use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError};
+use pyo3::exceptions::{PyException, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDateTime, PyDict, PyList, PyString};
 
@@ -548,12 +548,23 @@ impl Core {
         })
     }
 
-    /// -> list of [`HeldWakeup`]: wake-ups of the runs `owner` holds in its sticky cache,
-    /// announced by other processes; waits up to `timeout` seconds for one. Cancellable.
-    fn held_wakeups(&self, pump: &Pump, ticket: u64, owner: String, timeout: f64) -> PyResult<()> {
+    /// -> list of [`ClaimedRun`]: up to `limit` runs `owner` holds in its sticky cache that
+    /// other processes woke, claimed by id as their wake-ups arrive
+    /// (`iterflow_core::Core::claim_woken`); waits up to `timeout` seconds for one.
+    /// Cancellable while it waits; a claim that started reports the runs it leased.
+    fn claim_woken(
+        &self,
+        pump: &Pump,
+        ticket: u64,
+        owner: String,
+        lease_ms: i64,
+        limit: usize,
+        timeout: f64,
+    ) -> PyResult<()> {
         let core = self.core.clone();
         spawn_cancellable(pump, ticket, async move {
-            Ok(core.held_wakeups(&owner, secs(timeout)).await)
+            core.claim_woken(&owner, lease_ms, limit.max(1), secs(timeout))
+                .await
         })
     }
 
@@ -607,20 +618,26 @@ impl Core {
         ))
     }
 
-    /// -> list of [`ClaimedRun`] (none or one): the run held in the sticky cache, claimed
-    /// by id with only the records of `keys` (`iterflow_core::Core::claim_run`).
-    fn claim_run(
+    /// -> list of [`ClaimedRun`]: the runs held in the sticky cache that could be claimed by
+    /// id, with only the records of their waits (`iterflow_core::Core::claim_runs`).
+    /// `run_ids` and `expected` (the lease tokens they are held under) are parallel.
+    fn claim_runs(
         &self,
         pump: &Pump,
         ticket: u64,
-        run_id: String,
+        run_ids: Vec<String>,
         owner: String,
         lease_ms: i64,
-        expected: i64,
-        keys: Vec<String>,
+        expected: Vec<i64>,
     ) -> PyResult<()> {
+        if run_ids.len() != expected.len() {
+            return Err(PyValueError::new_err(
+                "claim_runs: run_ids and expected must be as long",
+            ));
+        }
+        let held: Vec<(String, i64)> = run_ids.into_iter().zip(expected).collect();
         call!(self, pump, ticket, |core| core
-            .claim_run(&run_id, &owner, lease_ms, expected, &keys))
+            .claim_runs(&held, &owner, lease_ms))
     }
 
     /// -> `StoredStep`

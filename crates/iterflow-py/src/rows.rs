@@ -3,12 +3,12 @@
 //!
 //! Rows are frozen pyclasses with named fields, read by attribute in cores/rust.py; each has a
 //! Python counterpart of the same field names (cores/base.py `ClaimedRun`, `StepRecord`,
-//! `StoredStep`, `Resolved`, `Created`, `LeaseState`, `ChangedRuns`, `HeldWakeup`) or is typed in
+//! `StoredStep`, `Resolved`, `Created`, `LeaseState`, `ChangedRuns`) or is typed in
 //! python/iterflow/_core.pyi only (`QueryResult`). tests/test_seam.py compares all three sides.
 //! JSON columns are decoded here, on the loop thread, so Python receives ready values.
 
 use iterflow_core::core::{self as core, RunDetail};
-use iterflow_core::listener::{self, Changes};
+use iterflow_core::listener::Changes;
 use iterflow_core::value::{Rows, Val};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
@@ -178,8 +178,7 @@ pyclass_answer!(
     core::Resolved => Resolved,
     core::Created => Created,
     core::LeaseState => LeaseState,
-    Changed => ChangedRuns,
-    listener::HeldWakeup => HeldWakeup
+    Changed => ChangedRuns
 );
 
 /// A string as Python, made once: fields holding Python objects are read by plain member
@@ -380,23 +379,6 @@ impl ChangedRuns {
     }
 }
 
-/// A run this worker holds in its sticky cache was woken elsewhere (cores/base.py
-/// `HeldWakeup`): the lease token it is held under, to claim it by id.
-#[pyclass(frozen, get_all, module = "iterflow._core")]
-pub(crate) struct HeldWakeup {
-    run_id: String,
-    token: i64,
-}
-
-impl HeldWakeup {
-    fn build(_py: Python<'_>, w: listener::HeldWakeup) -> PyResult<Self> {
-        Ok(HeldWakeup {
-            run_id: w.run_id,
-            token: w.token,
-        })
-    }
-}
-
 /// A generic statement's result: its rows as dicts, the rows it affected, and whether it
 /// returns rows at all.
 #[pyclass(frozen, get_all, module = "iterflow._core")]
@@ -429,7 +411,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Created>()?;
     m.add_class::<LeaseState>()?;
     m.add_class::<ChangedRuns>()?;
-    m.add_class::<HeldWakeup>()?;
     m.add_class::<QueryResult>()?;
     Ok(())
 }

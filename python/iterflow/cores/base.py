@@ -162,15 +162,6 @@ class ChangedRuns:
 
 
 @dataclass(frozen=True)
-class HeldWakeup:
-    """A run this worker holds in its sticky cache was woken by another process (a signal, a
-    child's finish): claim it by id under ``token``, the lease token it is held under."""
-
-    run_id: str
-    token: int
-
-
-@dataclass(frozen=True)
 class RunFilter:
     """Bulk-operation and listing filter; all None means "everything" and is refused for bulk."""
 
@@ -237,11 +228,12 @@ class Core(Protocol):
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The ``wait_runs`` rows of ``run_ids`` (one statement, one row per id)."""
         ...
-    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
-        """Wake-ups of the runs ``owner`` holds in its sticky cache, announced by other
-        processes (``h`` notifications, migration 0013), waiting up to ``timeout`` seconds for
-        one; those of other owners are dropped. Hints: one lost leaves the run to its holder's
-        next claim. One consumer (the worker); nothing is kept before its first call."""
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
+        """Up to ``limit`` runs ``owner`` holds in its sticky cache that other processes woke
+        (``h`` notifications, migration 0013), claimed by id (:meth:`claim_runs`) as their
+        wake-ups arrive; waits up to ``timeout`` seconds for one. Wake-ups are hints: one lost
+        leaves the run to its holder's next claim. One consumer (the worker); nothing is kept
+        before its first call."""
         ...
 
     # -- worker side -------------------------------------------------------------------
@@ -252,13 +244,14 @@ class Core(Protocol):
         new work may be ready (a notification, a local timer, :meth:`nudge`) or that many
         seconds; a claim that started is never abandoned (the runs it leased are returned)."""
         ...
-    async def claim_run(
-        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
-    ) -> ClaimedRun | None:
-        """Lease the one run ``run_id`` that this process holds in its sticky cache, if it is
-        ready and nobody claimed it since the attempt with lease token ``expected`` suspended
-        it. Its ``history`` holds only the current records of ``keys`` (the waits the held body
-        is blocked on) and the signals this claim consumed. None: resume it the normal way."""
+    async def claim_runs(
+        self, run_ids: Sequence[str], owner: str, lease_ms: int, expected: Sequence[int]
+    ) -> list[ClaimedRun]:
+        """Lease the runs ``run_ids`` that this process holds in its sticky cache, in one
+        statement; each one only if it is ready and nobody claimed it since the attempt with
+        lease token ``expected[i]`` suspended it. A claimed run's ``history`` holds only the
+        current records of the keys its held body waits on (``waiting.sticky.keys``) and the
+        signals this claim consumed. A run left out: resume it the normal way."""
         ...
     def nudge(self) -> None:
         """New work may be ready (this process knows it): a waiting claim claims now."""

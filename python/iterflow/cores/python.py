@@ -28,7 +28,6 @@ from .base import (
     ChangedRuns,
     ClaimedRun,
     Created,
-    HeldWakeup,
     JsonArg,
     LeaseState,
     Resolved,
@@ -145,7 +144,7 @@ class HeldLog:
     notifications), for the worker of this process; kept only once it asked for them."""
 
     def __init__(self) -> None:
-        self._wakeups: list[tuple[str, HeldWakeup]] = []
+        self._wakeups: list[tuple[str, str, int]] = []  # (owner, run id, lease token)
         self._wanted = False
         self._event = asyncio.Event()
 
@@ -156,22 +155,23 @@ class HeldLog:
             return
         if len(self._wakeups) >= HELD_LIMIT:
             del self._wakeups[:HELD_LIMIT // 2]
-        self._wakeups.append((owner, HeldWakeup(run_id, int(token))))
+        self._wakeups.append((owner, run_id, int(token)))
         self._event.set()
 
-    async def next(self, owner: str, timeout: float) -> list[HeldWakeup]:
-        """The wake-ups of ``owner``'s runs, first waiting up to ``timeout`` for one; the
-        others are dropped."""
+    async def next(self, owner: str, limit: int, timeout: float) -> list[tuple[str, int]]:
+        """Up to ``limit`` wake-ups of ``owner``'s runs as (run id, token), first waiting up to
+        ``timeout`` for one; the rest stay for the next call, the other owners' are dropped."""
         self._wanted = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
         while True:
-            mine = [w for who, w in self._wakeups if who == owner]
-            self._wakeups = []
-            self._event.clear()
+            self._wakeups = [w for w in self._wakeups if w[0] == owner]
+            mine, self._wakeups = self._wakeups[:limit], self._wakeups[limit:]
+            if not self._wakeups:
+                self._event.clear()
             left = deadline - loop.time()
             if mine or left <= 0:
-                return mine
+                return [(run_id, token) for _, run_id, token in mine]
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._event.wait(), left)
 
@@ -497,13 +497,12 @@ class PythonCore:
             await cur.execute(self._q["claim_with_history"], (list(names), limit, owner, lease_ms))
             return _claimed_runs(Columns("claim_with_history", cur.description), await cur.fetchall())
 
-    async def claim_run(
-        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
-    ) -> ClaimedRun | None:
+    async def claim_runs(
+        self, run_ids: Sequence[str], owner: str, lease_ms: int, expected: Sequence[int]
+    ) -> list[ClaimedRun]:
         async with self._stmt() as cur:
-            await cur.execute(self._q["claim_run"], (run_id, owner, lease_ms, expected, list(keys)))
-            runs = _claimed_runs(Columns("claim_run", cur.description), await cur.fetchall())
-        return runs[0] if runs else None
+            await cur.execute(self._q["claim_runs"], (list(run_ids), owner, lease_ms, list(expected)))
+            return _claimed_runs(Columns("claim_runs", cur.description), await cur.fetchall())
 
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
         status, stored, stored_error, written, finished_at = await self._read_one(
@@ -575,9 +574,12 @@ class PythonCore:
             "take_rate", ("granted", "wait_ms"), limit, key, run_id, interval_ms, burst, horizon_ms)
         return bool(granted), float(wait_ms) / 1000
 
-    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
         await self.listen()
-        return await self._held.next(owner, timeout)
+        woken = await self._held.next(owner, max(limit, 1), timeout)
+        if not woken:
+            return []
+        return await self.claim_runs([run_id for run_id, _ in woken], owner, lease_ms, [t for _, t in woken])
 
     def limit_seen(self, channel: str) -> int:
         return self._releases.seen(channel)
@@ -702,7 +704,7 @@ _STEP_COLUMNS = ("key", "seq", "step_kind", "name", "status", "result", "error",
 
 
 def _claimed_runs(columns: Columns, rows: Sequence[Any]) -> list[ClaimedRun]:
-    """The runs of a claim_with_history or claim_run answer: 'run' rows, and 'step' rows
+    """The runs of a claim_with_history or claim_runs answer: 'run' rows, and 'step' rows
     holding one record of a claimed run each."""
     kind, run_id = columns.at("kind"), columns.at("run_id")
     run_of, step_of = columns.getter(*_RUN_COLUMNS), columns.getter(*_STEP_COLUMNS)

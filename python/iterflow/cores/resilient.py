@@ -8,9 +8,9 @@ committed before the connection dropped — goes through :func:`iterflow.faults.
   ``pending_work``, ``check_schema``);
 - ``claim`` (a claim whose answer was lost leaves its runs leased until the lease ends; it
   waits for work on the first attempt only);
-- ``claim_run`` (a claim by id whose answer was lost replaced the run's sticky token, so a
-  repeat answers None: the worker drops its cached copy and the run, leased by the lost
-  claim, is claimed again with its history once that lease ends);
+- ``claim_runs`` (a claim by id whose answer was lost replaced the runs' sticky tokens, so a
+  repeat leaves them out: the worker drops its cached copies and the runs, leased by the lost
+  claim, are claimed again with their history once that lease ends);
 - ``record_step`` (the first final writer wins: a repeat gets the stored record back);
 - ``spawn_children`` (child ids are made client-side, the insert is ``ON CONFLICT DO
   NOTHING`` and ``find_existing_runs`` finds a child by its id);
@@ -33,8 +33,8 @@ committed before the connection dropped — goes through :func:`iterflow.faults.
   (a delete), ``take_rate`` (a repeat after a lost answer reserves a second slot: the rate is
   under-used by one call, never exceeded).
 
-``wait_limit`` and ``held_wakeups`` are hints like ``changed_runs``: a fault ends the wait
-early, and the step asks for its permit again, the held run waits for its holder's next claim.
+``wait_limit`` is a hint like ``changed_runs``: a fault ends the wait early, and the step asks
+for its permit again. ``claim_woken`` is not retried (see its docstring).
 
 Not retried: ``insert_runs`` on a caller's connection (the caller's transaction is theirs, and
 it is aborted anyway), ``add_event`` (a plain insert: a repeat would add the event twice),
@@ -61,7 +61,6 @@ from .base import (
     ClaimedRun,
     Core,
     Created,
-    HeldWakeup,
     LeaseState,
     Resolved,
     RunFilter,
@@ -207,10 +206,10 @@ class ResilientCore:
 
         return await self._retry("claim", call)
 
-    def claim_run(
-        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
-    ) -> Call[ClaimedRun | None]:
-        return self._retry("claim_run", self.inner.claim_run, run_id, owner, lease_ms, expected, keys)
+    def claim_runs(
+        self, run_ids: Sequence[str], owner: str, lease_ms: int, expected: Sequence[int]
+    ) -> Call[list[ClaimedRun]]:
+        return self._retry("claim_runs", self.inner.claim_runs, run_ids, owner, lease_ms, expected)
 
     def nudge(self) -> None:
         self.inner.nudge()
@@ -258,15 +257,18 @@ class ResilientCore:
     ) -> Call[tuple[bool, float]]:
         return self._retry("take_rate", self.inner.take_rate, limit, key, run_id, interval_ms, burst, horizon_ms)
 
-    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
-        """A hint (see the module docstring): a fault ends the wait after a short pause."""
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
+        """Not retried: a fault ends the call after a short pause with nothing claimed. The
+        wake-ups it took are hints; a claim whose answer was lost leased runs whose sticky
+        token it replaced, so their holder drops them and they are claimed again with their
+        history when that lease ends (as a lost ``claim_runs``)."""
         try:
-            return await self.inner.held_wakeups(owner, timeout)
+            return await self.inner.claim_woken(owner, lease_ms, limit, timeout)
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             if not is_transient(exc):
-                raise to_iterflow_error(exc, "held_wakeups") from exc
+                raise to_iterflow_error(exc, "claim_woken") from exc
             await asyncio.sleep(min(timeout, 0.1))
             return []
 

@@ -37,7 +37,6 @@ from .base import (
     ChangedRuns,
     ClaimedRun,
     Created,
-    HeldWakeup,
     JsonArg,
     LeaseState,
     Resolved,
@@ -315,9 +314,9 @@ class RustCore:
         rows: list[dict[str, Any]] = await self._run(self._c.wait_runs, list(run_ids))
         return rows
 
-    async def held_wakeups(self, owner: str, timeout: float) -> list[HeldWakeup]:
-        wakeups: list[_core.HeldWakeup] = await self._wait(self._c.held_wakeups, owner, float(timeout))
-        return [HeldWakeup(w.run_id, w.token) for w in wakeups]
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
+        runs: list[_core.ClaimedRun] = await self._wait(self._c.claim_woken, owner, lease_ms, limit, float(timeout))
+        return [_claimed(run) for run in runs]
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(
@@ -326,11 +325,12 @@ class RustCore:
         runs: list[_core.ClaimedRun] = await self._run(self._c.claim, list(names), limit, owner, lease_ms, wait)
         return [_claimed(run) for run in runs]
 
-    async def claim_run(
-        self, run_id: str, owner: str, lease_ms: int, expected: int, keys: Sequence[str]
-    ) -> ClaimedRun | None:
-        runs: list[_core.ClaimedRun] = await self._run(self._c.claim_run, run_id, owner, lease_ms, expected, list(keys))
-        return _claimed(runs[0]) if runs else None
+    async def claim_runs(
+        self, run_ids: Sequence[str], owner: str, lease_ms: int, expected: Sequence[int]
+    ) -> list[ClaimedRun]:
+        runs: list[_core.ClaimedRun] = await self._run(
+            self._c.claim_runs, list(run_ids), owner, lease_ms, list(expected))
+        return [_claimed(run) for run in runs]
 
     async def record_step(self, run_id: str, rec: StepRecord, result: str | None, error: str | None) -> StoredStep:
         s: _core.StoredStep = await self._run(

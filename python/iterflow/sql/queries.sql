@@ -499,7 +499,7 @@ SELECT to_regclass($1) IS NOT NULL
 -- flush) loses nothing: a record still 'waiting' is closed at the next resume.
 -- A run another worker holds in its sticky cache (`waiting.sticky`: owner, lease token, window
 -- in ms; docs/replay.md "Sticky execution") is left to that worker, which claims it by id
--- (claim_run), until the window after its wake-up has passed.
+-- (claim_runs), until the window after its wake-up has passed.
 -- Flows with limits or keys (flow_limits.limited) are picked by claim_limited, which locks
 -- and counts per flow; it is not called at all when none of $1 is limited.
 WITH lim AS MATERIALIZED (
@@ -596,25 +596,30 @@ SELECT 'step', slept.run_id, NULL, slept.name, NULL, NULL, NULL, NULL, NULL, NUL
        slept.deadline, slept.child_id, NULL, NULL, NULL, slept.finished_at
   FROM slept CROSS JOIN slept_watched
 
--- name: claim_run
--- Lease the one run $1 for $3 ms, as owner $2, when it is ready and still exactly as the
--- worker that holds it in its sticky cache left it: its `waiting.sticky.token` is $4, the
--- lease token of the attempt that suspended it (tokens come from one sequence, and every
--- claim replaces `waiting`, so an equal token means nobody claimed it since), and no cancel
--- is asked. Returns the claim_with_history columns, without the history: the 'run' row, the
--- current records of the keys the held body waits on ($5), with the signal waits resolved by
--- take_signals and the sleeps over closed, as the claim does. Nothing comes back when the run
--- is not claimable that way (not due yet, another worker advanced it, canceled, busy): the
--- holder drops its copy and the run takes the normal claim and replay.
-WITH c AS (
+-- name: claim_runs
+-- Lease the runs $1 for $3 ms, as owner $2, each when it is ready and still exactly as the
+-- worker that holds it in its sticky cache left it: its `waiting.sticky.token` is its entry
+-- of $4, the lease token of the attempt that suspended it (tokens come from one sequence, and
+-- every claim replaces `waiting`, so an equal token means nobody claimed it since), and no
+-- cancel is asked. Returns the claim_with_history columns, without the history: the 'run'
+-- rows, and the current records of the keys the held bodies wait on (`waiting.sticky.keys`),
+-- with the signal waits resolved by take_signals and the sleeps over closed, as the claim
+-- does. A run not claimable that way (not due yet, another worker advanced it, canceled,
+-- busy) is left out: its holder drops its copy, and the run takes the normal claim and
+-- replay. Every held run due at once is claimed by one statement (a burst of wake-ups).
+WITH x AS (
+    SELECT * FROM unnest($1::uuid[], $4::bigint[]) AS x(run_id, token)
+), c AS (
     SELECT wq.run_id, wr.waiting AS was
-      FROM {schema}.queue wq JOIN {schema}.runs wr ON wr.id = wq.run_id
-     WHERE wq.run_id = $1::uuid AND wq.lease_until IS NULL AND wq.ready_at <= now()
-       AND (wr.waiting->'sticky'->>'token')::bigint = $4::bigint AND wr.cancel_reason IS NULL
+      FROM x JOIN {schema}.queue wq ON wq.run_id = x.run_id JOIN {schema}.runs wr ON wr.id = wq.run_id
+     WHERE wq.lease_until IS NULL AND wq.ready_at <= now()
+       AND (wr.waiting->'sticky'->>'token')::bigint = x.token AND wr.cancel_reason IS NULL
        -- a run of a limited flow waits for its place like any other (claim_limited); its
        -- holder adopts it when its own claim takes it
        AND NOT EXISTS (SELECT 1 FROM {schema}.flow_limits l WHERE l.flow_name = wq.flow_name AND l.limited)
        FOR UPDATE OF wq, wr SKIP LOCKED
+), k AS (
+    SELECT c.run_id, k.key FROM c CROSS JOIN LATERAL jsonb_array_elements_text(c.was->'sticky'->'keys') AS k(key)
 ), q AS (
     UPDATE {schema}.queue
        SET lease_owner = $2, lease_token = nextval('{schema}.lease_tokens'),
@@ -640,8 +645,9 @@ WITH c AS (
      WHERE a.runs IS NOT NULL
 ), slept AS (
     UPDATE {schema}.steps s SET status = 'done', finished_at = now()
-     WHERE s.run_id = ANY (ARRAY(SELECT c.run_id FROM c JOIN r ON r.id = c.run_id WHERE c.was->>'kind' = 'sleep'))
-       AND s.key = ANY ($5::text[])
+      FROM k
+     WHERE s.run_id = k.run_id AND s.key = k.key
+       AND k.run_id = ANY (ARRAY(SELECT c.run_id FROM c JOIN r ON r.id = c.run_id WHERE c.was->>'kind' = 'sleep'))
        AND s.kind = 'sleep' AND s.status = 'waiting' AND s.deadline <= now()
     RETURNING s.*
 ), slept_watched AS (
@@ -661,9 +667,9 @@ UNION ALL
 SELECT 'step', s.run_id, NULL, s.name, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        s.key, s.seq, s.kind, s.status, s.result, s.error, s.attempts, s.deadline, s.child_id,
        c.status, c.output, c.error, s.finished_at
-  FROM {schema}.steps s
+  FROM k JOIN {schema}.steps s ON s.run_id = k.run_id AND s.key = k.key
   LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
- WHERE s.run_id = ANY (ARRAY(SELECT id FROM r)) AND s.key = ANY ($5::text[])
+ WHERE k.run_id = ANY (ARRAY(SELECT id FROM r))
    AND NOT EXISTS (SELECT 1 FROM got WHERE got.run_id = s.run_id AND got.key = s.key)
    AND NOT EXISTS (SELECT 1 FROM slept WHERE slept.run_id = s.run_id AND slept.key = s.key)
 UNION ALL

@@ -243,7 +243,8 @@ LANGUAGE sql STABLE AS $$
              WHERE c.next_fire_at <= now() AND (names IS NULL OR c.flow_name = ANY (names)))
 $$;
 
--- Send a wake-up (`q <flow>`, `d <run id>`, `p <run id>`) on the schema's channel, or, in a
+-- Send a wake-up (`q <flow>`, `h <run id> <token> <owner>`, `d <run id>`, `p <run id>`,
+-- `l <limit> [<key>]`) on the schema's channel, or, in a
 -- transaction that set `iterflow.defer_notify` to `on`, collect it in `iterflow.notify`
 -- (records separated by chr(30)) for the Rust core's relay to send after the commit: a
 -- notifying commit holds a database-wide lock until its WAL flush (migration 0002).
