@@ -22,6 +22,7 @@ from .workloads import (
     w5_signals,
     w6_fan_out,
     w11_burn_down_keyed,
+    w12_remote_child,
 )
 
 
@@ -82,4 +83,8 @@ WORKLOADS: tuple[Workload, ...] = (
                  Metric("turns_per_s", "turns/s", "higher"),
                  Metric("p50_ms", "signal->resume p50 ms", "lower"),
                  Metric("p99_ms", "signal->resume p99 ms", "lower"))),
+    Workload("w12", lambda s: f"child in another worker: {s.w12_parents:,} parents @{s.w12_rate:g}/s",
+             w12_remote_child, (
+                 Metric("p50_ms", "child done->parent resumed p50 ms", "lower"),
+                 Metric("p99_ms", "child done->parent resumed p99 ms", "lower"))),
 )

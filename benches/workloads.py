@@ -75,6 +75,8 @@ class Sizes:
     w9_iterations: int = 10_000  # one run: this many iterations of step + 1 ms sleep (--w9-iterations)
     w10_runs: int = 200          # runs talked to at once by a client process... (--w10-runs)
     w10_turns: int = 100         # ...each for this many turns of signal + step (--w10-turns)
+    w12_parents: int = 300       # parents started at w12_rate, each invoking one child that
+    w12_rate: float = 50.0       # another worker engine serves
     concurrency: int = 32        # the worker engine's concurrency (default; --concurrency overrides per core)
     start_chunk: int = 5_000     # runs per start_many call in the burn-downs
     stall_s: float = 60.0        # no run finished for this long: the workload has hung
@@ -85,7 +87,7 @@ FULL = Sizes()
 QUICK = Sizes(
     w1_flows=300, w2_flows=600, w3_seconds=3.0, w4_flows=150, w4_min_s=1.0, w4_max_s=1.5, w4_lead_s=1.5,
     w3_warmup_s=0.5, w5_flows=100, w5_warmup=25, w6_parents=3, w6_children=10, w8_flows=200, w8_cap_s=30.0,
-    w9_iterations=100, w10_runs=5, w10_turns=5,
+    w9_iterations=100, w10_runs=5, w10_turns=5, w12_parents=10,
     stall_s=15.0, poll_s=0.05,
     concurrency=8,  # a smaller pool: the smoke run shares the server with the rest of the test suite
 )
@@ -138,6 +140,17 @@ async def waiter(ctx: Context, inp: Any) -> dict[str, float]:
     payload = await ctx.signal("go")
     resumed = await ctx.step("after", _wall_clock)
     return {"sent": payload["sent"], "resumed": resumed}
+
+
+@define_flow("bench_remote_child")
+async def remote_child(ctx: Context, inp: Any) -> None:
+    await ctx.step("work", _noop)
+
+
+@define_flow("bench_remote_parent")
+async def remote_parent(ctx: Context, inp: Any) -> float:
+    await ctx.invoke(remote_child, None)
+    return float(await ctx.step("after", _wall_clock))
 
 
 @define_flow("bench_child")
@@ -666,3 +679,38 @@ async def w6_fan_out(env: Env) -> dict[str, Any]:
     seconds = max(f for _, f in rows) - t0
     return {"seconds": seconds, "children_per_s": sz.w6_parents * sz.w6_children / seconds,
             "parents": sz.w6_parents, "children": sz.w6_children}
+
+
+# -- workload 12: a child finished by another worker wakes its parent ------------------------
+async def w12_remote_child(env: Env) -> dict[str, Any]:
+    """Parents, started at ``w12_rate``, each ``ctx.invoke`` one child flow that only another
+    worker engine serves (its own connections and LISTEN, as another process would have): the
+    child's finish must wake the parent in the first engine.
+
+    latency = when the parent's step after the invoke started (``time.time()`` in the step) -
+    the child's ``finished_at`` (the server's clock of the finishing transaction; same host).
+    Without an announcement of the parent's wake-up it waits for its worker's next poll.
+    """
+    sz = env.sizes
+    parents = env.worker(remote_parent)
+    children = env.engine("children", remote_child, concurrency=env.concurrency, **env.worker_options)
+    client = env.engine("client")
+    handle = client.handle(remote_parent.name, remote_parent.version)
+    await client.client()
+    await parents.listen()
+    await children.listen()
+    async with env.monitor() as mon:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for i in range(sz.w12_parents):
+            await asyncio.sleep(max(t0 + i / sz.w12_rate - loop.time(), 0.0))
+            await handle.start(None)
+        await wait_all_done(mon, env, f"{sz.w12_parents} parents and their children", 2 * sz.w12_parents)
+        rows = await mon.fetch(
+            f'SELECT p.output, extract(epoch FROM c.finished_at)::float8 FROM "{env.schema}".runs p'
+            f'  JOIN "{env.schema}".runs c ON c.parent_id = p.id WHERE p.name = %s', remote_parent.name,
+        )
+    if len(rows) != sz.w12_parents:
+        raise WorkloadError(f"remote child: {len(rows)} parents with a child, expected {sz.w12_parents}")
+    s = summarize_ms([float(out) - float(child_done) for out, child_done in rows])
+    return {"p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"], "parents": sz.w12_parents}

@@ -502,6 +502,12 @@ SELECT to_regclass($1) IS NOT NULL
 -- (claim_runs), until the window after its wake-up has passed.
 -- Flows with limits or keys (flow_limits.limited) are picked by claim_limited, which locks
 -- and counts per flow; it is not called at all when none of $1 is limited.
+-- A wake-up that commits between this statement's snapshot and its row locks (a child
+-- finishing, a signal arriving) is in the queue row it locks but not in the history it reads
+-- (READ COMMITTED: the locked row is re-read at its latest version, every other table at the
+-- snapshot). Clearing `woken` then would lose that wake-up: the body, blind to it, suspends
+-- with nothing to re-queue it. So a claimed row whose latest version is not the one in the
+-- snapshot (another `xmin`) keeps `woken`, and suspend_run re-queues the run at once.
 WITH lim AS MATERIALIZED (
     SELECT array_agg(flow_name) AS names FROM {schema}.flow_limits
      WHERE flow_name = ANY ($1::text[]) AND limited
@@ -536,7 +542,9 @@ WITH lim AS MATERIALIZED (
 ), q AS (
     UPDATE {schema}.queue
        SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
-           lease_until = now() + $4 * interval '1 millisecond', woken = false,
+           lease_until = now() + $4 * interval '1 millisecond',
+           -- woken after this statement's snapshot (see the header): keep the flag
+           woken = queue.xmin IS DISTINCT FROM (SELECT s.xmin FROM {schema}.queue s WHERE s.run_id = queue.run_id),
            limited = run_id = ANY (ARRAY(SELECT run_id FROM c WHERE c.limited))
      WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
     RETURNING run_id, lease_token
@@ -623,7 +631,9 @@ WITH x AS (
 ), q AS (
     UPDATE {schema}.queue
        SET lease_owner = $2, lease_token = nextval('{schema}.lease_tokens'),
-           lease_until = now() + $3 * interval '1 millisecond', woken = false
+           lease_until = now() + $3 * interval '1 millisecond',
+           -- woken after this statement's snapshot (see claim_with_history): keep the flag
+           woken = queue.xmin IS DISTINCT FROM (SELECT s.xmin FROM {schema}.queue s WHERE s.run_id = queue.run_id)
      WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
     RETURNING run_id, lease_token
 ), r AS (
