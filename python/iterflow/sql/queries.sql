@@ -544,7 +544,8 @@ WITH lim AS MATERIALIZED (
        SET lease_owner = $3, lease_token = nextval('{schema}.lease_tokens'),
            lease_until = now() + $4 * interval '1 millisecond',
            -- woken after this statement's snapshot (see the header): keep the flag
-           woken = queue.xmin IS DISTINCT FROM (SELECT s.xmin FROM {schema}.queue s WHERE s.run_id = queue.run_id),
+           woken = CASE WHEN queue.woken THEN queue.xmin IS DISTINCT FROM
+                       (SELECT s.xmin FROM {schema}.queue s WHERE s.run_id = queue.run_id) ELSE false END,
            limited = run_id = ANY (ARRAY(SELECT run_id FROM c WHERE c.limited))
      WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
     RETURNING run_id, lease_token
@@ -633,7 +634,8 @@ WITH x AS (
        SET lease_owner = $2, lease_token = nextval('{schema}.lease_tokens'),
            lease_until = now() + $3 * interval '1 millisecond',
            -- woken after this statement's snapshot (see claim_with_history): keep the flag
-           woken = queue.xmin IS DISTINCT FROM (SELECT s.xmin FROM {schema}.queue s WHERE s.run_id = queue.run_id)
+           woken = CASE WHEN queue.woken THEN queue.xmin IS DISTINCT FROM
+                       (SELECT s.xmin FROM {schema}.queue s WHERE s.run_id = queue.run_id) ELSE false END
      WHERE run_id = ANY (ARRAY(SELECT run_id FROM c))
     RETURNING run_id, lease_token
 ), r AS (
