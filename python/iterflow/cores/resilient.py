@@ -130,6 +130,21 @@ class ResilientCore:
         except Exception as exc:
             raise to_iterflow_error(exc, what) from exc
 
+    @staticmethod
+    async def _hint(what: str, call: Awaitable[T], pause: float, fallback: T) -> T:
+        """A wait for a hint (a notification, a wake-up): a fault is not retried but ends the
+        wait after ``pause`` with ``fallback``, for the caller to look again; anything else
+        that fails is typed like every other call."""
+        try:
+            return await call
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            if not is_transient(exc):
+                raise to_iterflow_error(exc, what) from exc
+            await asyncio.sleep(pause)
+            return fallback
+
     # -- lifecycle -------------------------------------------------------------------------
     async def open(self) -> None:
         await self._once("open", self.inner.open)
@@ -181,15 +196,8 @@ class ResilientCore:
     async def changed_runs(self, timeout: float) -> ChangedRuns:
         """A hint, never the truth: a fault ends the wait early, asking the caller to re-read
         everything it waits for (a read that is retried)."""
-        try:
-            return await self.inner.changed_runs(timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not is_transient(exc):
-                raise to_iterflow_error(exc, "changed_runs") from exc
-            await asyncio.sleep(min(timeout, 0.1))
-            return ChangedRuns([], everything=True, listening=False)
+        return await self._hint("changed_runs", self.inner.changed_runs(timeout), min(timeout, 0.1),
+                                ChangedRuns([], everything=True, listening=False))
 
     def wait_runs(self, run_ids: Sequence[str]) -> Call[list[dict[str, Any]]]:
         return self._retry("wait_runs", self.inner.wait_runs, run_ids)
@@ -262,29 +270,15 @@ class ResilientCore:
         wake-ups it took are hints; a claim whose answer was lost leased runs whose sticky
         token it replaced, so their holder drops them and they are claimed again with their
         history when that lease ends (as a lost ``claim_runs``)."""
-        try:
-            return await self.inner.claim_woken(owner, lease_ms, limit, timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not is_transient(exc):
-                raise to_iterflow_error(exc, "claim_woken") from exc
-            await asyncio.sleep(min(timeout, 0.1))
-            return []
+        return await self._hint("claim_woken", self.inner.claim_woken(owner, lease_ms, limit, timeout),
+                                min(timeout, 0.1), [])
 
     def limit_seen(self, channel: str) -> int:
         return self.inner.limit_seen(channel)
 
     async def wait_limit(self, channel: str, seen: int, timeout: float) -> None:
         """A hint (see the module docstring): a fault ends the wait after a short pause."""
-        try:
-            await self.inner.wait_limit(channel, seen, timeout)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            if not is_transient(exc):
-                raise to_iterflow_error(exc, "wait_limit") from exc
-            await asyncio.sleep(min(timeout, 0.1))
+        await self._hint("wait_limit", self.inner.wait_limit(channel, seen, timeout), min(timeout, 0.1), None)
 
     async def heartbeat(self, leases: Sequence[tuple[str, int]], lease_ms: int) -> list[LeaseState]:
         # renewals come every third of a lease: a renewal that is still failing by then is
