@@ -11,6 +11,8 @@
 --     run to its holder for the sticky window anyway (docs/replay.md, "Sticky execution").
 --     A leased run is not announced: its worker sees `woken` when it suspends.
 --   * deliver_signal no longer sends its own `q` after wake_run.
+--   * suspend_run announces a run it makes ready at once (woken during its lease, or a wake-up
+--     time already past) the same way: `h ...` to the worker that holds it, else `q <flow>`.
 
 CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
 LANGUAGE plpgsql AS $$
@@ -88,6 +90,44 @@ BEGIN
         PERFORM {schema}.wake_run(p_run);
     END IF;
     RETURN 'buffered';
+END $$;
+
+CREATE OR REPLACE FUNCTION {schema}.suspend_run(
+    p_run uuid, p_token bigint, p_status text, p_waiting jsonb, p_wake_at timestamptz,
+    p_attempts_delta integer
+) RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_woken boolean;
+BEGIN
+    -- runs row first, then queue row: see finish_run
+    PERFORM 1 FROM {schema}.runs WHERE id = p_run FOR UPDATE;
+    SELECT woken INTO v_woken FROM {schema}.queue
+     WHERE run_id = p_run AND lease_token = p_token FOR UPDATE;
+    IF NOT FOUND THEN
+        RETURN false;
+    END IF;
+    IF v_woken OR p_wake_at IS NOT NULL THEN
+        UPDATE {schema}.queue
+           SET lease_owner = NULL, lease_token = NULL, lease_until = NULL, woken = false,
+               ready_at = CASE WHEN v_woken THEN now() ELSE p_wake_at END
+         WHERE run_id = p_run;
+    ELSE
+        DELETE FROM {schema}.queue WHERE run_id = p_run;
+    END IF;
+    UPDATE {schema}.runs
+       SET status = p_status, waiting = p_waiting, updated_at = now(),
+           attempts = CASE WHEN p_attempts_delta IS NULL THEN 0 ELSE attempts + p_attempts_delta END
+     WHERE id = p_run;
+    IF v_woken OR p_wake_at <= now() THEN
+        -- ready at once: announced like wake_run does, to its holder when one holds it
+        PERFORM {schema}.wakeup(CASE
+            WHEN p_waiting ? 'sticky' THEN
+                'h ' || p_run::text || ' ' || (p_waiting->'sticky'->>'token') || ' '
+                     || (p_waiting->'sticky'->>'owner')
+            ELSE 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run) END);
+    END IF;
+    RETURN true;
 END $$;
 
 INSERT INTO {schema}.schema_version (version) VALUES (13) ON CONFLICT DO NOTHING;

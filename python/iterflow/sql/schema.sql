@@ -457,7 +457,12 @@ BEGIN
            attempts = CASE WHEN p_attempts_delta IS NULL THEN 0 ELSE attempts + p_attempts_delta END
      WHERE id = p_run;
     IF v_woken OR p_wake_at <= now() THEN
-        PERFORM {schema}.wakeup('q ' || (SELECT name FROM {schema}.runs WHERE id = p_run));
+        -- ready at once: announced like wake_run does, to its holder when one holds it
+        PERFORM {schema}.wakeup(CASE
+            WHEN p_waiting ? 'sticky' THEN
+                'h ' || p_run::text || ' ' || (p_waiting->'sticky'->>'token') || ' '
+                     || (p_waiting->'sticky'->>'owner')
+            ELSE 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run) END);
     END IF;
     RETURN true;
 END $$;
