@@ -108,7 +108,6 @@ class Context:
         self._replay_idle = _Flag()
         self._counters: dict[str, int] = {}
         self._seq = 0
-        services.clock.observe(run.db_now)
         self._position: datetime = run.created_at
         self._in_flight = 0
         self._quiet = _Flag()
@@ -282,7 +281,6 @@ class Context:
         self._run = run
         self.attempt = run.attempts
         self.cancel_reason = run.cancel_reason
-        self._services.clock.observe(run.db_now)
         self._history.update(run.history)
         self.release()
 
@@ -345,7 +343,7 @@ class Context:
     def clock(self) -> datetime:
         """Database time estimate, never ahead of it (``clock.DbClock``)."""
         now = self._services.clock.now()
-        assert now is not None  # (this run's claim was read into it)
+        assert now is not None  # (the worker read this run's claim into it: Worker._claim_loop, _go_on)
         return now
 
     def now(self) -> datetime:

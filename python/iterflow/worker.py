@@ -325,6 +325,8 @@ class Worker:
         """Held runs claimed by id: each goes on with its held body (a hit), unless that body
         was dropped meanwhile or the worker is stopping; then its lease is given back at once."""
         assert self.sticky is not None
+        if runs:  # read before their executions go on (clock.py)
+            self.services.clock.observe(runs[0].db_now)
         release: list[tuple[str, int]] = []
         for run in runs:
             execution = self.sticky.get(run.run_id)
@@ -346,10 +348,8 @@ class Worker:
         while True:
             try:
                 free = max(self.concurrency - len(self.active), 1)
-                runs = await self.services.core.claim_woken(self.owner, self.lease_ms, free, HELD_WAKEUP_WAIT)
-                if runs:
-                    self.services.clock.observe(runs[0].db_now)
-                await self._go_on(runs)
+                await self._go_on(await self.services.core.claim_woken(
+                    self.owner, self.lease_ms, free, HELD_WAKEUP_WAIT))
             except Exception as exc:  # noqa: BLE001 - the runs then wait for this worker's claim
                 log.warning("iterflow could not claim woken held runs: %r", exc)
                 await asyncio.sleep(self.poll_interval)
