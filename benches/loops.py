@@ -98,10 +98,25 @@ def _per_iteration(ticks: list[tuple[float, float]]) -> tuple[float, float]:
     return ((ticks[-1][0] - ticks[0][0]) * 1000 / steps, (ticks[-1][1] - ticks[0][1]) * 1e6 / steps)
 
 
+class _Progress:
+    """A counter a waiting workload watches: stalled once it has not moved for ``stall_s``."""
+
+    def __init__(self, stall_s: float) -> None:
+        self.stall_s = stall_s
+        self._last: int | None = None
+        self._since = time.monotonic()
+
+    def stalled(self, value: int) -> bool:
+        now = time.monotonic()
+        if value != self._last:
+            self._last, self._since = value, now
+        return now - self._since > self.stall_s
+
+
 async def _wait_loop(mon: Monitor, env: Env, run_id: str, iterations: int) -> None:
     """Until the one run is terminal (done, else WorkloadError); progress is its step count,
     so a slow but moving loop is not taken for a stall."""
-    last, since = -1, time.monotonic()
+    progress = _Progress(env.sizes.stall_s)
     while True:
         ((status, steps),) = await mon.fetch(
             f'SELECT r.status, (SELECT count(*) FROM "{env.schema}".steps s WHERE s.run_id = r.id)'
@@ -111,10 +126,7 @@ async def _wait_loop(mon: Monitor, env: Env, run_id: str, iterations: int) -> No
             if status != "done":
                 raise WorkloadError(f"long loop: the run ended {status}")
             return
-        now = time.monotonic()
-        if steps != last:
-            last, since = steps, now
-        elif now - since > env.sizes.stall_s:
+        if progress.stalled(steps):
             raise WorkloadError(f"long loop: no progress for {env.sizes.stall_s:g}s at {steps} records "
                                 f"of {2 * iterations}")
         await asyncio.sleep(env.sizes.poll_s)
@@ -125,7 +137,7 @@ async def _wait_turns(mon: Monitor, env: Env, runs: int, turns: int, talk: async
     """Until every run has ended; progress is the turns taken (signals consumed), since all
     runs advance together and none ends before the last turns: a slow but moving session is
     not taken for a stall."""
-    last, since = -1, time.monotonic()
+    progress = _Progress(env.sizes.stall_s)
     while True:
         ((ended, taken),) = await mon.fetch(
             f'SELECT (SELECT count(*) FROM "{env.schema}".runs WHERE finished_at IS NOT NULL),'
@@ -135,10 +147,7 @@ async def _wait_turns(mon: Monitor, env: Env, runs: int, turns: int, talk: async
             return
         if talk.done() and talk.exception() is not None:
             raise WorkloadError(f"agent client failed: {talk.exception()!r}")
-        now = time.monotonic()
-        if taken != last:
-            last, since = taken, now
-        elif now - since > env.sizes.stall_s:
+        if progress.stalled(taken):
             raise WorkloadError(f"agent turns: no progress for {env.sizes.stall_s:g}s at {taken} of "
                                 f"{runs * turns} turns, {ended} of {runs} runs ended")
         await asyncio.sleep(env.sizes.poll_s)
