@@ -259,6 +259,18 @@ BEGIN
     END IF;
 END $$;
 
+-- Announce a run that became ready now: `h <run id> <lease token> <owner>` to the worker
+-- holding it in its sticky cache (`p_waiting.sticky`), else `q <flow>` to its flow's workers.
+CREATE OR REPLACE FUNCTION {schema}.announce_ready(p_run uuid, p_waiting jsonb) RETURNS void
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM {schema}.wakeup(CASE
+        WHEN p_waiting ? 'sticky' THEN
+            'h ' || p_run::text || ' ' || (p_waiting->'sticky'->>'token') || ' '
+                 || (p_waiting->'sticky'->>'owner')
+        ELSE 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run) END);
+END $$;
+
 -- Wake a live run now (a signal arrived, a child finished, a reconcile found a stranded
 -- parent), keeping its key on the queue row it makes. A run that is not leased is announced:
 -- `h <run id> <lease token> <owner>` to the worker holding it in its sticky cache, else
@@ -281,11 +293,7 @@ BEGIN
     IF v_leased THEN
         RETURN;
     END IF;
-    PERFORM {schema}.wakeup(CASE
-        WHEN v_run.waiting ? 'sticky' THEN
-            'h ' || p_run::text || ' ' || (v_run.waiting->'sticky'->>'token') || ' '
-                 || (v_run.waiting->'sticky'->>'owner')
-        ELSE 'q ' || v_run.name END);
+    PERFORM {schema}.announce_ready(p_run, v_run.waiting);
 END $$;
 
 -- What a finish implies beyond the finished rows: live children of the runs that failed or
@@ -457,12 +465,7 @@ BEGIN
            attempts = CASE WHEN p_attempts_delta IS NULL THEN 0 ELSE attempts + p_attempts_delta END
      WHERE id = p_run;
     IF v_woken OR p_wake_at <= now() THEN
-        -- ready at once: announced like wake_run does, to its holder when one holds it
-        PERFORM {schema}.wakeup(CASE
-            WHEN p_waiting ? 'sticky' THEN
-                'h ' || p_run::text || ' ' || (p_waiting->'sticky'->>'token') || ' '
-                     || (p_waiting->'sticky'->>'owner')
-            ELSE 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run) END);
+        PERFORM {schema}.announce_ready(p_run, p_waiting);  -- (to its holder, when one holds it)
     END IF;
     RETURN true;
 END $$;
