@@ -638,20 +638,28 @@ async def w5_signals(env: Env) -> dict[str, Any]:
         await wait_all_done(mon, env, f"{warm + n} signaled flows", warm + n, watch=gen)
         sender = await gen
         rows = await mon.fetch(
-            f'SELECT r.id::text, r.output, extract(epoch FROM s.received_at)::float8'
+            f'SELECT r.id::text, r.output, extract(epoch FROM s.received_at)::float8,'
+            f'       extract(epoch FROM t.finished_at)::float8'
             f'  FROM "{env.schema}".runs r JOIN "{env.schema}".signals s ON s.run_id = r.id'
+            f'  JOIN "{env.schema}".steps t ON t.run_id = r.id AND t.kind = %s', "signal",
         )
     if sender["kinds"] != {"delivered": warm + n}:
         raise WorkloadError(f"signals: expected {warm + n} 'delivered', got {sender['kinds']}")
-    measured = [(o, float(at)) for rid, o, at in rows if rid in set(ids[warm:])]
-    s = summarize_ms([float(o["resumed"]) - float(o["sent"]) for o, _ in measured])
+    wanted = set(ids[warm:])
+    measured = [(o, float(at), float(took)) for rid, o, at, took in rows if rid in wanted]
+    s = summarize_ms([float(o["resumed"]) - float(o["sent"]) for o, _, _ in measured])
     # where the time goes: client call -> delivery transaction (signals.received_at, the
-    # server's now() of the delivering transaction) -> the step after the signal starting
-    to_db = summarize_ms([at - float(o["sent"]) for o, at in measured])
-    db_to_resume = summarize_ms([float(o["resumed"]) - at for o, at in measured])
+    # server's now() of the delivering transaction) -> the transaction that took the signal
+    # for the run (the signal record's finished_at: the claim's now()) -> the step after the
+    # signal starting
+    to_db = summarize_ms([at - float(o["sent"]) for o, at, _ in measured])
+    db_to_resume = summarize_ms([float(o["resumed"]) - at for o, at, _ in measured])
+    to_take = summarize_ms([took - at for _, at, took in measured])
+    take_to_resume = summarize_ms([float(o["resumed"]) - took for o, _, took in measured])
     return {"p50_ms": s["p50_ms"], "p99_ms": s["p99_ms"], "max_ms": s["max_ms"], "flows": n,
             "warmup_flows": warm, "signal_call": sender.pop("call"),
-            "send_to_delivery_tx": to_db, "delivery_tx_to_resume": db_to_resume, **sender}
+            "send_to_delivery_tx": to_db, "delivery_tx_to_resume": db_to_resume,
+            "delivery_tx_to_take": to_take, "take_to_resume": take_to_resume, **sender}
 
 
 # -- workload 6: fan-out / fan-in --------------------------------------------------------------

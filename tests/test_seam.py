@@ -33,9 +33,11 @@ COUNTERPARTS = {
     "LeaseState": base.LeaseState,
     "Resolved": base.Resolved,
     "ChangedRuns": base.ChangedRuns,
+    "Woken": base.Woken,
 }
-# row classes typed by the stub alone (the protocol answers admin_query's rows as dicts)
-STUB_ONLY = {"QueryResult"}
+# row classes typed by the stub alone (the protocol answers admin_query's rows as dicts; a
+# handoff's claim is decoded from its notice by base.Handoff.from_notice, for both cores)
+STUB_ONLY = {"QueryResult", "HandedRun"}
 
 
 def _stub_classes() -> dict[str, ast.ClassDef]:

@@ -131,6 +131,102 @@ async def test_a_signal_from_another_process_reaches_the_holder(make_engine: Any
     assert starts == [1] and cache["hit"] == 1 and cache["adopted"] == 0 and cache["stale"] == 0, (starts, cache)
 
 
+async def test_the_delivery_hands_the_run_to_its_holder(make_engine: Any, dsn: str, schema_name: str) -> None:
+    """A worker that listens asks for its held runs to be handed over (migration 0014): the
+    transaction that delivers the signal leases the run to it, takes the signal, and sends the
+    claim in the notice, so no claim by id follows. The handoff's short lease is extended to
+    a full one as the body goes on."""
+    release = asyncio.Event()
+
+    @define_flow("handed")
+    async def handed(ctx: iterflow.Context, _: Any) -> Any:
+        answer = await ctx.signal("answer")
+        await ctx.step("hold", release.wait)
+        return answer
+
+    engine, cache = await sticky_engine(make_engine, handed, poll_interval=5.0, lease="20s")
+    client = await make_engine(listen=False)
+    run = await engine.handle("handed").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    (mark,), = await sql(dsn, f'SELECT waiting->\'sticky\' FROM "{schema_name}".runs WHERE id = %s', run.run_id)
+    assert mark["hand"] == mark["ms"] == 1000, mark
+    assert (await client.signal(run.run_id, "answer", {"n": 1})).kind == "delivered"
+
+    async def lease_left() -> float:
+        (left,), = await sql(dsn, f'SELECT extract(epoch FROM lease_until - now())::float8'
+                                  f'  FROM "{schema_name}".queue WHERE run_id = %s', run.run_id)
+        return float(left or 0)
+
+    await until(lambda: _true(cache["handed"] == 1), what="the handoff")
+    await until(lambda: _gt(lease_left(), 5.0), what="the lease extended past the window")
+    release.set()
+    assert await engine.handle("handed").result(run.run_id, timeout=10) == {"n": 1}
+    assert cache["hit"] == 1 and cache["stale"] == 0, cache
+    detail = await engine.status(run.run_id)
+    assert [(s["kind"], s["status"], s["result"]) for s in detail.steps] == [
+        ("signal", "done", {"n": 1}), ("step", "done", True)]
+
+
+async def test_a_handoff_too_large_for_a_notice_reads_its_records(make_engine: Any) -> None:
+    """A notice holds under 8,000 bytes: a payload larger than that goes with the handoff
+    as ``"steps": null``, and the holder reads the records (``handed_records``)."""
+
+    @define_flow("big")
+    async def big(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.signal("blob")
+
+    engine, cache = await sticky_engine(make_engine, big, poll_interval=5.0)
+    client = await make_engine(listen=False)
+    run = await engine.handle("big").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    blob = {"text": "x" * 20_000, "n": 7}
+    assert (await client.signal(run.run_id, "blob", blob)).kind == "delivered"
+    assert await engine.handle("big").result(run.run_id, timeout=10) == blob
+    assert cache["handed"] == 1 and cache["stale"] == 0, cache
+
+
+async def test_a_handoff_to_a_holder_without_the_body_replays(make_engine: Any) -> None:
+    """The holder lost the body (evicted) but the run still names it: the handoff comes to a
+    worker with nothing to resume, which gives the lease back, and the run replays."""
+    effects: list[str] = []
+
+    @define_flow("orphaned")
+    async def orphaned(ctx: iterflow.Context, _: Any) -> Any:
+        await ctx.step("before", lambda: effects.append("before"))
+        answer = await ctx.signal("answer")
+        await ctx.step("after", lambda: effects.append("after"))
+        return answer
+
+    engine, cache = await sticky_engine(make_engine, orphaned, poll_interval=5.0)
+    client = await make_engine(listen=False)
+    run = await engine.handle("orphaned").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    assert engine._worker is not None and engine._worker.sticky is not None
+    assert engine._worker.sticky.discard(run.run_id, "evicted")
+    assert (await client.signal(run.run_id, "answer", "yes")).kind == "delivered"
+    assert await engine.handle("orphaned").result(run.run_id, timeout=10) == "yes"
+    assert effects == ["before", "after"], "each step ran once"
+    assert cache["handed"] == 0 and cache["hit"] == 0, cache
+
+
+async def test_a_worker_that_does_not_listen_is_not_handed_runs(make_engine: Any, dsn: str, schema_name: str) -> None:
+    """No notice can reach a worker without LISTEN: its marks do not ask for handoffs, and a
+    signal sent in its process resumes the held run by a claim by id."""
+
+    @define_flow("quiet")
+    async def quiet(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.signal("answer")
+
+    engine, cache = await sticky_engine(make_engine, quiet, notify=False)
+    run = await engine.handle("quiet").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    (mark,), = await sql(dsn, f'SELECT waiting->\'sticky\' FROM "{schema_name}".runs WHERE id = %s', run.run_id)
+    assert "hand" not in mark, mark
+    assert (await engine.signal(run.run_id, "answer", 5)).kind == "delivered"
+    assert await engine.handle("quiet").result(run.run_id, timeout=10) == 5
+    assert cache["hit"] == 1 and cache["handed"] == 0, cache
+
+
 async def test_short_waits_are_waited_in_place(make_engine: Any) -> None:
     suspended: list[str] = []
 
@@ -291,6 +387,54 @@ async def test_a_worker_killed_with_a_full_cache(
             a.wait(timeout=10)
 
 
+async def test_a_run_handed_to_a_killed_worker_finishes_elsewhere(
+    make_engine: Any, dsn: str, schema_name: str, core: str, tmp_path: Path
+) -> None:
+    """Killed while its registry row is still fresh, the holder is handed the run its signal
+    woke: the handoff's lease is only the sticky window long, so the run is the fleet's again
+    once that window and a sweep of expired leases have passed, and replays there."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    log = open(tmp_path / "a.log", "wb")
+    a = subprocess.Popen(
+        [sys.executable, str(WORKER), "--dsn", dsn, "--schema", schema_name, "--core", core, "--label", "A"],
+        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+    )
+    log.close()
+    try:
+        await iterflow.migrate(dsn, schema_name)
+        client = await make_engine(listen=False)
+        run = await client.handle("asker").start(None)
+
+        async def held() -> bool:
+            found = await sql(dsn, f'SELECT waiting FROM "{schema_name}".runs WHERE id = %s AND status = %s',
+                              run.run_id, "awaiting_signal")
+            return bool(found) and f":{a.pid}:" in found[0][0]["sticky"]["owner"]
+
+        await until(held, timeout=20, what=f"A holding the run\n{(tmp_path / 'a.log').read_text()}")
+        a.send_signal(signal.SIGKILL)
+        assert a.wait(timeout=10) == -signal.SIGKILL
+        assert (await client.signal(run.run_id, "go", None)).kind == "delivered"
+        (owner,), = await sql(dsn, f'SELECT lease_owner FROM "{schema_name}".queue WHERE run_id = %s', run.run_id)
+        assert f":{a.pid}:" in owner, "handed to the dead holder"
+
+        @define_flow("asker")
+        async def asker(ctx: iterflow.Context, _: Any) -> Any:
+            await ctx.step("a", lambda: "B")
+            await ctx.signal("go")
+            return await ctx.step("b", lambda: "B")
+
+        t0 = time.monotonic()
+        b, _ = await sticky_engine(make_engine, asker, lease="4s")
+        assert await b.handle("asker").result(run.run_id, timeout=20) == "B"
+        assert time.monotonic() - t0 < 1 + 2 + 3, "the window, a sweep (half of B's lease), and slack"
+        steps = (await b.status(run.run_id)).steps
+        assert [(s["key"], s["result"]) for s in steps if s["kind"] == "step"] == [("a", "A"), ("b", "B")]
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait(timeout=10)
+
+
 async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: str, schema_name: str) -> None:
     """``claim_runs`` claims only a ready run whose ``waiting.sticky.token`` is the expected one."""
 
@@ -324,6 +468,10 @@ async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: 
     ((status,),) = await sql(dsn, f'SELECT status FROM "{schema_name}".steps WHERE run_id = %s', run.run_id)
     assert status == "done"
     assert await core.claim_runs([run.run_id], "probe", 30_000, [token]) == [], "claimed already"
+
+
+async def _gt(value: Awaitable[float], bound: float) -> bool:
+    return await value > bound
 
 
 async def _true(value: bool) -> bool:

@@ -72,6 +72,17 @@ class ClaimedRun:
     history: list[StepRecord]
 
 @final
+class Woken:
+    claimed: list[ClaimedRun]
+    handed: list[HandedRun]
+
+@final
+class HandedRun:
+    run_id: str
+    held_token: int
+    notice: str
+
+@final
 class StoredStep:
     status: str
     result: Any
@@ -158,7 +169,7 @@ class Core:
     def changed_runs(self, pump: Pump, ticket: int, timeout: float) -> None:
         """-> ChangedRuns (cancellable with ``Pump.cancel``)"""
     def claim_woken(self, pump: Pump, ticket: int, owner: str, lease_ms: int, limit: int, timeout: float) -> None:
-        """-> list[ClaimedRun] (cancellable with ``Pump.cancel`` while it waits)"""
+        """-> Woken (cancellable with ``Pump.cancel`` while it waits)"""
     def limit_seen(self, channel: str) -> int: ...
     def wait_limit(self, pump: Pump, ticket: int, channel: str, seen: int, timeout: float) -> None:
         """-> None (cancellable with ``Pump.cancel``)"""

@@ -454,8 +454,10 @@ class Engine:
                 break
             target = last
         self.services.hooks.emit("signal_delivered", kind)
-        if kind == "delivered" and self._worker is not None:
-            self._worker.wake_held(run_id)  # a run this process holds goes on without a replay
+        if kind == "delivered" and self._worker is not None and not self._worker.notify:
+            # a run this process holds goes on without a replay (with notifications, the
+            # delivery hands it over, or announces it, to its holder: claim_woken)
+            self._worker.wake_held(run_id)
         return SignalResult(kind, cursor_key or None)
 
     @staticmethod

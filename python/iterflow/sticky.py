@@ -34,6 +34,8 @@ from .observe import Hooks
 DEFAULT_RUNS = 1000
 DEFAULT_BYTES = 64 * 1024 * 1024
 DEFAULT_WINDOW_MS = 1000
+# Shortest lease a handoff grants (sticky window 0 means "no wait for others", not "no lease").
+MIN_HAND_MS = 500
 # Longest a held run's timer sleeps before it looks at the database clock estimate again: the
 # estimate improves as claims come back (clock.py), and a timer armed on an early, coarse one
 # would otherwise fire late by the difference.
@@ -50,23 +52,38 @@ class Held(Protocol):
 
 @dataclass(frozen=True)
 class StickyHolder:
-    """Who holds runs, and for how long after a wake-up other workers leave them alone."""
+    """Who holds runs, for how long after a wake-up other workers leave them alone, and
+    whether the transaction that wakes one may hand it over at once (``hand_off``: only a
+    worker that listens hears the ``H`` notice that says so)."""
 
     owner: str
     window_ms: int
+    hand_off: bool = True
 
     def mark(self, lease_token: int, keys: list[str]) -> dict[str, Any]:
         """The ``waiting.sticky`` of a run held under ``lease_token`` whose body is blocked on
         the waits of cursor keys ``keys`` (read by the claims: a claim by id returns the
-        records of these keys, and nothing else of the history)."""
-        return {"owner": self.owner, "token": lease_token, "ms": self.window_ms, "keys": keys}
+        records of these keys, and nothing else of the history). With ``hand``, wake_run
+        leases the run to this worker for that many ms and sends it the claim (migration
+        0014); the worker extends the lease as it resumes the body."""
+        mark: dict[str, Any] = {"owner": self.owner, "token": lease_token, "ms": self.window_ms, "keys": keys}
+        if self.hand_off:
+            mark["hand"] = self.hand_ms
+        return mark
+
+    @property
+    def hand_ms(self) -> int:
+        """The lease a handoff grants: the window, but never so short that the holder could
+        not extend it before it runs out."""
+        return max(self.window_ms, MIN_HAND_MS)
 
 
 class StickyCache:
     """Held executions by run id, least recently held evicted first, bounded by a count and
     by an estimate of their memory. What becomes of them is counted and reported to the
     ``sticky_cache`` metrics hook: ``hit`` (resumed by a claim by id: no history, no
-    replay), ``adopted`` (a claim of this worker with the history got it first: no replay),
+    replay), ``handed`` (of the hits, those whose claim the transaction that woke the run
+    made: migration 0014), ``adopted`` (a claim of this worker with the history got it first: no replay),
     ``stale`` (another worker advanced the run: it replays), ``evicted`` (over a bound),
     ``dropped`` (canceled here, the worker stopping)."""
 
@@ -76,7 +93,7 @@ class StickyCache:
         self.hooks = hooks
         self._held: OrderedDict[str, tuple[Held, int]] = OrderedDict()
         self.bytes = 0
-        self.counts = {"hit": 0, "adopted": 0, "stale": 0, "evicted": 0, "dropped": 0}
+        self.counts = {"hit": 0, "handed": 0, "adopted": 0, "stale": 0, "evicted": 0, "dropped": 0}
 
     def __len__(self) -> int:
         return len(self._held)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import socket
@@ -17,6 +18,7 @@ from typing import Any
 
 from .config import Retention
 from .control import limits_json
+from .cores.base import ClaimedRun, Handoff, LeaseState, Woken, step_from_json
 from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
 from .fleet import Registration
 from .flow import Flow
@@ -40,6 +42,10 @@ MAX_SWEEP = 5.0
 HELD_WAKEUP_WAIT = 5.0
 # Seconds before a second claim by id of a held run whose first one claimed nothing.
 RESUME_RETRY = 0.05
+# Longest seconds before the short lease of a run handed to this worker is extended (at most
+# a quarter of the sticky window, the handoff's lease): one statement for the runs handed in
+# that time.
+CONFIRM_DELAY = 0.05
 
 
 def sweep_interval(lease_ms: int) -> float:
@@ -68,7 +74,12 @@ class Worker:
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{id(self):x}"
         # suspended runs kept alive here (sticky.py); None: every resume replays
         self.sticky = sticky
-        self.holder = StickyHolder(self.owner, sticky_window_ms) if sticky is not None else None
+        # a worker that listens hears `H` notices: the transaction that wakes a run it holds
+        # may hand the run over at once (migration 0014)
+        self.holder = StickyHolder(self.owner, sticky_window_ms, hand_off=notify) if sticky is not None else None
+        self._early: dict[str, Handoff] = {}  # handed over before their suspension was held here
+        self._to_confirm: list[tuple[str, int]] = []  # handed runs whose short lease to extend
+        self._background: set[asyncio.Task[Any]] = set()
         self._due: dict[str, bool] = {}  # held runs woken, to claim by id: run id -> last try
         self._resuming: set[str] = set()  # held runs with a claim by id in flight
         self._resumer: asyncio.Task[None] | None = None  # claims the due ones (_resume_due)
@@ -308,7 +319,7 @@ class Worker:
             runs = []
         finally:
             self._resuming.difference_update(held)
-        await self._go_on(runs)
+        await self._go_on(Woken(claimed=runs))
         left_out = False
         for run_id, (execution, last_try) in held.items():
             if run_id in self.active or self.sticky.get(run_id) is not execution:
@@ -321,25 +332,92 @@ class Worker:
         if left_out:
             self.nudge()
 
-    async def _go_on(self, runs: list[Any]) -> None:
-        """Held runs claimed by id: each goes on with its held body (a hit), unless that body
-        was dropped meanwhile or the worker is stopping; then its lease is given back at once."""
+    async def _go_on(self, woken: Woken) -> None:
+        """Held runs claimed by id, or handed to this worker by the transaction that woke them:
+        each goes on with its held body (a hit), unless that body was dropped meanwhile or the
+        worker is stopping; then its lease is given back at once. A handoff that comes while
+        its run is still suspending here waits for it (``_early``)."""
         assert self.sticky is not None
-        if runs:  # read before their executions go on (clock.py)
-            self.services.clock.observe(runs[0].db_now)
+        nows = [r.db_now for r in woken.claimed] + [h.db_now for h in woken.handed]
+        if nows:  # read before their executions go on (clock.py)
+            self.services.clock.observe(max(nows))
         release: list[tuple[str, int]] = []
-        for run in runs:
-            execution = self.sticky.get(run.run_id)
-            if (isinstance(execution, Execution) and run.held_token == execution.run.lease_token
-                    and not self._stopping):
-                self.sticky.take(run.run_id)
-                self.sticky.count("hit")
-                self._start(execution, execution.resume(run))
-            else:
+        for run in woken.claimed:
+            if not self._resume_held(run):
                 release.append((run.run_id, run.lease_token))
+        handed: list[tuple[str, int]] = []
+        for h in woken.handed:
+            if h.run_id in self.active and h.run_id not in self.sticky and not self._stopping:
+                self._early[h.run_id] = h
+                continue
+            claim = await self._handed_run(h)
+            if claim is not None and self._resume_held(claim):
+                self.sticky.count("handed")
+                handed.append((claim.run_id, claim.lease_token))
+            else:
+                release.append((h.run_id, h.lease_token))
+        if handed:
+            self._confirm_soon(handed)
         if release:
             await self.release(release)
             self.nudge()
+
+    def _resume_held(self, run: ClaimedRun) -> bool:
+        """Go on with the held body of ``run`` if it is the one the run suspended with."""
+        assert self.sticky is not None
+        execution = self.sticky.get(run.run_id)
+        if (not isinstance(execution, Execution) or run.held_token != execution.run.lease_token
+                or self._stopping):
+            return False
+        self.sticky.take(run.run_id)
+        self.sticky.count("hit")
+        self._start(execution, execution.resume(run))
+        return True
+
+    async def _handed_run(self, h: Handoff) -> ClaimedRun | None:
+        """The claim a handoff stands for: the held execution's run with the handoff's lease,
+        attempt and records (read, when they were too large for the notice). None: the body
+        is not held here under that token."""
+        assert self.sticky is not None
+        execution = self.sticky.get(h.run_id)
+        if not isinstance(execution, Execution) or execution.run.lease_token != h.held_token:
+            return None
+        history = h.history
+        if history is None:
+            assert execution.ctx is not None
+            try:
+                rows = await self.services.core.admin_query(
+                    "handed_records", h.run_id, h.lease_token, execution.ctx.held_keys())
+            except Exception as exc:  # noqa: BLE001 - released: the run replays elsewhere
+                log.warning("iterflow could not read the records of handed run %s: %r", h.run_id, exc)
+                return None
+            history = {r["key"]: step_from_json(r) for r in rows}
+        return dataclasses.replace(
+            execution.run, lease_token=h.lease_token, attempts=h.attempts, cancel_reason=None,
+            parent_status=h.parent_status, db_now=h.db_now, held_token=h.held_token, history=history)
+
+    def _confirm_soon(self, leases: list[tuple[str, int]]) -> None:
+        """A handoff leases its run for the sticky window only, so that a holder that died
+        leaves it to the fleet soon: the living holder extends it to a full lease while the
+        body already goes on, for all the runs handed over within ``CONFIRM_DELAY`` at once
+        (one statement, not one per wake-up)."""
+        if not self._to_confirm:
+            asyncio.get_running_loop().call_later(
+                min(CONFIRM_DELAY, self.holder.hand_ms / 4000 if self.holder else CONFIRM_DELAY),
+                lambda: self._in_background(self._confirm()))
+        self._to_confirm.extend(leases)
+
+    async def _confirm(self) -> None:
+        leases, self._to_confirm = self._to_confirm, []
+        try:
+            self._apply_lease_states(leases, await self.services.core.heartbeat(leases, self.lease_ms))
+        except Exception as exc:  # noqa: BLE001 - the short lease may run out: at least once
+            log.warning("iterflow could not extend the leases of %d handed runs: %r", len(leases), exc)
+
+    def _in_background(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def _held_wakeup_loop(self) -> None:
         """Held runs woken by other processes (a signal sent, a child finished there: ``h``
@@ -376,8 +454,10 @@ class Worker:
                 self._hold(execution)
             elif status in ("sleeping", "retrying", "awaiting_signal"):
                 self._nudge_at_timer(execution)
-            elif status in TERMINAL and execution.run.parent_id is not None:
-                self.wake_held(execution.run.parent_id)  # finishing woke the parent
+            elif status in TERMINAL and execution.run.parent_id is not None and not self.notify:
+                # finishing woke the parent (with notifications its wake-up reaches its holder,
+                # handed over or announced: claim_woken)
+                self.wake_held(execution.run.parent_id)
         except asyncio.CancelledError:
             pass
         except Exception:
@@ -388,6 +468,9 @@ class Worker:
             entry = self.active.get(run_id)
             if entry is not None and entry[0] is execution:
                 del self.active[run_id]
+            early = self._early.pop(run_id, None)
+            if early is not None:  # handed over while it suspended: go on now it is held (or not)
+                self._in_background(self._go_on(Woken(handed=[early])))
             self._start_resumer()  # (held runs woken while every slot was busy)
             if self._full:
                 self._may_claim.set()
@@ -450,14 +533,22 @@ class Worker:
             except Exception as exc:  # noqa: BLE001
                 log.warning("iterflow lease renewal failed: %r", exc)
                 continue
-            for state in states:
-                entry = self.active.get(state.run_id)
-                if entry is None:
-                    continue
-                if not state.held:
-                    entry[0].abort("lease lost", cancel=False)
-                elif state.cancel_reason is not None:
-                    entry[0].abort(state.cancel_reason, cancel=True)
+            self._apply_lease_states(leases, states)
+
+    def _apply_lease_states(self, leases: list[tuple[str, int]], states: list[LeaseState]) -> None:
+        """Renewed ``leases``: abort the executions whose lease was lost or whose run was
+        canceled. Only the execution under the very lease asked about: while the renewal was
+        in flight the run may have suspended and been claimed again, by a new execution under
+        a new lease that is not lost."""
+        tokens = dict(leases)
+        for state in states:
+            entry = self.active.get(state.run_id)
+            if entry is None or entry[0].run.lease_token != tokens.get(state.run_id):
+                continue
+            if not state.held:
+                entry[0].abort("lease lost", cancel=False)
+            elif state.cancel_reason is not None:
+                entry[0].abort(state.cancel_reason, cancel=True)
 
     async def _registry_loop(self) -> None:
         """Refresh this worker's registry row at the heartbeat cadence (a third of a lease),

@@ -4,7 +4,8 @@ tests/test_sticky.py.
     python sticky_worker.py --dsn DSN --schema S --core python --label A
 
 Flow ``napper`` runs step ``a``, sleeps ``input["for"]``, then step ``b``, which answers the
-label of the worker that ran it. The process prints ``listening`` once it claims, then serves
+label of the worker that ran it; flow ``asker`` does the same around a wait for signal
+``go``. The process prints ``listening`` once it claims, then serves
 until it is killed.
 """
 
@@ -30,10 +31,21 @@ def napper(label: str) -> iterflow.Flow:
     return body
 
 
+def asker(label: str) -> iterflow.Flow:
+    @define_flow("asker")
+    async def body(ctx: iterflow.Context, _: Any) -> Any:
+        await ctx.step("a", lambda: label)
+        await ctx.signal("go")
+        return await ctx.step("b", lambda: label)
+
+    return body
+
+
 async def serve(args: argparse.Namespace) -> None:
     engine = iterflow.create_engine(args.dsn, schema=args.schema, core=args.core, poll_interval=0.1,
                                     sticky_window=args.window)
     engine.register(napper(args.label))
+    engine.register(asker(args.label))
     await engine.listen()
     print("listening", flush=True)
     await asyncio.Event().wait()

@@ -12,7 +12,7 @@ use chrono::{DateTime, Utc};
 use futures_util::stream::{FuturesOrdered, StreamExt};
 use tokio::task::JoinHandle;
 
-use crate::listener::{Changes, Hub, Listener};
+use crate::listener::{Changes, HeldWakeup, Hub, Listener};
 use crate::outbox::{relay, Outbox};
 use crate::pool::{parse_dsn, run, Pool, Prepared};
 use crate::queries::Queries;
@@ -143,6 +143,14 @@ pub struct Claimed {
     /// The lease token under which a worker holds the run in its sticky cache, if any.
     pub held_token: Option<i64>,
     pub history: Vec<StepRow>,
+}
+
+/// What [`Core::claim_woken`] got: held runs claimed by id, and held runs handed off (their
+/// wake-ups, each with its claim as JSON text in `handoff`).
+#[derive(Debug, Default)]
+pub struct Woken {
+    pub claimed: Vec<Claimed>,
+    pub handed: Vec<HeldWakeup>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -893,25 +901,40 @@ impl Core {
         async move { claimed_runs("claim_runs", &pending?.await?) }
     }
 
-    /// The runs `owner` holds in its sticky cache that other processes woke (`h`
-    /// notifications; [`Hub::next_held`]), at most `limit`, claimed by id ([`Core::claim_runs`])
-    /// the moment their wake-ups arrive, on the runtime: no round trip through Python between
-    /// the notification and the claim. Waits up to `timeout` for a wake-up; empty when none
-    /// came, or when none of those that came could be claimed.
+    /// The runs `owner` holds in its sticky cache that other processes woke ([`Hub::next_held`]),
+    /// at most `limit`: those announced (`h`) are claimed by id ([`Core::claim_runs`]) the
+    /// moment their wake-ups arrive, on the runtime, with no round trip through Python between
+    /// the notification and the claim; those handed off (`H`) were leased to `owner` by the
+    /// waking transaction and come back as their notices' claims. Waits up to `timeout` for a
+    /// wake-up; empty when none came. A failed claim of the announced runs is an error only
+    /// when no handoff came with them (the handoffs are leased already and must not be lost).
     pub async fn claim_woken(
         &self,
         owner: &str,
         lease_ms: i64,
         limit: usize,
         timeout: Duration,
-    ) -> Result<Vec<Claimed>, CoreError> {
+    ) -> Result<Woken, CoreError> {
         self.listen();
-        let woken = self.inner.hub.next_held(owner, limit, timeout).await;
-        if woken.is_empty() {
-            return Ok(Vec::new());
-        }
-        let held: Vec<(String, i64)> = woken.into_iter().map(|w| (w.run_id, w.token)).collect();
-        self.claim_runs(&held, owner, lease_ms).await
+        let (handed, announced): (Vec<HeldWakeup>, Vec<HeldWakeup>) = self
+            .inner
+            .hub
+            .next_held(owner, limit, timeout)
+            .await
+            .into_iter()
+            .partition(|w| w.handoff.is_some());
+        let claimed = if announced.is_empty() {
+            Vec::new()
+        } else {
+            let held: Vec<(String, i64)> =
+                announced.into_iter().map(|w| (w.run_id, w.token)).collect();
+            match self.claim_runs(&held, owner, lease_ms).await {
+                Ok(claimed) => claimed,
+                Err(err) if handed.is_empty() => return Err(err),
+                Err(_) => Vec::new(),
+            }
+        };
+        Ok(Woken { claimed, handed })
     }
 
     /// [`Core::claim`], after first waiting up to `wait` until new work may be ready (see

@@ -3,9 +3,10 @@
 //! Payloads on `iterflow.<schema>`: `q <flow_name>` (new work), `d <run_id>` (a run became
 //! terminal), `p <run_id>` (a watched run made progress: a step finished or a signal
 //! arrived; docs/signals.md) and `l <channel>` (a permit of a full step limit was given back:
-//! `<limit>` or `<limit> <key>`; docs/guide.md, "Flow control") and `h <run_id> <token> <owner>`
+//! `<limit>` or `<limit> <key>`; docs/guide.md, "Flow control"), `h <run_id> <token> <owner>`
 //! (a run held in the sticky cache of worker `<owner>` under lease token `<token>` was woken;
-//! docs/replay.md, "Sticky execution"). Notifications are hints, never the source of truth: waiters
+//! docs/replay.md, "Sticky execution") and `H <run_id> <token> <owner> <json>` (the same,
+//! already leased to `<owner>` by the waking transaction: the JSON is its claim; "Handoff"). Notifications are hints, never the source of truth: waiters
 //! re-read the database, and read everything they wait for once per safety interval, so a
 //! dropped connection only costs latency. The same hub takes local wake-ups (this process
 //! inserted work, a timer fired, a run finished here), so they need no round trip through the
@@ -51,26 +52,36 @@ struct Releases {
 /// wake-up is dropped is claimed by its holder's next normal claim, with its history).
 const HELD_LIMIT: usize = 10_000;
 
-/// A run held in a worker's sticky cache was woken (`h <run_id> <token> <owner>`).
+/// A run held in a worker's sticky cache was woken (`h <run_id> <token> <owner>`), or handed
+/// to that worker (`H <run_id> <token> <owner> <json>`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldWakeup {
     pub run_id: String,
     /// The lease token it is held under (its `waiting.sticky.token`).
     pub token: i64,
     pub owner: String,
+    /// For a handoff, the claim the waking transaction made for the holder (JSON text,
+    /// decoded in Python: `Handoff.from_notice`); None for a wake-up to claim by id.
+    pub handoff: Option<String>,
 }
 
 impl HeldWakeup {
-    /// Parse the argument of an `h` notification.
-    fn parse(arg: &str) -> Option<HeldWakeup> {
-        let mut parts = arg.splitn(3, ' ');
+    /// Parse the argument of an `h` notification, or of an `H` one (`handed`).
+    fn parse(arg: &str, handed: bool) -> Option<HeldWakeup> {
+        let mut parts = arg.splitn(if handed { 4 } else { 3 }, ' ');
         let run_id = parts.next()?.to_string();
         let token = parts.next()?.parse().ok()?;
         let owner = parts.next()?.to_string();
+        let handoff = if handed {
+            Some(parts.next()?.to_string())
+        } else {
+            None
+        };
         Some(HeldWakeup {
             run_id,
             token,
             owner,
+            handoff,
         })
     }
 }
@@ -232,8 +243,8 @@ impl Hub {
             "q" => self.wake_work(),
             "d" | "p" => self.run_changed(arg),
             "l" => self.limit_released(arg),
-            "h" => {
-                if let Some(wakeup) = HeldWakeup::parse(arg) {
+            "h" | "H" => {
+                if let Some(wakeup) = HeldWakeup::parse(arg, kind == "H") {
                     self.held_woken(wakeup);
                 }
             }
@@ -419,7 +430,8 @@ mod tests {
             vec![HeldWakeup {
                 run_id: "0000-c".into(),
                 token: 9,
-                owner: "host:1:ff".into()
+                owner: "host:1:ff".into(),
+                handoff: None,
             }]
         );
         hub.dispatch("h 0000-d 1 host:1:ff");
@@ -430,6 +442,15 @@ mod tests {
             (first[0].token, second[0].token),
             (1, 2),
             "at most `limit`, the rest kept"
+        );
+        hub.dispatch(r#"H 0000-f 3 host:1:ff {"token": 4, "steps": []}"#);
+        hub.dispatch("H 0000-g 5 host:1:ff"); // a handoff without its claim is malformed
+        let handed = hub.next_held("host:1:ff", 10, Duration::from_secs(1)).await;
+        assert_eq!(handed.len(), 1);
+        assert_eq!(
+            (handed[0].token, handed[0].handoff.as_deref()),
+            (3, Some(r#"{"token": 4, "steps": []}"#)),
+            "an H notice carries its claim, spaces and all"
         );
     }
 }

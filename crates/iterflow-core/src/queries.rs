@@ -24,6 +24,7 @@ pub const MIGRATIONS: &[&str] = &[
     include_str!("../../../python/iterflow/migrations/0011_continue_as_new.sql"),
     include_str!("../../../python/iterflow/migrations/0012_step_limits.sql"),
     include_str!("../../../python/iterflow/migrations/0013_wake_notices.sql"),
+    include_str!("../../../python/iterflow/migrations/0014_handoff.sql"),
 ];
 
 /// Accept only plain lower-case identifiers (`^[a-z_][a-z0-9_]{0,62}$`), like `sql.py`.

@@ -548,9 +548,9 @@ impl Core {
         })
     }
 
-    /// -> list of [`ClaimedRun`]: up to `limit` runs `owner` holds in its sticky cache that
-    /// other processes woke, claimed by id as their wake-ups arrive
-    /// (`iterflow_core::Core::claim_woken`); waits up to `timeout` seconds for one.
+    /// -> `Woken`: up to `limit` runs `owner` holds in its sticky cache that other processes
+    /// woke, announced ones claimed by id as their wake-ups arrive, handed ones as their
+    /// notices say (`iterflow_core::Core::claim_woken`); waits up to `timeout` seconds for one.
     /// Cancellable while it waits; a claim that started reports the runs it leased.
     fn claim_woken(
         &self,

@@ -174,6 +174,7 @@ macro_rules! pyclass_answer {
 }
 pyclass_answer!(
     core::Claimed => ClaimedRun,
+    core::Woken => Woken,
     core::Stored => StoredStep,
     core::Resolved => Resolved,
     core::Created => Created,
@@ -277,6 +278,48 @@ impl ClaimedRun {
             history: history.unbind(),
         })
     }
+}
+
+/// Held runs other processes woke (cores/base.py `Woken`; cores/rust.py decodes `handed`).
+#[pyclass(frozen, get_all, module = "iterflow._core")]
+pub(crate) struct Woken {
+    /// `list[ClaimedRun]`: announced, claimed by id
+    claimed: Py<PyList>,
+    /// `list[HandedRun]`: leased to this worker by the waking transaction
+    handed: Py<PyList>,
+}
+
+impl Woken {
+    fn build(py: Python<'_>, w: core::Woken) -> PyResult<Self> {
+        let claimed = PyList::empty(py);
+        for r in w.claimed {
+            claimed.append(Bound::new(py, ClaimedRun::build(py, r)?)?)?;
+        }
+        let handed = PyList::empty(py);
+        for h in w.handed {
+            handed.append(Bound::new(
+                py,
+                HandedRun {
+                    run_id: pystr(py, &h.run_id),
+                    held_token: h.token,
+                    notice: pystr(py, h.handoff.as_deref().unwrap_or("")),
+                },
+            )?)?;
+        }
+        Ok(Woken {
+            claimed: claimed.unbind(),
+            handed: handed.unbind(),
+        })
+    }
+}
+
+/// A held run handed to this worker: the `H` notice's parts, its claim still JSON text
+/// (decoded by cores/base.py `Handoff.from_notice`, the same for both cores).
+#[pyclass(frozen, get_all, module = "iterflow._core")]
+pub(crate) struct HandedRun {
+    run_id: Py<PyString>,
+    held_token: i64,
+    notice: Py<PyString>,
 }
 
 /// What `record_step` left in the database (cores/base.py `StoredStep`).
@@ -405,6 +448,8 @@ impl Answer for QueryRows {
 /// Register the row classes on the module.
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ClaimedRun>()?;
+    m.add_class::<Woken>()?;
+    m.add_class::<HandedRun>()?;
     m.add_class::<StepRecord>()?;
     m.add_class::<StoredStep>()?;
     m.add_class::<Resolved>()?;

@@ -71,7 +71,7 @@ ADMIN_QUERIES = frozenset({
     "dashboard_status_estimates", "dashboard_flows", "dashboard_flow_live", "dashboard_flow_throughput",
     "dashboard_workers",
     "chain_last",
-    "unstick_runs",
+    "unstick_runs", "handed_records",
 })
 
 
@@ -121,6 +121,61 @@ class ClaimedRun:
     # the lease token under which a worker holds the run in its sticky cache (sticky.py), or None
     held_token: int | None = None
     history: dict[str, StepRecord] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A held run leased to its holder by the transaction that woke it (migration 0014,
+    docs/replay.md "Handoff"): what a claim by id would have returned, read from the notice
+    ``H <run id> <held token> <owner> <json>``. ``history`` is None when the records were too
+    large for a notice (read them with the ``handed_records`` statement)."""
+
+    run_id: str
+    held_token: int
+    lease_token: int
+    attempts: int
+    parent_status: str | None
+    db_now: datetime
+    history: dict[str, StepRecord] | None
+
+    @classmethod
+    def from_notice(cls, run_id: str, held_token: int, body: str) -> Handoff:
+        """Decode the JSON part of an ``H`` notice (both cores hand it over as text)."""
+        data = json.loads(body)
+        steps = data["steps"]
+        return cls(
+            run_id=run_id, held_token=held_token, lease_token=int(data["token"]),
+            attempts=int(data["attempts"]), parent_status=data["parent_status"],
+            db_now=datetime.fromisoformat(data["now"]),
+            history=None if steps is None else {r["key"]: step_from_json(r) for r in steps},
+        )
+
+
+def step_from_json(row: dict[str, Any]) -> StepRecord:
+    """A step record as JSON or a row dict (``key``, ``seq``, ... ``finished_at``) read back."""
+    return StepRecord(
+        key=row["key"], seq=row["seq"], kind=row["kind"], name=row["name"], status=row["status"],
+        result=row["result"], error=row["error"], attempts=row["attempts"] or 0,
+        deadline=_when(row["deadline"]), child_id=None if row["child_id"] is None else str(row["child_id"]),
+        child_status=row["child_status"], child_output=row["child_output"], child_error=row["child_error"],
+        finished_at=_when(row["finished_at"]),
+    )
+
+
+def _when(value: datetime | str | None) -> datetime | None:
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class Woken:
+    """Held runs other processes woke (``Core.claim_woken``): those claimed by id, and those
+    already handed to this worker by the waking transaction."""
+
+    claimed: list[ClaimedRun] = field(default_factory=list)
+    handed: list[Handoff] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return bool(self.claimed or self.handed)
 
 
 @dataclass(frozen=True)
@@ -228,12 +283,14 @@ class Core(Protocol):
     async def wait_runs(self, run_ids: Sequence[str]) -> list[dict[str, Any]]:
         """The ``wait_runs`` rows of ``run_ids`` (one statement, one row per id)."""
         ...
-    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
-        """Up to ``limit`` runs ``owner`` holds in its sticky cache that other processes woke
-        (``h`` notifications, migration 0013), claimed by id (:meth:`claim_runs`) as their
-        wake-ups arrive; waits up to ``timeout`` seconds for one. Wake-ups are hints: one lost
-        leaves the run to its holder's next claim. One consumer (the worker); nothing is kept
-        before its first call."""
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> Woken:
+        """Up to ``limit`` runs ``owner`` holds in its sticky cache that other processes woke:
+        announced ones (``h`` notifications, migration 0013) claimed by id (:meth:`claim_runs`)
+        as their wake-ups arrive, and ones the waking transaction already leased to ``owner``
+        (``H`` notifications, migration 0014); waits up to ``timeout`` seconds for one.
+        Wake-ups are hints: a lost ``h`` leaves the run to its holder's next claim, a lost
+        ``H`` to the fleet once its short lease runs out. One consumer (the worker); nothing
+        is kept before its first call."""
         ...
 
     # -- worker side -------------------------------------------------------------------

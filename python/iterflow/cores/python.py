@@ -28,6 +28,7 @@ from .base import (
     ChangedRuns,
     ClaimedRun,
     Created,
+    Handoff,
     JsonArg,
     LeaseState,
     Resolved,
@@ -35,6 +36,7 @@ from .base import (
     RunSpec,
     StepRecord,
     StoredStep,
+    Woken,
     filter_args,
 )
 from .pg import Columns, JsonText, insert_async, insert_on_connection
@@ -140,27 +142,30 @@ HELD_LIMIT = 10_000
 
 
 class HeldLog:
-    """Wake-ups of runs held in a worker's sticky cache (``h <run id> <token> <owner>``
-    notifications), for the worker of this process; kept only once it asked for them."""
+    """Wake-ups of runs held in a worker's sticky cache, for the worker of this process; kept
+    only once it asked for them: ``h <run id> <token> <owner>`` (claim it by id) and
+    ``H <run id> <token> <owner> <json>`` (already leased to it: the JSON is the claim)."""
 
     def __init__(self) -> None:
-        self._wakeups: list[tuple[str, str, int]] = []  # (owner, run id, lease token)
+        self._wakeups: list[tuple[str, str, int, str | None]] = []  # (owner, run id, token, handoff)
         self._wanted = False
         self._event = asyncio.Event()
 
-    def woken(self, arg: str) -> None:
+    def woken(self, arg: str, handed: bool = False) -> None:
         run_id, _, rest = arg.partition(" ")
-        token, _, owner = rest.partition(" ")
-        if not self._wanted or not owner or not token.isdigit():
+        token, _, rest = rest.partition(" ")
+        owner, _, body = rest.partition(" ") if handed else (rest, "", "")
+        if not self._wanted or not owner or not token.isdigit() or (handed and not body):
             return
         if len(self._wakeups) >= HELD_LIMIT:
             del self._wakeups[:HELD_LIMIT // 2]
-        self._wakeups.append((owner, run_id, int(token)))
+        self._wakeups.append((owner, run_id, int(token), body if handed else None))
         self._event.set()
 
-    async def next(self, owner: str, limit: int, timeout: float) -> list[tuple[str, int]]:
-        """Up to ``limit`` wake-ups of ``owner``'s runs as (run id, token), first waiting up to
-        ``timeout`` for one; the rest stay for the next call, the other owners' are dropped."""
+    async def next(self, owner: str, limit: int, timeout: float) -> list[tuple[str, int, str | None]]:
+        """Up to ``limit`` wake-ups of ``owner``'s runs as (run id, token, handoff JSON or
+        None), first waiting up to ``timeout`` for one; the rest stay for the next call, the
+        other owners' are dropped."""
         self._wanted = True
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
@@ -171,7 +176,7 @@ class HeldLog:
                 self._event.clear()
             left = deadline - loop.time()
             if mine or left <= 0:
-                return [(run_id, token) for _, run_id, token in mine]
+                return [(run_id, token, body) for _, run_id, token, body in mine]
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._event.wait(), left)
 
@@ -235,8 +240,8 @@ class Listener:
             self._changes.add(arg)
         elif kind == "l":
             self._releases.released(arg)
-        elif kind == "h":
-            self._held.woken(arg)
+        elif kind in ("h", "H"):
+            self._held.woken(arg, handed=kind == "H")
 
     async def wait_work(self, timeout: float) -> None:
         with contextlib.suppress(asyncio.TimeoutError):
@@ -574,12 +579,20 @@ class PythonCore:
             "take_rate", ("granted", "wait_ms"), limit, key, run_id, interval_ms, burst, horizon_ms)
         return bool(granted), float(wait_ms) / 1000
 
-    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> Woken:
         await self.listen()
         woken = await self._held.next(owner, max(limit, 1), timeout)
-        if not woken:
-            return []
-        return await self.claim_runs([run_id for run_id, _ in woken], owner, lease_ms, [t for _, t in woken])
+        handed = [Handoff.from_notice(run_id, token, body) for run_id, token, body in woken if body is not None]
+        announced = [(run_id, token) for run_id, token, body in woken if body is None]
+        claimed: list[ClaimedRun] = []
+        try:
+            if announced:
+                claimed = await self.claim_runs([r for r, _ in announced], owner, lease_ms, [t for _, t in announced])
+        except Exception:
+            if not handed:
+                raise
+            log.warning("iterflow could not claim %d woken held runs by id", len(announced), exc_info=True)
+        return Woken(claimed, handed)
 
     def limit_seen(self, channel: str) -> int:
         return self._releases.seen(channel)

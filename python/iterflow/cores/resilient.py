@@ -67,6 +67,7 @@ from .base import (
     RunSpec,
     StepRecord,
     StoredStep,
+    Woken,
 )
 
 T = TypeVar("T")
@@ -265,13 +266,14 @@ class ResilientCore:
     ) -> Call[tuple[bool, float]]:
         return self._retry("take_rate", self.inner.take_rate, limit, key, run_id, interval_ms, burst, horizon_ms)
 
-    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> Woken:
         """Not retried: a fault ends the call after a short pause with nothing claimed. The
         wake-ups it took are hints; a claim whose answer was lost leased runs whose sticky
         token it replaced, so their holder drops them and they are claimed again with their
-        history when that lease ends (as a lost ``claim_runs``)."""
+        history when that lease ends (as a lost ``claim_runs``). (The cores return the
+        handoffs they took even when the claim of the announced runs failed.)"""
         return await self._hint("claim_woken", self.inner.claim_woken(owner, lease_ms, limit, timeout),
-                                min(timeout, 0.1), [])
+                                min(timeout, 0.1), Woken())
 
     def limit_seen(self, channel: str) -> int:
         return self.inner.limit_seen(channel)

@@ -37,6 +37,7 @@ from .base import (
     ChangedRuns,
     ClaimedRun,
     Created,
+    Handoff,
     JsonArg,
     LeaseState,
     Resolved,
@@ -44,6 +45,7 @@ from .base import (
     RunSpec,
     StepRecord,
     StoredStep,
+    Woken,
     filter_args,
     rows_json,
 )
@@ -314,9 +316,10 @@ class RustCore:
         rows: list[dict[str, Any]] = await self._run(self._c.wait_runs, list(run_ids))
         return rows
 
-    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> list[ClaimedRun]:
-        runs: list[_core.ClaimedRun] = await self._wait(self._c.claim_woken, owner, lease_ms, limit, float(timeout))
-        return [_claimed(run) for run in runs]
+    async def claim_woken(self, owner: str, lease_ms: int, limit: int, timeout: float) -> Woken:
+        woken: _core.Woken = await self._wait(self._c.claim_woken, owner, lease_ms, limit, float(timeout))
+        return Woken([_claimed(run) for run in woken.claimed],
+                     [Handoff.from_notice(h.run_id, h.held_token, h.notice) for h in woken.handed])
 
     # -- worker side ---------------------------------------------------------------------
     async def claim(

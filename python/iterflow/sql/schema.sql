@@ -1,4 +1,4 @@
--- The iterflow schema as it is now (version 13), in one file: every table, index and function,
+-- The iterflow schema as it is now (version 14), in one file: every table, index and function,
 -- each function with its live body. `{schema}` is the quoted schema name, `{schema_raw}` the
 -- bare one, as in the migrations.
 --
@@ -271,17 +271,95 @@ BEGIN
         ELSE 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run) END);
 END $$;
 
+-- Lease a woken held run to the worker holding it, in the waking transaction, as claim_runs
+-- would, and send it the claim: `H <run id> <held token> <owner> <json>` (the new lease token,
+-- attempt, parent status, database time and the records of the keys its body waits on, or
+-- `"steps": null` when they would not fit a notice). Only when the holder asked for it
+-- (`waiting.sticky.hand`, the lease in ms it gets), is registered as alive, and the run is
+-- neither canceled nor of a flow with limits; else false, having written nothing (migration 0014).
+CREATE OR REPLACE FUNCTION {schema}.hand_off(p_run uuid, p_name text, p_parent uuid, p_waiting jsonb)
+RETURNS boolean
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_held jsonb := p_waiting->'sticky';
+    v_ms int := (p_waiting->'sticky'->>'hand')::int;
+    v_owner text := p_waiting->'sticky'->>'owner';
+    v_token bigint;
+    v_attempts int;
+    v_keys text[];
+    v_seqs int[];
+    v_names text[];
+    v_closed int;
+    v_steps jsonb;
+    v_notice text;
+BEGIN
+    IF v_ms IS NULL
+       OR EXISTS (SELECT 1 FROM {schema}.flow_limits l WHERE l.flow_name = p_name AND l.limited)
+       OR NOT EXISTS (SELECT 1 FROM {schema}.workers w WHERE w.owner = v_owner
+                         AND w.last_seen > now() - w.lease_ms * interval '1 millisecond') THEN
+        RETURN false;
+    END IF;
+    UPDATE {schema}.queue
+       SET lease_owner = v_owner, lease_token = nextval('{schema}.lease_tokens'),
+           lease_until = now() + v_ms * interval '1 millisecond', woken = false
+     WHERE run_id = p_run
+    RETURNING lease_token INTO v_token;
+    UPDATE {schema}.runs r
+       SET status = 'running', attempts = r.attempts + 1, updated_at = now(),
+           waiting = jsonb_build_object('kind', 'running', 'worker', v_owner,
+                                        'until', now() + v_ms * interval '1 millisecond')
+     WHERE r.id = p_run
+    RETURNING r.attempts INTO v_attempts;
+    -- the signals its waits take, as a claim takes them
+    SELECT array_agg(w.value), array_agg((p_waiting->'signal_seqs'->>w.key)::int), array_agg(w.key)
+      INTO v_keys, v_seqs, v_names
+      FROM jsonb_each_text(p_waiting->'signals') w
+     WHERE p_waiting->'signal_seqs' ? w.key;
+    IF v_keys IS NOT NULL THEN
+        PERFORM 1 FROM {schema}.take_signals(array_fill(p_run, ARRAY[cardinality(v_keys)]), v_keys, v_seqs, v_names);
+    END IF;
+    -- its sleep that is over, closed as a claim closes it
+    IF p_waiting->>'kind' = 'sleep' THEN
+        UPDATE {schema}.steps s SET status = 'done', finished_at = now()
+         WHERE s.run_id = p_run AND s.key IN (SELECT jsonb_array_elements_text(v_held->'keys'))
+           AND s.kind = 'sleep' AND s.status = 'waiting' AND s.deadline <= now();
+        GET DIAGNOSTICS v_closed = ROW_COUNT;
+        IF v_closed > 0 AND EXISTS (SELECT 1 FROM {schema}.watches WHERE run_id = p_run AND expires_at > now()) THEN
+            PERFORM {schema}.wakeup('p ' || p_run::text);
+        END IF;
+    END IF;
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'key', s.key, 'seq', s.seq, 'kind', s.kind, 'name', s.name, 'status', s.status,
+               'result', s.result, 'error', s.error, 'attempts', s.attempts, 'deadline', s.deadline,
+               'child_id', s.child_id, 'child_status', c.status, 'child_output', c.output,
+               'child_error', c.error, 'finished_at', s.finished_at)), '[]')
+      INTO v_steps
+      FROM {schema}.steps s LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
+     WHERE s.run_id = p_run AND s.key IN (SELECT jsonb_array_elements_text(v_held->'keys'));
+    v_notice := 'H ' || p_run::text || ' ' || (v_held->>'token') || ' ' || v_owner || ' ';
+    -- a notice must stay under 8000 bytes: records too large to go along (`"steps": null`)
+    -- are read by the holder (handed_records)
+    IF octet_length(v_steps::text) > 7000 - octet_length(v_notice) THEN
+        v_steps := 'null';
+    END IF;
+    PERFORM {schema}.wakeup(v_notice || jsonb_build_object(
+        'token', v_token, 'attempts', v_attempts, 'now', now(), 'steps', v_steps,
+        'parent_status', (SELECT p.status FROM {schema}.runs p WHERE p.id = p_parent))::text);
+    RETURN true;
+END $$;
+
 -- Wake a live run now (a signal arrived, a child finished, a reconcile found a stranded
--- parent), keeping its key on the queue row it makes. A run that is not leased is announced:
--- `h <run id> <lease token> <owner>` to the worker holding it in its sticky cache, else
--- `q <flow>`; a leased run's worker sees `woken` when it suspends (migration 0013).
+-- parent), keeping its key on the queue row it makes. A run that is not leased is handed to
+-- the worker holding it in its sticky cache (hand_off), else announced: `h <run id> <lease
+-- token> <owner>` to that worker, or `q <flow>`; a leased run's worker sees `woken` when it
+-- suspends (migrations 0013, 0014).
 CREATE OR REPLACE FUNCTION {schema}.wake_run(p_run uuid) RETURNS void
 LANGUAGE plpgsql AS $$
 DECLARE
     v_run record;
     v_leased boolean;
 BEGIN
-    SELECT id, name, priority, concurrency_key, waiting INTO v_run FROM {schema}.runs
+    SELECT id, name, priority, concurrency_key, waiting, cancel_reason, parent_id INTO v_run FROM {schema}.runs
      WHERE id = p_run AND status NOT IN ('done', 'failed', 'canceled');
     IF NOT FOUND THEN
         RETURN;
@@ -291,6 +369,10 @@ BEGIN
     ON CONFLICT (run_id) DO UPDATE SET woken = true, ready_at = LEAST(q.ready_at, now())
     RETURNING q.lease_until IS NOT NULL INTO v_leased;
     IF v_leased THEN
+        RETURN;
+    END IF;
+    IF v_run.waiting ? 'sticky' AND v_run.cancel_reason IS NULL
+       AND {schema}.hand_off(p_run, v_run.name, v_run.parent_id, v_run.waiting) THEN
         RETURN;
     END IF;
     PERFORM {schema}.announce_ready(p_run, v_run.waiting);
