@@ -139,6 +139,38 @@ async def test_wait_wakes_on_a_progress_notification(
     assert await _count(dsn, f'SELECT count(*) FROM "{schema_name}".watches') == 0
 
 
+async def test_a_step_recorded_as_the_watch_begins_ends_the_wait_without_a_wake_up(
+    make_engine: Any, dsn: str, schema_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step record whose statement began before wait()'s watch committed sends no `p`
+    wake-up, and may commit after wait()'s first read. Modelled by a record written in a
+    transaction open across the start of the wait (no wake-up at all): wait() reads the run
+    again once shortly after its watch began (handle.WATCH_SETTLE), not at the next safety
+    read, a minute away here."""
+    monkeypatch.setattr(waiters, "SAFETY", 60.0)
+    await make_engine(gated)
+    client = await make_engine(listen=False)
+    handle = client.handle("gated")
+    run = await handle.start(None)
+    await _until_status(client, run.run_id, "awaiting_signal")
+    # the client's LISTEN connection up first: its first connect asks for a full read, which
+    # would find the record too
+    await handle.wait(run.run_id, step="before", timeout=5)
+    await asyncio.sleep(0.5)
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute(
+            f'INSERT INTO "{schema_name}".steps (run_id, key, seq, kind, name, status, result, finished_at)'
+            " VALUES (%s, 'after', 9, 'step', 'after', 'done', '2', now())", (run.run_id,),
+        )
+        for_step = asyncio.ensure_future(handle.wait(run.run_id, step="after", timeout=10))
+        await asyncio.sleep(0.1)  # the watch is registered, and the first reads found nothing
+        assert not for_step.done()
+        await conn.commit()
+    started = time.monotonic()
+    await asyncio.wait_for(for_step, 5)
+    assert time.monotonic() - started < 1.0
+
+
 async def test_stopping_the_engine_ends_its_waiters(make_engine: Any) -> None:
     """A result() still waiting when its engine stops raises ENGINE_STATE instead of hanging."""
     await make_engine(gated)

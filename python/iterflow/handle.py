@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 # Seconds a wait() watch lives unrenewed (renewed at half-life while its waiter waits).
 WATCH_TTL = 600.0
+# Seconds after registering a watch before wait() reads the run again even without a wake-up.
+# A step record whose statement began before the watch committed does not see the watch, so
+# it sends no `p` wake-up, yet it may commit after wait()'s first read: without this second
+# look, the wait would end only at the next safety read (waiters.SAFETY, seconds later).
+WATCH_SETTLE = 0.2
 # A start_many this large refreshes the hot tables' statistics (not on a caller's connection:
 # their transaction is theirs); autovacuum would get there too, but up to a minute later.
 ANALYZE_AFTER = 1000
@@ -177,7 +182,9 @@ class FlowHandle:
         core = await self._engine.client()
         deadline = None if timeout is None else time.monotonic() + timeout
         async with self._engine.waiters.here(core).progress(rid) as changes, _Watch(core, rid) as watch:
+            settled = time.monotonic() + WATCH_SETTLE  # one read after this one is due (WATCH_SETTLE)
             while True:
+                read_at = time.monotonic()
                 detail = await core.run_detail(rid)
                 if detail is None:
                     raise RunNotFound(rid)
@@ -189,7 +196,10 @@ class FlowHandle:
                 if remaining <= 0:
                     raise TimeoutError(f"run {rid} did not reach {step or signal} within {timeout}s")
                 await watch.renew()
-                await changes.next(min(remaining, WATCH_TTL / 2))
+                wait = min(remaining, WATCH_TTL / 2)
+                if read_at < settled:
+                    wait = min(wait, max(settled - time.monotonic(), 0.0))
+                await changes.next(wait)
 
 
 class _Watch:

@@ -117,4 +117,46 @@ BEGIN
     PERFORM {schema}.announce_ready(p_run, v_run.waiting);
 END $$;
 
+-- cancel_tree: as in migration 0001, but every run of the tree is marked canceled before the
+-- first is finished, so that the wake-up a finish sends its parent sees the mark (a parent
+-- handed to its holder unmarked would go on as if it were not canceled).
+CREATE OR REPLACE FUNCTION {schema}.cancel_tree(p_run uuid, p_reason text)
+RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_id uuid;
+    v_ids uuid[] := '{}';
+    v_leased boolean;
+BEGIN
+    -- every run of the tree is marked before any is finished: a finish wakes its parent,
+    -- which must not be handed to its holder as if it were not canceled (hand_off)
+    FOR v_id IN
+        WITH RECURSIVE tree(id) AS (
+            SELECT id FROM {schema}.runs WHERE id = p_run
+            UNION ALL
+            SELECT c.id FROM {schema}.runs c JOIN tree t ON c.parent_id = t.id
+        )
+        SELECT r.id FROM {schema}.runs r JOIN tree USING (id)
+         WHERE r.status NOT IN ('done', 'failed', 'canceled')
+         ORDER BY r.depth DESC
+         FOR UPDATE OF r
+    LOOP
+        UPDATE {schema}.runs SET cancel_reason = coalesce(cancel_reason, p_reason), updated_at = now()
+         WHERE id = v_id;
+        v_ids := v_ids || v_id;
+    END LOOP;
+    FOREACH v_id IN ARRAY v_ids LOOP
+        SELECT lease_until IS NOT NULL AND lease_until > now() INTO v_leased
+          FROM {schema}.queue WHERE run_id = v_id;
+        IF coalesce(v_leased, false) THEN
+            UPDATE {schema}.queue SET woken = true WHERE run_id = v_id;
+        ELSE
+            PERFORM {schema}.finish_run(v_id, NULL, 'canceled', NULL,
+                jsonb_build_object('code', 'RUN_CANCELED', 'message', coalesce(p_reason, 'canceled'),
+                                   'traceback', NULL, 'cause', NULL));
+        END IF;
+    END LOOP;
+    RETURN cardinality(v_ids);
+END $$;
+
 INSERT INTO {schema}.schema_version (version) VALUES (14) ON CONFLICT DO NOTHING;

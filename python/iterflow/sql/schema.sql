@@ -486,9 +486,11 @@ RETURNS integer
 LANGUAGE plpgsql AS $$
 DECLARE
     v_id uuid;
-    v_count integer := 0;
+    v_ids uuid[] := '{}';
     v_leased boolean;
 BEGIN
+    -- every run of the tree is marked before any is finished: a finish wakes its parent,
+    -- which must not be handed to its holder as if it were not canceled (hand_off)
     FOR v_id IN
         WITH RECURSIVE tree(id) AS (
             SELECT id FROM {schema}.runs WHERE id = p_run
@@ -502,6 +504,9 @@ BEGIN
     LOOP
         UPDATE {schema}.runs SET cancel_reason = coalesce(cancel_reason, p_reason), updated_at = now()
          WHERE id = v_id;
+        v_ids := v_ids || v_id;
+    END LOOP;
+    FOREACH v_id IN ARRAY v_ids LOOP
         SELECT lease_until IS NOT NULL AND lease_until > now() INTO v_leased
           FROM {schema}.queue WHERE run_id = v_id;
         IF coalesce(v_leased, false) THEN
@@ -511,9 +516,8 @@ BEGIN
                 jsonb_build_object('code', 'RUN_CANCELED', 'message', coalesce(p_reason, 'canceled'),
                                    'traceback', NULL, 'cause', NULL));
         END IF;
-        v_count := v_count + 1;
     END LOOP;
-    RETURN v_count;
+    RETURN cardinality(v_ids);
 END $$;
 
 -- Park a leased run until `p_wake_at` (NULL = until woken) with a reason a human can read.
