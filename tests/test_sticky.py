@@ -167,6 +167,33 @@ async def test_the_delivery_hands_the_run_to_its_holder(make_engine: Any, dsn: s
         ("signal", "done", {"n": 1}), ("step", "done", True)]
 
 
+async def test_a_renewal_of_an_earlier_lease_leaves_the_new_execution_alone(make_engine: Any) -> None:
+    """A renewal (the heartbeat, or the extension of a handoff's lease) may answer after its
+    run suspended and was claimed again under a new lease: that answer says "lost" of the old
+    lease, and must not abort the execution under the new one. (Found by the w6 smoke run: a
+    parent adopted by a claim was aborted by the late extension of its handoff, and stayed
+    leased with nothing running it.)"""
+    from iterflow.cores.base import LeaseState
+
+    gate = asyncio.Event()
+
+    @define_flow("renewed")
+    async def renewed(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.step("work", gate.wait)
+
+    engine, _ = await sticky_engine(make_engine, renewed)
+    run = await engine.handle("renewed").start(None)
+    worker = engine._worker
+    assert worker is not None
+    await until(lambda: _true(run.run_id in worker.active), what="the run executing")
+    execution = worker.active[run.run_id][0]
+    token = execution.run.lease_token
+    worker._apply_lease_states([(run.run_id, token - 1)], [LeaseState(run.run_id, False, None)])
+    gate.set()
+    assert await engine.handle("renewed").result(run.run_id, timeout=10) is True
+    assert not execution.lease_lost
+
+
 async def test_a_handoff_too_large_for_a_notice_reads_its_records(make_engine: Any) -> None:
     """A notice holds under 8,000 bytes: a payload larger than that goes with the handoff
     as ``"steps": null``, and the holder reads the records (``handed_records``)."""
