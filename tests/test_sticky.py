@@ -17,6 +17,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +193,34 @@ async def test_a_renewal_of_an_earlier_lease_leaves_the_new_execution_alone(make
     gate.set()
     assert await engine.handle("renewed").result(run.run_id, timeout=10) is True
     assert not execution.lease_lost
+
+
+async def test_a_handoff_taken_too_late_is_given_back(make_engine: Any) -> None:
+    """A handoff that waited too long at its holder (every slot busy) may have outlived its
+    short lease: it is given back instead of resumed, and the held body stays for the run's
+    next wake-up."""
+    from iterflow.cores.base import Handoff, Woken
+
+    @define_flow("late")
+    async def late(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.signal("answer")
+
+    engine, cache = await sticky_engine(make_engine, late)
+    client = await make_engine(listen=False)
+    run = await engine.handle("late").start(None)
+    await until(lambda: in_status(engine, run.run_id, "awaiting_signal"), what="the run waiting")
+    worker = engine._worker
+    assert worker is not None and worker.sticky is not None
+    execution = worker.sticky.get(run.run_id)
+    assert execution is not None
+    held = execution.run.lease_token  # type: ignore[attr-defined]
+    stale = Handoff(run.run_id, held, held + 1000, 2, None,
+                    datetime.now(UTC) - timedelta(seconds=5), {})
+    await worker._go_on(Woken(handed=[stale]))
+    assert cache["handed"] == 0 and worker.sticky.get(run.run_id) is execution
+    assert (await client.signal(run.run_id, "answer", "now")).kind == "delivered"
+    assert await engine.handle("late").result(run.run_id, timeout=10) == "now"
+    assert cache["handed"] == 1, cache
 
 
 async def test_a_handoff_too_large_for_a_notice_reads_its_records(make_engine: Any) -> None:

@@ -42,6 +42,9 @@ MAX_SWEEP = 5.0
 HELD_WAKEUP_WAIT = 5.0
 # Seconds before a second claim by id of a held run whose first one claimed nothing.
 RESUME_RETRY = 0.05
+# A handoff taken later than this share of its lease (the worker was busy) is given back, not
+# resumed: its lease may run out under the body, and another worker replay the same step.
+STALE_HANDOFF = 0.5
 # Longest seconds before the short lease of a run handed to this worker is extended (at most
 # a quarter of the sticky window, the handoff's lease): one statement for the runs handed in
 # that time.
@@ -378,10 +381,13 @@ class Worker:
         """The claim a handoff stands for: the held execution's run with the handoff's lease,
         attempt and records (read, when they were too large for the notice). None: the body
         is not held here under that token."""
-        assert self.sticky is not None
+        assert self.sticky is not None and self.holder is not None
         execution = self.sticky.get(h.run_id)
         if not isinstance(execution, Execution) or execution.run.lease_token != h.held_token:
             return None
+        db_now = self.services.clock.now()
+        if db_now is not None and (db_now - h.db_now).total_seconds() * 1000 > self.holder.hand_ms * STALE_HANDOFF:
+            return None  # its short lease may be gone by now: let the fleet have the run
         history = h.history
         if history is None:
             assert execution.ctx is not None
