@@ -195,6 +195,42 @@ async def test_a_renewal_of_an_earlier_lease_leaves_the_new_execution_alone(make
     assert not execution.lease_lost
 
 
+async def test_woken_held_runs_wait_for_a_free_slot(make_engine: Any) -> None:
+    """A held run woken from another process does not start beyond the worker's concurrency:
+    its wake-up waits while every slot is busy, and the run goes on (here: given back and
+    replayed, its handoff too old by then) once a slot frees up."""
+    gate = asyncio.Event()
+    started: dict[str, float] = {}
+
+    def mark(name: str) -> str:
+        started[name] = time.monotonic()
+        return name
+
+    @define_flow("hog")
+    async def hog(ctx: iterflow.Context, _: Any) -> Any:
+        return await ctx.step("hog", gate.wait)
+
+    @define_flow("patient")
+    async def patient(ctx: iterflow.Context, _: Any) -> Any:
+        await ctx.signal("go")
+        return await ctx.step("after", lambda: mark("after"))
+
+    engine, _ = await sticky_engine(make_engine, hog, patient, concurrency=1, lease="4s")
+    client = await make_engine(listen=False)
+    waiting = await engine.handle("patient").start(None)
+    await until(lambda: in_status(engine, waiting.run_id, "awaiting_signal"), what="the run held")
+    busy = await engine.handle("hog").start(None)
+    await until(lambda: in_status(engine, busy.run_id, "running"), what="the only slot taken")
+    assert (await client.signal(waiting.run_id, "go", None)).kind == "delivered"
+    await asyncio.sleep(1.0)
+    assert "after" not in started, "a woken held run started beyond the concurrency"
+    opened = time.monotonic()
+    gate.set()
+    assert await engine.handle("patient").result(waiting.run_id, timeout=15) == "after"
+    assert started["after"] >= opened
+    assert await engine.handle("hog").result(busy.run_id, timeout=5) is True
+
+
 async def test_a_handoff_taken_too_late_is_given_back(make_engine: Any) -> None:
     """A handoff that waited too long at its holder (every slot busy) may have outlived its
     short lease: it is given back instead of resumed, and the held body stays for the run's

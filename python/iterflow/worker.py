@@ -82,6 +82,8 @@ class Worker:
         self.holder = StickyHolder(self.owner, sticky_window_ms, hand_off=notify) if sticky is not None else None
         self._early: dict[str, Handoff] = {}  # handed over before their suspension was held here
         self._to_confirm: list[tuple[str, int]] = []  # handed runs whose short lease to extend
+        self._slot_freed = asyncio.Event()  # an execution ended (_held_wakeup_loop waits for one)
+        self._for_slots: list[ClaimedRun | Handoff] = []  # woken held runs waiting for a free slot
         self._background: set[asyncio.Task[Any]] = set()
         self._due: dict[str, bool] = {}  # held runs woken, to claim by id: run id -> last try
         self._resuming: set[str] = set()  # held runs with a claim by id in flight
@@ -339,22 +341,32 @@ class Worker:
         """Held runs claimed by id, or handed to this worker by the transaction that woke them:
         each goes on with its held body (a hit), unless that body was dropped meanwhile or the
         worker is stopping; then its lease is given back at once. A handoff that comes while
-        its run is still suspending here waits for it (``_early``)."""
+        its run is still suspending here waits for it (``_early``); runs beyond the free slots
+        wait for slots to free up (``_for_slots``: the wake-ups were taken when more were free)."""
         assert self.sticky is not None
         nows = [r.db_now for r in woken.claimed] + [h.db_now for h in woken.handed]
         if nows:  # read before their executions go on (clock.py)
             self.services.clock.observe(max(nows))
         release: list[tuple[str, int]] = []
+        room = self.concurrency - len(self.active)
         for run in woken.claimed:
-            if not self._resume_held(run):
+            if room <= 0 and not self._stopping:
+                self._for_slots.append(run)
+            elif self._resume_held(run):
+                room -= 1
+            else:
                 release.append((run.run_id, run.lease_token))
         handed: list[tuple[str, int]] = []
         for h in woken.handed:
             if h.run_id in self.active and h.run_id not in self.sticky and not self._stopping:
                 self._early[h.run_id] = h
                 continue
+            if room <= 0 and not self._stopping:
+                self._for_slots.append(h)
+                continue
             claim = await self._handed_run(h)
             if claim is not None and self._resume_held(claim):
+                room -= 1
                 self.sticky.count("handed")
                 handed.append((claim.run_id, claim.lease_token))
             else:
@@ -427,11 +439,19 @@ class Worker:
 
     async def _held_wakeup_loop(self) -> None:
         """Held runs woken by other processes (a signal sent, a child finished there: ``h``
-        notifications naming this worker), claimed by id by the core as the wake-ups arrive
-        (``Core.claim_woken``), as many as there are free slots, then resumed like at a timer."""
+        and ``H`` notifications naming this worker), claimed by id by the core as the wake-ups
+        arrive, or handed over already (``Core.claim_woken``), as many as there are free
+        slots, then resumed like at a timer. While every slot is busy the wake-ups wait: an
+        announced run for this worker's claim (or another worker's, after the window), a
+        handed one until it is too old to resume (then it is given back)."""
         while True:
             try:
-                free = max(self.concurrency - len(self.active), 1)
+                free = self.concurrency - len(self.active)
+                if free <= 0:
+                    self._slot_freed.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._slot_freed.wait(), self.poll_interval)
+                    continue
                 await self._go_on(await self.services.core.claim_woken(
                     self.owner, self.lease_ms, free, HELD_WAKEUP_WAIT))
             except Exception as exc:  # noqa: BLE001 - the runs then wait for this worker's claim
@@ -477,7 +497,12 @@ class Worker:
             early = self._early.pop(run_id, None)
             if early is not None:  # handed over while it suspended: go on now it is held (or not)
                 self._in_background(self._go_on(Woken(handed=[early])))
+            if self._for_slots:  # a slot is free now
+                waiting, self._for_slots = self._for_slots, []
+                self._in_background(self._go_on(Woken(
+                    [r for r in waiting if isinstance(r, ClaimedRun)], [h for h in waiting if isinstance(h, Handoff)])))
             self._start_resumer()  # (held runs woken while every slot was busy)
+            self._slot_freed.set()
             if self._full:
                 self._may_claim.set()
             elif not self.notify:
