@@ -10,13 +10,14 @@ The engines here turn the cache on whatever ``ITERFLOW_STICKY`` says: it is what
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,24 @@ async def sticky_engine(make_engine: Any, *flows: iterflow.Flow, **options: Any)
     options.setdefault("poll_interval", 0.05)
     engine = await make_engine(*flows, metrics={"sticky_cache": cache}, **options)
     return engine, cache
+
+
+@contextlib.contextmanager
+def worker_process(dsn: str, schema: str, core: str, log_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Worker "A" (tests/workers/sticky_worker.py) in a process of its own, output to
+    ``log_path``; killed on the way out if the test did not."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
+    with open(log_path, "wb") as log:
+        a = subprocess.Popen(
+            [sys.executable, str(WORKER), "--dsn", dsn, "--schema", schema, "--core", core, "--label", "A"],
+            stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
+        )
+    try:
+        yield a
+    finally:
+        if a.poll() is None:
+            a.kill()
+            a.wait(timeout=10)
 
 
 async def until(check: Callable[[], Awaitable[bool]], timeout: float = 10.0, what: str = "condition") -> None:
@@ -438,14 +457,7 @@ async def test_cancel_of_a_held_run(make_engine: Any) -> None:
 async def test_a_worker_killed_with_a_full_cache(
     make_engine: Any, dsn: str, schema_name: str, core: str, tmp_path: Path
 ) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-    log = open(tmp_path / "a.log", "wb")
-    a = subprocess.Popen(
-        [sys.executable, str(WORKER), "--dsn", dsn, "--schema", schema_name, "--core", core, "--label", "A"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
-    log.close()
-    try:
+    with worker_process(dsn, schema_name, core, tmp_path / "a.log") as a:
         await iterflow.migrate(dsn, schema_name)
         client = await make_engine(listen=False)
         handle = client.handle("napper")
@@ -473,10 +485,6 @@ async def test_a_worker_killed_with_a_full_cache(
         for r in runs:
             steps = (await b.status(r.run_id)).steps
             assert [(s["key"], s["result"]) for s in steps if s["kind"] == "step"] == [("a", "A"), ("b", "B")]
-    finally:
-        if a.poll() is None:
-            a.kill()
-            a.wait(timeout=10)
 
 
 async def test_a_run_handed_to_a_killed_worker_finishes_elsewhere(
@@ -485,14 +493,7 @@ async def test_a_run_handed_to_a_killed_worker_finishes_elsewhere(
     """Killed while its registry row is still fresh, the holder is handed the run its signal
     woke: the handoff's lease is only the sticky window long, so the run is the fleet's again
     once that window and a sweep of expired leases have passed, and replays there."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")]))
-    log = open(tmp_path / "a.log", "wb")
-    a = subprocess.Popen(
-        [sys.executable, str(WORKER), "--dsn", dsn, "--schema", schema_name, "--core", core, "--label", "A"],
-        stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-    )
-    log.close()
-    try:
+    with worker_process(dsn, schema_name, core, tmp_path / "a.log") as a:
         await iterflow.migrate(dsn, schema_name)
         client = await make_engine(listen=False)
         run = await client.handle("asker").start(None)
@@ -521,10 +522,6 @@ async def test_a_run_handed_to_a_killed_worker_finishes_elsewhere(
         assert time.monotonic() - t0 < 1 + 2 + 3, "the window, a sweep (half of B's lease), and slack"
         steps = (await b.status(run.run_id)).steps
         assert [(s["key"], s["result"]) for s in steps if s["kind"] == "step"] == [("a", "A"), ("b", "B")]
-    finally:
-        if a.poll() is None:
-            a.kill()
-            a.wait(timeout=10)
 
 
 async def test_the_claim_by_id_checks_the_expected_token(make_engine: Any, dsn: str, schema_name: str) -> None:
