@@ -255,12 +255,22 @@ pub(crate) struct ClaimedRun {
     history: Py<PyList>,
 }
 
+/// `items` as a Python list of the pyclass values `build` makes of them.
+fn pylist<T, C: pyo3::PyClass + Into<pyo3::PyClassInitializer<C>>>(
+    py: Python<'_>,
+    items: Vec<T>,
+    build: impl Fn(Python<'_>, T) -> PyResult<C>,
+) -> PyResult<Py<PyList>> {
+    let list = PyList::empty(py);
+    for item in items {
+        list.append(Bound::new(py, build(py, item)?)?)?;
+    }
+    Ok(list.unbind())
+}
+
 impl ClaimedRun {
     fn build(py: Python<'_>, r: core::Claimed) -> PyResult<Self> {
-        let history = PyList::empty(py);
-        for s in r.history {
-            history.append(Bound::new(py, StepRecord::build(py, s)?)?)?;
-        }
+        let history = pylist(py, r.history, StepRecord::build)?;
         Ok(ClaimedRun {
             run_id: pystr(py, &r.run_id),
             lease_token: r.lease_token,
@@ -275,7 +285,7 @@ impl ClaimedRun {
             parent_status: pyobj(py, r.parent_status)?,
             db_now: pyobj(py, r.db_now)?,
             held_token: pyobj(py, r.held_token)?,
-            history: history.unbind(),
+            history,
         })
     }
 }
@@ -291,24 +301,15 @@ pub(crate) struct Woken {
 
 impl Woken {
     fn build(py: Python<'_>, w: core::Woken) -> PyResult<Self> {
-        let claimed = PyList::empty(py);
-        for r in w.claimed {
-            claimed.append(Bound::new(py, ClaimedRun::build(py, r)?)?)?;
-        }
-        let handed = PyList::empty(py);
-        for h in w.handed {
-            handed.append(Bound::new(
-                py,
-                HandedRun {
+        Ok(Woken {
+            claimed: pylist(py, w.claimed, ClaimedRun::build)?,
+            handed: pylist(py, w.handed, |py, h| {
+                Ok(HandedRun {
                     run_id: pystr(py, &h.run_id),
                     held_token: h.token,
                     notice: pystr(py, h.handoff.as_deref().unwrap_or("")),
-                },
-            )?)?;
-        }
-        Ok(Woken {
-            claimed: claimed.unbind(),
-            handed: handed.unbind(),
+                })
+            })?,
         })
     }
 }
