@@ -122,11 +122,7 @@ async def test_wait_wakes_on_a_progress_notification(
     """wait(step=) and wait(signal=) return on the watched run's `p` notification, with the
     safety read a minute away; the watch rows are gone afterwards."""
     monkeypatch.setattr(waiters, "SAFETY", 60.0)
-    await make_engine(gated)
-    client = await make_engine(listen=False)
-    handle = client.handle("gated")
-    run = await handle.start(None)
-    await _until_status(client, run.run_id, "awaiting_signal")
+    client, handle, run = await _gated_run_waiting(make_engine)
     for_signal = asyncio.ensure_future(handle.wait(run.run_id, signal="go", timeout=30))
     for_step = asyncio.ensure_future(handle.wait(run.run_id, step="after", timeout=30))
     await asyncio.sleep(0.3)
@@ -148,11 +144,7 @@ async def test_a_step_recorded_as_the_watch_begins_ends_the_wait_without_a_wake_
     again once shortly after its watch began (handle.WATCH_SETTLE), not at the next safety
     read, a minute away here."""
     monkeypatch.setattr(waiters, "SAFETY", 60.0)
-    await make_engine(gated)
-    client = await make_engine(listen=False)
-    handle = client.handle("gated")
-    run = await handle.start(None)
-    await _until_status(client, run.run_id, "awaiting_signal")
+    client, handle, run = await _gated_run_waiting(make_engine)
     # the client's LISTEN connection up first: its first connect asks for a full read, which
     # would find the record too
     await handle.wait(run.run_id, step="before", timeout=5)
@@ -216,6 +208,17 @@ async def test_a_thousand_waiters_ride_out_a_server_restart(
         assert await waiting == [i * 2 for i in range(1000)]
     finally:
         await engine.stop()
+
+
+async def _gated_run_waiting(make_engine: Any) -> tuple[Any, Any, Any]:
+    """A worker serving ``gated``; a client-only engine, its handle of ``gated``, and a run it
+    started that now waits for its signal."""
+    await make_engine(gated)
+    client = await make_engine(listen=False)
+    handle = client.handle("gated")
+    run = await handle.start(None)
+    await _until_status(client, run.run_id, "awaiting_signal")
+    return client, handle, run
 
 
 async def _until_status(engine: Any, run_id: str, status: str) -> None:
