@@ -18,7 +18,7 @@ from typing import Any
 
 from .config import Retention
 from .control import limits_json
-from .cores.base import ClaimedRun, Handoff, LeaseState, Woken, step_from_json
+from .cores.base import ClaimedRun, Handoff, LeaseState, Woken, held_history
 from .errors import DatabaseError, DatabaseUnavailable, EngineStateError
 from .fleet import Registration
 from .flow import Flow
@@ -80,10 +80,11 @@ class Worker:
         # a worker that listens hears `H` notices: the transaction that wakes a run it holds
         # may hand the run over at once (migration 0014)
         self.holder = StickyHolder(self.owner, sticky_window_ms, hand_off=notify) if sticky is not None else None
-        self._early: dict[str, Handoff] = {}  # handed over before their suspension was held here
+        # woken held runs that cannot go on yet (no free slot, or a handoff that came while its
+        # run's suspension was still being recorded here): looked at again as executions end
+        self._later = Woken()
         self._to_confirm: list[tuple[str, int]] = []  # handed runs whose short lease to extend
         self._slot_freed = asyncio.Event()  # an execution ended (_held_wakeup_loop waits for one)
-        self._for_slots: list[ClaimedRun | Handoff] = []  # woken held runs waiting for a free slot
         self._background: set[asyncio.Task[Any]] = set()
         self._due: dict[str, bool] = {}  # held runs woken, to claim by id: run id -> last try
         self._resuming: set[str] = set()  # held runs with a claim by id in flight
@@ -340,9 +341,9 @@ class Worker:
     async def _go_on(self, woken: Woken) -> None:
         """Held runs claimed by id, or handed to this worker by the transaction that woke them:
         each goes on with its held body (a hit), unless that body was dropped meanwhile or the
-        worker is stopping; then its lease is given back at once. A handoff that comes while
-        its run is still suspending here waits for it (``_early``); runs beyond the free slots
-        wait for slots to free up (``_for_slots``: the wake-ups were taken when more were free)."""
+        worker is stopping; then its lease is given back at once. Runs beyond the free slots
+        (the wake-ups were taken when more were free), and a handoff that comes while its run
+        is still suspending here, wait in ``_later`` until an execution ends."""
         assert self.sticky is not None
         nows = [r.db_now for r in woken.claimed] + [h.db_now for h in woken.handed]
         if nows:  # read before their executions go on (clock.py)
@@ -351,18 +352,16 @@ class Worker:
         room = self.concurrency - len(self.active)
         for run in woken.claimed:
             if room <= 0 and not self._stopping:
-                self._for_slots.append(run)
+                self._later.claimed.append(run)
             elif self._resume_held(run):
                 room -= 1
             else:
                 release.append((run.run_id, run.lease_token))
         handed: list[tuple[str, int]] = []
         for h in woken.handed:
-            if h.run_id in self.active and h.run_id not in self.sticky and not self._stopping:
-                self._early[h.run_id] = h
-                continue
-            if room <= 0 and not self._stopping:
-                self._for_slots.append(h)
+            suspending = h.run_id in self.active and h.run_id not in self.sticky
+            if (suspending or room <= 0) and not self._stopping:
+                self._later.handed.append(h)
                 continue
             claim = await self._handed_run(h)
             if claim is not None and self._resume_held(claim):
@@ -409,7 +408,9 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - released: the run replays elsewhere
                 log.warning("iterflow could not read the records of handed run %s: %r", h.run_id, exc)
                 return None
-            history = {r["key"]: step_from_json(r) for r in rows}
+            if not rows:  # the lease is gone already
+                return None
+            history = held_history(rows[0]["steps"])
         return dataclasses.replace(
             execution.run, lease_token=h.lease_token, attempts=h.attempts, cancel_reason=None,
             parent_status=h.parent_status, db_now=h.db_now, held_token=h.held_token, history=history)
@@ -419,10 +420,10 @@ class Worker:
         leaves it to the fleet soon: the living holder extends it to a full lease while the
         body already goes on, for all the runs handed over within ``CONFIRM_DELAY`` at once
         (one statement, not one per wake-up)."""
+        assert self.holder is not None
         if not self._to_confirm:
             asyncio.get_running_loop().call_later(
-                min(CONFIRM_DELAY, self.holder.hand_ms / 4000 if self.holder else CONFIRM_DELAY),
-                lambda: self._in_background(self._confirm()))
+                min(CONFIRM_DELAY, self.holder.hand_ms / 4000), lambda: self._in_background(self._confirm()))
         self._to_confirm.extend(leases)
 
     async def _confirm(self) -> None:
@@ -494,13 +495,9 @@ class Worker:
             entry = self.active.get(run_id)
             if entry is not None and entry[0] is execution:
                 del self.active[run_id]
-            early = self._early.pop(run_id, None)
-            if early is not None:  # handed over while it suspended: go on now it is held (or not)
-                self._in_background(self._go_on(Woken(handed=[early])))
-            if self._for_slots:  # a slot is free now
-                waiting, self._for_slots = self._for_slots, []
-                self._in_background(self._go_on(Woken(
-                    [r for r in waiting if isinstance(r, ClaimedRun)], [h for h in waiting if isinstance(h, Handoff)])))
+            if self._later:  # a slot is free now, and this run's suspension is recorded
+                later, self._later = self._later, Woken()
+                self._in_background(self._go_on(later))
             self._start_resumer()  # (held runs woken while every slot was busy)
             self._slot_freed.set()
             if self._full:

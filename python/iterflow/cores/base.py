@@ -147,23 +147,23 @@ class Handoff:
             run_id=run_id, held_token=held_token, lease_token=int(data["token"]),
             attempts=int(data["attempts"]), parent_status=data["parent_status"],
             db_now=datetime.fromisoformat(data["now"]),
-            history=None if steps is None else {r["key"]: step_from_json(r) for r in steps},
+            history=None if steps is None else held_history(steps),
         )
 
 
-def step_from_json(row: dict[str, Any]) -> StepRecord:
-    """A step record as JSON or a row dict (``key``, ``seq``, ... ``finished_at``) read back."""
-    return StepRecord(
+def held_history(steps: list[dict[str, Any]]) -> dict[str, StepRecord]:
+    """The records of a held run's waits, by key, from the JSON array ``held_records`` makes
+    (in a handoff's notice, or read back by ``handed_records``)."""
+    return {row["key"]: StepRecord(
         key=row["key"], seq=row["seq"], kind=row["kind"], name=row["name"], status=row["status"],
         result=row["result"], error=row["error"], attempts=row["attempts"] or 0,
-        deadline=_when(row["deadline"]), child_id=None if row["child_id"] is None else str(row["child_id"]),
-        child_status=row["child_status"], child_output=row["child_output"], child_error=row["child_error"],
-        finished_at=_when(row["finished_at"]),
-    )
+        deadline=_when(row["deadline"]), child_id=row["child_id"], child_status=row["child_status"],
+        child_output=row["child_output"], child_error=row["child_error"], finished_at=_when(row["finished_at"]),
+    ) for row in steps}
 
 
-def _when(value: datetime | str | None) -> datetime | None:
-    return datetime.fromisoformat(value) if isinstance(value, str) else value
+def _when(value: str | None) -> datetime | None:
+    return None if value is None else datetime.fromisoformat(value)
 
 
 @dataclass(frozen=True)

@@ -696,14 +696,11 @@ SELECT 'step', slept.run_id, NULL, slept.name, NULL, NULL, NULL, NULL, NULL, NUL
   FROM slept CROSS JOIN slept_watched
 
 -- name: handed_records
--- The records of keys $3 of run $1, while it is leased under token $2: read by the holder of a
--- run handed off to it whose records were too large for the notice (migration 0014).
-SELECT s.key, s.seq, s.kind, s.name, s.status, s.result, s.error, s.attempts, s.deadline,
-       s.child_id, c.status AS child_status, c.output AS child_output, c.error AS child_error,
-       s.finished_at
-  FROM {schema}.steps s LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
- WHERE s.run_id = $1 AND s.key = ANY ($3::text[])
-   AND EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = $1 AND q.lease_token = $2)
+-- The records of keys $3 of run $1 as a handoff's notice carries them (held_records), while
+-- the run is leased under token $2 (no row otherwise): read by the holder of a run handed off
+-- to it whose records were too large for the notice (migration 0014).
+SELECT {schema}.held_records($1::uuid, $3::text[]) AS steps
+ WHERE EXISTS (SELECT 1 FROM {schema}.queue q WHERE q.run_id = $1::uuid AND q.lease_token = $2)
 
 -- name: upsert_flow_limits
 -- A starting worker states the limits of the flows it serves ($1: a JSON array of {name,

@@ -271,6 +271,20 @@ BEGIN
         ELSE 'q ' || (SELECT name FROM {schema}.runs WHERE id = p_run) END);
 END $$;
 
+-- The records of keys p_keys of run p_run as a JSON array, each with its child's status,
+-- output and error while it waits on one: the records a handoff sends (hand_off), and reads
+-- back when they were too large for its notice (handed_records).
+CREATE OR REPLACE FUNCTION {schema}.held_records(p_run uuid, p_keys text[]) RETURNS jsonb
+LANGUAGE sql STABLE AS $$
+    SELECT coalesce(jsonb_agg(jsonb_build_object(
+               'key', s.key, 'seq', s.seq, 'kind', s.kind, 'name', s.name, 'status', s.status,
+               'result', s.result, 'error', s.error, 'attempts', s.attempts, 'deadline', s.deadline,
+               'child_id', s.child_id, 'child_status', c.status, 'child_output', c.output,
+               'child_error', c.error, 'finished_at', s.finished_at)), '[]')
+      FROM {schema}.steps s LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
+     WHERE s.run_id = p_run AND s.key = ANY (p_keys)
+$$;
+
 -- Lease a woken held run to the worker holding it, in the waking transaction, as claim_runs
 -- would, and send it the claim: `H <run id> <held token> <owner> <json>` (the new lease token,
 -- attempt, parent status, database time and the records of the keys its body waits on, or
@@ -328,14 +342,7 @@ BEGIN
             PERFORM {schema}.wakeup('p ' || p_run::text);
         END IF;
     END IF;
-    SELECT coalesce(jsonb_agg(jsonb_build_object(
-               'key', s.key, 'seq', s.seq, 'kind', s.kind, 'name', s.name, 'status', s.status,
-               'result', s.result, 'error', s.error, 'attempts', s.attempts, 'deadline', s.deadline,
-               'child_id', s.child_id, 'child_status', c.status, 'child_output', c.output,
-               'child_error', c.error, 'finished_at', s.finished_at)), '[]')
-      INTO v_steps
-      FROM {schema}.steps s LEFT JOIN {schema}.runs c ON s.status = 'waiting' AND c.id = s.child_id
-     WHERE s.run_id = p_run AND s.key IN (SELECT jsonb_array_elements_text(v_held->'keys'));
+    v_steps := {schema}.held_records(p_run, ARRAY(SELECT jsonb_array_elements_text(v_held->'keys')));
     v_notice := 'H ' || p_run::text || ' ' || (v_held->>'token') || ' ' || v_owner || ' ';
     -- a notice must stay under 8000 bytes: records too large to go along (`"steps": null`)
     -- are read by the holder (handed_records)
